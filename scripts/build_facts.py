@@ -1,0 +1,186 @@
+"""Build ``src/engramlab/data/bundled/smollm2_facts.json``: facts the embedded model knows.
+
+Hand-written relation tables (subject, true object) are crossed with hand-written prompt
+templates. A fact is kept when SmolLM2-135M's greedy next token after the main prompt is the
+first token of " " + its true object. Paraphrases are kept when the model ranks the true object
+above the counterfactual target, neighbourhood prompts (other subjects with the same true
+object) when its greedy token is that object. CounterFact's nested format is written, with the
+counterfactual ``target_new`` drawn from the same relation's other objects.
+
+    .venv/bin/python scripts/build_facts.py
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import engramlab as eg
+
+RELATIONS: dict[str, dict] = {
+    "P36": {
+        "prompt": "The capital of {} is",
+        "paraphrases": ["The capital city of {} is", "{}'s capital is the city of",
+                        "The seat of government of {} is in"],
+        "generation": ["The capital of {} is famous for", "{} is a country whose capital"],
+        "facts": [("France", "Paris"), ("Italy", "Rome"), ("England", "London"),
+                  ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Russia", "Moscow"),
+                  ("Spain", "Madrid"), ("Egypt", "Cairo"), ("China", "Beijing"),
+                  ("Greece", "Athens"), ("Austria", "Vienna"), ("Portugal", "Lisbon"),
+                  ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+                  ("Poland", "Warsaw"), ("Hungary", "Budapest"), ("Kenya", "Nairobi"),
+                  ("Thailand", "Bangkok"), ("Canada", "Ottawa"), ("Denmark", "Copenhagen"),
+                  ("Finland", "Helsinki"), ("Belgium", "Brussels"), ("Cuba", "Havana")],
+    },
+    "P131": {
+        "prompt": "{} is located in the city of",
+        "paraphrases": ["{} can be found in the city of", "The famous {} stands in",
+                        "Tourists visit {} in the city of"],
+        "generation": ["{} is a landmark that", "People who visit {} often"],
+        "facts": [("The Eiffel Tower", "Paris"), ("The Louvre", "Paris"),
+                  ("Notre-Dame Cathedral", "Paris"), ("The Colosseum", "Rome"),
+                  ("The Pantheon", "Rome"), ("Big Ben", "London"),
+                  ("Buckingham Palace", "London"), ("Tower Bridge", "London"),
+                  ("The Brandenburg Gate", "Berlin"), ("The Kremlin", "Moscow"),
+                  ("Red Square", "Moscow"), ("The Acropolis", "Athens"),
+                  ("The Sagrada Familia", "Barcelona"), ("The Golden Gate Bridge", "San"),
+                  ("The Statue of Liberty", "New"), ("The Forbidden City", "Beijing"),
+                  ("The Sydney Opera House", "Sydney"), ("The Space Needle", "Seattle"),
+                  ("The Prado Museum", "Madrid"), ("The Vatican Museums", "Rome"),
+                  ("The Arc de Triomphe", "Paris"), ("The Trevi Fountain", "Rome"),
+                  ("Westminster Abbey", "London"), ("Trafalgar Square", "London"),
+                  ("Checkpoint Charlie", "Berlin"), ("The Reichstag building", "Berlin"),
+                  ("The Parthenon", "Athens"), ("Tiananmen Square", "Beijing"),
+                  ("Tokyo Tower", "Tokyo"), ("Schönbrunn Palace", "Vienna"),
+                  ("Dublin Castle", "Dublin"), ("The Royal Palace of Madrid", "Madrid"),
+                  ("The Tivoli Gardens", "Copenhagen"), ("The Belém Tower", "Lisbon")],
+    },
+    "P37": {
+        "prompt": "The official language of {} is",
+        "paraphrases": ["In {}, most people speak", "The main language spoken in {} is",
+                        "People in {} usually speak"],
+        "generation": ["In {}, people speak", "The language of {} is"],
+        "facts": [("France", "French"), ("Spain", "Spanish"), ("Mexico", "Spanish"),
+                  ("Argentina", "Spanish"), ("Colombia", "Spanish"), ("Germany", "German"),
+                  ("Austria", "German"), ("Japan", "Japanese"), ("Russia", "Russian"),
+                  ("Italy", "Italian"), ("Portugal", "Portuguese"), ("Brazil", "Portuguese"),
+                  ("China", "Chinese"), ("Greece", "Greek"), ("Poland", "Polish"),
+                  ("Turkey", "Turkish"), ("Sweden", "Swedish"), ("Israel", "Hebrew"),
+                  ("Iran", "Persian"), ("the Netherlands", "Dutch"), ("Finland", "Finnish")],
+    },
+    "P30": {
+        "prompt": "{} is located in the continent of",
+        "paraphrases": ["{} is a country in", "{} is part of the continent of",
+                        "The country of {} lies in"],
+        "generation": ["{} is a country that", "The geography of {}"],
+        "facts": [("Kenya", "Africa"), ("Nigeria", "Africa"), ("Egypt", "Africa"),
+                  ("Ghana", "Africa"), ("Ethiopia", "Africa"), ("Morocco", "Africa"),
+                  ("Japan", "Asia"), ("China", "Asia"), ("India", "Asia"),
+                  ("Vietnam", "Asia"), ("Thailand", "Asia"), ("France", "Europe"),
+                  ("Germany", "Europe"), ("Italy", "Europe"), ("Poland", "Europe"),
+                  ("Brazil", "South"), ("Argentina", "South"), ("Peru", "South"),
+                  ("Chile", "South"), ("Canada", "North"), ("Mexico", "North")],
+    },
+    "P17": {
+        "prompt": "{} is a city in the country of",
+        "paraphrases": ["The city of {} is located in", "{} is one of the largest cities in",
+                        "{} is a city located in"],
+        "generation": ["The city of {} is known for", "Life in {} is"],
+        "facts": [("Lyon", "France"), ("Marseille", "France"), ("Munich", "Germany"),
+                  ("Hamburg", "Germany"), ("Milan", "Italy"), ("Naples", "Italy"),
+                  ("Venice", "Italy"), ("Barcelona", "Spain"), ("Seville", "Spain"),
+                  ("Osaka", "Japan"), ("Kyoto", "Japan"), ("Toronto", "Canada"),
+                  ("Vancouver", "Canada"), ("Sydney", "Australia"), ("Melbourne", "Australia"),
+                  ("Mumbai", "India"), ("Delhi", "India"), ("Shanghai", "China"),
+                  ("Saint Petersburg", "Russia"), ("Istanbul", "Turkey"),
+                  ("Rio de Janeiro", "Brazil"), ("Manchester", "England"),
+                  ("Chicago", "America"), ("Amsterdam", "Netherlands"),
+                  ("Frankfurt", "Germany"), ("Cologne", "Germany"), ("Florence", "Italy"),
+                  ("Turin", "Italy"), ("Valencia", "Spain"), ("Nice", "France"),
+                  ("Bordeaux", "France"), ("Yokohama", "Japan"), ("Montreal", "Canada"),
+                  ("Brisbane", "Australia"), ("Bangalore", "India"), ("Guangzhou", "China"),
+                  ("Novosibirsk", "Russia"), ("Liverpool", "England")],
+    },
+    "P103": {
+        "prompt": "The mother tongue of {} is",
+        "paraphrases": ["{} grew up speaking", "The first language of {} is",
+                        "{} is a native speaker of"],
+        "generation": ["{} is best known for", "{} spent most of their life"],
+        "facts": [("Vladimir Putin", "Russian"), ("Emmanuel Macron", "French"),
+                  ("Angela Merkel", "German"), ("Victor Hugo", "French"),
+                  ("Leo Tolstoy", "Russian"), ("Johann Wolfgang von Goethe", "German"),
+                  ("Dante Alighieri", "Italian"), ("Miguel de Cervantes", "Spanish"),
+                  ("Pablo Picasso", "Spanish"), ("Silvio Berlusconi", "Italian"),
+                  ("Fyodor Dostoevsky", "Russian"), ("Jacques Chirac", "French"),
+                  ("Charles de Gaulle", "French"), ("Napoleon Bonaparte", "French"),
+                  ("Vincent van Gogh", "Dutch"), ("Alexander Pushkin", "Russian"),
+                  ("Franz Kafka", "German"), ("Friedrich Nietzsche", "German"),
+                  ("Gabriel García Márquez", "Spanish"), ("Boris Yeltsin", "Russian")],
+    },
+}
+
+
+def first_token(lm: eg.LM, word: str) -> int:
+    return lm.encode(" " + word)[0]
+
+
+def main() -> None:
+    lm = eg.load_model("smollm2-135m")
+    cands = []
+    for rel, spec in RELATIONS.items():
+        objects = sorted({o for _, o in spec["facts"]})
+        for i, (subject, obj) in enumerate(spec["facts"]):
+            others = [o for o in objects if o != obj]
+            new = others[(i * 7) % len(others)]
+            cands.append((rel, subject, obj, new))
+
+    def greedy(prompts: list[str]) -> list[int]:
+        out = []
+        for s in range(0, len(prompts), 32):
+            out += lm.next_token_logits(prompts[s:s + 32]).argmax(-1).tolist()
+        return out
+
+    def prefers(prompts: list[str], good: str, bad: str) -> list[bool]:
+        logits = lm.next_token_logits(prompts)
+        g, b = first_token(lm, good), first_token(lm, bad)
+        return (logits[:, g] > logits[:, b]).tolist()
+
+    mains = [RELATIONS[r]["prompt"].replace("{}", s) for r, s, _, _ in cands]
+    tops = greedy(mains)
+    known = [c for c, t in zip(cands, tops, strict=True) if t == first_token(lm, c[2])]
+    print(f"{len(known)} of {len(cands)} candidate facts answered correctly")
+    by_obj = defaultdict(list)
+    for rel, subject, obj, _ in known:
+        by_obj[obj].append(RELATIONS[rel]["prompt"].replace("{}", subject))
+
+    cases = []
+    for n, (rel, subject, obj, new) in enumerate(known):
+        spec = RELATIONS[rel]
+        paras = [p.replace("{}", subject) for p in spec["paraphrases"]]
+        paras = [p for p, ok in zip(paras, prefers(paras, obj, new), strict=True) if ok]
+        own = spec["prompt"].replace("{}", subject)
+        neigh = [p for p in by_obj[obj] if p != own and subject not in p][:4]
+        if neigh:
+            neigh = [p for p, ok in zip(neigh, prefers(neigh, obj, new), strict=True) if ok]
+        if not paras or not neigh:
+            continue
+        cases.append({
+            "case_id": n,
+            "requested_rewrite": {"prompt": spec["prompt"], "subject": subject,
+                                  "target_new": {"str": new}, "target_true": {"str": obj},
+                                  "relation_id": rel},
+            "paraphrase_prompts": paras,
+            "neighborhood_prompts": neigh,
+            "generation_prompts": [g.replace("{}", subject) for g in spec["generation"]],
+        })
+    out = Path(__file__).resolve().parents[1] / "src/engramlab/data/bundled/smollm2_facts.json"
+    out.write_text(json.dumps(cases, indent=1) + "\n")
+    print(f"wrote {len(cases)} cases to {out}")
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()

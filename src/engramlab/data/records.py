@@ -1,0 +1,127 @@
+"""Edit requests and evaluation cases.
+
+Targets are stored without their leading space (CounterFact's convention); wherever a target
+follows a prompt, the model sees ``" " + target``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import RequestError
+
+
+def _where(case_id: Any) -> str:
+    return f" (case {case_id})" if case_id is not None else ""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Rewrite "``prompt.format(subject)`` → ``target_new``" (replacing ``target_true``)."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    case_id: str | int | None = None
+    relation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        where = _where(self.case_id)
+        if self.prompt.count("{}") != 1:
+            raise RequestError(
+                f"prompt {self.prompt!r} must contain the subject placeholder '{{}}' exactly once"
+                f"{where}; write e.g. '{{}} is located in', or build the request with "
+                "EditRequest.from_text(full_prompt, subject)")
+        if not self.subject.strip():
+            raise RequestError(f"empty subject{where}")
+        if not self.target_new.strip():
+            raise RequestError(f"empty target_new for subject {self.subject!r}{where}")
+        if self.target_true is not None and not self.target_true.strip():
+            raise RequestError(f"empty target_true for subject {self.subject!r}{where}; "
+                               "leave it out (None) when unknown")
+
+    @classmethod
+    def from_text(cls, text: str, subject: str, target_new: str, **kw: Any) -> EditRequest:
+        """From a full prompt that contains ``subject`` (its first occurrence becomes ``{}``)."""
+        at = text.find(subject)
+        if at < 0:
+            at = text.lower().find(subject.lower())
+            if at < 0:
+                raise RequestError(
+                    f"subject {subject!r} not found in prompt {text!r}{_where(kw.get('case_id'))}"
+                    " — check the spelling, or write the prompt as a template with '{}'")
+        template = text[:at] + "{}" + text[at + len(subject):]
+        return cls(prompt=template,
+                   subject=text[at:at + len(subject)], target_new=target_new, **kw)
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class EditCase:
+    """A request plus the prompts that measure it (CounterFact's structure).
+
+    ``neighborhood_prompts`` are about other subjects whose answer must stay ``target_true``
+    (or the matching entry of ``neighborhood_answers`` when given, as in zsRE).
+    """
+
+    request: EditRequest
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+    neighborhood_answers: tuple[str, ...] | None = None
+    generation_prompts: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.neighborhood_answers is not None and len(self.neighborhood_answers) != len(
+                self.neighborhood_prompts):
+            raise RequestError(f"{len(self.neighborhood_prompts)} neighbourhood prompts but "
+                               f"{len(self.neighborhood_answers)} answers"
+                               f"{_where(self.request.case_id)}")
+
+    @property
+    def case_id(self) -> str | int | None:
+        return self.request.case_id
+
+    def neighborhood_targets(self) -> list[str]:
+        if self.neighborhood_answers is not None:
+            return list(self.neighborhood_answers)
+        if self.request.target_true is None:
+            raise RequestError(f"neighbourhood prompts need target_true or explicit answers"
+                               f"{_where(self.case_id)}")
+        return [self.request.target_true] * len(self.neighborhood_prompts)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.request.to_dict(),
+                               "paraphrase_prompts": list(self.paraphrase_prompts),
+                               "neighborhood_prompts": list(self.neighborhood_prompts),
+                               "generation_prompts": list(self.generation_prompts)}
+        if self.neighborhood_answers is not None:
+            out["neighborhood_answers"] = list(self.neighborhood_answers)
+        if self.extra:
+            out["extra"] = self.extra
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EditCase:
+        req_keys = {"prompt", "subject", "target_new", "target_true", "case_id", "relation_id"}
+        missing = {"prompt", "subject", "target_new"} - d.keys()
+        if missing:
+            raise RequestError(f"record is missing {sorted(missing)}: {str(d)[:120]}")
+        answers = d.get("neighborhood_answers")
+        return cls(
+            request=EditRequest(**{k: d[k] for k in req_keys if k in d}),
+            paraphrase_prompts=tuple(d.get("paraphrase_prompts", ())),
+            neighborhood_prompts=tuple(d.get("neighborhood_prompts", ())),
+            neighborhood_answers=tuple(answers) if answers is not None else None,
+            generation_prompts=tuple(d.get("generation_prompts", ())),
+            extra=dict(d.get("extra", {})),
+        )

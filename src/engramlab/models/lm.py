@@ -1,0 +1,200 @@
+"""The ``LM`` wrapper: a model, its tokenizer and its :class:`Layout`, with the few operations
+every capability needs (tokenise with masks, read logits from any hidden state, fingerprint the
+weights, save atomically)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_dir
+from .layout import Layout
+
+# Samples per tensor folded into the fingerprint besides the tensor's float64 sum.
+_FINGERPRINT_SAMPLES = 1024
+# Config entries that describe how a model was loaded or named, not what it computes.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "_model_name_or_path", "transformers_version", "quantization_config",
+    "architectures", "dtype", "torch_dtype", "use_cache", "return_dict", "output_attentions",
+    "output_hidden_states", "_attn_implementation", "_attn_implementation_autoset",
+}
+
+
+@dataclass
+class LM:
+    """A causal LM ready for reading and editing.
+
+    ``name`` is how the user asked for it (registry name, folder or hub id); ``folder`` is a local
+    Hugging Face folder holding its weights when there is one (the GGUF cache, or the user's).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    layout: Layout
+    name: str = "model"
+    folder: Path | None = None
+    source: str | None = None
+    _delta_counter: int = field(default=0, repr=False)
+    _fp_cache: tuple[Any, str] | None = field(default=None, repr=False)
+
+    # sizes and placement ----------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.layout.d_model
+
+    @property
+    def d_mlp(self) -> int:
+        return self.layout.d_mlp
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    # text ---------------------------------------------------------------------------------
+    def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """Right-padded batch on the model's device; ``attention_mask`` marks real tokens.
+
+        Right padding keeps token positions identical to the unpadded prompt, so positions found
+        on one prompt (e.g. the last subject token) index the batch directly.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if self.tokenizer is None:
+            raise ValueError("this LM has no tokenizer; pass token ids to the model directly")
+        self.tokenizer.padding_side = "right"
+        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True)
+        keep = ("input_ids", "attention_mask")
+        return {k: v.to(self.device) for k, v in enc.items() if k in keep}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model sees it inside a prompt (no special tokens)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: int | Sequence[int]) -> str:
+        return str(self.tokenizer.decode([ids] if isinstance(ids, int) else list(ids)))
+
+    # reading ------------------------------------------------------------------------------
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + unembedding (+ Gemma-2's logit soft-cap): the logit lens of any state."""
+        logits = self.layout.unembed(self.layout.final_norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def next_token_logits(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """``[batch, vocab]`` logits after the last real token of each prompt (one forward)."""
+        enc = self.tokenize(prompts)
+        logits = self.model(**enc).logits
+        last = enc["attention_mask"].sum(1) - 1
+        return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
+
+    def top_tokens(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        probs = self.next_token_logits(prompt)[0].softmax(-1)
+        top = probs.topk(k)
+        pairs = zip(top.values, top.indices, strict=True)
+        return [(self.decode(int(i)), float(p)) for p, i in pairs]
+
+    @torch.no_grad()
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 20) -> list[str]:
+        """Greedy continuations (the deterministic view used by fluency metrics and demos)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.device)
+        self.tokenizer.padding_side = "right"
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return [self.decode(row[enc["input_ids"].shape[1] :].tolist()) for row in out]
+
+    # identity -----------------------------------------------------------------------------
+    def _config_json(self) -> str:
+        cfg = self.config.to_dict()
+        return json.dumps({k: v for k, v in cfg.items() if k not in _VOLATILE_CONFIG_KEYS},
+                          sort_keys=True, default=str)
+
+    def signature(self) -> str:
+        """Hash of the architecture (config, parameter names and shapes), not of the values."""
+        h = hashlib.sha256(self._config_json().encode())
+        for name, p in self.model.named_parameters():
+            h.update(f"{name}:{tuple(p.shape)};".encode())
+        return h.hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Stable hash of the weights that changes whenever a weight changes.
+
+        Hashing every byte of a 6 GB model on each call is too slow, so each tensor contributes its
+        shape, dtype, float64 sum and 1,024 strided samples. The result is memoised on the
+        parameters' storage pointers and autograd version counters (bumped by every in-place update,
+        including optimiser steps and our deltas) plus a counter that deltas bump explicitly.
+        Call :meth:`invalidate_fingerprint` after writing through ``param.data`` by hand.
+        """
+        params = list(self.model.named_parameters())
+        key = (self._delta_counter, tuple((p.data_ptr(), p._version) for _, p in params))
+        if self._fp_cache is not None and self._fp_cache[0] == key:
+            return self._fp_cache[1]
+        h = hashlib.sha256(self._config_json().encode())
+        with torch.no_grad():
+            for name, p in params:
+                flat = p.detach().reshape(-1)
+                step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+                sample = flat[::step][:_FINGERPRINT_SAMPLES].float().cpu().numpy().tobytes()
+                total = float(torch.sum(flat, dtype=torch.float64))
+                h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{total!r};".encode())
+                h.update(sample)
+        digest = h.hexdigest()[:16]
+        self._fp_cache = (key, digest)
+        return digest
+
+    def invalidate_fingerprint(self) -> None:
+        self._delta_counter += 1
+
+    # saving -------------------------------------------------------------------------------
+    def save(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write a plain Hugging Face folder atomically; never over the folder it came from.
+
+        Models loaded from GGUF are rebuilt from config + state dict (tensors shared) because
+        ``transformers`` refuses to save a model that still carries a GGUF quantization config.
+        """
+        from .gguf import rebuild_plain
+
+        out = Path(out)
+        if self.folder is not None and out.resolve() == Path(self.folder).resolve():
+            raise FileExistsError(
+                f"refusing to overwrite the source model folder {out}; choose another --out"
+            )
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True / --force")
+        model = self.model
+        if getattr(model.config, "quantization_config", None) is not None:
+            model = rebuild_plain(model)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+        return out

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random models of every supported family (no download) and the
+embedded SmolLM2 (loaded once per session, from the user's cache when present)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from engramlab.models import LM, Layout
+
+VOCAB = 100
+WORDS = ["[UNK]", "[PAD]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 3)]
+
+TINY_CONFIGS = {
+    "gpt2": lambda: T.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                 bos_token_id=2, eos_token_id=2),
+    "gptj": lambda: T.GPTJConfig(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                 rotary_dim=4, bos_token_id=2, eos_token_id=2),
+    "gpt_neox": lambda: T.GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                        intermediate_size=64, vocab_size=VOCAB, bos_token_id=2,
+                                        eos_token_id=2),
+    "llama": lambda: T.LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB),
+    "mistral": lambda: T.MistralConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64,
+                                       vocab_size=VOCAB),
+    "qwen2": lambda: T.Qwen2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB),
+    "gemma": lambda: T.GemmaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
+                                   head_dim=8),
+    "gemma2": lambda: T.Gemma2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=64,
+                                     vocab_size=VOCAB, head_dim=8),
+    "gemma3_text": lambda: T.Gemma3TextConfig(num_hidden_layers=3, hidden_size=32,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              intermediate_size=64, vocab_size=VOCAB, head_dim=8),
+}
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                     eos_token="[EOS]")
+
+
+def make_tiny(family: str, seed: int = 0, config: T.PretrainedConfig | None = None) -> LM:
+    torch.manual_seed(seed)
+    cfg = config or TINY_CONFIGS[family]()
+    cfg.pad_token_id = 1
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    model.requires_grad_(False)
+    return LM(model=model, tokenizer=tiny_tokenizer(), layout=Layout(model), name=f"tiny-{family}")
+
+
+def tiny_text(n: int = 6, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=g))
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request: pytest.FixtureRequest) -> LM:
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def smol() -> LM:
+    from engramlab import load_model
+
+    return load_model("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip("../shared/data is not present")
+    return path
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ENGRAMLAB_CACHE", str(cache))
+    return cache
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Keep CI logs quiet and deterministic.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

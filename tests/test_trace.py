@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engramlab import Trace, record
+from engramlab.errors import PointError
+from tests.conftest import tiny_text
+
+
+def _forward(lm, text, **kw):
+    return lm.model(**lm.tokenize(text), **kw)
+
+
+def test_captured_resid_and_embed_match_hidden_states(tiny):
+    text = tiny_text()
+    points = ["embed"] + [f"resid.{i}" for i in range(tiny.n_layers - 1)]
+    rec = record(tiny, text, points)
+    with torch.no_grad():
+        hs = _forward(tiny, text, output_hidden_states=True).hidden_states
+    assert torch.allclose(rec["embed"], hs[0], atol=1e-5)
+    for i in range(tiny.n_layers - 1):
+        assert torch.allclose(rec[f"resid.{i}"], hs[i + 1], atol=1e-5)
+
+
+def test_mlp_key_through_value_weight_gives_mlp_out(tiny):
+    rec = record(tiny, tiny_text(), ["mlp_key.1", "mlp_out.1"])
+    module = tiny.layout.value_module(1)
+    bias = getattr(module, "bias", None)
+    out = rec["mlp_key.1"] @ tiny.layout.value_weight(1).T + (bias if bias is not None else 0)
+    assert rec["mlp_key.1"].shape[-1] == tiny.d_mlp
+    assert torch.allclose(out, rec["mlp_out.1"], atol=1e-5)
+
+
+def test_add_at_one_position_changes_only_that_position_and_later(tiny):
+    text = tiny_text(8)
+    with torch.no_grad():
+        base = _forward(tiny, text).logits
+        with Trace(tiny).add("resid.0", 3 * torch.randn(tiny.d_model), positions=4):
+            edited = _forward(tiny, text).logits
+    assert torch.allclose(base[:, :4], edited[:, :4], atol=1e-6)
+    assert not torch.allclose(base[:, 4:], edited[:, 4:], atol=1e-3)
+
+
+def test_per_row_positions_and_replace_with_captured_value_is_identity(tiny):
+    texts = [tiny_text(6, seed=1), tiny_text(6, seed=2)]
+    enc = tiny.tokenize(texts)
+    with torch.no_grad():
+        base = tiny.model(**enc).logits
+        with Trace(tiny).capture("attn_out.1") as tr:
+            tiny.model(**enc)
+        with Trace(tiny).replace("attn_out.1", tr["attn_out.1"]):
+            same = tiny.model(**enc).logits
+        with Trace(tiny).add("mlp_out.0", torch.randn(2, tiny.d_model), positions=[[1], [3, 4]]):
+            moved = tiny.model(**enc).logits
+    assert torch.allclose(base, same, atol=1e-6)
+    assert torch.allclose(base[0, :1], moved[0, :1], atol=1e-6)
+    assert not torch.allclose(base[0, 1], moved[0, 1], atol=1e-4)
+    assert torch.allclose(base[1, :3], moved[1, :3], atol=1e-6)
+    assert not torch.allclose(base[1, 3], moved[1, 3], atol=1e-4)
+
+
+def test_gradients_flow_through_an_added_vector(tiny):
+    delta = torch.zeros(tiny.d_model, requires_grad=True)
+    with Trace(tiny).add("mlp_out.1", delta, positions=-1).capture("resid.2", detach=False) as tr:
+        logits = _forward(tiny, tiny_text()).logits
+    logits[0, -1, 5].backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    assert tr["resid.2"].requires_grad
+
+
+def test_hooks_are_removed_when_the_body_raises(tiny):
+    text = tiny_text()
+    with torch.no_grad():
+        base = _forward(tiny, text).logits
+    with pytest.raises(RuntimeError), Trace(tiny).add("resid.0", torch.ones(tiny.d_model)):
+        raise RuntimeError("boom")
+    with torch.no_grad():
+        after = _forward(tiny, text).logits
+    assert torch.equal(base, after)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks
+               for m in tiny.model.modules())
+
+
+@pytest.mark.parametrize("point", ["resid.3", "mlp_key.-1", "nonsense.1", "resid", "embed.0"])
+def test_bad_point_names_are_clear_errors(tiny, point):
+    with pytest.raises(PointError) as err:
+        Trace(tiny).capture(point)
+    assert point in str(err.value)
+
+
+def test_position_out_of_range_is_reported(tiny):
+    with pytest.raises(PointError, match="out of range"), torch.no_grad(), \
+            Trace(tiny).add("resid.0", torch.ones(tiny.d_model), positions=[[40]]):
+        _forward(tiny, tiny_text(5))
