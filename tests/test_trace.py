@@ -93,3 +93,33 @@ def test_position_out_of_range_is_reported(tiny):
     with pytest.raises(PointError, match="out of range"), torch.no_grad(), \
             Trace(tiny).add("resid.0", torch.ones(tiny.d_model), positions=[[40]]):
         _forward(tiny, tiny_text(5))
+
+
+@pytest.mark.embedded
+def test_embedded_keys_in_a_padded_batch_match_a_plain_forward(smol):
+    """Keys captured by Trace in a right-padded batch equal the keys the MLP computes from its
+    own sub-modules (act(gate(x)) * up(x)) in an unpadded forward of each prompt."""
+    prompts = ["The Eiffel Tower is located in the city of", "Paris is", "The capital of Japan"]
+    layer = 8
+    mlp = smol.layout.mlp(layer)
+    enc = smol.tokenize(prompts)
+    with torch.no_grad(), Trace(smol).capture(f"mlp_key.{layer}") as tr:
+        smol.model(**enc)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(_m, args, _o):
+        seen["x"] = args[0]
+
+    for row, prompt in enumerate(prompts):
+        handle = mlp.register_forward_hook(grab)
+        try:
+            with torch.no_grad():
+                smol.model(**smol.tokenize(prompt))
+        finally:
+            handle.remove()
+        x = seen["x"][0]
+        with torch.no_grad():
+            keys = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        n = int(enc["attention_mask"][row].sum())
+        assert n == keys.shape[0]
+        assert torch.allclose(tr[f"mlp_key.{layer}"][row, :n], keys, atol=1e-4)
