@@ -1,0 +1,57 @@
+"""Key-statistics collection speed vs a plain no-grad forward on the same batches. Prints JSON.
+
+    .venv/bin/python bench/stats_speed.py [--model smollm2-135m] [--layers 4 8 12] [--tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+import engramlab as eg
+from engramlab.data import sample_corpus
+from engramlab.stats import collect_key_stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layers", type=int, nargs="+", default=[8])
+    parser.add_argument("--tokens", type=int, default=16_384)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+    lm = eg.load_model(args.model, progress=False)
+    corpus = sample_corpus(lm, n_tokens=args.tokens, progress=False)
+    batches = list(corpus.batches(lm, n_tokens=args.tokens, batch_size=args.batch_size,
+                                  seq_len=args.seq_len))
+    n = sum(b.numel() for b in batches)
+    with torch.no_grad():
+        lm.model(input_ids=batches[0].to(lm.device))  # warm-up
+        t = time.perf_counter()
+        for rows in batches:
+            lm.model(input_ids=rows.to(lm.device))
+        forward_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as cache:
+        import os
+
+        os.environ["ENGRAMLAB_CACHE"] = cache
+        t = time.perf_counter()
+        collect_key_stats(lm, args.layers, corpus, n_tokens=args.tokens,
+                          batch_size=args.batch_size, seq_len=args.seq_len, progress=False)
+        stats_s = time.perf_counter() - t
+    print(json.dumps({
+        "model": args.model, "device": str(lm.device), "layers": args.layers, "tokens": n,
+        "forward_tokens_per_s": round(n / forward_s, 1),
+        "stats_tokens_per_s": round(n / stats_s, 1),
+        "stats_over_forward": round(forward_s / stats_s, 3),
+        "threads": torch.get_num_threads(),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""``KeyStats``: the uncentred second moment C = E[k kᵀ] of a layer's MLP keys.
+
+ROME (Meng et al. 2022, §3.1, "C = K Kᵀ estimated on Wikipedia") and MEMIT (Meng et al. 2023,
+eq. 14, λ·C₀) need C to keep an edit from disturbing what the layer already stores; AlphaEdit
+(Fang et al. 2025) takes its null space. Collecting C is the slowest step of those methods, so:
+
+* all requested layers are collected in **one** pass over the corpus (the hooks accumulate
+  in place; no activations are kept);
+* each statistic is stored as a float64 ``sum`` of k kᵀ plus a token ``count``, so runs can be
+  resumed and shards merged exactly;
+* results are cached on disk, keyed by model fingerprint + layer + corpus fingerprint + token
+  budget + row length; the key is stored inside the file and checked on load, and a corrupt or
+  mismatched file is reported and recomputed, never used.
+
+Deviation from the reference code: tokens are packed into fixed-length rows (no padding, every
+position counts) rather than one truncated Wikipedia article per row, and the default corpus is
+text sampled from the model itself (offline), see :mod:`engramlab.data.corpus`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._io import atomic_file, cache_dir
+from .data.corpus import TextCorpus, sample_corpus
+from .errors import CacheError
+from .models.lm import LM
+from .trace import Trace
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class KeyStats:
+    """Sum of k kᵀ over ``count`` tokens at one layer, with the key it was computed under."""
+
+    layer: int
+    sum: torch.Tensor
+    count: int
+    key: dict[str, Any] = field(default_factory=dict)
+
+    def moment(self) -> torch.Tensor:
+        """E[k kᵀ] (float64)."""
+        if self.count == 0:
+            raise ValueError(f"no tokens accumulated for layer {self.layer}")
+        return self.sum / self.count
+
+    def merge(self, other: KeyStats) -> KeyStats:
+        """Exact combination of two shards of the same model and layer."""
+        mine = {k: v for k, v in self.key.items() if k not in ("n_tokens", "start_row")}
+        theirs = {k: v for k, v in other.key.items() if k not in ("n_tokens", "start_row")}
+        if self.layer != other.layer or mine.get("model") != theirs.get("model"):
+            raise CacheError(f"cannot merge statistics of layer {self.layer} "
+                             f"({mine.get('model')}) with layer {other.layer} "
+                             f"({theirs.get('model')})")
+        key = {**self.key, "n_tokens": self.count + other.count, "merged": True}
+        return KeyStats(self.layer, self.sum + other.sum, self.count + other.count, key)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        path = Path(path)
+        meta = {"format": str(FORMAT_VERSION), "layer": str(self.layer),
+                "count": str(self.count), "key": json.dumps(self.key, sort_keys=True)}
+        with atomic_file(path) as tmp:
+            save_file({"sum": self.sum.contiguous().cpu()}, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str],
+             expect: dict[str, Any] | None = None) -> KeyStats:
+        """Read a file; with ``expect``, refuse it unless its stored key matches exactly."""
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                total = f.get_tensor("sum")
+        except Exception as exc:  # any failure means the file is unusable
+            raise CacheError(f"statistics file {path} is unreadable ({exc})") from exc
+        if meta.get("format") != str(FORMAT_VERSION):
+            raise CacheError(f"statistics file {path} has format {meta.get('format')}")
+        key = json.loads(meta.get("key", "{}"))
+        if expect is not None and key != expect:
+            diff = {k: (key.get(k), v) for k, v in expect.items() if key.get(k) != v}
+            raise CacheError(f"statistics file {path} was computed under another key: {diff}")
+        stats = cls(int(meta["layer"]), total, int(meta["count"]), key)
+        if total.shape[0] != total.shape[1] or total.dtype != torch.float64:
+            raise CacheError(f"statistics file {path} holds a {tuple(total.shape)} "
+                             f"{total.dtype} tensor, expected a square float64 matrix")
+        return stats
+
+
+def _cache_path(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir("stats") / f"keys-L{key['layer']}-{digest}.safetensors"
+
+
+def collect_key_stats(
+    lm: LM,
+    layers: Sequence[int],
+    corpus: TextCorpus | None = None,
+    *,
+    n_tokens: int = 50_000,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[int, KeyStats]:
+    """Second moments of the MLP keys at ``layers`` over ``n_tokens`` tokens of ``corpus``.
+
+    Without a corpus, text sampled from the model (seeded, cached) is used. Cached layers are
+    read back; the others are collected together in a single pass.
+    """
+    layers = [lm.layout.check_layer(layer) for layer in dict.fromkeys(layers)]
+    if corpus is None:
+        corpus = sample_corpus(lm, n_tokens=n_tokens, progress=progress)
+    base = {"model": lm.fingerprint(), "corpus": corpus.fingerprint(), "n_tokens": n_tokens,
+            "seq_len": seq_len, "format": FORMAT_VERSION}
+    keys = {layer: {**base, "layer": layer} for layer in layers}
+    out: dict[int, KeyStats] = {}
+    if use_cache:
+        for layer in layers:
+            path = _cache_path(keys[layer])
+            if path.is_file():
+                try:
+                    out[layer] = KeyStats.load(path, expect=keys[layer])
+                except CacheError as exc:
+                    log.warning("%s; recomputing it", exc)
+                    path.unlink(missing_ok=True)
+    todo = [layer for layer in layers if layer not in out]
+    if todo:
+        fresh = _accumulate(lm, todo, corpus, n_tokens=n_tokens, batch_size=batch_size,
+                            seq_len=seq_len, progress=progress)
+        for layer, stats in fresh.items():
+            stats.key = keys[layer]
+            if use_cache:
+                stats.save(_cache_path(keys[layer]))
+            out[layer] = stats
+    return {layer: out[layer] for layer in layers}
+
+
+@torch.no_grad()
+def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
+                batch_size: int, seq_len: int, progress: bool) -> dict[int, KeyStats]:
+    from tqdm.auto import tqdm
+
+    d = lm.d_mlp
+    sums = {layer: torch.zeros(d, d, dtype=torch.float64, device=lm.device) for layer in layers}
+    count = 0
+    trace = Trace(lm)
+    for layer in layers:
+
+        def accumulate(t: torch.Tensor, layer: int = layer) -> torch.Tensor:
+            k = t.reshape(-1, t.shape[-1]).double()
+            sums[layer].addmm_(k.T, k)
+            return t
+
+        trace.edit(f"mlp_key.{layer}", accumulate)
+    bar = tqdm(total=n_tokens, desc=f"key stats L{','.join(map(str, layers))}", unit="tok",
+               unit_scale=True, disable=not progress)
+    start = time.perf_counter()
+    with trace:
+        for rows in corpus.batches(lm, n_tokens=n_tokens, batch_size=batch_size,
+                                   seq_len=seq_len):
+            lm.model(input_ids=rows.to(lm.device))
+            count += rows.numel()
+            bar.update(rows.numel())
+    bar.close()
+    if count == 0:
+        raise ValueError(f"corpus {corpus.name} yielded no tokens")
+    log.info("key statistics: %d tokens in %.1f s", count, time.perf_counter() - start)
+    return {layer: KeyStats(layer, sums[layer].cpu(), count) for layer in layers}

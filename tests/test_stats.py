@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engramlab.data import TextCorpus
+from engramlab.errors import CacheError, PointError
+from engramlab.stats import KeyStats, _cache_path, collect_key_stats
+from engramlab.trace import Trace
+from tests.conftest import make_tiny, tiny_text
+
+CORPUS = TextCorpus([tiny_text(40, seed=s) for s in range(6)], name="tiny")
+
+
+def _count_forwards(lm, monkeypatch):
+    calls = {"n": 0}
+    original = lm.model.forward
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_moment_equals_explicit_keys_second_moment(family, isolated_cache):
+    lm = make_tiny(family)
+    stats = collect_key_stats(lm, [0, 2], CORPUS, n_tokens=128, batch_size=2, seq_len=16,
+                              progress=False)
+    rows = CORPUS.token_rows(lm, seq_len=16)[:8]
+    with torch.no_grad(), Trace(lm).capture("mlp_key.2") as tr:
+        lm.model(input_ids=rows)
+    k = tr["mlp_key.2"].reshape(-1, lm.d_mlp).double()
+    assert stats[2].count == 128
+    assert torch.allclose(stats[2].moment(), k.T @ k / 128, atol=1e-10)
+    assert stats[0].sum.dtype == torch.float64
+
+
+def test_all_layers_in_one_pass_then_from_cache(isolated_cache, monkeypatch):
+    lm = make_tiny("llama")
+    calls = _count_forwards(lm, monkeypatch)
+    first = collect_key_stats(lm, [0, 1, 2], CORPUS, n_tokens=96, batch_size=2, seq_len=16,
+                              progress=False)
+    assert calls["n"] == 3  # 6 rows of 16 tokens in batches of 2, shared by the three layers
+    again = collect_key_stats(lm, [2, 0], CORPUS, n_tokens=96, batch_size=2, seq_len=16,
+                              progress=False)
+    assert calls["n"] == 3  # nothing recomputed
+    assert torch.equal(again[2].sum, first[2].sum) and list(again) == [2, 0]
+
+
+def test_changed_weights_or_corpus_miss_the_cache(isolated_cache, monkeypatch):
+    lm = make_tiny("llama")
+    calls = _count_forwards(lm, monkeypatch)
+    kw = {"n_tokens": 32, "batch_size": 2, "seq_len": 16, "progress": False}
+    collect_key_stats(lm, [1], CORPUS, **kw)
+    other = TextCorpus(CORPUS.documents[::-1])
+    collect_key_stats(lm, [1], other, **kw)
+    assert calls["n"] == 2
+    with torch.no_grad():
+        lm.layout.value_weight(0)[0, 0] += 0.5
+    collect_key_stats(lm, [1], CORPUS, **kw)
+    assert calls["n"] == 3
+
+
+def test_corrupt_or_mismatched_cache_file_is_recomputed(isolated_cache, caplog):
+    lm = make_tiny("gpt2")
+    kw = {"n_tokens": 32, "batch_size": 2, "seq_len": 16, "progress": False}
+    good = collect_key_stats(lm, [1], CORPUS, **kw)[1]
+    path = _cache_path(good.key)
+    path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        again = collect_key_stats(lm, [1], CORPUS, **kw)[1]
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    assert torch.equal(again.sum, good.sum)
+    # a valid file stored under another key at this path must not be used either
+    stale = KeyStats(1, torch.eye(lm.d_mlp, dtype=torch.float64), 5, {**good.key, "model": "x"})
+    stale.save(path)
+    with pytest.raises(CacheError, match="another key"):
+        KeyStats.load(path, expect=good.key)
+    assert torch.equal(collect_key_stats(lm, [1], CORPUS, **kw)[1].sum, good.sum)
+
+
+def test_shards_merge_exactly():
+    lm = make_tiny("llama")
+    a = TextCorpus(CORPUS.documents[:3])
+    b = TextCorpus(CORPUS.documents[3:])
+    kw = {"n_tokens": 10_000, "batch_size": 4, "seq_len": 8, "progress": False,
+          "use_cache": False}
+    sa = collect_key_stats(lm, [1], a, **kw)[1]
+    sb = collect_key_stats(lm, [1], b, **kw)[1]
+    merged = sa.merge(sb)
+    assert merged.count == sa.count + sb.count
+    assert torch.allclose(merged.sum, sa.sum + sb.sum)
+    with pytest.raises(CacheError, match="cannot merge"):
+        sa.merge(KeyStats(0, sb.sum, sb.count, sb.key))
+
+
+def test_layer_out_of_range_is_rejected():
+    with pytest.raises(PointError, match="out of range"):
+        collect_key_stats(make_tiny("llama"), [5], CORPUS, progress=False)
