@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from engramlab.data import (
     EditCase,
@@ -142,8 +143,12 @@ def test_text_corpus_from_files_packs_rows(tmp_path):
 
 def test_sampled_corpus_is_seeded_and_cached(isolated_cache):
     lm = make_tiny("gpt2")
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
     a = sample_corpus(lm, n_tokens=64, doc_tokens=16, batch_size=2, seed=3, progress=False,
                       starters=["w1", "w2 w3"])
+    assert torch.equal(torch.rand(1), expected_next), "the caller's RNG must be untouched"
     files = list((isolated_cache / "corpora").iterdir())
     assert len(files) == 1
     b = sample_corpus(lm, n_tokens=64, doc_tokens=16, batch_size=2, seed=3, progress=False,

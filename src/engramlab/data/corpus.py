@@ -117,9 +117,13 @@ def sample_corpus(lm: LM, *, n_tokens: int = 50_000, seed: int = 0, doc_tokens: 
         tok.padding_side = "left"
         enc = tok(prompts, return_tensors="pt", padding=True).to(lm.device)
         tok.padding_side = "right"
-        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-        out = lm.model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                max_new_tokens=doc_tokens, pad_token_id=tok.pad_token_id)
+        # generate() samples from the global RNG: seed it inside a fork so the caller's RNG
+        # state is left as it was.
+        cuda = [lm.device.index or 0] if lm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+            out = lm.model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                    max_new_tokens=doc_tokens, pad_token_id=tok.pad_token_id)
         for prompt, row in zip(prompts, out, strict=True):
             text = tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True)
             docs.append(prompt + text)
