@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
@@ -37,8 +38,6 @@ def main() -> None:
             lm.model(input_ids=rows.to(lm.device))
         forward_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as cache:
-        import os
-
         os.environ["ENGRAMLAB_CACHE"] = cache
         t = time.perf_counter()
         collect_key_stats(lm, args.layers, corpus, n_tokens=args.tokens,

@@ -121,11 +121,7 @@ def test_changed_gguf_file_gets_a_new_cache_entry(tmp_path, isolated_cache):
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path)
     a = load_model(str(path), progress=False, device="cpu")
-    path.unlink()
-    np.random.seed(1)
-    data = path.with_suffix(".tmp")
-    write_tiny_gguf(data)
-    raw = bytearray(data.read_bytes())
+    raw = bytearray(path.read_bytes())
     raw[-8:] = bytes(8)  # change the last tensor's bytes: same size, different content
     path.write_bytes(bytes(raw))
     b = load_model(str(path), progress=False, device="cpu")

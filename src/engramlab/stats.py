@@ -6,8 +6,8 @@ eq. 14, λ·C₀) need C to keep an edit from disturbing what the layer already 
 
 * all requested layers are collected in **one** pass over the corpus (the hooks accumulate
   in place; no activations are kept);
-* each statistic is stored as a float64 ``sum`` of k kᵀ plus a token ``count``, so runs can be
-  resumed and shards merged exactly;
+* each statistic is stored as a float64 ``sum`` of k kᵀ plus a token ``count``, so shards
+  collected separately merge exactly (:meth:`KeyStats.merge`);
 * results are cached on disk, keyed by model fingerprint + layer + corpus fingerprint + token
   budget + row length; the key is stored inside the file and checked on load, and a corrupt or
   mismatched file is reported and recomputed, never used.
@@ -60,12 +60,10 @@ class KeyStats:
 
     def merge(self, other: KeyStats) -> KeyStats:
         """Exact combination of two shards of the same model and layer."""
-        mine = {k: v for k, v in self.key.items() if k not in ("n_tokens", "start_row")}
-        theirs = {k: v for k, v in other.key.items() if k not in ("n_tokens", "start_row")}
-        if self.layer != other.layer or mine.get("model") != theirs.get("model"):
-            raise CacheError(f"cannot merge statistics of layer {self.layer} "
-                             f"({mine.get('model')}) with layer {other.layer} "
-                             f"({theirs.get('model')})")
+        mine, theirs = self.key.get("model"), other.key.get("model")
+        if self.layer != other.layer or mine != theirs:
+            raise CacheError(f"cannot merge statistics of layer {self.layer} ({mine}) with "
+                             f"layer {other.layer} ({theirs})")
         key = {**self.key, "n_tokens": self.count + other.count, "merged": True}
         return KeyStats(self.layer, self.sum + other.sum, self.count + other.count, key)
 

@@ -65,11 +65,18 @@ class TextCorpus:
             h.update(b"\x00")
         return h.hexdigest()[:16]
 
-    def token_rows(self, lm: LM, *, seq_len: int = 256) -> torch.Tensor:
-        """All documents packed into ``[rows, seq_len]`` token ids (EOS between documents)."""
+    def token_rows(self, lm: LM, *, seq_len: int = 256,
+                   max_tokens: int | None = None) -> torch.Tensor:
+        """Documents packed into ``[rows, seq_len]`` token ids (EOS between documents).
+
+        Tokenisation stops once ``max_tokens`` are reached, so a small budget over a large
+        corpus does not pay for tokenising all of it.
+        """
         eos = lm.tokenizer.eos_token_id
         ids: list[int] = []
         for doc in self.documents:
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
             ids.extend(lm.encode(doc))
             if eos is not None:
                 ids.append(eos)
@@ -82,8 +89,9 @@ class TextCorpus:
     def batches(self, lm: LM, *, n_tokens: int, batch_size: int = 8,
                 seq_len: int = 256) -> Iterator[torch.Tensor]:
         """Batches of packed rows until ``n_tokens`` tokens were yielded (or the corpus ends)."""
-        rows = self.token_rows(lm, seq_len=seq_len)
-        max_rows = min(len(rows), -(-n_tokens // seq_len))
+        wanted_rows = -(-n_tokens // seq_len)
+        rows = self.token_rows(lm, seq_len=seq_len, max_tokens=wanted_rows * seq_len)
+        max_rows = min(len(rows), wanted_rows)
         for start in range(0, max_rows, batch_size):
             yield rows[start:min(start + batch_size, max_rows)]
 
