@@ -205,6 +205,40 @@ class Trace:
         self.close()
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the last needed block has run."""
+
+
+def run_model(lm: LM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+              stop_after: int | None = None, logits: bool = False) -> Any:
+    """Forward ``input_ids`` through the model; hooks already entered see it as usual.
+
+    Without ``logits`` only the transformer body runs (no unembedding over every position, which
+    for a small model with a large vocabulary is a fifth of the work); read final states with a
+    ``resid.{n_layers-1}`` capture and :meth:`LM.logits_from_hidden` at the positions you need.
+    ``stop_after=i`` ends the pass after block ``i``: captures up to there are complete and the
+    later blocks cost nothing.
+    """
+    model = lm.model if logits else getattr(lm.model, "base_model", lm.model)
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if stop_after is None or stop_after >= lm.n_layers - 1:
+        return model(**kwargs)
+
+    def stop(_m: nn.Module, _a: Any, _o: Any) -> None:
+        raise _Stop
+
+    handle = lm.layout.block(stop_after).register_forward_hook(stop)
+    try:
+        model(**kwargs)
+    except _Stop:
+        return None
+    finally:
+        handle.remove()
+    return None
+
+
 def record(lm: LM, texts: str | Sequence[str], points: Sequence[str]) -> dict[str, torch.Tensor]:
     """One no-grad forward over ``texts``; returns the captured activations and the mask."""
     enc = lm.tokenize(texts)

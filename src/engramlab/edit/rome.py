@@ -1,0 +1,68 @@
+"""ROME: Rank-One Model Editing (Meng et al. 2022, "Locating and Editing Factual Associations
+in GPT", NeurIPS).
+
+One MLP value weight is changed by a rank-one update that maps the subject's key k* (averaged
+over context templates) to a value that makes the model say the new object. Several requests in
+one :meth:`ROME.edit` call are inserted one after another, each computed on the weights the
+previous ones left (the paper's multi-edit use); :meth:`ROME.edit_each` gives independent edits,
+optimising all their target values in one batch.
+
+Deviations: k* is used in both the numerator and the denominator of the update (see
+:mod:`engramlab.edit.solve`), so the update maps k* exactly to its target; target values are
+optimised for many requests at once (exactly equivalent per request, see
+:mod:`engramlab.edit.targets`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..data.records import EditRequest
+from ..delta import WeightDelta
+from ..models.lm import LM
+from .base import Editor
+from .keys import at_subject
+from .solve import rome_update, solve_cov
+from .targets import optimise_targets
+
+
+class ROME(Editor):
+    method = "rome"
+
+    def edit_each(self, lm: LM, requests: Sequence[EditRequest]) -> list[WeightDelta]:
+        hp = self.hparams_for(lm)
+        layer = hp.layers[0]
+        cov = self.stats(lm, [layer], hp)[layer].moment() if hp.use_cov else None
+        templates = self.templates(lm, hp)
+        keys = at_subject(lm, requests, [f"mlp_key.{layer}"], templates,
+                          hp.subject_pos)[f"mlp_key.{layer}"]
+        targets = optimise_targets(lm, requests, f"mlp_out.{layer}", templates,
+                                   hp.target_config(), progress=self.progress)
+        cov_k = solve_cov(cov, keys.T) if cov is not None else None
+        out = []
+        for i, req in enumerate(requests):
+            u, v = rome_update(keys[i], targets.delta[i],
+                               cov_k=cov_k[:, i] if cov_k is not None else None)
+            out.append(self._delta(lm, hp, {layer: (u, v)}, [req],
+                                   target_nll=float(targets.nll[i]),
+                                   target_steps=targets.steps[i]))
+        return out
+
+    def step(self, lm: LM, requests: Sequence[EditRequest], state: Any = None
+             ) -> tuple[WeightDelta, Any]:
+        if len(requests) == 1:
+            return self.edit_each(lm, requests)[0], state
+        applied: list[WeightDelta] = []
+        try:
+            for req in requests:
+                applied.append(self.edit_each(lm, [req])[0].apply(lm))
+        finally:
+            for d in reversed(applied):
+                d.revert(lm)
+        total = applied[0]
+        for d in applied[1:]:
+            total = total + d
+        total.meta.update(method=self.method, n_requests=len(requests),
+                          case_ids=[r.case_id for r in requests])
+        return total, state

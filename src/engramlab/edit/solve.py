@@ -1,0 +1,157 @@
+"""The algebra of locate-then-edit methods, once, in float64.
+
+Notation: a layer's value weight ``W`` is ``[d_model, d_mlp]`` and maps keys k (MLP hidden
+activations) to values ``W k``. ``C`` is the uncentred key second moment E[k kᵀ]
+(:class:`~engramlab.stats.KeyStats`). Every update is returned as low-rank factors ``(u, v)``
+with ``ΔW = u @ v.T`` — never as a dense matrix — so a delta costs ``(d_model + d_mlp) · rank``
+numbers.
+
+* ROME (Meng et al. 2022, eq. 2): ``ΔW = r (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*)`` maps ``k*`` to ``W k* + r``
+  exactly while changing other keys as little as possible under C. The published code puts the
+  template-averaged k* in C⁻¹k* but the plain prompt's key in the denominator; that mismatch
+  makes the update miss its target and sequential ROME collapse (Gupta et al. 2024, "Rebuilding
+  ROME"). We use the same k* in both.
+* MEMIT (Meng et al. 2023, eq. 14): ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` for keys K ``[d_mlp, n]`` and
+  residuals R ``[d_model, n]``; rank n.
+* AlphaEdit (Fang et al. 2025, eq. 12, as in their code): with P the projector onto the null
+  space of C (eigenvectors whose eigenvalue is below a threshold), and K_p the keys of earlier
+  edits, ``ΔWᵀ = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K Rᵀ``. The solution lies in P's range, so
+  preserved keys (those C spans) are mapped exactly as before. The sequential history (P,
+  accumulated K_p K_pᵀ, edit count) is an explicit :class:`EditState`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .._io import atomic_dir
+from ..errors import CacheError
+
+FORMAT_VERSION = 1
+
+
+def _solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``a x = b`` for a symmetric PSD ``a``; a tiny ridge rescues a singular one."""
+    try:
+        return torch.linalg.solve(a, b)
+    except RuntimeError:
+        ridge = 1e-8 * float(torch.diagonal(a).mean().abs().clamp_min(1e-30))
+        return torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype,
+                                                        device=a.device), b)
+
+
+def rome_update(k: torch.Tensor, r: torch.Tensor, cov: torch.Tensor | None = None, *,
+                cov_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-one ``(u, v)`` with ``ΔW k = r`` and minimal change under ``cov`` (identity if None).
+
+    ``k``: ``[d_mlp]`` key; ``r``: ``[d_model]`` wanted change of the layer's output at ``k``;
+    ``cov_k``: ``C⁻¹k`` when the caller solved it already (batched over many keys).
+    """
+    k64 = k.double()
+    if cov_k is not None:
+        ck = cov_k.double()
+    else:
+        ck = k64 if cov is None else _solve_psd(cov.double().to(k.device), k64)
+    denom = torch.dot(k64, ck)
+    if not torch.isfinite(denom) or denom.abs() < 1e-30:
+        raise ValueError("key has (near) zero norm under C⁻¹; cannot insert a value for it")
+    return r.double()[:, None], (ck / denom)[:, None]
+
+
+def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's layer update: ``u = R``, ``v = (λC + KKᵀ)⁻¹ K`` (keys ``[d_mlp, n]``,
+    residuals ``[d_model, n]``)."""
+    k = keys.double()
+    a = lam * cov.double().to(k.device) + k @ k.T
+    return resid.double(), _solve_psd(a, k)
+
+
+def solve_cov(cov: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``C⁻¹ K`` for keys ``[d_mlp, n]`` in float64, one factorisation for all of them."""
+    return _solve_psd(cov.double().to(keys.device), keys.double())
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U₀U₀ᵀ over the eigenvectors of ``cov`` with eigenvalue < ``threshold`` (float64).
+
+    ``cov`` is symmetric PSD, so its eigen- and singular vectors coincide (AlphaEdit's code
+    takes an SVD); ``eigh`` is the cheaper, exactly symmetric choice.
+    """
+    evals, evecs = torch.linalg.eigh(cov.double())
+    small = evecs[:, evals < threshold]
+    return small @ small.T
+
+
+def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
+                     prev_keys_cov: torch.Tensor | None, alpha: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's layer update: ``u = R``, ``v = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K``."""
+    k = keys.double()
+    p = projector.double().to(k.device)
+    a = k @ k.T
+    if prev_keys_cov is not None:
+        a = a + prev_keys_cov.double().to(k.device)
+    m = p @ a + alpha * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return resid.double(), torch.linalg.solve(m, p @ k)
+
+
+@dataclass
+class EditState:
+    """What a sequential AlphaEdit run carries from one batch to the next.
+
+    ``projectors[l]`` is P for layer l (fixed, from the unedited model's statistics);
+    ``keys_cov[l]`` accumulates K_p K_pᵀ of every edit made so far. Pass it in, get a new one
+    back; nothing is kept anywhere else, so independent runs cannot share history by accident.
+    """
+
+    projectors: dict[int, torch.Tensor]
+    keys_cov: dict[int, torch.Tensor]
+    n_edits: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_stats(cls, stats: dict[int, Any], threshold: float, **meta: Any) -> EditState:
+        projectors = {layer: null_space_projector(s.moment(), threshold).float()
+                      for layer, s in stats.items()}
+        cov = {layer: torch.zeros_like(p) for layer, p in projectors.items()}
+        null_dims = {str(layer): round(float(torch.trace(p)))
+                     for layer, p in projectors.items()}
+        return cls(projectors, cov, 0, {"threshold": threshold, "null_dims": null_dims, **meta})
+
+    def updated(self, new_keys: dict[int, torch.Tensor], n: int) -> EditState:
+        """A new state with ``K Kᵀ`` of ``new_keys[layer]`` (``[d_mlp, n]``) added."""
+        cov = {layer: c + (new_keys[layer].double() @ new_keys[layer].double().T).to(c)
+               if layer in new_keys else c for layer, c in self.keys_cov.items()}
+        return EditState(self.projectors, cov, self.n_edits + n, dict(self.meta))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        tensors = {f"P.{layer}": p.contiguous().cpu() for layer, p in self.projectors.items()}
+        tensors |= {f"KpKp.{layer}": c.contiguous().cpu() for layer, c in self.keys_cov.items()}
+        doc = {"format": FORMAT_VERSION, "n_edits": self.n_edits, "meta": self.meta}
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(doc, indent=1, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EditState:
+        path = Path(path)
+        try:
+            doc = json.loads((path / "state.json").read_text())
+            tensors = load_file(str(path / "state.safetensors"))
+        except Exception as exc:
+            raise CacheError(f"edit state {path} is missing or corrupt ({exc})") from exc
+        if doc.get("format") != FORMAT_VERSION:
+            raise CacheError(f"edit state {path} has format {doc.get('format')}")
+        proj = {int(k[2:]): v for k, v in tensors.items() if k.startswith("P.")}
+        cov = {int(k[5:]): v for k, v in tensors.items() if k.startswith("KpKp.")}
+        return cls(proj, cov, int(doc["n_edits"]), doc.get("meta", {}))

@@ -1,0 +1,10 @@
+"""Metrics and reports: CounterFact / zsRE / EasyEdit scores, fluency, batched target scoring."""
+
+from __future__ import annotations
+
+from .counterfact import CaseScores, case_scores, edit_scores, summarize
+from .fluency import fluency, ngram_entropy
+from .scoring import TargetScore, score_targets
+
+__all__ = ["CaseScores", "TargetScore", "case_scores", "edit_scores", "fluency",
+           "ngram_entropy", "score_targets", "summarize"]
