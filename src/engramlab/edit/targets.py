@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from ..data.records import EditRequest
 from ..models.lm import LM
-from ..trace import Trace, parse_point, run_model
-from .prompts import Batch, encode_with_subject, make_batch, pick_positions, target_ids
+from ..trace import Trace, parse_point
+from .prefix import PrefixBatch, length_groups
+from .prompts import encode_with_subject, pick_positions, target_ids
 
 KL_PROMPT = "{} is a"
 
@@ -49,6 +50,8 @@ class TargetConfig:
     early_stop: float = 5e-2
     subject_pos: str = "last"
     chunk: int = 32  # requests per padded batch
+    prefix_cache: bool = True  # run tokens before the lookup once (exact; see .prefix)
+    length_groups: int = 3  # suffixes of similar length share a forward (less padding)
 
 
 @dataclass
@@ -67,19 +70,24 @@ class Targets:
         return self.init + self.delta
 
 
-def build_rows(lm: LM, requests: Sequence[EditRequest], templates: Sequence[str],
-               subject_pos: str, *, kl: bool = True) -> tuple[Batch, list[int], list[int]]:
-    """Rows: every template × request (prompt + target[:-1], labelled) and one KL row each.
+@dataclass
+class Rows:
+    """Unpadded rows: every template × request (prompt + target[:-1], labelled) and one KL row
+    per request; ``plain_row[r]`` / ``kl_row[r]`` index request r's plain-prompt and KL rows."""
 
-    Returns the batch, the index of each request's plain-prompt row (template ``"{}"``) and of
-    its KL row.
-    """
-    rows: list[list[int]] = []
-    owner: list[int] = []
-    lookup: list[list[int]] = []
-    labels: list[list[tuple[int, int]]] = []
-    plain_row: list[int] = []
-    kl_row: list[int] = []
+    ids: list[list[int]]
+    owner: list[int]
+    lookup: list[list[int]]
+    labels: list[list[tuple[int, int]]]
+    plain_row: list[int]
+    kl_row: list[int]
+
+
+def build_rows(lm: LM, requests: Sequence[EditRequest], templates: Sequence[str],
+               subject_pos: str, *, kl: bool = True) -> Rows:
+    if "{}" not in templates:
+        raise ValueError("the context templates must include the plain template '{}'")
+    out = Rows([], [], [], [], [], [])
     for r, req in enumerate(requests):
         plain = encode_with_subject(lm, "{}", req.prompt, req.subject, req.case_id)
         tids = target_ids(lm, plain.text, req.target_new)
@@ -87,22 +95,20 @@ def build_rows(lm: LM, requests: Sequence[EditRequest], templates: Sequence[str]
             enc = plain if template == "{}" else encode_with_subject(
                 lm, template, req.prompt, req.subject, req.case_id)
             if template == "{}":
-                plain_row.append(len(rows))
+                out.plain_row.append(len(out.ids))
             n = len(enc.ids)
-            rows.append(enc.ids + tids[:-1])
-            labels.append([(n - 1 + j, t) for j, t in enumerate(tids)])
-            lookup.append(pick_positions(enc, subject_pos))
-            owner.append(r)
+            out.ids.append(enc.ids + tids[:-1])
+            out.labels.append([(n - 1 + j, t) for j, t in enumerate(tids)])
+            out.lookup.append(pick_positions(enc, subject_pos))
+            out.owner.append(r)
         if kl:
             enc = encode_with_subject(lm, "{}", KL_PROMPT, req.subject, req.case_id)
-            kl_row.append(len(rows))
-            rows.append(enc.ids)
-            labels.append([])
-            lookup.append(pick_positions(enc, subject_pos))
-            owner.append(r)
-    if len(plain_row) != len(requests):
-        raise ValueError("the context templates must include the plain template '{}'")
-    return make_batch(lm, rows, owner, lookup, labels), plain_row, kl_row
+            out.kl_row.append(len(out.ids))
+            out.ids.append(enc.ids)
+            out.labels.append([])
+            out.lookup.append(pick_positions(enc, subject_pos))
+            out.owner.append(r)
+    return out
 
 
 def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
@@ -118,41 +124,76 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
                    torch.cat([p.nll for p in parts]), [s for p in parts for s in p.steps])
 
 
+@dataclass
+class _Group:
+    """Rows of similar suffix length run together; indices map back to the chunk's rows."""
+
+    rows: list[int]
+    prefix: PrefixBatch
+    owner: torch.Tensor
+    lookup: torch.Tensor
+    lab_row: torch.Tensor  # local row of each label
+    lab_pos: torch.Tensor
+    lab_index: torch.Tensor  # position of each label in the chunk's flat label list
+    kl_local: torch.Tensor  # local rows that are KL rows
+    kl_pos: torch.Tensor
+    kl_owner: torch.Tensor
+    plain: list[tuple[int, int, int]]  # (request, local row, position)
+
+
+def _groups(lm: LM, rows: Rows, config: TargetConfig) -> tuple[list[_Group], list[tuple]]:
+    device = lm.device
+    flat = [(row, p, t) for row, items in enumerate(rows.labels) for p, t in items]
+    label_at = {(row, p): k for k, (row, p, _) in enumerate(flat)}
+    splits = [min(look) if config.prefix_cache else 0 for look in rows.lookup]
+    suffix_len = [len(ids) - s for ids, s in zip(rows.ids, splits, strict=True)]
+    groups = []
+    kl_rows = {row: r for r, row in enumerate(rows.kl_row)}
+    plain_rows = {row: r for r, row in enumerate(rows.plain_row)}
+    for idx in length_groups(suffix_len, config.length_groups):
+        pb = PrefixBatch.build(lm, [rows.ids[i] for i in idx], [rows.owner[i] for i in idx],
+                               [rows.lookup[i] for i in idx], [rows.labels[i] for i in idx],
+                               use_cache=config.prefix_cache)
+        b = pb.batch
+        lab = [(local, p, label_at[(i, p + pb.splits[local])])
+               for local, i in enumerate(idx) for p, _ in b.labels[local]]
+        kls = [(local, b.lookup[local][-1], kl_rows[i]) for local, i in enumerate(idx)
+               if i in kl_rows]
+        groups.append(_Group(
+            rows=idx, prefix=pb, owner=torch.tensor(b.owner, device=device),
+            lookup=b.lookup_mask().unsqueeze(-1),
+            lab_row=torch.tensor([x[0] for x in lab], device=device, dtype=torch.long),
+            lab_pos=torch.tensor([x[1] for x in lab], device=device, dtype=torch.long),
+            lab_index=torch.tensor([x[2] for x in lab], device=device, dtype=torch.long),
+            kl_local=torch.tensor([x[0] for x in kls], device=device, dtype=torch.long),
+            kl_pos=torch.tensor([x[1] for x in kls], device=device, dtype=torch.long),
+            kl_owner=torch.tensor([x[2] for x in kls], device=device, dtype=torch.long),
+            plain=[(plain_rows[i], local, b.lookup[local][-1]) for local, i in enumerate(idx)
+                   if i in plain_rows]))
+    return groups, flat
+
+
 def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: Sequence[str],
                     config: TargetConfig, *, progress: bool) -> Targets:
     from tqdm.auto import tqdm
 
-    batch, plain_row, kl_row = build_rows(lm, requests, templates, config.subject_pos,
-                                          kl=config.kl_factor > 0)
+    rows = build_rows(lm, requests, templates, config.subject_pos, kl=config.kl_factor > 0)
+    groups, flat = _groups(lm, rows, config)
     n = len(requests)
     device = lm.device
-    owner = torch.tensor(batch.owner, device=device)
-    lookup = batch.lookup_mask().unsqueeze(-1)
     delta = torch.zeros(n, lm.d_model, device=device, requires_grad=True)
     init = torch.zeros(n, lm.d_model, device=device)
-    first = [True]
 
-    def add_delta(t: torch.Tensor) -> torch.Tensor:
-        if first[0]:
-            for r, row in enumerate(plain_row):
-                init[r] = t[row, batch.lookup[row][-1]].detach().float()
-            first[0] = False
-        return t + lookup.to(t.dtype) * delta[owner].unsqueeze(1).to(t.dtype)
-
-    # label positions, flattened: (row, position, token, owner)
-    lab = [(row, pos, tok) for row, items in enumerate(batch.labels) for pos, tok in items]
-    lab_row = torch.tensor([x[0] for x in lab], device=device)
-    lab_pos = torch.tensor([x[1] for x in lab], device=device)
-    lab_tok = torch.tensor([x[2] for x in lab], device=device)
+    lab_tok = torch.tensor([t for _, _, t in flat], device=device)
+    lab_row = torch.tensor([row for row, _, _ in flat], device=device)
+    owner = torch.tensor(rows.owner, device=device)
     lab_owner = owner[lab_row]
     # each row's NLL is a mean over its target tokens; each request's a mean over its rows
-    tokens_per_row = torch.zeros(len(batch.owner), device=device).index_add_(
-        0, lab_row, torch.ones(len(lab), device=device))
+    tokens_per_row = torch.zeros(len(rows.ids), device=device).index_add_(
+        0, lab_row, torch.ones(len(flat), device=device))
     rows_per_req = torch.zeros(n, device=device).index_add_(
         0, owner, (tokens_per_row > 0).float())
     weight = 1.0 / (tokens_per_row[lab_row] * rows_per_req[lab_owner])
-    kl_rows = torch.tensor(kl_row, device=device, dtype=torch.long)
-    kl_pos = torch.tensor([batch.lookup[r][-1] for r in kl_row], device=device, dtype=torch.long)
 
     last = f"resid.{lm.n_layers - 1}"
     params = [p for p in lm.model.parameters() if p.requires_grad]
@@ -167,16 +208,24 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
     try:
         for it in range(config.steps):
             opt.zero_grad()
-            with Trace(lm).edit(point, add_delta).capture(last, detach=False) as tr:
-                run_model(lm, batch.input_ids, batch.attention_mask)
-            hidden = tr[last]
-            logp = F.log_softmax(lm.logits_from_hidden(hidden[lab_row, lab_pos]).float(), -1)
-            tok_lp = logp.gather(1, lab_tok[:, None]).squeeze(1)
+            tok_lp = torch.zeros(len(flat), device=device)
+            kl_lp: torch.Tensor | None = None
+            for g in groups:
+                hidden = _run_group(lm, g, point, last, delta, init if it == 0 else None)
+                if len(g.lab_row):
+                    logp = F.log_softmax(
+                        lm.logits_from_hidden(hidden[g.lab_row, g.lab_pos]).float(), -1)
+                    got = logp.gather(1, lab_tok[g.lab_index][:, None]).squeeze(1)
+                    tok_lp = tok_lp.index_put((g.lab_index,), got)
+                if len(g.kl_local):
+                    lp = F.log_softmax(
+                        lm.logits_from_hidden(hidden[g.kl_local, g.kl_pos]).float(), -1)
+                    if kl_lp is None:
+                        kl_lp = torch.zeros(n, lp.shape[-1], device=device)
+                    kl_lp = kl_lp.index_put((g.kl_owner,), lp)
             nll_r = torch.zeros(n, device=device).index_add(0, lab_owner, -tok_lp * weight)
             loss_r = nll_r.clone()
-            if len(kl_row):
-                kl_lp = F.log_softmax(
-                    lm.logits_from_hidden(hidden[kl_rows, kl_pos]).float(), -1)
+            if kl_lp is not None:
                 if kl_init is None:
                     kl_init = kl_lp.detach()
                 kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1)
@@ -205,3 +254,19 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
         for p in params:
             p.requires_grad_(True)
     return Targets(point, delta.detach(), init, nll_r.detach(), steps)
+
+
+def _run_group(lm: LM, g: _Group, point: str, last: str, delta: torch.Tensor,
+               record_init: torch.Tensor | None) -> torch.Tensor:
+    """Forward one group with δ added at its lookup positions; returns the last block's output.
+    On the first step (``record_init``) the unmodified value at each plain row is stored."""
+
+    def add_delta(t: torch.Tensor) -> torch.Tensor:
+        if record_init is not None:
+            for r, local, pos in g.plain:
+                record_init[r] = t[local, pos].detach().float()
+        return t + g.lookup.to(t.dtype) * delta[g.owner].unsqueeze(1).to(t.dtype)
+
+    with Trace(lm).edit(point, add_delta).capture(last, detach=False) as tr:
+        g.prefix.run(lm)
+    return tr[last]
