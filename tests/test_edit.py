@@ -1,0 +1,266 @@
+"""Editing algebra and mechanics on tiny random models (exact checks, no behaviour claims)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engramlab import EditRequest, Trace
+from engramlab.edit import MEMIT, ROME, AlphaEdit, EditState, get_editor
+from engramlab.edit.keys import at_subject
+from engramlab.edit.prefix import length_groups
+from engramlab.edit.prompts import encode_with_subject, pick_positions
+from engramlab.edit.solve import (
+    alphaedit_update,
+    memit_update,
+    null_space_projector,
+    rome_update,
+)
+from engramlab.edit.targets import TargetConfig, optimise_targets
+from engramlab.errors import PointError, RequestError
+from engramlab.presets import load_preset, match_preset
+from engramlab.stats import KeyStats
+from tests.conftest import FAMILIES, make_tiny
+
+
+def _psd(d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    return a @ a.T / (3 * d)
+
+
+def _req(subject: str = "w5 w6", target: str = "w40", prompt: str = "w1 {} w2 w3") -> EditRequest:
+    return EditRequest(prompt=prompt, subject=subject, target_new=target, target_true="w41")
+
+
+def _stats(lm, layers, seed=0):
+    return {layer: KeyStats(layer, _psd(lm.d_mlp, seed + layer) * 100, 100) for layer in layers}
+
+
+# algebra ------------------------------------------------------------------------------------
+def test_rank_one_update_maps_key_to_target_value():
+    c = _psd(16)
+    g = torch.Generator().manual_seed(1)
+    k, r = torch.randn(16, generator=g), torch.randn(8, generator=g)
+    u, v = rome_update(k, r, c)
+    assert torch.allclose((u @ v.T) @ k.double(), r.double(), atol=1e-10)
+    # minimal change under C: ΔW is proportional to (C⁻¹k)ᵀ
+    ck = torch.linalg.solve(c, k.double())
+    assert torch.allclose(v[:, 0] / v[0, 0], ck / ck[0], atol=1e-8)
+
+
+def test_memit_update_solves_regularised_least_squares():
+    c = _psd(12)
+    g = torch.Generator().manual_seed(2)
+    keys, resid = torch.randn(12, 5, generator=g), torch.randn(7, 5, generator=g)
+    u, v = memit_update(keys, resid, c, lam=3.0)
+    dw = u @ v.T
+    k = keys.double()
+    # normal equations of min ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ): ΔW (λC + KKᵀ) = R Kᵀ
+    assert torch.allclose(dw @ (3.0 * c + k @ k.T), resid.double() @ k.T, atol=1e-9)
+
+
+def test_null_space_projection_leaves_preserved_keys_unchanged():
+    g = torch.Generator().manual_seed(3)
+    preserved = torch.randn(20, 8, generator=g, dtype=torch.float64)  # spans 8 of 20 dims
+    cov = preserved @ preserved.T / 8
+    p = null_space_projector(cov, threshold=1e-6)
+    assert round(float(torch.trace(p))) == 12
+    keys, resid = torch.randn(20, 3, generator=g), torch.randn(6, 3, generator=g)
+    u, v = alphaedit_update(keys, resid, p, None, alpha=1.0)
+    dw = u @ v.T
+    assert dw.abs().max() > 1e-3  # a real update ...
+    assert (dw @ preserved).abs().max() < 1e-5  # ... invisible to the preserved keys
+
+
+def test_alphaedit_update_matches_the_papers_closed_form():
+    g = torch.Generator().manual_seed(4)
+    keys, resid = torch.randn(10, 2, generator=g), torch.randn(5, 2, generator=g)
+    p = null_space_projector(_psd(10), threshold=0.5)
+    prev = _psd(10, seed=9)
+    u, v = alphaedit_update(keys, resid, p, prev, alpha=2.0)
+    k = keys.double()
+    x = torch.linalg.solve(p @ (k @ k.T + prev) + 2.0 * torch.eye(10, dtype=torch.float64),
+                           p @ k @ resid.double().T)
+    assert torch.allclose(u @ v.T, x.T, atol=1e-10)
+
+
+def test_edit_state_accumulates_keys_and_round_trips(tmp_path):
+    lm = make_tiny("llama")
+    state = EditState.from_stats(_stats(lm, [1, 2]), threshold=0.5)
+    keys = {1: torch.randn(lm.d_mlp, 3), 2: torch.randn(lm.d_mlp, 3)}
+    new = state.updated(keys, 3)
+    assert state.n_edits == 0 and new.n_edits == 3  # the old state is untouched
+    assert torch.allclose(new.keys_cov[1], (keys[1] @ keys[1].T).float(), atol=1e-5)
+    new.save(tmp_path / "state")
+    back = EditState.load(tmp_path / "state")
+    assert back.n_edits == 3
+    assert torch.equal(back.projectors[2], new.projectors[2])
+    assert torch.equal(back.keys_cov[1], new.keys_cov[1])
+
+
+# prompts and positions ------------------------------------------------------------------------
+def test_subject_positions_follow_the_placeholder_when_subject_occurs_twice():
+    lm = make_tiny("gpt2")
+    enc = encode_with_subject(lm, "w9 {}", "w5 w6 w7 {} w8", "w5 w6")
+    # text: "w9 w5 w6 w7 w5 w6 w8" -> the placeholder's copy is tokens 4..5, not 1..2
+    assert enc.subject == [4, 5]
+    assert pick_positions(enc, "last") == [5]
+    assert pick_positions(enc, "first") == [4]
+    assert pick_positions(enc, "all") == [4, 5]
+    assert pick_positions(enc, "prompt_last") == [6]
+    with pytest.raises(RequestError, match="unknown subject position"):
+        pick_positions(enc, "middle")
+
+
+def test_bad_requests_give_clear_errors():
+    with pytest.raises(RequestError, match="empty target_new"):
+        EditRequest(prompt="{} is in", subject="w1", target_new=" ")
+    with pytest.raises(RequestError, match="not found in prompt"):
+        EditRequest.from_text("w1 w2 w3", subject="w9", target_new="w4")
+    lm = make_tiny("gpt2")
+    with pytest.raises(PointError, match="out of range"):
+        ROME(layers=[7], stats={}).edit(lm, [_req()])
+    with pytest.raises(RequestError, match="unknown hyper-parameter"):
+        ROME(layerz=[1]).edit(lm, [_req()])
+    with pytest.raises(RequestError, match="unknown editing method"):
+        get_editor("grace")
+
+
+def test_length_groups_cover_every_row_once_and_cut_padding():
+    lengths = [1, 1, 7, 2, 6, 1, 7, 2]
+    groups = length_groups(lengths, 3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert padded < len(lengths) * max(lengths)
+
+
+# targets ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_gives_the_same_targets_as_plain_forwards(family):
+    lm = make_tiny(family)
+    reqs = [_req(), _req("w7", "w42 w43", "{} w2 w3 w4"), _req("w8 w9 w10", "w44", "w1 w2 {}")]
+    templates = ["{}", "w11 w12 w13 . {}", "w14 . {}"]
+    kw = {"steps": 4, "lr": 0.1, "early_stop": 0.0}
+    a = optimise_targets(lm, reqs, "mlp_out.1", templates, TargetConfig(prefix_cache=False, **kw))
+    b = optimise_targets(lm, reqs, "mlp_out.1", templates,
+                         TargetConfig(prefix_cache=True, length_groups=2, **kw))
+    assert torch.allclose(a.init, b.init, atol=1e-5)
+    assert torch.allclose(a.nll, b.nll, atol=1e-4)
+    assert torch.allclose(a.delta, b.delta, atol=1e-4)
+
+
+def test_batched_targets_equal_one_request_at_a_time():
+    lm = make_tiny("llama")
+    reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4")]
+    cfg = TargetConfig(steps=5, lr=0.1, early_stop=0.0)
+    both = optimise_targets(lm, reqs, "resid.1", ["{}", "w11 . {}"], cfg)
+    for i, req in enumerate(reqs):
+        alone = optimise_targets(lm, [req], "resid.1", ["{}", "w11 . {}"], cfg)
+        assert torch.allclose(both.delta[i], alone.delta[0], atol=1e-5)
+
+
+def test_targets_lower_the_target_loss_and_respect_the_clamp():
+    lm = make_tiny("gpt2")
+    cfg = TargetConfig(steps=15, lr=0.5, clamp=0.5, early_stop=0.0, kl_factor=0.0,
+                       weight_decay=0.0)
+    before = optimise_targets(lm, [_req()], "mlp_out.1", ["{}"], TargetConfig(steps=1))
+    after = optimise_targets(lm, [_req()], "mlp_out.1", ["{}"], cfg)
+    assert float(after.nll[0]) < float(before.nll[0])
+    assert float(after.delta.norm()) <= 0.5 * float(after.init.norm()) * (1 + 1e-5)
+
+
+# editors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj"])
+def test_rome_writes_the_target_value_at_the_subject(family, isolated_cache):
+    lm = make_tiny(family)
+    req = _req()
+    editor = ROME(layers=[1], stats=_stats(lm, [1]), templates=[[3, 2]], v_steps=5)
+    delta = editor.edit(lm, req)
+    assert delta.ranks() == {lm.layout.value_param_name(1): 1}
+    templates = editor.templates(lm, editor.hparams_for(lm))
+    key = at_subject(lm, [req], ["mlp_key.1"], templates)["mlp_key.1"][0]
+    w = lm.layout.value_weight(1).detach().clone()
+    before = w @ key
+    original = {n: p.clone() for n, p in lm.model.named_parameters()}
+    with delta.applied(lm):
+        after = lm.layout.value_weight(1) @ key
+        # the layer now maps k* to W k* + δ (δ read back from the optimiser via the delta)
+        change = delta.entries[lm.layout.value_param_name(1)].to_dense()
+        change = change.T if lm.layout.value_is_transposed(1) else change
+        assert torch.allclose(after - before, change @ key, atol=1e-4)
+    assert all(torch.equal(p, original[n]) for n, p in lm.model.named_parameters())
+
+
+def test_rome_key_maps_exactly_to_the_optimised_value(isolated_cache):
+    lm = make_tiny("llama")
+    req = _req()
+    stats = _stats(lm, [1])
+    editor = ROME(layers=[1], stats=stats, templates=[[3, 2]], v_steps=4)
+    templates = editor.templates(lm, editor.hparams_for(lm))
+    hp = editor.hparams_for(lm)
+    targets = optimise_targets(lm, [req], "mlp_out.1", templates, hp.target_config())
+    delta = editor.edit(lm, req)
+    key = at_subject(lm, [req], ["mlp_key.1"], templates)["mlp_key.1"][0]
+    w_delta = delta.entries[lm.layout.value_param_name(1)].to_dense()
+    assert torch.allclose(w_delta @ key, targets.delta[0], atol=1e-4)
+
+
+def test_memit_and_alphaedit_edit_every_layer_with_rank_n(isolated_cache):
+    lm = make_tiny("gpt_neox")
+    reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4"), _req("w8", "w43", "w1 {} w2")]
+    for cls in (MEMIT, AlphaEdit):
+        editor = cls(layers=[0, 1], stats=_stats(lm, [0, 1]), templates=[[3, 2]], v_steps=3,
+                     nullspace_threshold=1.0, mom2_weight=10.0)
+        delta = editor.edit(lm, reqs)
+        assert set(delta.ranks().values()) == {3}
+        assert len(delta.entries) == 2
+        with delta.applied(lm):
+            pass
+        delta.check(lm)  # stamped with the unedited weights
+
+
+def test_alphaedit_step_threads_state_and_spares_preserved_keys(isolated_cache):
+    lm = make_tiny("llama")
+    # statistics of rank 24 < d_mlp: an exact null space exists
+    g = torch.Generator().manual_seed(0)
+    stats = {}
+    basis = {}
+    for layer in (0, 1):
+        basis[layer] = torch.randn(lm.d_mlp, 24, generator=g, dtype=torch.float64)
+        stats[layer] = KeyStats(layer, basis[layer] @ basis[layer].T, 24)
+    editor = AlphaEdit(layers=[0, 1], stats=stats, templates=[[3, 1]], v_steps=3,
+                       nullspace_threshold=1e-8)
+    d1, s1 = editor.step(lm, [_req()], None)
+    d2, s2 = editor.step(lm, [_req("w7", "w42", "{} w2 w3 w4")], s1)
+    assert (s1.n_edits, s2.n_edits) == (1, 2)
+    assert float(s2.keys_cov[0].abs().sum()) > float(s1.keys_cov[0].abs().sum())
+    for d in (d1, d2):
+        for layer in (0, 1):
+            dw = d.entries[lm.layout.value_param_name(layer)].to_dense().double()
+            assert (dw @ basis[layer]).abs().max() < 1e-5 * max(1.0, float(dw.abs().max()))
+    with pytest.raises(RequestError, match="EditState"):
+        editor.step(lm, [_req()], {"not": "a state"})
+
+
+def test_edit_in_place_trace_sees_the_new_value(isolated_cache):
+    lm = make_tiny("gpt2")
+    req = _req()
+    delta = ROME(layers=[1], stats=_stats(lm, [1]), templates=[[3, 1]], v_steps=3).edit(lm, req)
+    enc = lm.tokenize(req.text)
+    with Trace(lm).capture("mlp_out.1") as tr:
+        lm.model(**enc)
+    before = tr["mlp_out.1"].clone()
+    with delta.applied(lm), Trace(lm).capture("mlp_out.1") as tr:
+        lm.model(**enc)
+    assert not torch.allclose(before, tr["mlp_out.1"])
+
+
+def test_presets_match_by_config_and_fall_back_to_relative_depth():
+    lm = make_tiny("gpt2")
+    assert match_preset(lm) == "default"
+    hp = load_preset(lm, "memit")
+    assert all(0 <= layer < lm.n_layers for layer in hp.layers)
+    assert hp.clamp == 0.75 and hp.mom2_weight == 20000
+    with pytest.raises(RequestError, match="unknown preset"):
+        load_preset(lm, "rome", "gpt5")
