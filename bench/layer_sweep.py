@@ -19,6 +19,7 @@ from engramlab.data import load_cases
 from engramlab.data.bundled import bundled_cases
 from engramlab.edit import ROME
 from engramlab.evaluate import case_scores, summarize
+from engramlab.stats import collect_key_stats
 
 
 def main() -> None:
@@ -28,16 +29,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--set", nargs="*", default=[], help="hyper-parameter overrides k=v")
+    parser.add_argument("--stats-tokens", type=int, default=20_000)
     parser.add_argument("--png", default=None)
     args = parser.parse_args()
     lm = eg.load_model(args.model, progress=False)
     cases = (load_cases(args.facts) if args.facts else bundled_cases())[:args.n]
     layers = args.layers or list(range(1, lm.n_layers - 1, max(1, lm.n_layers // 12)))
     overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides.setdefault("stats_tokens", str(args.stats_tokens))
+    # one statistics pass for every layer of the sweep
+    stats = collect_key_stats(lm, layers, n_tokens=args.stats_tokens, progress=False)
     pre = summarize(case_scores(lm, cases))
     rows = []
     for layer in layers:
-        editor = ROME(layers=[layer], **overrides)
+        editor = ROME(layers=[layer], stats={layer: stats[layer]}, **overrides)
         editor.prepare(lm)
         start = time.perf_counter()
         deltas = editor.edit_each(lm, [c.request for c in cases])

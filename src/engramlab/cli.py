@@ -54,21 +54,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
     lines += [f"  {tok!r:<16} {p:.3f}" for tok, p in top]
     result: dict[str, Any] = {"model": lm.name, "load_seconds": load_s, "prompt": args.prompt,
                               "top5": [{"token": t, "prob": p} for t, p in top]}
-    try:
-        from .edit import demo_edit  # type: ignore[attr-defined]
-    except ImportError:
-        demo_edit = None
-    if demo_edit is None:
-        msg = ("editing is not available yet (ROME/MEMIT/AlphaEdit arrive with the editing "
-               "issue); the demo stops after reading the model")
-        lines.append(msg)
+    if args.no_edit:
         result["edit"] = None
     else:
-        edit = demo_edit(lm)
-        result["edit"] = edit
-        lines += edit.get("lines", [])
+        from .edit import demo_edit
+
+        edit = demo_edit(lm, progress=not args.json)
+        result["edit"] = {k: v for k, v in edit.items() if k != "lines"}
+        lines += edit["lines"]
     _emit(args, result, lines)
     return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .data import load_cases
+    from .data.bundled import bundled_cases
+    from .edit import get_editor, run_protocol
+    from .models import load_model
+
+    cases = load_cases(args.facts) if args.facts else bundled_cases()
+    if args.limit:
+        cases = cases[:args.limit]
+    overrides: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EngramError(f"--set expects key=value, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    if args.layers:
+        overrides["layers"] = args.layers
+    lm = load_model(args.model, progress=not args.json)
+    editor = get_editor(args.method, preset=args.preset, progress=not args.json, **overrides)
+    result = run_protocol(lm, editor, cases, protocol=args.protocol, batch_size=args.batch_size,
+                          eval_every=args.eval_every, fluency_tokens=args.fluency_tokens,
+                          progress=not args.json)
+    obj = result.to_json()
+    if args.out:
+        _save_run(Path(args.out), result, obj)
+        obj["out"] = args.out
+    pre, post = result.pre, result.post
+    lines = [f"{result.method} on {result.model}, protocol {result.protocol}, {result.n} facts",
+             f"{'':<14}{'efficacy':>10}{'paraphrase':>12}{'neighbourhood':>15}{'fluency':>9}"]
+    for name, s in (("before", pre), ("after", post)):
+        flu = s.get("fluency")
+        lines.append(f"{name:<14}{s['efficacy']:>10.3f}{s['paraphrase']:>12.3f}"
+                     f"{s['neighborhood']:>15.3f}{'' if flu is None else f'{flu:>9.2f}'}")
+    lines.append(f"{result.seconds_per_edit:.2f} s per edit (median); statistics "
+                 f"{result.stats_seconds:.1f} s" + (f"; saved to {args.out}" if args.out else ""))
+    _emit(args, obj, lines)
+    return 0
+
+
+def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
+    """Deltas, per-case results (JSONL), the JSON summary and a short report, atomically."""
+    from ._io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        if result.delta is not None:
+            result.delta.save(tmp / "delta")
+        for i, d in enumerate(result.deltas):
+            d.save(tmp / "deltas" / f"{i:05d}")
+        with open(tmp / "cases.jsonl", "w") as f:
+            for row in result.per_case:
+                f.write(json.dumps(row, default=str) + "\n")
+        (tmp / "result.json").write_text(json.dumps(obj, indent=1, default=str))
+        rows = "\n".join(f"| {k} | {result.pre.get(k)} | {result.post.get(k)} |"
+                         for k in result.post if k != "n")
+        (tmp / "report.md").write_text(
+            f"# {result.method} on {result.model}\n\nprotocol {result.protocol}, "
+            f"{result.n} facts, {result.seconds_per_edit:.3f} s per edit (median)\n\n"
+            f"| metric | before | after |\n| --- | --- | --- |\n{rows}\n")
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -110,7 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="load the embedded model, read it, edit one fact")
     common(p)
     p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--no-edit", action="store_true", help="only load and read the model")
     p.set_defaults(func=cmd_demo)
+
+    from .edit import METHODS, PROTOCOLS
+
+    p = sub.add_parser("edit", help="edit facts into a model and evaluate them (CounterFact)")
+    common(p)
+    p.add_argument("--method", choices=sorted(METHODS), default="rome")
+    p.add_argument("--facts", default=None,
+                   help="CounterFact / zsRE / JSONL cases file (default: bundled facts)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="independent")
+    p.add_argument("--batch-size", type=int, default=10, help="sequential batch size")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="sequential: evaluate every K batches (the decay curve)")
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--preset", default=None, help="preset name (default: matched to the model)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="hyper-parameter overrides")
+    p.add_argument("--limit", type=int, default=None, help="use the first N cases")
+    p.add_argument("--fluency-tokens", type=int, default=0,
+                   help="greedy tokens generated per prompt for the fluency metric (0: skip)")
+    p.add_argument("--out", default=None, help="folder for deltas, per-case JSONL and report")
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("apply", help="write a full model folder with a saved delta applied")
     common(p)

@@ -3,6 +3,7 @@
 from .bundled import bundled_cases, bundled_facts_path
 from .corpus import TextCorpus, sample_corpus
 from .loaders import detect_format, load_cases, load_requests, parse_cases, save_cases
+from .pararel import pararel_cases
 from .records import EditCase, EditRequest
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "detect_format",
     "load_cases",
     "load_requests",
+    "pararel_cases",
     "parse_cases",
     "sample_corpus",
     "save_cases",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .alphaedit import AlphaEdit
 from .base import EditHParams, Editor
+from .demo import demo_edit
 from .memit import MEMIT
+from .protocols import PROTOCOLS, RunResult, run_protocol
 from .rome import ROME
 from .solve import EditState
 
@@ -24,10 +26,14 @@ def get_editor(method: str, **kwargs: object) -> Editor:
 __all__ = [
     "MEMIT",
     "METHODS",
+    "PROTOCOLS",
     "ROME",
     "AlphaEdit",
     "EditHParams",
     "EditState",
     "Editor",
+    "RunResult",
+    "demo_edit",
     "get_editor",
+    "run_protocol",
 ]

@@ -1,0 +1,156 @@
+"""Editing protocols: how requests meet the model, and when they are evaluated.
+
+* ``independent``: each request is edited into the unedited model and evaluated alone, then
+  reverted (ROME's CounterFact tables). Target values of many requests are still optimised in
+  one batch when the editor supports it (:meth:`ROME.edit_each`): the edits stay independent.
+* ``batch``: all requests in one edit (MEMIT's mass-editing tables).
+* ``sequential``: batches of ``batch_size`` edited one after another, each on the weights the
+  previous left, everything evaluated at the end — and every ``eval_every`` batches if asked,
+  which draws the decay curve of the AlphaEdit paper (Fig. 1).
+
+``seconds_per_edit`` is the median wall time of the editing step per request (statistics,
+templates and evaluation excluded); when requests are edited in a batch, each request is
+charged the batch time divided by its size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..data.records import EditCase
+from ..delta import WeightDelta
+from ..errors import RequestError
+from ..evaluate.counterfact import CaseScores, case_scores, summarize
+from ..models.lm import LM
+from .base import Editor
+
+PROTOCOLS = ("independent", "batch", "sequential")
+HEADLINE = ("efficacy", "paraphrase", "neighborhood")
+
+
+@dataclass
+class RunResult:
+    method: str
+    model: str
+    protocol: str
+    n: int
+    pre: dict[str, Any]
+    post: dict[str, Any]
+    seconds_per_edit: float
+    stats_seconds: float
+    per_case: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    delta: WeightDelta | None = None
+    deltas: list[WeightDelta] = field(default_factory=list)
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The object ``engram edit --json`` prints."""
+        post = {k: self.post.get(k) for k in (*HEADLINE, "fluency")}
+        out = {"method": self.method, "model": self.model, "protocol": self.protocol,
+               "n": self.n, "pre": {k: self.pre.get(k) for k in HEADLINE}, "post": post,
+               "seconds_per_edit": self.seconds_per_edit, "stats_seconds": self.stats_seconds,
+               "pre_all": self.pre, "post_all": self.post, "hparams": self.hparams}
+        if self.curve:
+            out["curve"] = self.curve
+        return out
+
+
+def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
+                 protocol: str = "independent", batch_size: int = 10,
+                 eval_every: int | None = None, fluency_tokens: int = 0,
+                 progress: bool = False,
+                 on_point: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    if protocol not in PROTOCOLS:
+        raise RequestError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if not cases:
+        raise RequestError("no cases to edit")
+    from tqdm.auto import tqdm
+
+    cases = list(cases)
+    pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens))
+    editor.prepare(lm)
+    hp = editor.hparams_for(lm).to_dict()
+    stats_seconds = editor.stats_seconds
+    times: list[float] = []
+    curve: list[dict[str, Any]] = []
+    deltas: list[WeightDelta] = []
+    delta: WeightDelta | None = None
+    if protocol == "independent":
+        results: list[CaseScores] = []
+        chunk = max(1, int(hp.get("chunk", 32)))
+        bar = tqdm(total=len(cases), desc=f"{editor.method} independent", unit="edit",
+                   disable=not progress)
+        for start in range(0, len(cases), chunk):
+            part = cases[start:start + chunk]
+            t0 = time.perf_counter()
+            made = editor.edit_each(lm, [c.request for c in part])
+            times += [(time.perf_counter() - t0) / len(part)] * len(part)
+            for case, d in zip(part, made, strict=True):
+                with d.applied(lm):
+                    results += case_scores(lm, [case], fluency_tokens=fluency_tokens)
+            deltas += made
+            bar.update(len(part))
+        bar.close()
+    elif protocol == "batch":
+        t0 = time.perf_counter()
+        delta = editor.edit(lm, [c.request for c in cases])
+        times = [(time.perf_counter() - t0) / len(cases)] * len(cases)
+        with delta.applied(lm):
+            results = case_scores(lm, cases, fluency_tokens=fluency_tokens)
+    else:
+        results, delta, curve, times = _sequential(
+            lm, editor, cases, batch_size, eval_every, fluency_tokens, progress, on_point)
+    post = summarize(results)
+    return RunResult(editor.method, lm.name, protocol, len(cases), pre, post,
+                     statistics.median(times), stats_seconds,
+                     [r.to_dict() for r in results], curve, delta, deltas, hp)
+
+
+def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
+                eval_every: int | None, fluency_tokens: int, progress: bool,
+                on_point: Callable[[dict[str, Any]], None] | None
+                ) -> tuple[list[CaseScores], WeightDelta | None, list[dict[str, Any]], list[float]]:
+    from tqdm.auto import tqdm
+
+    params = dict(lm.model.named_parameters())
+    snapshot: dict[str, torch.Tensor] = {}  # one copy of each touched tensor, not one per step
+    state: Any = None
+    total: WeightDelta | None = None
+    times: list[float] = []
+    curve: list[dict[str, Any]] = []
+    batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
+    bar = tqdm(total=len(cases), desc=f"{editor.method} sequential", unit="edit",
+               disable=not progress)
+    try:
+        for b, part in enumerate(batches, 1):
+            t0 = time.perf_counter()
+            d, state = editor.step(lm, [c.request for c in part], state)
+            times += [(time.perf_counter() - t0) / len(part)] * len(part)
+            for name in d.entries:
+                if name not in snapshot:
+                    snapshot[name] = params[name].detach().clone()
+            d.apply(lm, force=True, keep_backup=False)
+            total = d if total is None else total + d
+            bar.update(len(part))
+            if eval_every and (b % eval_every == 0 or b == len(batches)):
+                done = [c for p in batches[:b] for c in p]
+                s = summarize(case_scores(lm, done))
+                point = {"edits": len(done), **{k: s[k] for k in HEADLINE}}
+                curve.append(point)
+                if on_point is not None:
+                    on_point(point)
+        results = case_scores(lm, cases, fluency_tokens=fluency_tokens)
+    finally:
+        bar.close()
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+        lm.invalidate_fingerprint()
+    return results, total, curve, times
