@@ -30,9 +30,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--set", nargs="*", default=[], help="hyper-parameter overrides k=v")
     parser.add_argument("--stats-tokens", type=int, default=20_000)
+    parser.add_argument("--device", default=None)
     parser.add_argument("--png", default=None)
     args = parser.parse_args()
-    lm = eg.load_model(args.model, progress=False)
+    lm = eg.load_model(args.model, progress=False, device=args.device)
     cases = (load_cases(args.facts) if args.facts else bundled_cases())[:args.n]
     layers = args.layers or list(range(1, lm.n_layers - 1, max(1, lm.n_layers // 12)))
     overrides = dict(kv.split("=", 1) for kv in args.set)

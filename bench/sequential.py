@@ -36,7 +36,18 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--set", nargs="*", default=[], help="overrides k=v for every method")
     parser.add_argument("--png", default=None)
+    parser.add_argument("--plot-from", nargs="*", default=None,
+                        help="draw --png from earlier runs' JSON outputs instead of editing")
     args = parser.parse_args()
+    if args.plot_from:
+        merged: dict = {"model": args.model, "batch_size": args.batch_size, "methods": {}}
+        for path in args.plot_from:
+            text = Path(path).read_text()
+            doc = json.loads(text[text.index("{\n"):])  # skip the progress lines
+            merged["methods"].update(doc["methods"])
+            merged["model"] = doc["model"]
+        _plot(merged, args.png or "sequential.png")
+        return
     lm = eg.load_model(args.model, progress=False, device=args.device)
     cases = pararel_cases(args.data, args.n, seed=0)
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -56,23 +67,28 @@ def main() -> None:
                                   "wall_seconds": time.perf_counter() - t0}
     print(json.dumps(out, indent=1, default=str))
     if args.png:
-        import matplotlib
+        _plot(out, args.png)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharex=True)
-        for ax, key in zip(axes, ("efficacy", "paraphrase", "neighborhood"), strict=True):
-            for method, res in out["methods"].items():
-                ax.plot([p["edits"] for p in res["curve"]], [p[key] for p in res["curve"]],
-                        marker="o", label=method)
-            ax.set_title(key)
-            ax.set_xlabel("edits so far")
-            ax.set_ylim(0, 1.02)
-        axes[0].legend()
-        fig.suptitle(f"sequential editing, {args.model}, batches of {args.batch_size}")
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
+def _plot(out: dict, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharex=True)
+    for ax, key in zip(axes, ("efficacy", "paraphrase", "neighborhood"), strict=True):
+        for method, res in out["methods"].items():
+            curve = [{"edits": 0, key: res["pre"][key]}] + res["curve"]
+            ax.plot([p["edits"] for p in curve], [p[key] for p in curve], marker="o",
+                    label=method)
+        ax.set_title(key)
+        ax.set_xlabel("edits so far")
+        ax.set_ylim(0, 1.02)
+    axes[0].legend()
+    fig.suptitle(f"sequential editing, {out['model']}, batches of {out['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class EditHParams:
     clamp: float = 4.0
     early_stop: float = 5e-2
     chunk: int = 32
+    # ROME: optimise δ as the rank-one update will write it at each prompt (see rome.py)
+    consistent_targets: bool = True
     # statistics
     use_cov: bool = True
     stats_tokens: int = 50_000

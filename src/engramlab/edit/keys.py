@@ -21,9 +21,10 @@ from .prompts import encode_with_subject, make_batch, pick_positions
 @torch.no_grad()
 def at_subject(lm: LM, requests: Sequence[EditRequest], points: Sequence[str],
                templates: Sequence[str] = ("{}",), subject_pos: str = "last",
-               batch_size: int = 64) -> dict[str, torch.Tensor]:
+               batch_size: int = 64, *, reduce: bool = True) -> dict[str, torch.Tensor]:
     """``{point: [n_requests, dim]}`` (float32): each request's activation at its lookup
-    token(s), averaged over lookup tokens and then over templates."""
+    token(s), averaged over lookup tokens and then over templates (``reduce=False``: kept per
+    template, ``[n_requests, n_templates, dim]``)."""
     rows, owner, lookup = [], [], []
     for r, req in enumerate(requests):
         for template in templates:
@@ -33,6 +34,7 @@ def at_subject(lm: LM, requests: Sequence[EditRequest], points: Sequence[str],
             owner.append(r)
     deepest = max(parse_point(lm, p)[1] for p in points)
     sums: dict[str, torch.Tensor] = {}
+    per_row: dict[str, list[torch.Tensor]] = {p: [] for p in points}
     for start in range(0, len(rows), batch_size):
         sl = slice(start, start + batch_size)
         batch = make_batch(lm, rows[sl], owner[sl], lookup[sl])
@@ -42,9 +44,13 @@ def at_subject(lm: LM, requests: Sequence[EditRequest], points: Sequence[str],
             acts = tr[point].float()
             # mean over each row's lookup positions
             mask = batch.lookup_mask().float()
-            per_row = (mask.unsqueeze(-1) * acts).sum(1) / mask.sum(1, keepdim=True)
+            rows_mean = (mask.unsqueeze(-1) * acts).sum(1) / mask.sum(1, keepdim=True)
+            per_row[point].append(rows_mean)
             if point not in sums:
                 sums[point] = torch.zeros(len(requests), acts.shape[-1], device=acts.device)
             idx = torch.tensor(batch.owner, device=acts.device)
-            sums[point].index_add_(0, idx, per_row)
+            sums[point].index_add_(0, idx, rows_mean)
+    if not reduce:
+        return {p: torch.cat(v).view(len(requests), len(templates), -1)
+                for p, v in per_row.items()}
     return {p: s / len(templates) for p, s in sums.items()}

@@ -7,10 +7,18 @@ one :meth:`ROME.edit` call are inserted one after another, each computed on the 
 previous ones left (the paper's multi-edit use); :meth:`ROME.edit_each` gives independent edits,
 optimising all their target values in one batch.
 
-Deviations: k* is used in both the numerator and the denominator of the update (see
-:mod:`engramlab.edit.solve`), so the update maps k* exactly to its target; target values are
-optimised for many requests at once (exactly equivalent per request, see
-:mod:`engramlab.edit.targets`).
+Deviations:
+
+* k* is used in both the numerator and the denominator of the update (see
+  :mod:`engramlab.edit.solve`), so the update maps k* exactly to its target.
+* ``consistent_targets`` (default on; ``--set consistent_targets=false`` restores the paper):
+  the paper optimises δ as if every context template received all of it, but the rank-one
+  update writes ``δ · uᵀk_i`` at a prompt whose key is k_i (u = C⁻¹k*/k*ᵀC⁻¹k*). On SmolLM2 that
+  share is below 0.4 for one request in ten (the model's keys move a lot with context), so the
+  edit misses its own prompt. We compute u first and optimise δ with each prompt scaled by its
+  share — the objective becomes the edited model's own loss at those prompts.
+* target values are optimised for many requests at once (exactly equivalent per request, see
+  :mod:`engramlab.edit.targets`).
 """
 
 from __future__ import annotations
@@ -18,13 +26,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from ..data.records import EditRequest
 from ..delta import WeightDelta
 from ..models.lm import LM
 from .base import Editor
 from .keys import at_subject
 from .solve import rome_update, solve_cov
-from .targets import optimise_targets
+from .targets import KL_PROMPT, optimise_targets
 
 
 class ROME(Editor):
@@ -35,15 +45,25 @@ class ROME(Editor):
         layer = hp.layers[0]
         cov = self.stats(lm, [layer], hp)[layer].moment() if hp.use_cov else None
         templates = self.templates(lm, hp)
-        keys = at_subject(lm, requests, [f"mlp_key.{layer}"], templates,
-                          hp.subject_pos)[f"mlp_key.{layer}"]
+        point = f"mlp_key.{layer}"
+        per_template = at_subject(lm, requests, [point], templates, hp.subject_pos,
+                                  reduce=False)[point]  # [n, T, d_mlp]
+        keys = per_template.mean(1)
+        cov_k = solve_cov(cov, keys.T) if cov is not None else keys.T.double()
+        row_scale = None
+        if hp.consistent_targets:
+            kl_reqs = [EditRequest(prompt=KL_PROMPT, subject=r.subject, target_new="x",
+                                   case_id=r.case_id) for r in requests]
+            kl_keys = at_subject(lm, kl_reqs, [point], ["{}"], hp.subject_pos)[point]
+            u = (cov_k / (keys.T.double() * cov_k).sum(0, keepdim=True)).T  # [n, d_mlp]
+            all_keys = torch.cat([per_template, kl_keys[:, None]], 1).double()
+            row_scale = torch.einsum("ntd,nd->nt", all_keys, u).float()
         targets = optimise_targets(lm, requests, f"mlp_out.{layer}", templates,
-                                   hp.target_config(), progress=self.progress)
-        cov_k = solve_cov(cov, keys.T) if cov is not None else None
+                                   hp.target_config(), row_scale=row_scale,
+                                   progress=self.progress)
         out = []
         for i, req in enumerate(requests):
-            u, v = rome_update(keys[i], targets.delta[i],
-                               cov_k=cov_k[:, i] if cov_k is not None else None)
+            u, v = rome_update(keys[i], targets.delta[i], cov_k=cov_k[:, i])
             out.append(self._delta(lm, hp, {layer: (u, v)}, [req],
                                    target_nll=float(targets.nll[i]),
                                    target_steps=targets.steps[i]))

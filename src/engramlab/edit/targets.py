@@ -113,11 +113,18 @@ def build_rows(lm: LM, requests: Sequence[EditRequest], templates: Sequence[str]
 
 def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
                      templates: Sequence[str], config: TargetConfig | None = None, *,
+                     row_scale: torch.Tensor | None = None,
                      progress: bool = False) -> Targets:
-    """Optimise δ for every request at ``point`` (``"mlp_out.{l}"`` or ``"resid.{l}"``)."""
+    """Optimise δ for every request at ``point`` (``"mlp_out.{l}"`` or ``"resid.{l}"``).
+
+    ``row_scale`` (``[n_requests, n_templates + 1]``, the last column for the KL prompt)
+    multiplies δ per prompt: ROME passes the share of δ its rank-one update will actually write
+    at each prompt's key, so the optimised objective is the edited model's.
+    """
     config = config or TargetConfig()
     parse_point(lm, point)
     parts = [_optimise_chunk(lm, list(requests[i:i + config.chunk]), point, templates, config,
+                             None if row_scale is None else row_scale[i:i + config.chunk],
                              progress=progress)
              for i in range(0, len(requests), config.chunk)]
     return Targets(point, torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
@@ -131,6 +138,7 @@ class _Group:
     rows: list[int]
     prefix: PrefixBatch
     owner: torch.Tensor
+    scale: torch.Tensor  # [rows, 1] share of δ each row receives
     lookup: torch.Tensor
     lab_row: torch.Tensor  # local row of each label
     lab_pos: torch.Tensor
@@ -141,7 +149,8 @@ class _Group:
     plain: list[tuple[int, int, int]]  # (request, local row, position)
 
 
-def _groups(lm: LM, rows: Rows, config: TargetConfig) -> tuple[list[_Group], list[tuple]]:
+def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]
+            ) -> tuple[list[_Group], list[tuple]]:
     device = lm.device
     flat = [(row, p, t) for row, items in enumerate(rows.labels) for p, t in items]
     label_at = {(row, p): k for k, (row, p, _) in enumerate(flat)}
@@ -174,11 +183,17 @@ def _groups(lm: LM, rows: Rows, config: TargetConfig) -> tuple[list[_Group], lis
 
 
 def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: Sequence[str],
-                    config: TargetConfig, *, progress: bool) -> Targets:
+                    config: TargetConfig, row_scale: torch.Tensor | None, *,
+                    progress: bool) -> Targets:
     from tqdm.auto import tqdm
 
-    rows = build_rows(lm, requests, templates, config.subject_pos, kl=config.kl_factor > 0)
-    groups, flat = _groups(lm, rows, config)
+    kl = config.kl_factor > 0
+    rows = build_rows(lm, requests, templates, config.subject_pos, kl=kl)
+    if row_scale is None:
+        scale = [1.0] * len(rows.ids)
+    else:  # rows are request-major: the templates, then the KL prompt
+        scale = row_scale[:, :len(templates) + int(kl)].reshape(-1).float().tolist()
+    groups, flat = _groups(lm, rows, config, scale)
     n = len(requests)
     device = lm.device
     delta = torch.zeros(n, lm.d_model, device=device, requires_grad=True)
@@ -265,7 +280,7 @@ def _run_group(lm: LM, g: _Group, point: str, last: str, delta: torch.Tensor,
         if record_init is not None:
             for r, local, pos in g.plain:
                 record_init[r] = t[local, pos].detach().float()
-        return t + g.lookup.to(t.dtype) * delta[g.owner].unsqueeze(1).to(t.dtype)
+        return t + g.lookup.to(t.dtype) * (delta[g.owner] * g.scale).unsqueeze(1).to(t.dtype)
 
     with Trace(lm).edit(point, add_delta).capture(last, detach=False) as tr:
         g.prefix.run(lm)
