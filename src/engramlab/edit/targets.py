@@ -159,7 +159,9 @@ def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]
     groups = []
     kl_rows = {row: r for r, row in enumerate(rows.kl_row)}
     plain_rows = {row: r for r, row in enumerate(rows.plain_row)}
-    for idx in length_groups(suffix_len, config.length_groups):
+    # a few rows fit one forward; splitting them only adds per-call overhead
+    n_groups = config.length_groups if len(rows.ids) >= 32 else 1
+    for idx in length_groups(suffix_len, n_groups):
         pb = PrefixBatch.build(lm, [rows.ids[i] for i in idx], [rows.owner[i] for i in idx],
                                [rows.lookup[i] for i in idx], [rows.labels[i] for i in idx],
                                use_cache=config.prefix_cache)
@@ -170,6 +172,7 @@ def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]
                if i in kl_rows]
         groups.append(_Group(
             rows=idx, prefix=pb, owner=torch.tensor(b.owner, device=device),
+            scale=torch.tensor([scale[i] for i in idx], device=device)[:, None],
             lookup=b.lookup_mask().unsqueeze(-1),
             lab_row=torch.tensor([x[0] for x in lab], device=device, dtype=torch.long),
             lab_pos=torch.tensor([x[1] for x in lab], device=device, dtype=torch.long),
