@@ -265,3 +265,15 @@ def test_presets_match_by_config_and_fall_back_to_relative_depth():
     assert hp.clamp == 0.75 and hp.mom2_weight == 20000
     with pytest.raises(RequestError, match="unknown preset"):
         load_preset(lm, "rome", "gpt5")
+
+
+def test_batch_protocols_do_not_score_neighbours_that_are_edited_subjects():
+    from engramlab.data import EditCase
+    from engramlab.edit.protocols import without_edited_neighbours
+
+    a = EditCase(_req("w5", "w40", "{} w2"), neighborhood_prompts=("w6 w2", "w7 w2"))
+    b = EditCase(_req("w6", "w42", "{} w2"), neighborhood_prompts=("w8 w2",))
+    kept = without_edited_neighbours([a, b])
+    assert kept[0].neighborhood_prompts == ("w7 w2",)
+    assert kept[0].neighborhood_answers == ("w41",)
+    assert kept[1] == b

@@ -95,10 +95,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     pre, post = result.pre, result.post
     lines = [f"{result.method} on {result.model}, protocol {result.protocol}, {result.n} facts",
              f"{'':<14}{'efficacy':>10}{'paraphrase':>12}{'neighbourhood':>15}{'fluency':>9}"]
+    def num(value: Any, width: int) -> str:
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
+
     for name, s in (("before", pre), ("after", post)):
-        flu = s.get("fluency")
-        lines.append(f"{name:<14}{s['efficacy']:>10.3f}{s['paraphrase']:>12.3f}"
-                     f"{s['neighborhood']:>15.3f}{'' if flu is None else f'{flu:>9.2f}'}")
+        lines.append(f"{name:<14}{num(s['efficacy'], 10)}{num(s['paraphrase'], 12)}"
+                     f"{num(s['neighborhood'], 15)}{num(s.get('fluency'), 9)}")
     lines.append(f"{result.seconds_per_edit:.2f} s per edit (median); statistics "
                  f"{result.stats_seconds:.1f} s" + (f"; saved to {args.out}" if args.out else ""))
     _emit(args, obj, lines)

@@ -15,6 +15,7 @@ charged the batch time divided by its size.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +63,30 @@ class RunResult:
         return out
 
 
+def without_edited_neighbours(cases: Sequence[EditCase]) -> list[EditCase]:
+    """Drop neighbourhood prompts that mention a subject edited in the same run.
+
+    In the batch and sequential protocols every request is in place when a case is scored, so
+    a neighbour that is itself an edited subject no longer has the old answer: counting it
+    would charge the editor for doing its job. (On the bundled facts every neighbour is such a
+    subject; on CounterFact and ParaRel cases few are.)
+    """
+    subjects = {c.request.subject for c in cases}
+    out = []
+    for case in cases:
+        others = subjects - {case.request.subject}
+        keep = [i for i, p in enumerate(case.neighborhood_prompts)
+                if not any(s in p for s in others)]
+        if len(keep) == len(case.neighborhood_prompts):
+            out.append(case)
+            continue
+        answers = case.neighborhood_targets() if case.neighborhood_prompts else []
+        out.append(dataclasses.replace(
+            case, neighborhood_prompts=tuple(case.neighborhood_prompts[i] for i in keep),
+            neighborhood_answers=tuple(answers[i] for i in keep)))
+    return out
+
+
 def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
                  protocol: str = "independent", batch_size: int = 10,
                  eval_every: int | None = None, fluency_tokens: int = 0,
@@ -73,7 +98,7 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
         raise RequestError("no cases to edit")
     from tqdm.auto import tqdm
 
-    cases = list(cases)
+    cases = list(cases) if protocol == "independent" else without_edited_neighbours(cases)
     pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens))
     editor.prepare(lm)
     hp = editor.hparams_for(lm).to_dict()
