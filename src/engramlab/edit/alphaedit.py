@@ -58,6 +58,3 @@ class AlphaEdit(MEMIT):
         keys = at_subject(lm, requests, points, templates, hp.subject_pos)
         return state.updated({layer: keys[f"mlp_key.{layer}"].T for layer in hp.layers},
                              len(requests))
-
-    def edit_each(self, lm: LM, requests: Sequence[EditRequest]) -> list:
-        return [self.step(lm, [r], None)[0] for r in requests]

@@ -33,24 +33,15 @@ def at_subject(lm: LM, requests: Sequence[EditRequest], points: Sequence[str],
             lookup.append(pick_positions(enc, subject_pos))
             owner.append(r)
     deepest = max(parse_point(lm, p)[1] for p in points)
-    sums: dict[str, torch.Tensor] = {}
     per_row: dict[str, list[torch.Tensor]] = {p: [] for p in points}
     for start in range(0, len(rows), batch_size):
         sl = slice(start, start + batch_size)
         batch = make_batch(lm, rows[sl], owner[sl], lookup[sl])
         with Trace(lm).capture(*points) as tr:
             run_model(lm, batch.input_ids, batch.attention_mask, stop_after=deepest)
+        mask = batch.lookup_mask().float().unsqueeze(-1)  # mean over each row's lookup tokens
         for point in points:
-            acts = tr[point].float()
-            # mean over each row's lookup positions
-            mask = batch.lookup_mask().float()
-            rows_mean = (mask.unsqueeze(-1) * acts).sum(1) / mask.sum(1, keepdim=True)
-            per_row[point].append(rows_mean)
-            if point not in sums:
-                sums[point] = torch.zeros(len(requests), acts.shape[-1], device=acts.device)
-            idx = torch.tensor(batch.owner, device=acts.device)
-            sums[point].index_add_(0, idx, rows_mean)
-    if not reduce:
-        return {p: torch.cat(v).view(len(requests), len(templates), -1)
-                for p, v in per_row.items()}
-    return {p: s / len(templates) for p, s in sums.items()}
+            per_row[point].append((mask * tr[point].float()).sum(1) / mask.sum(1))
+    # rows are request-major, one per template
+    out = {p: torch.cat(v).view(len(requests), len(templates), -1) for p, v in per_row.items()}
+    return out if not reduce else {p: v.mean(1) for p, v in out.items()}
