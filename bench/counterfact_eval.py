@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import engramlab as eg
+from engramlab.batching import target_ids
 from engramlab.data import load_cases
 from engramlab.edit import get_editor, run_protocol
-from engramlab.edit.prompts import target_ids
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/counterfact/counterfact-val.json"
 

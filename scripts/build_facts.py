@@ -3,8 +3,10 @@
 Hand-written relation tables (subject, true object) are crossed with hand-written prompt
 templates. A fact is kept when SmolLM2-135M's greedy next token after the main prompt is the
 first token of " " + its true object. Paraphrases are kept when the model ranks the true object
-above the counterfactual target, neighbourhood prompts (other subjects with the same true
-object) when its greedy token is that object. CounterFact's nested format is written, with the
+above the counterfactual target (mean token log-prob, as the metric scores them). Every
+third known subject of each object is held out of the cases and used only as a neighbourhood
+prompt (another subject with the same true object), so a batch edit of all cases is never
+judged on neighbours it edited itself. CounterFact's nested format is written, with the
 counterfactual ``target_new`` drawn from the same relation's other objects.
 
     .venv/bin/python scripts/build_facts.py
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 import engramlab as eg
+from engramlab.evaluate.scoring import score_targets
 
 RELATIONS: dict[str, dict] = {
     "P36": {
@@ -46,8 +49,8 @@ RELATIONS: dict[str, dict] = {
                   ("Buckingham Palace", "London"), ("Tower Bridge", "London"),
                   ("The Brandenburg Gate", "Berlin"), ("The Kremlin", "Moscow"),
                   ("Red Square", "Moscow"), ("The Acropolis", "Athens"),
-                  ("The Sagrada Familia", "Barcelona"), ("The Golden Gate Bridge", "San"),
-                  ("The Statue of Liberty", "New"), ("The Forbidden City", "Beijing"),
+                  ("The Sagrada Familia", "Barcelona"), ("The Golden Gate Bridge", "San Francisco"),
+                  ("The Statue of Liberty", "New York"), ("The Forbidden City", "Beijing"),
                   ("The Sydney Opera House", "Sydney"), ("The Space Needle", "Seattle"),
                   ("The Prado Museum", "Madrid"), ("The Vatican Museums", "Rome"),
                   ("The Arc de Triomphe", "Paris"), ("The Trevi Fountain", "Rome"),
@@ -56,7 +59,13 @@ RELATIONS: dict[str, dict] = {
                   ("The Parthenon", "Athens"), ("Tiananmen Square", "Beijing"),
                   ("Tokyo Tower", "Tokyo"), ("Schönbrunn Palace", "Vienna"),
                   ("Dublin Castle", "Dublin"), ("The Royal Palace of Madrid", "Madrid"),
-                  ("The Tivoli Gardens", "Copenhagen"), ("The Belém Tower", "Lisbon")],
+                  ("The Tivoli Gardens", "Copenhagen"), ("The Belém Tower", "Lisbon"),
+                  ("The Empire State Building", "New York"), ("Central Park", "New York"),
+                  ("Times Square", "New York"), ("Alcatraz Island", "San Francisco"),
+                  ("The British Museum", "London"), ("Montmartre", "Paris"),
+                  ("The Rijksmuseum", "Amsterdam"), ("Hagia Sophia", "Istanbul"),
+                  ("The Blue Mosque", "Istanbul"), ("The Uffizi Gallery", "Florence"),
+                  ("The Bolshoi Theatre", "Moscow"), ("The Tower of London", "London")],
     },
     "P37": {
         "prompt": "The official language of {} is",
@@ -69,7 +78,13 @@ RELATIONS: dict[str, dict] = {
                   ("Italy", "Italian"), ("Portugal", "Portuguese"), ("Brazil", "Portuguese"),
                   ("China", "Chinese"), ("Greece", "Greek"), ("Poland", "Polish"),
                   ("Turkey", "Turkish"), ("Sweden", "Swedish"), ("Israel", "Hebrew"),
-                  ("Iran", "Persian"), ("the Netherlands", "Dutch"), ("Finland", "Finnish")],
+                  ("Iran", "Persian"), ("the Netherlands", "Dutch"), ("Finland", "Finnish"),
+                  ("Chile", "Spanish"), ("Peru", "Spanish"), ("Cuba", "Spanish"),
+                  ("Venezuela", "Spanish"), ("Egypt", "Arabic"), ("Saudi Arabia", "Arabic"),
+                  ("Morocco", "Arabic"), ("Iraq", "Arabic"), ("South Korea", "Korean"),
+                  ("Vietnam", "Vietnamese"), ("Thailand", "Thai"), ("Denmark", "Danish"),
+                  ("Norway", "Norwegian"), ("Hungary", "Hungarian"), ("Ukraine", "Ukrainian"),
+                  ("Angola", "Portuguese"), ("Mozambique", "Portuguese")],
     },
     "P30": {
         "prompt": "{} is located in the continent of",
@@ -81,8 +96,13 @@ RELATIONS: dict[str, dict] = {
                   ("Japan", "Asia"), ("China", "Asia"), ("India", "Asia"),
                   ("Vietnam", "Asia"), ("Thailand", "Asia"), ("France", "Europe"),
                   ("Germany", "Europe"), ("Italy", "Europe"), ("Poland", "Europe"),
-                  ("Brazil", "South"), ("Argentina", "South"), ("Peru", "South"),
-                  ("Chile", "South"), ("Canada", "North"), ("Mexico", "North")],
+                  ("Brazil", "South America"), ("Argentina", "South America"),
+                  ("Peru", "South America"), ("Chile", "South America"),
+                  ("Canada", "North America"), ("Mexico", "North America"),
+                  ("Colombia", "South America"), ("Venezuela", "South America"),
+                  ("Cuba", "North America"), ("Guatemala", "North America"),
+                  ("Spain", "Europe"), ("Sweden", "Europe"), ("Pakistan", "Asia"),
+                  ("Indonesia", "Asia"), ("Tanzania", "Africa"), ("Uganda", "Africa")],
     },
     "P17": {
         "prompt": "{} is a city in the country of",
@@ -97,12 +117,24 @@ RELATIONS: dict[str, dict] = {
                   ("Mumbai", "India"), ("Delhi", "India"), ("Shanghai", "China"),
                   ("Saint Petersburg", "Russia"), ("Istanbul", "Turkey"),
                   ("Rio de Janeiro", "Brazil"), ("Manchester", "England"),
-                  ("Chicago", "America"), ("Amsterdam", "Netherlands"),
+                  ("Amsterdam", "Netherlands"),
                   ("Frankfurt", "Germany"), ("Cologne", "Germany"), ("Florence", "Italy"),
                   ("Turin", "Italy"), ("Valencia", "Spain"), ("Nice", "France"),
                   ("Bordeaux", "France"), ("Yokohama", "Japan"), ("Montreal", "Canada"),
                   ("Brisbane", "Australia"), ("Bangalore", "India"), ("Guangzhou", "China"),
-                  ("Novosibirsk", "Russia"), ("Liverpool", "England")],
+                  ("Novosibirsk", "Russia"), ("Liverpool", "England"),
+                  ("Lille", "France"), ("Toulouse", "France"), ("Strasbourg", "France"),
+                  ("Stuttgart", "Germany"), ("Dresden", "Germany"), ("Leipzig", "Germany"),
+                  ("Bologna", "Italy"), ("Genoa", "Italy"), ("Palermo", "Italy"),
+                  ("Bilbao", "Spain"), ("Malaga", "Spain"), ("Zaragoza", "Spain"),
+                  ("Nagoya", "Japan"), ("Sapporo", "Japan"), ("Hiroshima", "Japan"),
+                  ("Calgary", "Canada"), ("Perth", "Australia"), ("Adelaide", "Australia"),
+                  ("Chennai", "India"), ("Kolkata", "India"), ("Shenzhen", "China"),
+                  ("Wuhan", "China"), ("Kazan", "Russia"), ("Vladivostok", "Russia"),
+                  ("Ankara", "Turkey"), ("Izmir", "Turkey"), ("São Paulo", "Brazil"),
+                  ("Salvador", "Brazil"), ("Birmingham", "England"), ("Leeds", "England"),
+                  ("Rotterdam", "Netherlands"), ("Utrecht", "Netherlands"),
+                  ("Krakow", "Poland"), ("Gdansk", "Poland"), ("Porto", "Portugal")],
     },
     "P103": {
         "prompt": "The mother tongue of {} is",
@@ -118,13 +150,31 @@ RELATIONS: dict[str, dict] = {
                   ("Charles de Gaulle", "French"), ("Napoleon Bonaparte", "French"),
                   ("Vincent van Gogh", "Dutch"), ("Alexander Pushkin", "Russian"),
                   ("Franz Kafka", "German"), ("Friedrich Nietzsche", "German"),
-                  ("Gabriel García Márquez", "Spanish"), ("Boris Yeltsin", "Russian")],
+                  ("Gabriel García Márquez", "Spanish"), ("Boris Yeltsin", "Russian"),
+                  ("Nicolas Sarkozy", "French"), ("Mikhail Gorbachev", "Russian"),
+                  ("Anton Chekhov", "Russian"), ("Helmut Kohl", "German"),
+                  ("Thomas Mann", "German"), ("Giuseppe Verdi", "Italian"),
+                  ("Umberto Eco", "Italian"), ("Federico Fellini", "Italian"),
+                  ("Salvador Dalí", "Spanish"), ("Jorge Luis Borges", "Spanish"),
+                  ("Rembrandt", "Dutch"), ("Akira Kurosawa", "Japanese"),
+                  ("Haruki Murakami", "Japanese"), ("Ingmar Bergman", "Swedish"),
+                  ("Albert Camus", "French"), ("Claude Monet", "French"),
+                  ("Ludwig van Beethoven", "German"), ("Frédéric Chopin", "Polish")],
     },
 }
 
 
 def first_token(lm: eg.LM, word: str) -> int:
     return lm.encode(" " + word)[0]
+
+
+def prefers(lm: eg.LM, prompts: list[str], good: str, bad: str) -> list[bool]:
+    """Does ``good`` get a higher mean token log-prob than ``bad`` (CounterFact's rule)?"""
+    if not prompts:
+        return []
+    n = len(prompts)
+    scores = score_targets(lm, prompts + prompts, [good] * n + [bad] * n)
+    return [scores[i].logprob > scores[n + i].logprob for i in range(n)]
 
 
 def main() -> None:
@@ -137,35 +187,40 @@ def main() -> None:
             new = others[(i * 7) % len(others)]
             cands.append((rel, subject, obj, new))
 
-    def greedy(prompts: list[str]) -> list[int]:
-        out = []
-        for s in range(0, len(prompts), 32):
-            out += lm.next_token_logits(prompts[s:s + 32]).argmax(-1).tolist()
-        return out
-
-    def prefers(prompts: list[str], good: str, bad: str) -> list[bool]:
-        logits = lm.next_token_logits(prompts)
-        g, b = first_token(lm, good), first_token(lm, bad)
-        return (logits[:, g] > logits[:, b]).tolist()
-
     mains = [RELATIONS[r]["prompt"].replace("{}", s) for r, s, _, _ in cands]
-    tops = greedy(mains)
+    tops = []
+    for s in range(0, len(mains), 32):
+        tops += lm.next_token_logits(mains[s:s + 32]).argmax(-1).tolist()
     known = [c for c, t in zip(cands, tops, strict=True) if t == first_token(lm, c[2])]
     print(f"{len(known)} of {len(cands)} candidate facts answered correctly")
-    by_obj = defaultdict(list)
-    for rel, subject, obj, _ in known:
-        by_obj[obj].append(RELATIONS[rel]["prompt"].replace("{}", subject))
+
+    # A batch edit of every case must not be judged on neighbours that are themselves edited:
+    # every third known subject of an object (the 2nd, 5th, ...) is kept out of the cases and
+    # serves only as a neighbourhood prompt for the others.
+    groups: dict[str, list[tuple]] = defaultdict(list)
+    for fact in known:
+        groups[fact[2]].append(fact)
+    reserved = {f for g in groups.values() if len(g) >= 2 for i, f in enumerate(g) if i % 3 == 1}
+    # a subject edited under one relation is no neighbour under another (Germany's language
+    # edit may move "Germany is located in"); neighbours are other subjects, as in CounterFact
+    case_subjects = {f[1] for f in known if f not in reserved}
+    neighbours: dict[str, list[str]] = defaultdict(list)
+    for rel, subject, obj, _ in reserved:
+        if subject in case_subjects:
+            continue
+        neighbours[obj].append(RELATIONS[rel]["prompt"].replace("{}", subject))
 
     cases = []
     for n, (rel, subject, obj, new) in enumerate(known):
+        if (rel, subject, obj, new) in reserved:
+            continue
         spec = RELATIONS[rel]
         paras = [p.replace("{}", subject) for p in spec["paraphrases"]]
-        paras = [p for p, ok in zip(paras, prefers(paras, obj, new), strict=True) if ok]
-        own = spec["prompt"].replace("{}", subject)
-        neigh = [p for p in by_obj[obj] if p != own and subject not in p][:4]
-        if neigh:
-            neigh = [p for p, ok in zip(neigh, prefers(neigh, obj, new), strict=True) if ok]
-        if not paras or not neigh:
+        paras = [p for p, ok in zip(paras, prefers(lm, paras, obj, new), strict=True) if ok]
+        neigh = [p for p in neighbours[obj] if subject not in p][:4]
+        neigh = [p for p, ok in zip(neigh, prefers(lm, neigh, obj, new), strict=True) if ok]
+        main_ok = prefers(lm, [spec["prompt"].replace("{}", subject)], obj, new)[0]
+        if not (main_ok and paras and neigh):
             continue
         cases.append({
             "case_id": n,
@@ -176,9 +231,13 @@ def main() -> None:
             "neighborhood_prompts": neigh,
             "generation_prompts": [g.replace("{}", subject) for g in spec["generation"]],
         })
+    edited = {c["requested_rewrite"]["subject"] for c in cases}
+    edited = {c["requested_rewrite"]["subject"] for c in cases}
+    assert not any(f" {s} " in f" {p} " for c in cases for p in c["neighborhood_prompts"]
+                   for s in edited), "a neighbourhood prompt names an edited subject"
     out = Path(__file__).resolve().parents[1] / "src/engramlab/data/bundled/smollm2_facts.json"
-    out.write_text(json.dumps(cases, indent=1) + "\n")
-    print(f"wrote {len(cases)} cases to {out}")
+    out.write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {len(cases)} cases ({len(reserved)} subjects kept as neighbours only) to {out}")
 
 
 if __name__ == "__main__":

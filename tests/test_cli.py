@@ -65,3 +65,34 @@ def test_demo_runs_on_embedded_model(capsys):
     assert main(["demo", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["top5"][0]["token"] == " Paris"
+
+
+def test_lens_train_eval_show_and_early_exit_on_a_tiny_model(tmp_path, capsys):
+    src = make_tiny("llama").save(tmp_path / "src")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(tiny_text(150, seed=s) for s in range(6)))
+    args = ["--model", str(src), "--corpus", str(corpus)]
+    assert main(["lens", "train", *args, "--kind", "shortcut", "--tokens", "512",
+                 "--out", str(tmp_path / "sc"), "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["kind"] == "shortcut" and trained["params"] == 3 * 33 * 32
+    assert main(["lens", "eval", *args, "--kind", "logit", "--lens", str(tmp_path / "sc"),
+                 "--tokens", "256", "--skip", "512", "--png", str(tmp_path / "e.png"),
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep) >= {"model", "tokens", "layers", "lenses"} and rep["tokens"] == 256
+    assert rep["layers"] == [0, 1, 2]
+    assert rep["lenses"]["logit"]["params"] == 0
+    for name in ("logit", "shortcut"):
+        assert len(rep["lenses"][name]["kl"]) == len(rep["lenses"][name]["top1"]) == 3
+    assert (tmp_path / "e.png").stat().st_size > 0
+    assert main(["lens", "show", "--model", str(src), "--lens", str(tmp_path / "sc"),
+                 "--prompt", "w1 w2 w3", "--png", str(tmp_path / "s.png"), "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert view["lens"] == "shortcut" and len(view["layers"]) == 3
+    assert len(view["layers"][0]["top"]) == len(view["tokens"])
+    assert main(["early-exit", "eval", *args, "--tokens", "256", "--skip", "512", "--json"]) == 0
+    ee = json.loads(capsys.readouterr().out)
+    assert ee["curves"]["logit"][-1]["compute_saved"] == 0.0
+    assert main(["lens", "eval", "--model", str(src), "--lens", str(tmp_path)]) == 2
+    assert "not a saved lens" in capsys.readouterr().err

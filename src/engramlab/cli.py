@@ -146,6 +146,112 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lens_train(args: argparse.Namespace) -> int:
+    from .lens import fit_lens
+    from .lens.states import EVAL_SKIP, lens_corpus
+    from .models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
+    if args.corpus is None and args.tokens > EVAL_SKIP:
+        raise EngramError(f"--tokens {args.tokens} would train on the evaluation split of the "
+                          f"sampled corpus; use at most {EVAL_SKIP} or pass --corpus")
+    t0 = time.perf_counter()
+    lens = fit_lens(lm, args.kind, corpus, n_tokens=args.tokens, rank=args.rank,
+                    steps=args.steps, lr=args.lr, warm_start=not args.no_warm_start,
+                    progress=not args.json)
+    seconds = time.perf_counter() - t0
+    lens.save(args.out)
+    _emit(args, {"model": lm.name, "kind": lens.kind, "params": lens.n_params,
+                 "tokens": args.tokens, "seconds": seconds, "out": args.out,
+                 "config": lens.config},
+          [f"{lens.kind} lens for {lm.name}: {lens.n_params:,} parameters, fitted on "
+           f"{args.tokens:,} tokens in {seconds:.1f} s; wrote {args.out}"])
+    return 0
+
+
+def _lenses(args: argparse.Namespace, lm: Any) -> dict[str, Any]:
+    from .lens import Lens, LogitLens
+
+    out: dict[str, Any] = {}
+    if args.kind == "logit" or not args.lens:
+        out["logit"] = LogitLens(lm)
+    for path in args.lens or []:
+        lens = Lens.load(path, lm)
+        name = lens.kind if lens.kind not in out else f"{lens.kind}:{Path(path).name}"
+        out[name] = lens
+    return out
+
+
+def cmd_lens_show(args: argparse.Namespace) -> int:
+    from .lens import layer_view, plot_view
+    from .models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    lenses = _lenses(args, lm)
+    lens = list(lenses.values())[-1]
+    view = layer_view(lm, args.prompt, lens, k=args.k)
+    obj = view.to_json()
+    if args.png:
+        obj["png"] = str(plot_view(view, args.png, title=f"{lm.name}: {args.prompt!r}"))
+    _emit(args, obj, view.table(args.position) + ([f"wrote {args.png}"] if args.png else []))
+    return 0
+
+
+def cmd_lens_eval(args: argparse.Namespace) -> int:
+    from .lens import corpus_batches, evaluate_lenses, plot_report
+    from .lens.states import EVAL_SKIP, lens_corpus
+    from .models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    lenses = _lenses(args, lm)
+    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
+    skip = EVAL_SKIP if args.corpus is None else args.skip
+    report = evaluate_lenses(lm, lenses, corpus_batches(lm, corpus, n_tokens=args.tokens,
+                                                        skip_tokens=skip),
+                             layers=args.layers, progress=not args.json)
+    obj = report.to_json()
+    lines = [f"{lm.name}: {report.tokens:,} held-out tokens; KL(final ‖ lens) / top-1 agreement",
+             f"{'layer':>5}  " + "  ".join(f"{n[:14]:>14}" for n in lenses)]
+    for j, layer in enumerate(report.layers):
+        cells = [f"{report.lenses[n]['kl'][j]:>6.2f} / {report.lenses[n]['top1'][j]:.2f}"
+                 for n in lenses]
+        lines.append(f"{layer:>5}  " + "  ".join(f"{c:>14}" for c in cells))
+    lines.append("params: " + ", ".join(f"{n} {report.lenses[n]['params']:,}" for n in lenses))
+    if args.png:
+        obj["png"] = str(plot_report(report, args.png))
+        lines.append(f"wrote {args.png}")
+    _emit(args, obj, lines)
+    return 0
+
+
+def cmd_early_exit(args: argparse.Namespace) -> int:
+    from .lens import corpus_batches, exit_readings, saved_at, threshold_curve
+    from .lens.early_exit import plot_curves
+    from .lens.states import EVAL_SKIP, lens_corpus
+    from .models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
+    skip = EVAL_SKIP if args.corpus is None else args.skip
+    curves = {}
+    for name, lens in _lenses(args, lm).items():
+        batches = corpus_batches(lm, corpus, n_tokens=args.tokens, skip_tokens=skip)
+        curves[name] = threshold_curve(exit_readings(lm, lens, batches))
+    obj: dict[str, Any] = {"model": lm.name, "curves": curves,
+                           "saved_at_95": {n: saved_at(c, 0.95) for n, c in curves.items()}}
+    lines = [f"{lm.name}: confidence early exit ({args.tokens:,} held-out tokens)"]
+    for name, curve in curves.items():
+        lines.append(f"{name}: compute saved at ≥95% agreement: {obj['saved_at_95'][name]:.1%}")
+        lines += [f"  τ={p['threshold']:<5} agreement {p['agreement']:.3f}  "
+                  f"saved {p['compute_saved']:.1%}" for p in curve]
+    if args.png:
+        obj["png"] = str(plot_curves(curves, args.png, title=f"{lm.name}: early exit"))
+        lines.append(f"wrote {args.png}")
+    _emit(args, obj, lines)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engram",
@@ -189,6 +295,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy tokens generated per prompt for the fluency metric (0: skip)")
     p.add_argument("--out", default=None, help="folder for deltas, per-case JSONL and report")
     p.set_defaults(func=cmd_edit)
+
+    from .lens import KINDS
+
+    lens = sub.add_parser("lens", help="read each layer's predictions (logit/tuned lens, "
+                                       "shortcuts)").add_subparsers(dest="lens_cmd",
+                                                                    required=True)
+    p = lens.add_parser("train", help="fit a lens on a corpus and save it")
+    common(p)
+    p.add_argument("--kind", choices=[k for k in KINDS if k != "logit"], required=True)
+    p.add_argument("--rank", type=int, default=None, help="shortcut / one-jump rank")
+    p.add_argument("--tokens", type=int, default=16_000, help="training tokens")
+    p.add_argument("--steps", type=int, default=50, help="tuned lens: SGD steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="tuned lens: Adam learning rate")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="tuned lens: start from identity, not the least-squares fit")
+    p.add_argument("--corpus", default=None, help="text file/folder (default: sampled text)")
+    p.add_argument("--out", required=True, help="lens folder to write")
+    p.set_defaults(func=cmd_lens_train)
+    for name, func, helptext in (("show", cmd_lens_show, "top tokens of every layer for a "
+                                  "prompt (table + heatmap)"),
+                                 ("eval", cmd_lens_eval, "KL / top-1 / CE per layer on "
+                                  "held-out text")):
+        p = lens.add_parser(name, help=helptext)
+        common(p)
+        p.add_argument("--kind", choices=["logit"], default=None,
+                       help="include the logit lens (always included without --lens)")
+        p.add_argument("--lens", nargs="*", default=None, help="saved lens folders")
+        p.add_argument("--png", default=None, help="write a figure here")
+        p.set_defaults(func=func)
+        if name == "show":
+            p.add_argument("--prompt", default=DEMO_PROMPT)
+            p.add_argument("--position", type=int, default=-1, help="table position")
+            p.add_argument("-k", type=int, default=3, help="top tokens per cell")
+        else:
+            p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
+            p.add_argument("--layers", type=int, nargs="*", default=None)
+            p.add_argument("--corpus", default=None, help="text file/folder")
+            p.add_argument("--skip", type=int, default=0,
+                           help="with --corpus: start after this many tokens (the train part)")
+
+    ee = sub.add_parser("early-exit", help="confidence-threshold early exit through lenses"
+                        ).add_subparsers(dest="ee_cmd", required=True)
+    p = ee.add_parser("eval", help="agreement vs compute saved per threshold")
+    common(p)
+    p.add_argument("--kind", choices=["logit"], default=None)
+    p.add_argument("--lens", nargs="*", default=None, help="saved lens folders")
+    p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--skip", type=int, default=0)
+    p.add_argument("--png", default=None)
+    p.set_defaults(func=cmd_early_exit)
 
     p = sub.add_parser("apply", help="write a full model folder with a saved delta applied")
     common(p)

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
+from ..batching import make_batch
 from ..data.records import EditRequest
 from ..models.lm import LM
 from ..trace import Trace, parse_point, run_model
-from .prompts import encode_with_subject, make_batch, pick_positions
+from .prompts import encode_with_subject, pick_positions
 
 
 @torch.no_grad()

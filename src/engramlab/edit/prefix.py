@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from ..batching import Batch, make_batch
 from ..models.lm import LM
-from .prompts import Batch, make_batch
 
 
 def length_groups(lengths: list[int], max_groups: int = 3) -> list[list[int]]:
@@ -86,6 +86,20 @@ class PrefixBatch:
         pos = torch.arange(width, device=lm.device).expand(len(rows), width)
         out = body(input_ids=pids, attention_mask=run_mask, position_ids=pos, use_cache=True)
         return cls(batch, splits, true_mask, out.past_key_values)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (local indices), in place: the cached prefix is sliced, not
+        recomputed, so dropping finished requests from an optimisation costs nothing."""
+        b = self.batch
+        width = int(b.attention_mask[rows].sum(1).max())
+        index = torch.tensor(rows, device=b.input_ids.device)
+        self.batch = Batch(b.input_ids[index, :width], b.attention_mask[index, :width],
+                           [b.owner[r] for r in rows], [b.lookup[r] for r in rows],
+                           [b.labels[r] for r in rows] if b.labels else [])
+        self.splits = [self.splits[r] for r in rows]
+        if self.cache is not None:
+            self.prefix_mask = self.prefix_mask[index]  # type: ignore[index]
+            self.cache.batch_select_indices(index)
 
     def run(self, lm: LM) -> None:
         """One forward of the suffixes (hooks entered by the caller see it)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -126,52 +126,3 @@ def pick_positions(enc: Encoded, how: str) -> list[int]:
     if how == "prompt_last":
         return [len(enc.ids) - 1]
     raise RequestError(f"unknown subject position {how!r}; use one of {SUBJECT_POSITIONS}")
-
-
-def target_ids(lm: LM, text: str, target: str) -> list[int]:
-    """Token ids of ``" " + target`` as they continue ``text``.
-
-    Tokenising prompt and target together and cutting at the prompt's tokens is exact for
-    tokenizers that merge across the boundary (SentencePiece); if the prompt's tokens are not a
-    prefix of the joint tokens, the target is tokenised alone.
-    """
-    target = target if target.startswith(" ") else " " + target
-    head = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
-    joint = lm.tokenizer(text + target, add_special_tokens=True)["input_ids"]
-    if len(joint) > len(head) and joint[:len(head)] == head:
-        return list(joint[len(head):])
-    ids = lm.encode(target)
-    if not ids:
-        raise RequestError(f"target {target!r} tokenises to nothing")
-    return ids
-
-
-# padded batches ------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    """Right-padded rows with, per row, the positions to intervene on and the labels to score."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    owner: list[int]  # which request (or case) each row belongs to
-    lookup: list[list[int]]  # intervention positions per row
-    labels: list[list[tuple[int, int]]] = field(default_factory=list)  # (position, token id)
-
-    def lookup_mask(self) -> torch.Tensor:
-        mask = torch.zeros(self.input_ids.shape, dtype=torch.bool)
-        for r, positions in enumerate(self.lookup):
-            mask[r, positions] = True
-        return mask.to(self.input_ids.device)
-
-
-def make_batch(lm: LM, rows: list[list[int]], owner: list[int], lookup: list[list[int]],
-               labels: list[list[tuple[int, int]]] | None = None) -> Batch:
-    pad = lm.tokenizer.pad_token_id
-    pad = 0 if pad is None else pad
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return Batch(ids.to(lm.device), mask.to(lm.device), owner, lookup, labels or [])

@@ -9,16 +9,22 @@ or to the residual stream after the last edited layer (MEMIT, AlphaEdit) — min
     + weight_decay · ‖δ‖ / ‖v_orig‖²
 
 with ‖δ‖ clamped to ``clamp · ‖v_orig‖`` after every Adam step, and early stopping once a
-request's loss drops below 0.05 (the reference code's rule).
+request's target NLL + KL term drops below 0.05.
 
 All requests of a call are optimised **together**: one padded batch holds every request's
 templates and KL prompt, each request has its own row of δ, and the loss is the sum of the
 per-request losses. Adam is element-wise and the rows never mix, so each request follows exactly
-the trajectory it would follow alone; a request that has converged is frozen while the others go on.
+the trajectory it would follow alone; a request that has converged is frozen while the others go
+on, and once a quarter of the rows in the forward belong to finished requests they are dropped
+from it (the cached prefixes are sliced, not recomputed), so the cost follows the hard
+requests, not the batch size.
 
-Deviations from the reference code: the KL term is read at the lookup position of the KL prompt
-(as the code does), and the target's tokens are taken from the joint tokenisation of prompt and
-target (see :func:`~engramlab.edit.prompts.target_ids`), which matters for SentencePiece models.
+Deviations from the reference code: the early stop tests NLL + KL without the weight-decay
+term (the code tests the full loss; with SmolLM2's small ‖v_orig‖ the decay term alone exceeds
+0.05, so the stop never fired and every request ran all its steps), the KL term is read at the
+lookup position of the KL prompt (as the code does), and the target's tokens are taken from
+the joint tokenisation of prompt and target (see :func:`~engramlab.batching.target_ids`),
+which matters for SentencePiece models.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..batching import target_ids
 from ..data.records import EditRequest
 from ..models.lm import LM
 from ..trace import Trace, parse_point
 from .prefix import PrefixBatch, length_groups
-from .prompts import encode_with_subject, pick_positions, target_ids
+from .prompts import encode_with_subject, pick_positions
 
 KL_PROMPT = "{} is a"
 
@@ -149,40 +156,62 @@ class _Group:
     plain: list[tuple[int, int, int]]  # (request, local row, position)
 
 
-def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]
-            ) -> tuple[list[_Group], list[tuple]]:
-    device = lm.device
-    flat = [(row, p, t) for row, items in enumerate(rows.labels) for p, t in items]
-    label_at = {(row, p): k for k, (row, p, _) in enumerate(flat)}
+def _flat_labels(rows: Rows) -> list[tuple[int, int, int]]:
+    return [(row, p, t) for row, items in enumerate(rows.labels) for p, t in items]
+
+
+def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]) -> list[_Group]:
+    """All rows in padded groups of similar suffix length."""
     splits = [min(look) if config.prefix_cache else 0 for look in rows.lookup]
     suffix_len = [len(ids) - s for ids, s in zip(rows.ids, splits, strict=True)]
-    groups = []
-    kl_rows = {row: r for r, row in enumerate(rows.kl_row)}
-    plain_rows = {row: r for r, row in enumerate(rows.plain_row)}
     # a few rows fit one forward; splitting them only adds per-call overhead
     n_groups = config.length_groups if len(rows.ids) >= 32 else 1
+    groups = []
     for idx in length_groups(suffix_len, n_groups):
         pb = PrefixBatch.build(lm, [rows.ids[i] for i in idx], [rows.owner[i] for i in idx],
                                [rows.lookup[i] for i in idx], [rows.labels[i] for i in idx],
                                use_cache=config.prefix_cache)
-        b = pb.batch
-        lab = [(local, p, label_at[(i, p + pb.splits[local])])
-               for local, i in enumerate(idx) for p, _ in b.labels[local]]
-        kls = [(local, b.lookup[local][-1], kl_rows[i]) for local, i in enumerate(idx)
-               if i in kl_rows]
-        groups.append(_Group(
-            rows=idx, prefix=pb, owner=torch.tensor(b.owner, device=device),
-            scale=torch.tensor([scale[i] for i in idx], device=device)[:, None],
-            lookup=b.lookup_mask().unsqueeze(-1),
-            lab_row=torch.tensor([x[0] for x in lab], device=device, dtype=torch.long),
-            lab_pos=torch.tensor([x[1] for x in lab], device=device, dtype=torch.long),
-            lab_index=torch.tensor([x[2] for x in lab], device=device, dtype=torch.long),
-            kl_local=torch.tensor([x[0] for x in kls], device=device, dtype=torch.long),
-            kl_pos=torch.tensor([x[1] for x in kls], device=device, dtype=torch.long),
-            kl_owner=torch.tensor([x[2] for x in kls], device=device, dtype=torch.long),
-            plain=[(plain_rows[i], local, b.lookup[local][-1]) for local, i in enumerate(idx)
-                   if i in plain_rows]))
-    return groups, flat
+        groups.append(_group(lm, rows, idx, pb, scale))
+    return groups
+
+
+def _prune(lm: LM, rows: Rows, groups: list[_Group], done: torch.Tensor,
+           scale: list[float]) -> list[_Group]:
+    """Drop the rows of finished requests from every group (prefix caches sliced in place)."""
+    out = []
+    for g in groups:
+        local = [k for k, i in enumerate(g.rows) if not bool(done[rows.owner[i]])]
+        if not local:
+            continue
+        if len(local) < len(g.rows):
+            g.prefix.keep(local)
+            g = _group(lm, rows, [g.rows[k] for k in local], g.prefix, scale)
+        out.append(g)
+    return out
+
+
+def _group(lm: LM, rows: Rows, idx: list[int], pb: PrefixBatch, scale: list[float]) -> _Group:
+    device = lm.device
+    label_at = {(row, p): k for k, (row, p, _) in enumerate(_flat_labels(rows))}
+    kl_rows = {row: r for r, row in enumerate(rows.kl_row)}
+    plain_rows = {row: r for r, row in enumerate(rows.plain_row)}
+    b = pb.batch
+    lab = [(local, p, label_at[(i, p + pb.splits[local])])
+           for local, i in enumerate(idx) for p, _ in b.labels[local]]
+    kls = [(local, b.lookup[local][-1], kl_rows[i]) for local, i in enumerate(idx)
+           if i in kl_rows]
+    return _Group(
+        rows=idx, prefix=pb, owner=torch.tensor(b.owner, device=device),
+        scale=torch.tensor([scale[i] for i in idx], device=device)[:, None],
+        lookup=b.lookup_mask().unsqueeze(-1),
+        lab_row=torch.tensor([x[0] for x in lab], device=device, dtype=torch.long),
+        lab_pos=torch.tensor([x[1] for x in lab], device=device, dtype=torch.long),
+        lab_index=torch.tensor([x[2] for x in lab], device=device, dtype=torch.long),
+        kl_local=torch.tensor([x[0] for x in kls], device=device, dtype=torch.long),
+        kl_pos=torch.tensor([x[1] for x in kls], device=device, dtype=torch.long),
+        kl_owner=torch.tensor([x[2] for x in kls], device=device, dtype=torch.long),
+        plain=[(plain_rows[i], local, b.lookup[local][-1]) for local, i in enumerate(idx)
+               if i in plain_rows])
 
 
 def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: Sequence[str],
@@ -196,7 +225,9 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
         scale = [1.0] * len(rows.ids)
     else:  # rows are request-major: the templates, then the KL prompt
         scale = row_scale[:, :len(templates) + int(kl)].reshape(-1).float().tolist()
-    groups, flat = _groups(lm, rows, config, scale)
+    flat = _flat_labels(rows)
+    groups = _groups(lm, rows, config, scale)
+    live = len(rows.ids)
     n = len(requests)
     device = lm.device
     delta = torch.zeros(n, lm.d_model, device=device, requires_grad=True)
@@ -225,6 +256,10 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
     bar = tqdm(total=config.steps, desc=f"targets ×{n}", unit="step", disable=not progress)
     try:
         for it in range(config.steps):
+            # finished requests leave the forward once they free a good share of its rows
+            if int((~done[owner]).sum()) < 0.75 * live:
+                groups = _prune(lm, rows, groups, done, scale)
+                live = sum(len(g.rows) for g in groups)
             opt.zero_grad()
             tok_lp = torch.zeros(len(flat), device=device)
             kl_lp: torch.Tensor | None = None
@@ -241,20 +276,24 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
                     if kl_lp is None:
                         kl_lp = torch.zeros(n, lp.shape[-1], device=device)
                     kl_lp = kl_lp.index_put((g.kl_owner,), lp)
-            nll_r = torch.zeros(n, device=device).index_add(0, lab_owner, -tok_lp * weight)
-            loss_r = nll_r.clone()
+            nll_now = torch.zeros(n, device=device).index_add(0, lab_owner, -tok_lp * weight)
+            nll_r = torch.where(done, nll_r, nll_now.detach())  # finished rows are not rerun
+            loss_r = nll_now
             if kl_lp is not None:
                 if kl_init is None:
                     kl_init = kl_lp.detach()
                 kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1)
                 loss_r = loss_r + config.kl_factor * kl
+            # stop on what the edit must achieve (target NLL + KL), not on the weight decay:
+            # the paper's stop on the full loss never fires when |value| is small (SmolLM2)
+            goal = loss_r.detach()
             norm0 = init.norm(dim=1).clamp_min(1e-8)
             loss_r = loss_r + config.weight_decay * delta.norm(dim=1) / norm0**2
-            newly = (~done) & (loss_r.detach() < config.early_stop)
+            newly = (~done) & (goal < config.early_stop)
             for r in newly.nonzero().flatten().tolist():
                 steps[r] = it
             done |= newly
-            bar.set_postfix(loss=f"{float(loss_r.detach().mean()):.3f}",
+            bar.set_postfix(loss=f"{float(goal.mean()):.3f}",
                             done=f"{int(done.sum())}/{n}")
             bar.update(1)
             if bool(done.all()) or it == config.steps - 1:
@@ -264,8 +303,8 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
             opt.step()
             with torch.no_grad():
                 limit = config.clamp * norm0
-                scale = (limit / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-                delta.mul_(scale[:, None])
+                shrink = (limit / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                delta.mul_(shrink[:, None])
                 delta[done] = frozen
     finally:
         bar.close()

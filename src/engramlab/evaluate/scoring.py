@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..edit.prompts import make_batch, target_ids
+from ..batching import make_batch, target_ids
 from ..models.lm import LM
 from ..trace import Trace, run_model
 

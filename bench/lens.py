@@ -1,0 +1,91 @@
+"""Lens benchmark: fit every lens kind on the same corpus, evaluate them on held-out text, and
+read early exit through each. Prints one JSON object (figures with --png-dir).
+
+    .venv/bin/python bench/lens.py [--model smollm2-135m] [--tokens 16000] [--eval-tokens 2048]
+        [--rank 64] [--steps 30] [--device cuda] [--png-dir docs/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import engramlab as eg
+from engramlab.lens import (
+    LogitLens,
+    corpus_batches,
+    evaluate_lenses,
+    exit_readings,
+    fit_lens,
+    plot_report,
+    saved_at,
+    threshold_curve,
+)
+from engramlab.lens.early_exit import plot_curves
+from engramlab.lens.states import EVAL_SKIP, lens_corpus
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tokens", type=int, default=16_000)
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=64, help="one-jump (and low-rank shortcut) rank")
+    ap.add_argument("--steps", type=int, default=30, help="tuned-lens SGD steps")
+    ap.add_argument("--png-dir", default=None)
+    args = ap.parse_args()
+
+    lm = eg.load_model(args.model, device=args.device, progress=False)
+    corpus = lens_corpus(lm)
+    lenses, fit_s = {"logit": LogitLens(lm)}, {}
+    for kind, rank in (("shortcut", None), ("shortcut_r", args.rank), ("onejump", args.rank),
+                       ("tuned", None)):
+        t0 = time.perf_counter()
+        lenses[kind] = fit_lens(lm, kind.removesuffix("_r"), corpus, n_tokens=args.tokens,
+                                rank=rank, steps=args.steps)
+        fit_s[kind] = time.perf_counter() - t0
+
+    def held_out():
+        return corpus_batches(lm, corpus, n_tokens=args.eval_tokens, skip_tokens=EVAL_SKIP)
+
+    t0 = time.perf_counter()
+    report = evaluate_lenses(lm, lenses, held_out())
+    eval_s = time.perf_counter() - t0
+    curves = {name: threshold_curve(exit_readings(lm, lens, held_out()))
+              for name, lens in lenses.items()}
+    mid = lm.n_layers // 2
+    lens_json = report.to_json()["lenses"]
+    out = {
+        "model": lm.name, "device": str(lm.device), "train_tokens": args.tokens,
+        "eval_tokens": report.tokens,
+        "fit_seconds": fit_s,
+        "fit_tokens_per_s": {k: args.tokens / v for k, v in fit_s.items()
+                             if k != "tuned"},
+        "tuned_steps": args.steps,
+        "eval_seconds": eval_s,
+        "final_ce": lens_json.pop("_final")["ce"],
+        "lenses": lens_json,
+        "middle_layer": mid,
+        "kl_at_middle": {k: v["kl"][mid] for k, v in lens_json.items()},
+        "onejump_vs_shortcut": {
+            "param_ratio": lens_json["shortcut"]["params"] / lens_json["onejump"]["params"],
+            "mean_top1_gap": sum(a - b for a, b in zip(lens_json["shortcut"]["top1"],
+                                                       lens_json["onejump"]["top1"],
+                                                       strict=True)) / lm.n_layers},
+        "early_exit_saved_at_95": {k: saved_at(c, 0.95) for k, c in curves.items()},
+        "early_exit_curves": curves,
+        "onejump_choice": lenses["onejump"].config.get("chosen"),
+    }
+    if args.png_dir:
+        d, tag = Path(args.png_dir), Path(lm.name).stem
+        out["png"] = [str(plot_report(report, d / f"lens_{tag}.png")),
+                      str(plot_curves(curves, d / f"early_exit_{tag}.png",
+                                      title=f"{lm.name}: confidence early exit"))]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

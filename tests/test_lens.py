@@ -1,0 +1,171 @@
+"""Lenses: the residual-state convention, identity starts, closed-form fits, files, training."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engramlab.errors import DeltaMismatchError
+from engramlab.lens import (
+    Lens,
+    LogitLens,
+    Moments,
+    OneJump,
+    Shortcut,
+    TunedLens,
+    evaluate_lenses,
+    layer_states,
+    train_tuned,
+)
+from engramlab.lens.shortcut import _standardise
+from engramlab.trace import Trace
+
+from .conftest import VOCAB, make_tiny
+
+
+def _ids(n_rows: int = 4, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n_rows, seq), generator=g)
+
+
+def _moments(x: torch.Tensor, y: torch.Tensor) -> Moments:
+    """Moments of explicit data, laid out as Moments.collect lays them out ([L=1, ...])."""
+    xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    return Moments((xt.T @ xt)[None], (xt.T @ y)[None], (y * y).sum(), len(x))
+
+
+def test_states_enter_each_block_and_the_last_layer_reads_the_model_logits(tiny):
+    ids = _ids()
+    st = layer_states(tiny, ids)
+    assert len(st.hidden) == tiny.n_layers
+    points = ["embed", *(f"resid.{i}" for i in range(tiny.n_layers))]
+    with torch.no_grad(), Trace(tiny).capture(*points) as tr:
+        logits = tiny.model(input_ids=ids).logits
+    for layer in range(tiny.n_layers):
+        assert torch.equal(st.hidden[layer], tr[points[layer]].reshape(-1, tiny.d_model))
+    # no double normalisation: the final state through final norm + unembedding is the output
+    torch.testing.assert_close(tiny.logits_from_hidden(st.final),
+                               logits.reshape(-1, logits.shape[-1]), rtol=1e-4, atol=1e-4)
+    assert st.next_ids.view(ids.shape)[:, :-1].equal(ids[:, 1:])
+    assert bool((st.next_ids.view(ids.shape)[:, -1] == -1).all())
+
+
+def test_untrained_tuned_lens_is_the_logit_lens():
+    lm = make_tiny("llama")
+    st = layer_states(lm, _ids())
+    tuned, logit = TunedLens(lm), LogitLens(lm)
+    for layer in range(lm.n_layers):
+        assert torch.equal(tuned.predict(lm, st.hidden[layer], layer),
+                           logit.predict(lm, st.hidden[layer], layer))
+    assert logit.n_params == 0
+    assert tuned.n_params == lm.n_layers * (lm.d_model**2 + lm.d_model)
+
+
+def test_shortcut_fit_recovers_a_known_affine_map_and_its_rank():
+    torch.manual_seed(0)
+    lm = make_tiny("gpt2")
+    n, d = 500, lm.d_model
+    x = torch.randn(n, d, dtype=torch.float64)
+    a = torch.randn(d, d, dtype=torch.float64)
+    c = torch.randn(d, dtype=torch.float64)
+    m = _moments(x, x @ a + c)
+    m = Moments(m.xx.repeat(lm.n_layers, 1, 1), m.xy.repeat(lm.n_layers, 1, 1), m.yy, m.count)
+    sc = Shortcut(lm).fit(m, ridge_factor=0.0)
+    torch.testing.assert_close(sc.translate(x.float(), 1).double(), x @ a + c,
+                               rtol=1e-3, atol=1e-3)
+    low = torch.randn(d, 3, dtype=torch.float64) @ torch.randn(3, d, dtype=torch.float64)
+    m3 = _moments(x, x @ low)
+    m3 = Moments(m3.xx.repeat(lm.n_layers, 1, 1), m3.xy.repeat(lm.n_layers, 1, 1), m3.yy, n)
+    r3 = Shortcut(lm, rank=3).fit(m3, ridge_factor=0.0)
+    torch.testing.assert_close(r3.translate(x.float(), 0).double(), x @ low, rtol=1e-3, atol=1e-3)
+    assert r3.n_params == lm.n_layers * 3 * (2 * d + 1)
+    with pytest.raises(ValueError, match="rank"):
+        Shortcut(lm, rank=d + 1)
+
+
+def test_standardised_moments_equal_moments_of_standardised_data():
+    torch.manual_seed(1)
+    x = torch.randn(200, 6, dtype=torch.float64) * 3 + 5
+    y = torch.randn(200, 6, dtype=torch.float64)
+    xx, xy, mu, s = _standardise(_moments(x, y), 0)
+    torch.testing.assert_close(mu, x.mean(0))
+    z = (x - mu) / s
+    ref = _moments(z, y)
+    torch.testing.assert_close(xx, ref.xx[0])
+    torch.testing.assert_close(xy, ref.xy[0])
+    torch.testing.assert_close(s, x.std(0, unbiased=False))
+
+
+def test_one_jump_is_one_low_rank_map_for_every_layer():
+    lm = make_tiny("llama")
+    train = Moments.collect(lm, [_ids(8, 16, seed=s) for s in range(3)])
+    held = Moments.collect(lm, [_ids(8, 16, seed=9)])
+    oj = OneJump(lm, rank=4).fit(train, held)
+    per_layer = Shortcut(lm).fit(train)
+    assert oj.n_params == lm.n_layers * 2 * lm.d_model + 4 * (2 * lm.d_model + 1)
+    assert oj.n_params < per_layer.n_params / 5
+    assert oj.config["chosen"] == "pooled" or oj.config["chosen"].startswith("layer ")
+    assert 0 < oj.config["held_out_r2"] <= 1
+    st = layer_states(lm, _ids(seed=5))
+    out = oj.predict(lm, st.hidden[1], 1)
+    assert out.shape == (st.n_tokens, VOCAB) and bool(torch.isfinite(out).all())
+
+
+def test_lens_save_load_round_trip_and_refusals(tmp_path, caplog):
+    lm = make_tiny("llama")
+    lens = TunedLens(lm)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.01)
+        lens.bias.normal_(std=0.01)
+    lens.save(tmp_path / "tl")
+    back = Lens.load(tmp_path / "tl", lm)
+    assert isinstance(back, TunedLens)
+    assert torch.equal(back.weight, lens.weight) and torch.equal(back.bias, lens.bias)
+    Shortcut(lm, rank=2).save(tmp_path / "sc")
+    assert Lens.load(tmp_path / "sc", lm).rank == 2
+    with pytest.raises(DeltaMismatchError, match="another model architecture"):
+        Lens.load(tmp_path / "tl", make_tiny("gpt2"))
+    other = make_tiny("llama", seed=1)  # same architecture, other weights: warn, or refuse
+    with caplog.at_level(logging.WARNING):
+        Lens.load(tmp_path / "tl", other)
+    assert "other weights" in caplog.text
+    with pytest.raises(DeltaMismatchError):
+        Lens.load(tmp_path / "tl", other, strict=True)
+    with pytest.raises(FileNotFoundError, match="not a saved lens"):
+        Lens.load(tmp_path, lm)
+
+
+def test_tuned_lens_training_lowers_kl_below_the_logit_lens():
+    lm = make_tiny("gpt2")
+    lens = TunedLens(lm)
+    batches = [_ids(8, 16, seed=s) for s in range(4)]
+    losses = train_tuned(lm, lens, (batches[i % 3] for i in range(60)), steps=60, lr=1e-2)
+    assert losses[-1] < losses[0]
+    rep = evaluate_lenses(lm, {"logit": LogitLens(lm), "tuned": lens}, batches[3:])
+    assert rep.tokens == 8 * 16
+    assert sum(rep.lenses["tuned"]["kl"]) < sum(rep.lenses["logit"]["kl"])
+    assert all(v >= 0 for v in rep.lenses["logit"]["kl"])
+    assert rep.lenses["logit"]["kl"][-1] >= 0
+
+
+def test_threshold_early_exit_picks_the_first_confident_layer():
+    from engramlab.lens import ExitReadings, saved_at, threshold_curve
+    from engramlab.lens.early_exit import exit_layers
+
+    conf = torch.tensor([[0.1, 0.9, 0.2], [0.6, 0.95, 0.3], [0.7, 0.99, 0.4]])  # [L=3, N=3]
+    pred = torch.tensor([[5, 1, 5], [2, 1, 5], [2, 1, 5]])
+    final = torch.tensor([2, 1, 7])
+    assert exit_layers(conf, 0.5).tolist() == [1, 0, 3]
+    r = ExitReadings(conf, pred, final)
+    curve = threshold_curve(r, [0.5, 1.01])
+    # τ=0.5: token 0 exits at layer 1 (pred 2, right), token 1 at layer 0 (right), token 2 runs
+    # the whole model (right by definition); compute used (1 + 0 + 3) / 9
+    assert curve[0]["agreement"] == 1.0
+    assert curve[0]["compute_saved"] == pytest.approx(1 - 4 / 9)
+    assert curve[1] == {"threshold": 1.01, "agreement": 1.0, "compute_saved": 0.0,
+                        "exit_share": [0.0, 0.0, 0.0, 1.0]}
+    curve = threshold_curve(ExitReadings(conf, pred, torch.tensor([2, 3, 7])), [0.5])
+    assert curve[0]["agreement"] == pytest.approx(2 / 3)
+    assert saved_at(curve, 0.95) == 0.0 and saved_at(curve, 0.6) == pytest.approx(5 / 9)
