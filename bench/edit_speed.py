@@ -9,6 +9,11 @@
 Statistics and templates are prepared before timing (they are cached and shared by all edits).
 
     .venv/bin/python bench/edit_speed.py [--model smollm2-135m] [--n 16] [--batch 50]
+
+``--random-arch gpt2-xl`` times the flagship's shape without its weights (nothing can be
+downloaded here): GPT-2 XL's configuration (48 layers, d_model 1600), randomly initialised, with
+``--model``'s tokenizer and vocabulary; the GPT-2 XL preset (ROME layer 17, MEMIT 13-17) applies.
+Speeds are representative (the work per token is the architecture's); edit quality is not.
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def random_gpt2_xl(tokenizer_from: eg.LM, device: str | None) -> eg.LM:
+    import transformers as T
+
+    from engramlab.models import Layout
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024,
+                       vocab_size=len(tokenizer_from.tokenizer),
+                       bos_token_id=tokenizer_from.tokenizer.bos_token_id,
+                       eos_token_id=tokenizer_from.tokenizer.eos_token_id)
+    model = T.GPT2LMHeadModel(cfg).eval().to(device or tokenizer_from.device)
+    model.requires_grad_(False)
+    return eg.LM(model=model, tokenizer=tokenizer_from.tokenizer, layout=Layout(model),
+                 name="random-gpt2-xl")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -41,16 +62,25 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="ROME edits to time")
     parser.add_argument("--batch", type=int, default=50, help="MEMIT batch size")
     parser.add_argument("--stats-tokens", type=int, default=8192)
+    parser.add_argument("--random-arch", choices=["gpt2-xl"], default=None)
+    parser.add_argument("--stats-only", action="store_true", help="skip the editing timings")
     args = parser.parse_args()
     lm = eg.load_model(args.model, progress=False, device=args.device)
+    overrides: dict = {}
+    if args.random_arch:
+        lm = random_gpt2_xl(lm, args.device)
+        overrides = {"stats_tokens": args.stats_tokens}
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     rss_loaded = peak_rss_mb()
     cases = bundled_cases()
     reqs = [c.request for c in cases]
-    out: dict = {"model": args.model, "device": str(lm.device), "threads": torch.get_num_threads(),
+    out: dict = {"model": lm.name, "device": str(lm.device), "threads": torch.get_num_threads(),
                  "model_mb": model_mb, "rss_after_load_mb": rss_loaded}
 
-    rome = ROME()
+    memit = MEMIT(**overrides)
+    if args.stats_only:
+        return print(json.dumps({**out, **stats_speed(lm, memit, args.stats_tokens)}, indent=1))
+    rome = ROME(**overrides)
     rome.prepare(lm)
     t = time.perf_counter()
     rome.edit_each(lm, reqs[:args.n])
@@ -64,7 +94,6 @@ def main() -> None:
     out["rome_hparams"] = {k: rome.hparams_for(lm).to_dict()[k]
                            for k in ("layers", "v_steps", "v_lr", "templates")}
 
-    memit = MEMIT()
     memit.prepare(lm)
     batch = reqs[:args.batch]  # distinct requests (the bundled set has 82)
     t = time.perf_counter()
@@ -73,26 +102,39 @@ def main() -> None:
     out["memit_seconds_per_edit"] = (time.perf_counter() - t) / len(batch)
     out["peak_rss_mb"] = peak_rss_mb()
     out["peak_rss_over_model"] = out["peak_rss_mb"] / model_mb
+    out.update(stats_speed(lm, memit, args.stats_tokens))
+    print(json.dumps(out, indent=1))
 
-    corpus = sample_corpus(lm, n_tokens=args.stats_tokens, progress=False)
-    rows = list(corpus.batches(lm, n_tokens=args.stats_tokens, batch_size=8, seq_len=256))
+
+def stats_speed(lm: eg.LM, memit: MEMIT, n_tokens: int) -> dict:
+    """Key-statistics collection vs plain forward passes over the same pre-tokenised rows."""
+    out: dict = {}
+    corpus = sample_corpus(lm, n_tokens=n_tokens, progress=False)
+    rows = list(corpus.batches(lm, n_tokens=n_tokens, batch_size=8, seq_len=256))
     n_tok = sum(r.numel() for r in rows)
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         lm.model(input_ids=rows[0].to(lm.device))
+        sync()
         t = time.perf_counter()
         for r in rows:
             lm.model(input_ids=r.to(lm.device))
+        sync()
         fwd = time.perf_counter() - t
     layers = memit.hparams_for(lm).layers
+    _accumulate(lm, layers, corpus, n_tokens=2048, batch_size=8, seq_len=256,
+                progress=False)  # warm-up: kernels and allocations of the accumulation
+    sync()
     t = time.perf_counter()
-    _accumulate(lm, layers, corpus, n_tokens=args.stats_tokens, batch_size=8, seq_len=256,
+    _accumulate(lm, layers, corpus, n_tokens=n_tokens, batch_size=8, seq_len=256,
                 progress=False)
+    sync()
     stats_s = time.perf_counter() - t
     out["stats_layers"] = layers
     out["forward_tokens_per_s"] = n_tok / fwd
     out["stats_tokens_per_s"] = n_tok / stats_s
     out["stats_over_forward"] = fwd / stats_s
-    print(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ eq. 14, λ·C₀) need C to keep an edit from disturbing what the layer already 
 * all requested layers are collected in **one** pass over the corpus (the hooks accumulate
   in place; no activations are kept);
 * each statistic is stored as a float64 ``sum`` of k kᵀ plus a token ``count``, so shards
-  collected separately merge exactly (:meth:`KeyStats.merge`);
+  collected separately merge exactly (:meth:`KeyStats.merge`); each batch's own product is
+  formed in float32 (TF32 stays off, PyTorch's default for matmuls) and added in float64;
 * results are cached on disk, keyed by model fingerprint + layer + corpus fingerprint + token
   budget + row length; the key is stored inside the file and checked on load, and a corrupt or
   mismatched file is reported and recomputed, never used.
@@ -160,8 +161,10 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
     for layer in layers:
 
         def accumulate(t: torch.Tensor, layer: int = layer) -> torch.Tensor:
-            k = t.reshape(-1, t.shape[-1]).double()
-            sums[layer].addmm_(k.T, k)
+            # one batch's Σ k kᵀ in float32 (exact enough over a few thousand tokens, and
+            # 2x (CPU) to 10x (GPU) faster than float64), added to the float64 running sum
+            k = t.reshape(-1, t.shape[-1]).float()
+            sums[layer] += (k.T @ k).double()
             return t
 
         trace.edit(f"mlp_key.{layer}", accumulate)

@@ -98,7 +98,7 @@ def plot_report(report: LensReport, out: str | Path) -> Path:
         ax_kl.plot(report.layers, vals["kl"], marker=".", label=label)
         ax_top.plot(report.layers, vals["top1"], marker=".", label=label)
     ax_kl.set(xlabel="layer (input of block)", ylabel="KL(final ‖ lens), nats", yscale="log",
-              title=f"{report.model}: KL to the final distribution")
+              title=f"{Path(report.model).name}: KL to the final distribution")
     ax_top.set(xlabel="layer (input of block)", ylabel="top-1 agreement with final",
                title=f"precision@1 ({report.tokens:,} held-out tokens)", ylim=(0, 1.02))
     ax_top.legend(fontsize=8)
