@@ -94,5 +94,14 @@ def test_lens_train_eval_show_and_early_exit_on_a_tiny_model(tmp_path, capsys):
     assert main(["early-exit", "eval", *args, "--tokens", "256", "--skip", "512", "--json"]) == 0
     ee = json.loads(capsys.readouterr().out)
     assert ee["curves"]["logit"][-1]["compute_saved"] == 0.0
+    assert main(["early-exit", "eval", *args, "--tokens", "256", "--skip", "512", "--learned",
+                 "--learned-tokens", "256", "--json"]) == 0
+    learned = json.loads(capsys.readouterr().out)
+    # the threshold curve read from the policy's data is the same as the plain one
+    assert learned["curves"]["logit"] == ee["curves"]["logit"]
+    policy = learned["curves"]["logit+policy"]
+    assert [p["alpha"] for p in policy] == sorted(p["alpha"] for p in policy)
+    assert all(0 <= p["compute_saved"] <= 1 and 0 <= p["agreement"] <= 1 for p in policy)
+    assert main(["early-exit", "eval", *args, "--skip", "100", "--learned"]) == 2
     assert main(["lens", "eval", "--model", str(src), "--lens", str(tmp_path)]) == 2
     assert "not a saved lens" in capsys.readouterr().err

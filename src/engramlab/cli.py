@@ -226,25 +226,40 @@ def cmd_lens_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_early_exit(args: argparse.Namespace) -> int:
+    from .errors import SettingsError
     from .lens import corpus_batches, exit_readings, saved_at, threshold_curve
     from .lens.early_exit import plot_curves
+    from .lens.learned_exit import exit_data, policy_curve
     from .lens.states import EVAL_SKIP, lens_corpus
     from .models import load_model
 
     lm = load_model(args.model, progress=not args.json)
     corpus = lens_corpus(lm, args.corpus, progress=not args.json)
     skip = EVAL_SKIP if args.corpus is None else args.skip
-    curves = {}
+    if args.learned and skip < args.learned_tokens:
+        raise SettingsError(f"--learned trains the exit policy on the {args.learned_tokens:,} "
+                         f"tokens before the held-out slice, but only {skip:,} precede it; "
+                         "raise --skip or lower --learned-tokens")
+    curves: dict[str, Any] = {}
     for name, lens in _lenses(args, lm).items():
-        batches = corpus_batches(lm, corpus, n_tokens=args.tokens, skip_tokens=skip)
-        curves[name] = threshold_curve(exit_readings(lm, lens, batches))
+        held = corpus_batches(lm, corpus, n_tokens=args.tokens, skip_tokens=skip)
+        if not args.learned:
+            curves[name] = threshold_curve(exit_readings(lm, lens, held))
+            continue
+        held_data = exit_data(lm, lens, held)
+        train = exit_data(lm, lens, corpus_batches(lm, corpus, n_tokens=args.learned_tokens,
+                                                   skip_tokens=skip - args.learned_tokens))
+        curves[name] = threshold_curve(held_data.readings())
+        curves[f"{name}+policy"] = policy_curve(train, held_data, progress=not args.json)
     obj: dict[str, Any] = {"model": lm.name, "curves": curves,
                            "saved_at_95": {n: saved_at(c, 0.95) for n, c in curves.items()}}
-    lines = [f"{lm.name}: confidence early exit ({args.tokens:,} held-out tokens)"]
+    lines = [f"{lm.name}: early exit ({args.tokens:,} held-out tokens)"]
     for name, curve in curves.items():
         lines.append(f"{name}: compute saved at ≥95% agreement: {obj['saved_at_95'][name]:.1%}")
-        lines += [f"  τ={p['threshold']:<5} agreement {p['agreement']:.3f}  "
-                  f"saved {p['compute_saved']:.1%}" for p in curve]
+        for p in curve:
+            knob = f"τ={p['threshold']:<5}" if "threshold" in p else f"α={p['alpha']:<5}"
+            lines.append(f"  {knob} agreement {p['agreement']:.3f}  "
+                         f"saved {p['compute_saved']:.1%}")
     if args.png:
         obj["png"] = str(plot_curves(curves, args.png, title=f"{lm.name}: early exit"))
         lines.append(f"wrote {args.png}")
@@ -335,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--skip", type=int, default=0,
                            help="with --corpus: start after this many tokens (the train part)")
 
-    ee = sub.add_parser("early-exit", help="confidence-threshold early exit through lenses"
-                        ).add_subparsers(dest="ee_cmd", required=True)
-    p = ee.add_parser("eval", help="agreement vs compute saved per threshold")
+    ee = sub.add_parser("early-exit", help="early exit through lenses: confidence threshold "
+                        "and learned (ConsistentEE) policies").add_subparsers(dest="ee_cmd",
+                                                                              required=True)
+    p = ee.add_parser("eval", help="agreement vs compute saved per threshold / depth price")
     common(p)
     p.add_argument("--kind", choices=["logit"], default=None)
     p.add_argument("--lens", nargs="*", default=None, help="saved lens folders")
@@ -345,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None)
     p.add_argument("--skip", type=int, default=0)
     p.add_argument("--png", default=None)
+    p.add_argument("--learned", action="store_true",
+                   help="also train ConsistentEE exit policies (one per depth price) on the "
+                        "tokens just before the held-out slice")
+    p.add_argument("--learned-tokens", type=int, default=3072,
+                   help="with --learned: policy training tokens")
     p.set_defaults(func=cmd_early_exit)
 
     p = sub.add_parser("apply", help="write a full model folder with a saved delta applied")

@@ -36,3 +36,7 @@ class CacheError(EngramError, OSError):
 
 class RequestError(EngramError, ValueError):
     """An edit request or data record that cannot be used as given."""
+
+
+class SettingsError(EngramError, ValueError):
+    """Settings that cannot work together (e.g. a data split that leaves no training text)."""

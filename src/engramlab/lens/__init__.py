@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Lens
 from .early_exit import ExitReadings, exit_readings, saved_at, threshold_curve
 from .evaluate import LensReport, evaluate_lenses, plot_report
+from .learned_exit import ExitData, ExitPolicy, exit_data, policy_curve, train_policy
 from .logit import LogitLens
 from .shortcut import Moments, OneJump, Shortcut
 from .show import LayerView, layer_view, plot_view
@@ -14,6 +15,8 @@ from .tuned import TunedLens, train_tuned
 
 __all__ = [
     "KINDS",
+    "ExitData",
+    "ExitPolicy",
     "ExitReadings",
     "LayerStates",
     "LayerView",
@@ -26,6 +29,7 @@ __all__ = [
     "TunedLens",
     "corpus_batches",
     "evaluate_lenses",
+    "exit_data",
     "exit_readings",
     "fit_lens",
     "layer_states",
@@ -33,7 +37,9 @@ __all__ = [
     "lens_points",
     "plot_report",
     "plot_view",
+    "policy_curve",
     "saved_at",
     "threshold_curve",
+    "train_policy",
     "train_tuned",
 ]
