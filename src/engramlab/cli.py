@@ -267,6 +267,60 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_depth(args: argparse.Namespace) -> int:
+    from .data import load_cases
+    from .data.bundled import bundled_cases
+    from .lens import corpus_batches
+    from .lens.depth import (
+        depth_readings,
+        fact_recall_depth,
+        frequency_ranks,
+        guess_then_refine,
+        plot_depth,
+    )
+    from .lens.states import EVAL_SKIP, SAMPLED_TOKENS, lens_corpus
+    from .models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    lens = list(_lenses(args, lm).values())[-1]
+    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
+    skip = EVAL_SKIP if args.corpus is None else args.skip
+    freq_tokens = SAMPLED_TOKENS if args.corpus is None else args.freq_tokens
+    ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=freq_tokens),
+                            lm.vocab_size)
+    readings = depth_readings(lm, lens, corpus_batches(lm, corpus, n_tokens=args.tokens,
+                                                       skip_tokens=skip))
+    cases = load_cases(args.facts) if args.facts else bundled_cases()
+    facts = [(c.request.text, c.request.target_true) for c in cases if c.request.target_true]
+    g = guess_then_refine(readings, ranks)
+    f = fact_recall_depth(lm, lens, facts[:args.max_facts])
+    obj: dict[str, Any] = {"model": lm.name, "lens": lens.kind, "frequency_tokens": freq_tokens,
+                           "guess_then_refine": g, "facts": f}
+    early = g["early_layers"]
+    lines = [f"{lm.name} read through the {lens.kind} lens, {g['tokens']:,} held-out tokens",
+             f"top-1 guesses among the 10 most frequent tokens: layer 0 "
+             f"{g['top1_bucket_share']['1-10'][0]:.0%}, last layer "
+             f"{g['top1_bucket_share']['1-10'][-1]:.0%}, final predictions "
+             f"{g['final_bucket_share']['1-10']:.0%}",
+             f"early (layers < {early}) top-10-frequency guesses changed by the end: "
+             + (f"{g['early_high_freq_refined']:.0%}" if g["early_high_freq_refined"] is not None
+                else "-"),
+             "first layer at which the final token is top-1, by its frequency rank: "
+             + ", ".join(f"{b} {v:.1f}" for b, v in g["first_top1_layer"].items()
+                         if v is not None)]
+    if f["known"]:
+        lines.append(f"fact recall ({f['known']}/{f['facts']} known): first answer token "
+                     f"top-1 at layer {f['first_token_layer']:.1f}"
+                     + (f", later tokens {f['later_token_layer']:.1f}"
+                        if f["later_token_layer"] is not None else ""))
+    if args.png:
+        obj["png"] = str(plot_depth(obj, args.png, title=f"{lm.name}: Guess-then-Refine "
+                                                        f"({lens.kind} lens)"))
+        lines.append(f"wrote {args.png}")
+    _emit(args, obj, lines)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engram",
@@ -367,6 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learned-tokens", type=int, default=3072,
                    help="with --learned: policy training tokens")
     p.set_defaults(func=cmd_early_exit)
+
+    p = sub.add_parser("depth", help="how the model uses its depth (Guess-then-Refine): "
+                       "frequency of each layer's guesses, refinement, fact-recall depth")
+    common(p)
+    p.add_argument("--kind", choices=["logit"], default=None)
+    p.add_argument("--lens", nargs="*", default=None,
+                   help="saved lens folder (the last one is read; default: logit lens)")
+    p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--skip", type=int, default=0)
+    p.add_argument("--freq-tokens", type=int, default=200_000,
+                   help="with --corpus: tokens counted for frequency ranks")
+    p.add_argument("--facts", default=None, help="fact file (default: the bundled facts)")
+    p.add_argument("--max-facts", type=int, default=200)
+    p.add_argument("--png", default=None)
+    p.set_defaults(func=cmd_depth)
 
     p = sub.add_parser("apply", help="write a full model folder with a saved delta applied")
     common(p)

@@ -55,6 +55,11 @@ class LM:
         return self.layout.d_model
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding (may exceed the tokenizer's size: padded vocabularies)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
     def d_mlp(self) -> int:
         return self.layout.d_mlp
 
