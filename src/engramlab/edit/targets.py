@@ -110,10 +110,13 @@ def build_rows(lm: LM, requests: Sequence[EditRequest], templates: Sequence[str]
             out.owner.append(r)
         if kl:
             enc = encode_with_subject(lm, "{}", KL_PROMPT, req.subject, req.case_id)
+            look = pick_positions(enc, subject_pos)
             out.kl_row.append(len(out.ids))
-            out.ids.append(enc.ids)
+            # the KL term is read at the lookup position; causal attention makes the tokens
+            # after it irrelevant, so they are not run at all
+            out.ids.append(enc.ids[:max(look) + 1])
             out.labels.append([])
-            out.lookup.append(pick_positions(enc, subject_pos))
+            out.lookup.append(look)
             out.owner.append(r)
     return out
 
