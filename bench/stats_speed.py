@@ -25,26 +25,34 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16_384)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     args = parser.parse_args()
-    lm = eg.load_model(args.model, progress=False)
+    lm = eg.load_model(args.model, progress=False, dtype=args.dtype)
     corpus = sample_corpus(lm, n_tokens=args.tokens, progress=False)
     batches = list(corpus.batches(lm, n_tokens=args.tokens, batch_size=args.batch_size,
                                   seq_len=args.seq_len))
     n = sum(b.numel() for b in batches)
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         lm.model(input_ids=batches[0].to(lm.device))  # warm-up
+        sync()
         t = time.perf_counter()
         for rows in batches:
             lm.model(input_ids=rows.to(lm.device))
+        sync()
         forward_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as cache:
         os.environ["ENGRAMLAB_CACHE"] = cache
+        # end to end, tokenisation and the copy of the sums to the host included
         t = time.perf_counter()
         collect_key_stats(lm, args.layers, corpus, n_tokens=args.tokens,
-                          batch_size=args.batch_size, seq_len=args.seq_len, progress=False)
+                          batch_size=args.batch_size, seq_len=args.seq_len, progress=False,
+                          use_cache=False)
+        sync()
         stats_s = time.perf_counter() - t
     print(json.dumps({
         "model": args.model, "device": str(lm.device), "layers": args.layers, "tokens": n,
+        "dtype": str(lm.model.dtype),
         "forward_tokens_per_s": round(n / forward_s, 1),
         "stats_tokens_per_s": round(n / stats_s, 1),
         "stats_over_forward": round(forward_s / stats_s, 3),

@@ -137,6 +137,16 @@ def test_text_corpus_from_files_packs_rows(tmp_path):
     assert rows[0, 3].item() == lm.tokenizer.eos_token_id
     batches = list(corpus.batches(lm, n_tokens=8, batch_size=1, seq_len=4))
     assert len(batches) == 2
+    # streamed batches are exactly the packed rows, whatever the batch size and budget
+    many = TextCorpus([" ".join(f"w{i + j}" for j in range(i % 7 + 1)) for i in range(150)])
+    for n_tokens, batch_size, seq_len in [(40, 3, 4), (37, 2, 5), (10_000, 4, 8), (8, 8, 4)]:
+        wanted = -(-n_tokens // seq_len)
+        rows = many.token_rows(lm, seq_len=seq_len, max_tokens=wanted * seq_len)
+        got = torch.cat(list(many.batches(lm, n_tokens=n_tokens, batch_size=batch_size,
+                                          seq_len=seq_len)))
+        assert torch.equal(got, rows[:wanted])
+    with pytest.raises(ValueError, match="fewer than one row"):
+        list(TextCorpus(["w1"]).batches(lm, n_tokens=8, seq_len=4))
     other = TextCorpus(["w1 w2 w3", "w4 w5", "w6 w7 w8 w0"])
     assert other.fingerprint() != corpus.fingerprint()
 

@@ -161,10 +161,7 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
     for layer in layers:
 
         def accumulate(t: torch.Tensor, layer: int = layer) -> torch.Tensor:
-            # one batch's Σ k kᵀ in float32 (exact enough over a few thousand tokens, and
-            # 2x (CPU) to 10x (GPU) faster than float64), added to the float64 running sum
-            k = t.reshape(-1, t.shape[-1]).float()
-            sums[layer] += (k.T @ k).double()
+            sums[layer].add_(_gram(t.reshape(-1, t.shape[-1])))
             return t
 
         trace.edit(f"mlp_key.{layer}", accumulate)
@@ -181,4 +178,33 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
     if count == 0:
         raise ValueError(f"corpus {corpus.name} yielded no tokens")
     log.info("key statistics: %d tokens in %.1f s", count, time.perf_counter() - start)
-    return {layer: KeyStats(layer, sums[layer].cpu(), count) for layer in layers}
+    return {layer: KeyStats(layer, _to_host(sums[layer]), count) for layer in layers}
+
+
+def _gram(k: torch.Tensor) -> torch.Tensor:
+    """One batch's Σ k kᵀ in float32, to be added to a float64 running sum.
+
+    float32 is exact enough over a few thousand tokens and 2x (CPU) to 10x (GPU) faster than
+    float64. Half-precision keys on CUDA are multiplied as they are with float32 accumulation and
+    output (``out_dtype``): their products are exact, and no float32 copy of the keys is made.
+    """
+    if k.dtype in (torch.float16, torch.bfloat16) and k.is_cuda:
+        try:
+            return torch.mm(k.T, k, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    k = k.float()
+    return k.T @ k
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Copy a device tensor to CPU through page-locked memory.
+
+    A plain ``.cpu()`` of GPT-2 XL's five float64 sums (1.6 GB) into fresh pageable memory ran
+    at ~1.3 GB/s on an H100 host, longer than the whole pass over 32k tokens.
+    """
+    if not t.is_cuda:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t)
+    return out

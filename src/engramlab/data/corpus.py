@@ -72,14 +72,7 @@ class TextCorpus:
         Tokenisation stops once ``max_tokens`` are reached, so a small budget over a large
         corpus does not pay for tokenising all of it.
         """
-        eos = lm.tokenizer.eos_token_id
-        ids: list[int] = []
-        for doc in self.documents:
-            if max_tokens is not None and len(ids) >= max_tokens:
-                break
-            ids.extend(lm.encode(doc))
-            if eos is not None:
-                ids.append(eos)
+        ids = list(self._token_stream(lm, max_tokens))
         rows = len(ids) // seq_len
         if rows == 0:
             raise ValueError(f"corpus {self.name} has {len(ids)} tokens, fewer than one row "
@@ -88,12 +81,43 @@ class TextCorpus:
 
     def batches(self, lm: LM, *, n_tokens: int, batch_size: int = 8,
                 seq_len: int = 256) -> Iterator[torch.Tensor]:
-        """Batches of packed rows until ``n_tokens`` tokens were yielded (or the corpus ends)."""
+        """Batches of packed rows until ``n_tokens`` tokens were yielded (or the corpus ends).
+
+        The same rows as :meth:`token_rows`, but tokenised as they are needed: the first batch
+        leaves at once, and on a GPU the tokeniser works while the queued kernels run.
+        """
         wanted_rows = -(-n_tokens // seq_len)
-        rows = self.token_rows(lm, seq_len=seq_len, max_tokens=wanted_rows * seq_len)
-        max_rows = min(len(rows), wanted_rows)
-        for start in range(0, max_rows, batch_size):
-            yield rows[start:min(start + batch_size, max_rows)]
+        buf: list[int] = []
+        done = 0
+        for i in self._token_stream(lm, wanted_rows * seq_len):
+            buf.append(i)
+            if len(buf) == batch_size * seq_len and done + batch_size <= wanted_rows:
+                yield torch.tensor(buf).view(batch_size, seq_len)
+                done += batch_size
+                buf = []
+        rows = min(len(buf) // seq_len, wanted_rows - done)
+        if rows > 0:
+            yield torch.tensor(buf[: rows * seq_len]).view(rows, seq_len)
+        if done + max(rows, 0) == 0:
+            raise ValueError(f"corpus {self.name} has {len(buf)} tokens, fewer than one row "
+                             f"of {seq_len}; use more text or a shorter seq_len")
+
+    def _token_stream(self, lm: LM, max_tokens: int | None, chunk: int = 64) -> Iterator[int]:
+        """Token ids of the documents joined by EOS, stopping at the first document that starts
+        at or past ``max_tokens``; documents are tokenised ``chunk`` at a time (the fast
+        tokenisers run a batch in parallel)."""
+        eos = lm.tokenizer.eos_token_id
+        n = 0
+        for start in range(0, len(self.documents), chunk):
+            docs = self.documents[start:start + chunk]
+            for ids in lm.tokenizer(docs, add_special_tokens=False)["input_ids"]:
+                if max_tokens is not None and n >= max_tokens:
+                    return
+                yield from ids
+                n += len(ids)
+                if eos is not None:
+                    yield eos
+                    n += 1
 
 
 @torch.no_grad()
