@@ -107,6 +107,88 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _concept(args: argparse.Namespace) -> Any:
+    from .data import get_concept, load_concept
+
+    if getattr(args, "concept_file", None):
+        return load_concept(args.concept_file)
+    if not args.concept:
+        raise EngramError("name a concept: --concept NAME (bundled) or --concept-file FILE")
+    return get_concept(args.concept)
+
+
+def _settings(items: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EngramError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from .erase.run import run_erasure
+    from .models import load_model
+
+    concept = _concept(args)
+    lm = load_model(args.model, progress=not args.json)
+    report = run_erasure(lm, concept, args.method, layers=args.layers, out=args.out,
+                         relearn_steps=args.relearn_steps, **_settings(args.set))
+    pre, post = report["pre"], report["post"]
+    lines = [f"{args.method} erasure of {concept.name!r} on {lm.name} "
+             f"({report['erase_seconds']:.1f} s)",
+             f"{'':<10}{'target':>8}{'paraphr.':>10}{'controls':>10}{'perplexity':>12}"]
+    for name, r in (("before", pre), ("after", post)):
+        lines.append(f"{name:<10}{r['target_accuracy']:>8.3f}{r['paraphrase_accuracy']:>10.3f}"
+                     f"{r['control_accuracy']:>10.3f}{r['perplexity']:>12.2f}")
+    tr = report["trace"]
+    cos = tr["concept_vector_cosine"]
+    lines += [f"adversarial (best framing) {report['adversarial']['target_accuracy']:.3f}; "
+              f"after relearning {report['relearn']['target_accuracy']:.3f}",
+              f"inside: concept-vector cosine {'-' if cos is None else f'{cos:.3f}'}, "
+              f"coefficient patching {tr['coefficient_patch_accuracy']:.3f}, "
+              f"value restoration {tr['value_restore_accuracy']:.3f}"]
+    if args.out:
+        lines.append(f"saved to {args.out}")
+    _emit(args, report, lines)
+    return 0
+
+
+def cmd_concepts_list(args: argparse.Namespace) -> int:
+    from .data import bundled_concepts
+
+    concepts = bundled_concepts()
+    obj = {"concepts": [{"name": c.name, "probes": len(c.probes),
+                         "paraphrases": len(c.paraphrases)} for c in concepts]}
+    _emit(args, obj, [f"{c.name:<22}{len(c.probes):>4} probes{len(c.paraphrases):>4} "
+                      "paraphrases" for c in concepts])
+    return 0
+
+
+def cmd_concepts_find(args: argparse.Namespace) -> int:
+    from .erase import find_concept_vectors
+    from .models import load_model
+
+    concept = _concept(args)
+    lm = load_model(args.model, progress=not args.json)
+    found = find_concept_vectors(lm, concept, layers=args.layers,
+                                 n_candidates=args.candidates, selection=args.selection,
+                                 check=not args.no_check)[:args.top]
+    obj = {"concept": concept.name, "vectors": [c.to_dict() for c in found]}
+    lines = [f"{'layer':>5}{'index':>7}{'score':>8}{'vocab z':>9}{'act z':>8}{'drop':>8}"
+             "  top tokens"]
+    for c in found:
+        drop = "-" if c.drop is None else f"{c.drop:.3f}"
+        lines.append(f"{c.layer:>5}{c.index:>7}{c.score:>8.2f}{c.vocab:>9.2f}"
+                     f"{c.activation:>8.2f}{drop:>8}  {' '.join(repr(t) for t in c.top_tokens)}")
+    _emit(args, obj, lines)
+    return 0
+
+
 def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
     """Deltas, per-case results (JSONL), the JSON summary and a short report, atomically."""
     from ._io import atomic_dir
@@ -437,6 +519,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-facts", type=int, default=200)
     p.add_argument("--png", default=None)
     p.set_defaults(func=cmd_depth)
+
+    from .erase.run import METHODS as ERASE_METHODS
+
+    def concept_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--concept", default=None, help="bundled concept name")
+        p.add_argument("--concept-file", default=None,
+                       help="JSON concept file: name, keywords, probes, paraphrases, controls")
+        p.add_argument("--layers", type=int, nargs="+", default=None)
+
+    p = sub.add_parser("erase", help="erase a concept from the weights and evaluate it")
+    common(p)
+    concept_args(p)
+    p.add_argument("--method", choices=ERASE_METHODS, default="concept-vectors")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="method settings, e.g. top_k=64 steps=30 lr=1e-5")
+    p.add_argument("--relearn-steps", type=int, default=10)
+    p.add_argument("--out", default=None, help="folder for the delta and report.json")
+    p.set_defaults(func=cmd_erase)
+
+    cc = sub.add_parser("concepts", help="bundled concepts and their value vectors"
+                        ).add_subparsers(dest="concepts_cmd", required=True)
+    p = cc.add_parser("list", help="bundled concepts")
+    common(p, model=False)
+    p.set_defaults(func=cmd_concepts_list)
+    p = cc.add_parser("find", help="candidate value vectors of a concept with their top tokens")
+    common(p)
+    concept_args(p)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--candidates", type=int, default=64)
+    p.add_argument("--selection", choices=["vocab", "effect", "combined"], default="vocab")
+    p.add_argument("--no-check", action="store_true", help="skip the exact ablation check")
+    p.set_defaults(func=cmd_concepts_find)
 
     p = sub.add_parser("apply", help="write a full model folder with a saved delta applied")
     common(p)

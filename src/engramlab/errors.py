@@ -40,3 +40,7 @@ class RequestError(EngramError, ValueError):
 
 class SettingsError(EngramError, ValueError):
     """Settings that cannot work together (e.g. a data split that leaves no training text)."""
+
+
+class ConceptError(EngramError, ValueError):
+    """A concept to erase that cannot be used: unknown name, no probes, malformed file."""

@@ -1,19 +1,35 @@
 """Edit records, data-format loaders, bundled fact sets and text corpora."""
 
 from .bundled import bundled_cases, bundled_facts_path
+from .concepts import (
+    Concept,
+    Probe,
+    bundled_concepts,
+    controls_for,
+    general_text,
+    get_concept,
+    load_concept,
+)
 from .corpus import TextCorpus, sample_corpus
 from .loaders import detect_format, load_cases, load_requests, parse_cases, save_cases
 from .pararel import pararel_cases
 from .records import EditCase, EditRequest
 
 __all__ = [
+    "Concept",
     "EditCase",
     "EditRequest",
+    "Probe",
     "TextCorpus",
     "bundled_cases",
+    "bundled_concepts",
     "bundled_facts_path",
+    "controls_for",
     "detect_format",
+    "general_text",
+    "get_concept",
     "load_cases",
+    "load_concept",
     "load_requests",
     "pararel_cases",
     "parse_cases",

@@ -1,0 +1,143 @@
+"""Concepts to erase: probes the model must stop answering, their paraphrases, and controls.
+
+A concept file is JSON::
+
+    {"name": "Harry Potter", "keywords": ["Hogwarts", ...],
+     "probes": [{"prompt": "...", "answer": "..."}], "paraphrases": [...],
+     "controls": [...],            # optional: other concepts' probes serve otherwise
+     "text": "a paragraph about the concept"}  # optional: unlearning / relearning text
+
+A probe counts as answered when the greedy next token is the first token of ``" " + answer``.
+
+The bundled set (``smollm2_concepts``) holds 11 concepts — fictional series, people, places, a
+holiday — each with ≥ 10 probes that the embedded SmolLM2-135M-Instruct answers correctly. They
+were curated by writing cloze and QA prompts by hand and keeping those the model gets right
+(``tests/test_concepts.py`` re-checks this); a paraphrase is kept when the model also answers it,
+so some concepts (Paris, Japan) have few paraphrases. ``text`` is a short hand-written
+encyclopedic paragraph, used by the fine-tuning baselines as forget text and for relearning;
+``general_text`` holds neutral paragraphs about none of the concepts, for perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConceptError
+
+BUNDLED = "smollm2_concepts"
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    answer: str
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Probe:
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) \
+                or not isinstance(d.get("answer"), str) or not d["answer"].strip():
+            raise ConceptError(f"{where}: a probe is an object with a 'prompt' string and a "
+                               f"non-empty 'answer' string, got {d!r}")
+        return cls(d["prompt"], d["answer"].strip())
+
+    def to_dict(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "answer": self.answer}
+
+
+@dataclass
+class Concept:
+    name: str
+    probes: list[Probe]
+    keywords: list[str] = field(default_factory=list)
+    paraphrases: list[Probe] = field(default_factory=list)
+    controls: list[Probe] = field(default_factory=list)
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.probes:
+            raise ConceptError(f"concept {self.name!r} has no probes: give at least one "
+                               "{'prompt', 'answer'} pair the model answers before erasure")
+
+    @property
+    def forget_text(self) -> list[str]:
+        """Text about the concept for fine-tuning unlearning and relearning.
+
+        The concept's paragraph when it has one; otherwise its probes written out as sentences
+        (then the fine-tuning baselines train on the very prompts they are scored on, which
+        flatters them — say so when you report it).
+        """
+        if self.text.strip():
+            return [self.text.strip()]
+        return [f"{p.prompt} {p.answer}." for p in self.probes]
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "concept") -> Concept:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise ConceptError(f"{where}: a concept is an object with a 'name' string")
+        where = f"{where} {d['name']!r}"
+        lists = {}
+        for key in ("probes", "paraphrases", "controls"):
+            items = d.get(key) or []
+            if not isinstance(items, list):
+                raise ConceptError(f"{where}: {key!r} must be a list of probes")
+            lists[key] = [Probe.from_dict(p, f"{where} {key}[{i}]") for i, p in enumerate(items)]
+        keywords = d.get("keywords") or []
+        if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+            raise ConceptError(f"{where}: 'keywords' must be a list of strings")
+        return cls(name=d["name"], keywords=keywords, text=str(d.get("text") or ""), **lists)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "keywords": self.keywords,
+                "probes": [p.to_dict() for p in self.probes],
+                "paraphrases": [p.to_dict() for p in self.paraphrases],
+                "controls": [p.to_dict() for p in self.controls], "text": self.text}
+
+
+def _bundled_path(name: str = BUNDLED) -> Path:
+    return Path(str(resources.files("engramlab.data") / "bundled" / f"{name}.json"))
+
+
+def bundled_concepts(name: str = BUNDLED) -> list[Concept]:
+    raw = json.loads(_bundled_path(name).read_text())
+    return [Concept.from_dict(c, f"bundled concept {i}") for i, c in enumerate(raw["concepts"])]
+
+
+def general_text(name: str = BUNDLED) -> list[str]:
+    """Neutral paragraphs (about none of the bundled concepts) for perplexity."""
+    return list(json.loads(_bundled_path(name).read_text())["general_text"])
+
+
+def load_concept(path: str | os.PathLike[str]) -> Concept:
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptError(f"concept file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConceptError(f"concept file {path} is not valid JSON: {exc}") from exc
+    return Concept.from_dict(raw, str(path))
+
+
+def get_concept(name: str) -> Concept:
+    """A bundled concept by name (case-insensitive)."""
+    concepts = bundled_concepts()
+    for c in concepts:
+        if c.name.lower() == name.strip().lower():
+            return c
+    names = ", ".join(c.name for c in concepts)
+    raise ConceptError(f"no bundled concept named {name!r}; bundled: {names}. For another "
+                       "concept, write a concept file (name, keywords, probes, paraphrases) and "
+                       "pass --concept-file")
+
+
+def controls_for(concept: Concept, others: list[Concept] | None = None) -> list[Probe]:
+    """The concept's own controls, or else every other bundled concept's probes."""
+    if concept.controls:
+        return list(concept.controls)
+    others = bundled_concepts() if others is None else others
+    return [p for c in others if c.name.lower() != concept.name.lower() for p in c.probes]

@@ -1,0 +1,10 @@
+"""Concept erasure in the weights: concept vectors, sparse features, fine-tuning baselines.
+
+Every method returns a :class:`~engramlab.WeightDelta`.
+"""
+
+from __future__ import annotations
+
+from .concept_vectors import Candidate, ConceptVectors, find_concept_vectors, vectors_delta
+
+__all__ = ["Candidate", "ConceptVectors", "find_concept_vectors", "vectors_delta"]

@@ -1,0 +1,96 @@
+"""One erasure run end to end: erase, then measure behaviour and what is left inside.
+
+``run_erasure`` is what ``engram erase`` prints: accuracies before and after, perplexity,
+paraphrases, adversarial framings, relearning, and the inside-looking probes of
+:mod:`engramlab.evaluate.erasure` (the change of the concept's vectors, coefficient patching,
+value restoration). The concept's vectors used as its trace are the ones the concept-vectors
+finder validates on the unedited model, so every method is judged against the same trace.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_dir
+from ..data.concepts import Concept, Probe, controls_for, general_text
+from ..delta import WeightDelta
+from ..errors import ConceptError
+from ..evaluate import erasure as E
+from ..models.lm import LM
+from .concept_vectors import ConceptVectors, find_concept_vectors
+from .finetune import FineTuneUnlearner
+
+METHODS = ("concept-vectors", "ga", "npo", "rmu")
+
+
+def make_eraser(method: str, *, layers: Sequence[int] | None = None,
+                **settings: Any) -> ConceptVectors | FineTuneUnlearner:
+    key = method.lower()
+    if key == "concept-vectors":
+        return ConceptVectors(layers=list(layers) if layers else None, **settings)
+    if key in ("ga", "npo", "rmu"):
+        return FineTuneUnlearner(method=key, layers=list(layers) if layers else None,
+                                 **settings)
+    raise ConceptError(f"unknown erasure method {method!r}; choose one of {METHODS}")
+
+
+def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe],
+              neutral: Sequence[str]) -> dict[str, float]:
+    return {"target_accuracy": E.accuracy(lm, concept.probes),
+            "paraphrase_accuracy": E.accuracy(lm, concept.paraphrases),
+            "control_accuracy": E.accuracy(lm, controls),
+            "perplexity": E.perplexity(lm, neutral)}
+
+
+def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
+                layers: Sequence[int] | None = None, relearn_steps: int = 10,
+                relearn_lr: float = 3e-5, trace_vectors: int = 16,
+                out: str | Path | None = None, **settings: Any) -> dict[str, Any]:
+    """Erase ``concept`` with ``method`` and report; the model is left unedited."""
+    start = time.perf_counter()
+    controls = controls_for(concept)
+    neutral = general_text()
+    pre = behaviour(lm, concept, controls, neutral)
+    if pre["target_accuracy"] == 0:
+        raise ConceptError(f"the model answers none of {concept.name!r}'s probes before "
+                           "erasure: there is nothing to erase; check the probes")
+    trace = find_concept_vectors(lm, concept, controls=controls)[:trace_vectors]
+    trace_ids = [(c.layer, c.index) for c in trace]
+    originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
+                             for i, j in trace_ids]) if trace_ids else torch.zeros(0)
+    eraser = make_eraser(method, layers=layers, **settings)
+    t = time.perf_counter()
+    delta: WeightDelta = eraser.erase(lm, concept)
+    erase_s = time.perf_counter() - t
+    with delta.applied(lm):
+        post = behaviour(lm, concept, controls, neutral)
+        adversarial = E.adversarial_accuracies(lm, concept)
+        cosines = E.value_cosines(lm, trace_ids, originals) if trace_ids else []
+        backup = E.relearn(lm, concept.forget_text, steps=relearn_steps, lr=relearn_lr)
+        relearned = E.accuracy(lm, concept.probes)
+        E.restore(lm, backup)
+    patched = E.coefficient_patch_accuracy(lm, delta, concept.probes)
+    restored = E.value_restore_accuracy(lm, delta, concept.probes)
+    report = {
+        "method": method, "concept": concept.name, "pre": pre, "post": post,
+        "relearn": {"target_accuracy": relearned, "steps": relearn_steps},
+        "adversarial": {"target_accuracy": max(adversarial.values()), **adversarial},
+        "trace": {"concept_vector_cosine": sum(cosines) / len(cosines) if cosines else None,
+                  "coefficient_patch_accuracy": patched,
+                  "value_restore_accuracy": restored,
+                  "vectors": [list(v) for v in trace_ids]},
+        "delta": {"params": len(delta.entries), "norm": delta.norm()},
+        "erase_seconds": erase_s,
+        "seconds": time.perf_counter() - start,
+    }
+    if out is not None:
+        with atomic_dir(out) as tmp:
+            delta.save(Path(tmp) / "delta")
+            (Path(tmp) / "report.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,152 @@
+"""Concept erasure: the algebra on tiny models, the bundled concepts on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engramlab.data import Concept, Probe, bundled_concepts, get_concept, load_concept
+from engramlab.delta import ParamDelta, WeightDelta
+from engramlab.erase import find_concept_vectors, vectors_delta
+from engramlab.erase.finetune import FineTuneUnlearner, _nll, _rows, mlp_params, sentences
+from engramlab.erase.run import make_eraser
+from engramlab.erase.vectors import vocab_scores
+from engramlab.errors import ConceptError, EngramError
+from engramlab.evaluate.erasure import (
+    accuracy,
+    coefficient_patch_accuracy,
+    probe_hits,
+    value_restore_accuracy,
+)
+from tests.conftest import make_tiny, tiny_text
+
+
+def _known_probes(lm, n: int = 6, seed: int = 0) -> list[Probe]:
+    """Prompts with the tiny model's own greedy answer, so the unedited model gets them all."""
+    probes = []
+    for i in range(n):
+        prompt = tiny_text(5, seed=seed + i)
+        ids = torch.tensor([lm.tokenizer(prompt)["input_ids"]])
+        guess = int(lm.model(input_ids=ids).logits[0, -1].argmax())
+        answer = lm.decode(guess).strip()
+        if answer:
+            probes.append(Probe(prompt, answer))
+    return probes
+
+
+def test_vectors_delta_zeroes_or_damps_columns_and_reverts_exactly(tiny):
+    chosen = [(0, 1), (0, 3), (1, 2)]
+    before = {i: tiny.layout.value_weight(i).detach().clone() for i in (0, 1)}
+    delta = vectors_delta(tiny, chosen)
+    assert all(e.is_low_rank for e in delta.entries.values())
+    with delta.applied(tiny):
+        for layer, j in chosen:
+            assert torch.count_nonzero(tiny.layout.value_weight(layer)[:, j]) == 0
+        w0 = tiny.layout.value_weight(0)
+        assert torch.allclose(w0[:, 0], before[0][:, 0]) and torch.allclose(w0[:, 2],
+                                                                              before[0][:, 2])
+    for i in (0, 1):
+        assert torch.equal(tiny.layout.value_weight(i), before[i])
+    with vectors_delta(tiny, chosen, damping=0.25).applied(tiny):
+        assert torch.allclose(tiny.layout.value_weight(1)[:, 2], 0.25 * before[1][:, 2],
+                              atol=1e-6)
+
+
+def test_vocab_scores_fast_path_equals_full_projection():
+    lm = make_tiny("llama")
+    tokens = [5, 9, 17]
+    fast = vocab_scores(lm, [0, 1], tokens)
+    lm.config.final_logit_softcapping = 1e9  # tanh(x/c)·c = x: forces the direct path
+    direct = vocab_scores(lm, [0, 1], tokens)
+    assert fast.shape == (2, lm.layout.d_mlp)
+    assert torch.allclose(fast, direct, atol=1e-4)
+
+
+def test_coefficient_patching_undoes_key_side_changes_only():
+    """Patching the unedited keys cancels any change upstream of them (here: the up/gate
+    weights of layers 0 and 1) but not a change of the value vectors — the distinction the
+    inside-looking probe rests on. Value restoration is the mirror image."""
+    lm = make_tiny("llama")
+    probes = _known_probes(lm, 16)
+    assert accuracy(lm, probes) == 1.0
+    g = torch.Generator().manual_seed(0)
+    values = {lm.layout.value_param_name(i) for i in (0, 1)}
+    noise = {n: ParamDelta(dense=torch.randn(p.shape, generator=g) * 20.0)
+             for n, p in mlp_params(lm, [0, 1]).items()}
+    key_side = {n: d for n, d in noise.items() if n not in values}
+    value_side = {n: d for n, d in noise.items() if n in values}
+    for entries in (key_side, value_side):
+        delta = WeightDelta.for_model(lm, entries)
+        with delta.applied(lm):
+            broken = accuracy(lm, probes)
+        assert broken < 1.0  # both really change the answers
+        patched = coefficient_patch_accuracy(lm, delta, probes, layers=[0, 1])
+        restored = value_restore_accuracy(lm, delta, probes)
+        if entries is key_side:
+            assert patched == 1.0 and restored == broken
+        else:
+            assert patched == broken and restored == 1.0
+
+
+@pytest.mark.parametrize("method", ["ga", "npo", "rmu"])
+def test_finetune_baselines_change_only_mlps_and_leave_the_model(method):
+    lm = make_tiny("llama")
+    concept = Concept("tiny", probes=_known_probes(lm, 3),
+                      text=". ".join(tiny_text(8, seed=s) for s in range(4)) + ".")
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    eraser = FineTuneUnlearner(method=method, steps=5, lr=1e-3, rmu_layer=1)
+    delta = eraser.erase(lm, concept, retain=[tiny_text(10, seed=50), tiny_text(10, seed=51)])
+    for n, p in lm.model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} left changed"
+    allowed = set(mlp_params(lm, range(lm.layout.n_layers)))
+    assert delta.entries and set(delta.entries) <= allowed
+    assert delta.norm() > 0
+    if method == "ga":  # ascent: the forget text became less likely
+        ids, mask = _rows(lm, sentences(concept.forget_text))
+        with torch.no_grad():
+            base = float(_nll(lm, ids, mask))
+            with delta.applied(lm):
+                assert float(_nll(lm, ids, mask)) > base
+
+
+def test_bad_input_is_named(tmp_path):
+    lm = make_tiny("gpt2")
+    with pytest.raises(ConceptError, match="no probes"):
+        Concept("empty", probes=[])
+    with pytest.raises(ConceptError, match="no bundled concept named"):
+        get_concept("Atlantis")
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConceptError, match="not valid JSON"):
+        load_concept(bad)
+    bad.write_text(json.dumps({"name": "x", "probes": [{"prompt": "a"}]}))
+    with pytest.raises(ConceptError, match="answer"):
+        load_concept(bad)
+    with pytest.raises(ConceptError, match="unknown erasure method"):
+        make_eraser("lobotomy")
+    concept = Concept("tiny", probes=_known_probes(lm, 2), keywords=["w3"])
+    with pytest.raises(EngramError, match=r"out of range|layer"):
+        find_concept_vectors(lm, concept, layers=[lm.layout.n_layers + 3],
+                             controls=_known_probes(lm, 2, seed=20))
+
+
+def test_concept_file_round_trip(tmp_path):
+    c = get_concept("harry potter")
+    path = tmp_path / "hp.json"
+    path.write_text(json.dumps(c.to_dict()))
+    again = load_concept(path)
+    assert again.probes == c.probes and again.keywords == c.keywords
+
+
+def test_bundled_concepts_are_known_by_the_embedded_model(smol):
+    concepts = bundled_concepts()
+    assert len(concepts) >= 10
+    names = {c.name for c in concepts}
+    for c in concepts:
+        assert len(c.probes) >= 10, c.name
+        assert all(probe_hits(smol, c.probes)), c.name
+        assert all(probe_hits(smol, c.paraphrases)), c.name
+        # no probe of one concept is another's
+        assert not any(p.answer in names - {c.name} for p in c.probes)
