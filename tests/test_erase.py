@@ -9,7 +9,7 @@ import torch
 
 from engramlab.data import Concept, Probe, bundled_concepts, get_concept, load_concept
 from engramlab.delta import ParamDelta, WeightDelta
-from engramlab.erase import find_concept_vectors, vectors_delta
+from engramlab.erase import ConceptVectors, find_concept_vectors, vectors_delta
 from engramlab.erase.finetune import FineTuneUnlearner, _nll, _rows, mlp_params, sentences
 from engramlab.erase.run import make_eraser
 from engramlab.erase.vectors import vocab_scores
@@ -150,3 +150,24 @@ def test_bundled_concepts_are_known_by_the_embedded_model(smol):
         assert all(probe_hits(smol, c.paraphrases)), c.name
         # no probe of one concept is another's
         assert not any(p.answer in names - {c.name} for p in c.probes)
+
+
+def test_concept_vectors_tuning_respects_the_budget():
+    lm = make_tiny("llama")
+    probes = _known_probes(lm, 6)
+    controls = _known_probes(lm, 8, seed=30)
+    concept = Concept("tiny", probes=probes, keywords=["w3"], text=tiny_text(12, seed=7))
+    eraser = ConceptVectors(top_ks=(1, 4), dampings=(0.0, -2.0), n_candidates=8,
+                            max_control_drop=0.5, max_perplexity_rise=10.0)
+    delta = eraser.erase(lm, concept, controls)
+    assert len(eraser.trials) == 4
+    chosen = [t for t in eraser.trials if t["top_k"] == delta.meta["top_k"]
+              and t["damping"] == delta.meta["factor"]]
+    assert chosen and chosen[0]["ok"]
+    ok = [t for t in eraser.trials if t["ok"]]
+    assert chosen[0]["target_accuracy"] == min(t["target_accuracy"] for t in ok)
+    with pytest.raises(ConceptError, match="no setting"):
+        ConceptVectors(top_ks=(1,), dampings=(-4.0,), n_candidates=4,
+                       max_control_drop=-1.0).erase(lm, concept, controls)
+    with pytest.raises(ConceptError, match="below 1"):
+        ConceptVectors(damping=1.5, tune=False).erase(lm, concept, controls)

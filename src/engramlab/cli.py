@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     concept_args(p)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--candidates", type=int, default=64)
-    p.add_argument("--selection", choices=["vocab", "effect", "combined"], default="vocab")
+    p.add_argument("--selection", choices=["activation", "vocab", "effect", "combined"],
+                   default="activation")
     p.add_argument("--no-check", action="store_true", help="skip the exact ablation check")
     p.set_defaults(func=cmd_concepts_find)
 

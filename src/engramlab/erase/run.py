@@ -24,16 +24,19 @@ from ..errors import ConceptError
 from ..evaluate import erasure as E
 from ..models.lm import LM
 from .concept_vectors import ConceptVectors, find_concept_vectors
+from .features import FeatureEraser
 from .finetune import FineTuneUnlearner
 
-METHODS = ("concept-vectors", "ga", "npo", "rmu")
+METHODS = ("concept-vectors", "features", "ga", "npo", "rmu")
 
 
 def make_eraser(method: str, *, layers: Sequence[int] | None = None,
-                **settings: Any) -> ConceptVectors | FineTuneUnlearner:
+                **settings: Any) -> ConceptVectors | FeatureEraser | FineTuneUnlearner:
     key = method.lower()
     if key == "concept-vectors":
         return ConceptVectors(layers=list(layers) if layers else None, **settings)
+    if key == "features":
+        return FeatureEraser(layers=list(layers) if layers else None, **settings)
     if key in ("ga", "npo", "rmu"):
         return FineTuneUnlearner(method=key, layers=list(layers) if layers else None,
                                  **settings)
@@ -51,8 +54,10 @@ def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe],
 def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
                 layers: Sequence[int] | None = None, relearn_steps: int = 10,
                 relearn_lr: float = 3e-5, trace_vectors: int = 16,
-                out: str | Path | None = None, **settings: Any) -> dict[str, Any]:
-    """Erase ``concept`` with ``method`` and report; the model is left unedited."""
+                out: str | Path | None = None, eraser: Any = None,
+                **settings: Any) -> dict[str, Any]:
+    """Erase ``concept`` with ``method`` (or a ready ``eraser``) and report; the model is
+    left unedited."""
     start = time.perf_counter()
     controls = controls_for(concept)
     neutral = general_text()
@@ -60,11 +65,13 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s probes before "
                            "erasure: there is nothing to erase; check the probes")
-    trace = find_concept_vectors(lm, concept, controls=controls)[:trace_vectors]
+    trace = find_concept_vectors(lm, concept, controls=controls, n_candidates=trace_vectors,
+                                 check=False)
     trace_ids = [(c.layer, c.index) for c in trace]
     originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
                              for i, j in trace_ids]) if trace_ids else torch.zeros(0)
-    eraser = make_eraser(method, layers=layers, **settings)
+    if eraser is None:
+        eraser = make_eraser(method, layers=layers, **settings)
     t = time.perf_counter()
     delta: WeightDelta = eraser.erase(lm, concept)
     erase_s = time.perf_counter() - t

@@ -39,22 +39,34 @@ class VectorEvidence:
         return self.layers.index(layer)
 
 
+_STOPWORDS = frozenset({"the", "a", "an", "of", "and", "in", "on", "to", "for", "by", "with"})
+
+
 def keyword_tokens(lm: LM, keywords: Sequence[str]) -> list[int]:
-    """First tokens of each keyword, with and without a leading space, skipping fragments of
-    fewer than three characters (they name nothing)."""
+    """Tokens that name the concept: each word of each keyword, with and without a leading
+    space, lower-cased too, when it is one token or its first token carries most of it.
+
+    A fragment such as " Her" (of "Hermione") or " The" (of "The Beatles") names nothing and
+    matches every vector about pronouns or articles, so a first token counts only if it has at
+    least four characters (" Herm", " Hogw" stay; " Her", " Hog" go).
+    """
     ids: set[int] = set()
     for kw in keywords:
-        for form in (kw, " " + kw, kw.lower(), " " + kw.lower()):
-            toks = lm.encode(form)
-            if toks and len(lm.decode(toks[0]).strip()) >= 3:
-                ids.add(toks[0])
+        for word in kw.split():
+            if word.lower() in _STOPWORDS or len(word) < 3:
+                continue
+            for form in (word, " " + word, word.lower(), " " + word.lower()):
+                toks = lm.encode(form)
+                if not toks:
+                    continue
+                first = lm.decode(toks[0]).strip()
+                if len(toks) == 1 or len(first) >= 4:
+                    ids.add(toks[0])
     return sorted(ids)
 
 
-@torch.no_grad()
-def vocab_scores(lm: LM, layers: Sequence[int], token_ids: Sequence[int], *,
-                 chunk: int = 512) -> torch.Tensor:
-    """Largest keyword-token z-score of each value vector's vocabulary projection.
+class KeywordZ:
+    """Largest keyword-token z-score of the vocabulary projection of residual-space vectors.
 
     The z-score needs each vector's mean and spread over the whole vocabulary, but the logits
     are linear in the normed vector h: mean = h·ū and variance = hᵀ Σ h with ū and Σ the mean
@@ -62,32 +74,46 @@ def vocab_scores(lm: LM, layers: Sequence[int], token_ids: Sequence[int], *,
     fraction of a second for SmolLM2's 46k vectors). Models with an unembedding bias or a logit
     soft-cap take the direct path.
     """
-    out = torch.zeros(len(layers), lm.layout.d_mlp)
-    if not token_ids:
-        return out
-    tok = torch.tensor(list(token_ids), device=lm.device)
-    unembed = lm.layout.unembed
-    linear = getattr(unembed, "bias", None) is None and \
-        not getattr(lm.config, "final_logit_softcapping", None)
-    if linear:
-        weight = unembed.weight.double()  # type: ignore[union-attr]
-        mu = weight.mean(0)
-        centred = weight - mu
-        cov = centred.T @ centred / (weight.shape[0] - 1)
-        rows = weight[tok]
-    for i, layer in enumerate(layers):
-        w = lm.layout.value_weight(layer).T  # [d_mlp, d_model]
-        for s in range(0, w.shape[0], chunk):
-            if linear:
-                h = lm.layout.final_norm(w[s:s + chunk]).double()
-                sd = ((h @ cov) * h).sum(-1).clamp_min(1e-30).sqrt()
-                z = (h @ rows.T - (h @ mu)[:, None]) / sd[:, None]
+
+    def __init__(self, lm: LM, token_ids: Sequence[int]) -> None:
+        self.lm = lm
+        self.tok = torch.tensor(list(token_ids), dtype=torch.long, device=lm.device)
+        unembed = lm.layout.unembed
+        self.linear = getattr(unembed, "bias", None) is None and \
+            not getattr(lm.config, "final_logit_softcapping", None)
+        if self.linear and len(self.tok):
+            weight = unembed.weight.detach().double()  # type: ignore[union-attr]
+            self.mu = weight.mean(0)
+            centred = weight - self.mu
+            self.cov = centred.T @ centred / (weight.shape[0] - 1)
+            self.rows = weight[self.tok]
+
+    @torch.no_grad()
+    def __call__(self, vectors: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """``[n]`` scores for ``vectors`` ``[n, d_model]`` (zeros without keyword tokens)."""
+        out = torch.zeros(vectors.shape[0])
+        if not len(self.tok):
+            return out
+        for s in range(0, vectors.shape[0], chunk):
+            part = vectors[s:s + chunk].to(self.lm.device, self.lm.dtype)
+            if self.linear:
+                h = self.lm.layout.final_norm(part).double()
+                sd = ((h @ self.cov) * h).sum(-1).clamp_min(1e-30).sqrt()
+                z = (h @ self.rows.T - (h @ self.mu)[:, None]) / sd[:, None]
             else:
-                logits = lm.logits_from_hidden(w[s:s + chunk]).float()
-                z = (logits[:, tok] - logits.mean(-1, keepdim=True)) \
+                logits = self.lm.logits_from_hidden(part).float()
+                z = (logits[:, self.tok] - logits.mean(-1, keepdim=True)) \
                     / logits.std(-1, keepdim=True)
-            out[i, s:s + chunk] = z.max(-1).values.float().cpu()
-    return out
+            out[s:s + chunk] = z.max(-1).values.float().cpu()
+        return out
+
+
+@torch.no_grad()
+def vocab_scores(lm: LM, layers: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+    """:class:`KeywordZ` of every value vector of ``layers``, ``[layers, d_mlp]``."""
+    score = KeywordZ(lm, token_ids)
+    return torch.stack([score(lm.layout.value_weight(layer).detach().T) for layer in layers]) \
+        if layers else torch.zeros(0, lm.layout.d_mlp)
 
 
 def _coefficients_and_effects(lm: LM, probes: Sequence[Probe], layers: Sequence[int],

@@ -1,0 +1,111 @@
+"""Concept erasure, every method on the same concepts: behaviour, what is left inside, cost.
+
+Prints one JSON object: per concept and method the ``run_erasure`` report (accuracies before and
+after, paraphrases, controls, perplexity, adversarial framings, relearning, concept-vector
+cosine, coefficient patching, value restoration), seconds per concept, the dictionary's
+training time (trained once per model, cached, shared by all concepts) and peak RSS. With
+``--png`` it also draws the concept-vectors trade-off curve (concept accuracy against control
+accuracy and perplexity over its tuning grid).
+
+    .venv/bin/python bench/erase.py [--concepts "Harry Potter"] [--methods concept-vectors,ga]
+        [--out docs/results/erase_smollm2_cpu.json] [--png docs/results/erase_tradeoff.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import engramlab as eg
+from engramlab.data import get_concept
+from engramlab.erase.concept_vectors import ConceptVectors
+from engramlab.erase.dictionary import train_dictionary
+from engramlab.erase.features import FeatureEraser
+from engramlab.erase.run import METHODS, run_erasure
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def tradeoff_png(trials: dict[str, list[dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in trials.items():
+        t = [r["target_accuracy"] for r in rows]
+        axes[0].scatter([r["control_accuracy"] for r in rows], t, label=name)
+        axes[1].scatter([r["perplexity"] for r in rows], t, label=name)
+    axes[0].set_xlabel("control accuracy (tuning half)")
+    axes[1].set_xlabel("perplexity on neutral text")
+    for ax in axes:
+        ax.set_ylabel("concept accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("concept vectors: top_k × damping grid")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--concepts", default="Harry Potter")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--relearn-steps", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--png", default=None)
+    args = ap.parse_args()
+
+    lm = eg.load_model(args.model, progress=False)
+    result: dict = {"model": lm.name, "concepts": {}}
+    dictionary = None
+    if "features" in args.methods.split(","):
+        t = time.perf_counter()
+        dictionary = train_dictionary(lm, use_cache=False, progress=False)
+        result["dictionary_seconds"] = time.perf_counter() - t
+    trials: dict[str, list[dict]] = {}
+    for name in args.concepts.split(","):
+        concept = get_concept(name.strip())
+        per: dict = {}
+        for method in args.methods.split(","):
+            settings = {}
+            if method == "concept-vectors":
+                eraser = ConceptVectors()
+                settings["eraser"] = eraser
+            elif method == "features":
+                settings["eraser"] = FeatureEraser(dictionary=dictionary)
+            t = time.perf_counter()
+            try:
+                report = run_erasure(lm, concept, method, relearn_steps=args.relearn_steps,
+                                     **settings)
+            except eg.EngramError as exc:  # a method that finds nothing is a result too
+                per[method] = {"error": str(exc)}
+                continue
+            report["wall_seconds"] = time.perf_counter() - t
+            if method == "concept-vectors":
+                report["tuning"] = eraser.trials
+                trials[concept.name] = eraser.trials
+            per[method] = report
+            print(f"{concept.name} {method}: post {report['post']} "
+                  f"({report['erase_seconds']:.1f} s)", file=sys.stderr, flush=True)
+        result["concepts"][concept.name] = per
+    result["peak_rss_mb"] = peak_rss_mb()
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.png and trials:
+        tradeoff_png(trials, args.png)
+
+
+if __name__ == "__main__":
+    main()
