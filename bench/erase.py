@@ -57,7 +57,7 @@ def tradeoff_png(trials: dict[str, list[dict]], path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--concepts", default="Harry Potter")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--relearn-steps", type=int, default=10)

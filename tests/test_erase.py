@@ -171,3 +171,27 @@ def test_concept_vectors_tuning_respects_the_budget():
                        max_control_drop=-1.0).erase(lm, concept, controls)
     with pytest.raises(ConceptError, match="below 1"):
         ConceptVectors(damping=1.5, tune=False).erase(lm, concept, controls)
+
+
+def test_concept_vectors_halve_harry_potter_on_the_embedded_model(smol):
+    """The issue's bar on one concept: reversing the 12 value vectors that fire most on Harry
+    Potter text at least halves its accuracy while other concepts lose under 10 points and
+    general perplexity rises under 10 %; the paraphrases (never used to choose) fall too; and
+    patching the unedited MLP coefficients back brings less than half of it back."""
+    from engramlab.data.concepts import controls_for, general_text
+    from engramlab.erase.run import behaviour
+
+    concept = get_concept("Harry Potter")
+    controls, neutral = controls_for(concept), general_text(split="eval")
+    pre = behaviour(smol, concept, controls, neutral)
+    delta = ConceptVectors(tune=False, top_k=12, damping=-2.0).erase(smol, concept, controls)
+    assert delta.meta["top_k"] == 12 and all(e.is_low_rank for e in delta.entries.values())
+    with delta.applied(smol):
+        post = behaviour(smol, concept, controls, neutral)
+    assert post["target_accuracy"] <= 0.5 * pre["target_accuracy"]
+    assert pre["control_accuracy"] - post["control_accuracy"] < 0.10
+    assert post["perplexity"] < 1.10 * pre["perplexity"]
+    assert post["paraphrase_accuracy"] < pre["paraphrase_accuracy"]
+    patched = coefficient_patch_accuracy(smol, delta, concept.probes)
+    erased = pre["target_accuracy"] - post["target_accuracy"]
+    assert patched - post["target_accuracy"] < 0.5 * erased

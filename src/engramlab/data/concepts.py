@@ -107,9 +107,18 @@ def bundled_concepts(name: str = BUNDLED) -> list[Concept]:
     return [Concept.from_dict(c, f"bundled concept {i}") for i, c in enumerate(raw["concepts"])]
 
 
-def general_text(name: str = BUNDLED) -> list[str]:
-    """Neutral paragraphs (about none of the bundled concepts) for perplexity."""
-    return list(json.loads(_bundled_path(name).read_text())["general_text"])
+def general_text(name: str = BUNDLED, split: str = "all") -> list[str]:
+    """Neutral paragraphs (about none of the bundled concepts).
+
+    ``split="tune"`` (even paragraphs) is what methods may look at — the fine-tuning baselines'
+    retain set, the activation baseline, the tuning grid; ``split="eval"`` (odd paragraphs) is
+    where perplexity is reported. Training GA's retain term on the text perplexity is measured
+    on would report a perplexity *below* the unedited model's, which says nothing.
+    """
+    paragraphs = list(json.loads(_bundled_path(name).read_text())["general_text"])
+    if split not in ("all", "tune", "eval"):
+        raise ConceptError(f"unknown split {split!r}; use 'all', 'tune' or 'eval'")
+    return paragraphs if split == "all" else paragraphs[(split == "eval"):: 2]
 
 
 def load_concept(path: str | os.PathLike[str]) -> Concept:

@@ -11,8 +11,9 @@ by ``damping`` (``mode="damp"``; a negative factor reverses the vector, as PISCE
 pushes a feature past zero). The change is a low-rank ``WeightDelta``: per layer,
 ``-(1 - damping) V[:, S] E_Sᵀ``. With ``tune`` (the default), ``top_k`` and ``damping`` are
 chosen on a small grid: the setting that lowers the concept's accuracy most while the control
-probes lose at most ``max_control_drop`` and general perplexity rises at most
-``max_perplexity_rise`` — the joint causal check of the whole set. ``find_concept_vectors`` with
+probes lose less than ``max_control_drop`` and general perplexity rises less than
+``max_perplexity_rise`` (by default the budget the project asks of an eraser: 10 points, 10 %)
+— the joint causal check of the whole set. ``find_concept_vectors`` with
 ``check=True`` also validates each candidate alone by exact ablation (the paper's check).
 
 Deviations from the paper, measured on SmolLM2-135M (Harry Potter; ``bench/erase.py``):
@@ -101,7 +102,7 @@ def find_concept_vectors(lm: LM, concept: Concept, *, layers: Sequence[int] | No
     """Candidate vectors, best first; with ``check``, each verified by exact ablation and
     ordered by its concept-specific drop (those that do not lower the concept are dropped)."""
     controls = list(controls_for(concept) if controls is None else controls)
-    ev = vector_evidence(lm, concept, controls, layers, neutral=general_text())
+    ev = vector_evidence(lm, concept, controls, layers, neutral=general_text(split="tune"))
     score = rank_vectors(ev, selection)
     flat = score.flatten().topk(min(n_candidates, score.numel())).indices
     cands = []
@@ -145,7 +146,7 @@ def vectors_delta(lm: LM, vectors: Sequence[tuple[int, int]], /, *, damping: flo
 class ConceptVectors:
     """Erase a concept by ablating, damping or reversing its value vectors."""
 
-    top_k: int = 16
+    top_k: int = 12
     n_candidates: int = 128
     layers: list[int] | None = None
     selection: str = "activation"
@@ -153,10 +154,10 @@ class ConceptVectors:
     damping: float = -2.0
     check: bool = False
     tune: bool = True
-    top_ks: tuple[int, ...] = (8, 16, 32, 64)
-    dampings: tuple[float, ...] = (0.0, -1.0, -2.0, -4.0)
-    max_control_drop: float = 0.08
-    max_perplexity_rise: float = 0.05
+    top_ks: tuple[int, ...] = (8, 12, 16, 24, 32)
+    dampings: tuple[float, ...] = (0.0, -1.0, -2.0, -3.0)
+    max_control_drop: float = 0.10
+    max_perplexity_rise: float = 0.10
     found: list[Candidate] = field(default_factory=list, init=False)
     trials: list[dict[str, float]] = field(default_factory=list, init=False)
 
@@ -196,7 +197,7 @@ class ConceptVectors:
         from ..evaluate.erasure import accuracy, perplexity
 
         dev = list(controls)[::2]
-        neutral = general_text()
+        neutral = general_text(split="tune")
         base_c, base_p = accuracy(lm, dev), perplexity(lm, neutral)
         dampings = [0.0] if self.mode == "ablate" else list(self.dampings)
         best: tuple[float, int, float] | None = None
@@ -208,7 +209,7 @@ class ConceptVectors:
                 with delta.applied(lm):
                     t, c, p = accuracy(lm, concept.probes), accuracy(lm, dev), \
                         perplexity(lm, neutral)
-                ok = base_c - c <= self.max_control_drop and p <= base_p * (
+                ok = base_c - c < self.max_control_drop and p < base_p * (
                     1 + self.max_perplexity_rise)
                 self.trials.append({"top_k": k, "damping": d, "target_accuracy": t,
                                     "control_accuracy": c, "perplexity": p, "ok": ok})

@@ -163,7 +163,7 @@ class FeatureEraser:
             self.dictionary = d
         d.check_model(lm)
         controls = list(controls_for(concept) if controls is None else controls)
-        labels = label_features(lm, d, concept, controls, general_text(),
+        labels = label_features(lm, d, concept, controls, general_text(split="tune"),
                                 min_vocab_z=self.min_vocab_z)
         self.chosen = select_features(labels, self.n_features)
         if not self.chosen:

@@ -107,7 +107,7 @@ class FineTuneUnlearner:
         if self.method not in ("ga", "npo", "rmu"):
             raise ConceptError(f"unknown fine-tuning method {self.method!r}: ga, npo or rmu")
         forget = sentences(concept.forget_text)
-        retain_rows = sentences(general_text() if retain is None else retain)
+        retain_rows = sentences(general_text(split="tune") if retain is None else retain)
         if not forget:
             raise ConceptError(f"concept {concept.name!r} has no text to unlearn on")
         f_ids, f_mask = _rows(lm, forget)

@@ -60,7 +60,7 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     left unedited."""
     start = time.perf_counter()
     controls = controls_for(concept)
-    neutral = general_text()
+    neutral = general_text(split="eval")
     pre = behaviour(lm, concept, controls, neutral)
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s probes before "
