@@ -104,3 +104,30 @@ def test_features_bad_input():
         features_delta(lm, torch.randn(2, lm.layout.d_model), [lm.layout.n_layers + 2])
     with pytest.raises(ConceptError, match="k="):
         fit_dictionary(torch.randn(10, 4), n_features=4, k=8, progress=False)
+
+
+def test_codes_decide_which_vectors_lose_a_feature():
+    """With the dictionary's codes, only vectors whose code for a chosen feature passes
+    τ × its largest code change; they end orthogonal to it, and the rest stay bit-identical."""
+    from engramlab.erase.features import feature_codes
+
+    lm = make_tiny("llama")
+    layers = [0, 1]
+    d = train_dictionary(lm, layers, n_features=32, k=2, steps=30, use_cache=False,
+                         progress=False)
+    feats = [0, 5]
+    codes = feature_codes(lm, d, feats, layers)
+    top = torch.stack([codes[i].amax(0) for i in layers]).amax(0)
+    before = {i: lm.layout.value_weight(i).detach().clone() for i in layers}
+    delta = features_delta(lm, d.decoder[feats], layers, tau=0.3, codes=codes)
+    with delta.applied(lm):
+        n_hit = 0
+        for i in layers:
+            hit = ((codes[i] > 0.3 * top) & (codes[i] > 0)).any(1)
+            n_hit += int(hit.sum())
+            w = lm.layout.value_weight(i)
+            assert (d.decoder[feats] @ w[:, hit].float()).abs().max() < 1e-4
+            assert torch.equal(w[:, ~hit], before[i][:, ~hit])
+        assert 0 < n_hit < len(layers) * lm.layout.d_mlp
+    with pytest.raises(ConceptError, match="codes lack layers"):
+        features_delta(lm, d.decoder[feats], [0, 1], codes={0: codes[0]})

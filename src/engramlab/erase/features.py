@@ -15,8 +15,11 @@ Recipe, per layer of the dictionary:
    than on control probes and neutral text, in units of the control spread.
 2. **Select** the ``n_features`` features with the highest vocabulary score among those whose
    score is at least ``min_vocab_z`` and whose activation is positive.
-3. **Erase**: a value vector v_j of layer l is *affected* by feature f when
-   ``|d_f · v_j| > tau · max_i |d_f · v_i|`` (the paper's τ, per feature and layer). Each affected
+3. **Erase**: a value vector v_j is *affected* by feature f when the dictionary's code of
+   v_j for f exceeds ``tau · max_i code_f(v_i)`` over all dictionary layers (the paper's τ).
+   (A first version compared dense projections ``|d_f · v_j|`` instead: in 576 dimensions
+   every vector projects a little on every direction, and τ = 0.2 touched 37k of SmolLM2's 46k
+   vectors for 4 features, destroying the model.) Each affected
    vector loses its component in the span of the selected directions:
    ``v_j ← v_j − strength · Q Qᵀ v_j`` with Q an orthonormal basis of that span; with
    ``strength = 1`` the vector is left exactly orthogonal to every selected feature. Per layer
@@ -111,9 +114,29 @@ def select_features(labels: Sequence[FeatureLabel], n_features: int,
     return [lab for lab in labels if lab.activation > min_activation][:n_features]
 
 
+def feature_codes(lm: LM, dictionary: ValueDictionary, features: Sequence[int],
+                  layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """How strongly each value vector of ``layers`` carries each feature: the dictionary's
+    TopK code of the unit vector, ``{layer: [d_mlp, len(features)]}`` (zero where the feature
+    is not among the vector's k)."""
+    out = {}
+    for layer in layers:
+        w = lm.layout.value_weight(lm.layout.check_layer(layer)).detach().float().cpu()
+        unit = w.T / w.T.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        out[layer] = dictionary.encode(unit)[:, list(features)]
+    return out
+
+
 def features_delta(lm: LM, directions: torch.Tensor, layers: Sequence[int], *, tau: float = 0.2,
-                   strength: float = 1.0, **meta: object) -> WeightDelta:
-    """Remove ``directions`` ``[n, d_model]`` from each strongly affected value vector."""
+                   strength: float = 1.0, codes: dict[int, torch.Tensor] | None = None,
+                   **meta: object) -> WeightDelta:
+    """Remove ``directions`` ``[n, d_model]`` from each strongly affected value vector.
+
+    With ``codes`` (:func:`feature_codes`) a vector is affected when its code for a feature
+    exceeds τ × that feature's largest code over all ``layers`` — the paper's rule, which
+    touches only vectors the dictionary says carry the feature. Without, the dense projection
+    on the unit direction is compared with τ × its largest value in the layer (for directions
+    that come from no dictionary)."""
     if directions.ndim != 2 or directions.shape[1] != lm.layout.d_model:
         raise ConceptError(f"directions must be [n, {lm.layout.d_model}], got "
                            f"{tuple(directions.shape)}")
@@ -124,10 +147,21 @@ def features_delta(lm: LM, directions: torch.Tensor, layers: Sequence[int], *, t
     q, _ = torch.linalg.qr(dirs.T)  # [d_model, n] orthonormal basis of their span
     entries = {}
     n_affected = {}
-    for layer in dict.fromkeys(lm.layout.check_layer(i) for i in layers):
+    layers = list(dict.fromkeys(lm.layout.check_layer(i) for i in layers))
+    if codes is not None:
+        missing = [i for i in layers if i not in codes]
+        if missing:
+            raise ConceptError(f"codes lack layers {missing}: compute them with feature_codes "
+                               "for every layer to edit")
+        top = torch.stack([codes[i].amax(0) for i in layers]).amax(0)  # [n]
+    for layer in layers:
         w = lm.layout.value_weight(layer).detach().double().cpu()  # [d_model, d_mlp]
-        proj = (dirs / dirs.norm(dim=-1, keepdim=True)) @ w  # [n, d_mlp]
-        big = proj.abs() > tau * proj.abs().amax(-1, keepdim=True)
+        if codes is not None:
+            c = codes[layer]
+            big = ((c > tau * top) & (c > 0)).T
+        else:
+            proj = (dirs / dirs.norm(dim=-1, keepdim=True)) @ w  # [n, d_mlp]
+            big = proj.abs() > tau * proj.abs().amax(-1, keepdim=True)
         cols = big.any(0).nonzero().flatten()
         if len(cols) == 0:
             continue
@@ -171,8 +205,9 @@ class FeatureEraser:
                                f"(z ≥ {self.min_vocab_z}) and written more on its text: lower "
                                "min_vocab_z or add keywords")
         layers = self.layers if self.layers is not None else d.layers
-        dirs = d.decoder[[lab.feature for lab in self.chosen]]
+        feats = [lab.feature for lab in self.chosen]
         log.info("erasing %d features of %r", len(self.chosen), concept.name)
-        return features_delta(lm, dirs, layers, tau=self.tau, strength=self.strength,
+        return features_delta(lm, d.decoder[feats], layers, tau=self.tau,
+                              strength=self.strength, codes=feature_codes(lm, d, feats, layers),
                               method="features", concept=concept.name,
                               features=[lab.feature for lab in self.chosen])
