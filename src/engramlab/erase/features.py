@@ -35,6 +35,27 @@ Deviations from the paper:
   reconstruction error; we project the direction out (μ = 0), which removes the feature exactly
   rather than through an imperfect encoder, and expose ``strength`` > 1 to push past zero as the
   paper's negative μ does.
+
+What it does on SmolLM2-135M (CPU, session 7; ``bench/erase.py``) — it does **not** reach the
+paper's result there, and the reason is the disentangler, not the removal:
+
+* The value-vector dictionary (4096 features, k = 8, 1000 steps) explains 0.32 of the unit
+  vectors' variance. Its features do not name concepts: the best keyword z-score for Harry
+  Potter is 3.8 (a "both / respectively" feature); for The Beatles the two features above 6 are
+  "now / today" and "early / earlier". Erasing every feature with z ≥ 3.5 and positive
+  activation (13 for Shakespeare, τ = 0, strength 3) leaves 0.86 of its probes answered.
+* Labelling the dictionary's features by activation instead (each vector's activation on the
+  concept's text, summed through its code) finds no specific feature either (best
+  specificity z 1.8 for Harry Potter, generic top tokens).
+* An activation SAE of the MLP outputs, as in the paper but trained here (13k tokens of
+  sampled text plus every bundled concept's text, 30 layers pooled, 4096 features, k = 16,
+  explained variance 0.49, 800 s on 2 cores), has no Harry Potter feature either: the most
+  specific fires 4.2x more on it than on any other concept, at a mean code of 0.003.
+
+PISCES relies on SAEs trained on billions of tokens of large models (Gemma Scope, Llama
+Scope). The removal step, :func:`features_delta`, takes any directions and per-vector codes, so
+such an SAE's decoder rows and its encoding of the value vectors can be passed to it directly;
+for the embedded model, ``concept-vectors`` is the in-parameter eraser that meets the bar.
 """
 
 from __future__ import annotations
