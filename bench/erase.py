@@ -45,7 +45,7 @@ def tradeoff_png(trials: dict[str, list[dict]], path: str) -> None:
         axes[0].scatter([r["control_accuracy"] for r in rows], t, label=name)
         axes[1].scatter([r["perplexity"] for r in rows], t, label=name)
     axes[0].set_xlabel("control accuracy (tuning half)")
-    axes[1].set_xlabel("perplexity on neutral text")
+    axes[1].set_xlabel("perplexity on neutral text (tuning half)")
     for ax in axes:
         ax.set_ylabel("concept accuracy")
         ax.grid(alpha=0.3)
