@@ -65,16 +65,21 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s probes before "
                            "erasure: there is nothing to erase; check the probes")
-    trace = find_concept_vectors(lm, concept, controls=controls, n_candidates=trace_vectors,
-                                 check=False)
-    trace_ids = [(c.layer, c.index) for c in trace]
-    originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
-                             for i, j in trace_ids]) if trace_ids else torch.zeros(0)
     if eraser is None:
         eraser = make_eraser(method, layers=layers, **settings)
     t = time.perf_counter()
-    delta: WeightDelta = eraser.erase(lm, concept)
+    delta: WeightDelta = eraser.erase(lm, concept)  # returned, not applied: weights unchanged
     erase_s = time.perf_counter() - t
+    if (isinstance(eraser, ConceptVectors) and eraser.selection == "activation"
+            and eraser.layers is None and not eraser.check
+            and len(eraser.found) >= trace_vectors):
+        trace = eraser.found[:trace_vectors]  # the same ranking: no second evidence pass
+    else:
+        trace = find_concept_vectors(lm, concept, controls=controls,
+                                     n_candidates=trace_vectors, check=False)
+    trace_ids = [(c.layer, c.index) for c in trace]
+    originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
+                             for i, j in trace_ids]) if trace_ids else torch.zeros(0)
     with delta.applied(lm):
         post = behaviour(lm, concept, controls, neutral)
         adversarial = E.adversarial_accuracies(lm, concept)
