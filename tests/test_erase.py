@@ -195,3 +195,36 @@ def test_concept_vectors_halve_harry_potter_on_the_embedded_model(smol):
     patched = coefficient_patch_accuracy(smol, delta, concept.probes)
     erased = pre["target_accuracy"] - post["target_accuracy"]
     assert patched - post["target_accuracy"] < 0.5 * erased
+
+
+def test_run_erasure_reports_every_measure_and_leaves_the_model(tiny_llama_concept):
+    """End to end on a tiny model: the report has each measure the CLI prints, the held-out
+    relearning scores exactly the half it did not train on, and the weights come back."""
+    from engramlab.erase.run import run_erasure
+    from engramlab.evaluate.erasure import heldout_split
+
+    lm, concept = tiny_llama_concept
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    report = run_erasure(lm, concept, "ga", steps=3, lr=1e-3, relearn_steps=2,
+                         trace_vectors=4)
+    for n, p in lm.model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} left changed"
+    json.dumps(report)  # what --json prints
+    assert report["pre"]["target_accuracy"] == 1.0
+    train, held = heldout_split(concept.probes)
+    assert not {p.prompt for p in train} & {p.prompt for p in held}
+    h = report["relearn"]["heldout"]
+    assert (h["train_probes"], h["eval_probes"]) == (len(train), len(held))
+    assert 0.0 <= h["target_accuracy"] <= 1.0 and 0.0 <= h["unedited"] <= 1.0
+    delta = make_eraser("ga", steps=3, lr=1e-3).erase(lm, concept)  # deterministic: same delta
+    with delta.applied(lm):
+        assert h["before"] == accuracy(lm, held)
+    assert len(report["trace"]["vectors"]) == 4
+
+
+@pytest.fixture
+def tiny_llama_concept():
+    lm = make_tiny("llama")
+    concept = Concept("tiny", probes=_known_probes(lm, 8),
+                      text=". ".join(tiny_text(8, seed=s) for s in range(4)) + ".")
+    return lm, concept

@@ -149,6 +149,9 @@ def cmd_erase(args: argparse.Namespace) -> int:
     cos = tr["concept_vector_cosine"]
     lines += [f"adversarial (best framing) {report['adversarial']['target_accuracy']:.3f}; "
               f"after relearning {report['relearn']['target_accuracy']:.3f}",
+              "relearning on half the facts, the other half: {before:.3f} -> "
+              "{target_accuracy:.3f} (unedited model: {unedited:.3f})".format(
+                  **report["relearn"]["heldout"]),
               f"inside: concept-vector cosine {'-' if cos is None else f'{cos:.3f}'}, "
               f"coefficient patching {tr['coefficient_patch_accuracy']:.3f}, "
               f"value restoration {tr['value_restore_accuracy']:.3f}"]

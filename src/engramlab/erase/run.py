@@ -1,7 +1,9 @@
 """One erasure run end to end: erase, then measure behaviour and what is left inside.
 
 ``run_erasure`` is what ``engram erase`` prints: accuracies before and after, perplexity,
-paraphrases, adversarial framings, relearning, and the inside-looking probes of
+paraphrases, adversarial framings, relearning (on the concept's paragraph, and on half of its
+facts scored on the other half, with the unedited model under the same fine-tune as the
+reference), and the inside-looking probes of
 :mod:`engramlab.evaluate.erasure` (the change of the concept's vectors, coefficient patching,
 value restoration). The concept's vectors used as its trace are the ones the concept-vectors
 finder validates on the unedited model, so every method is judged against the same trace.
@@ -62,6 +64,8 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     controls = controls_for(concept)
     neutral = general_text(split="eval")
     pre = behaviour(lm, concept, controls, neutral)
+    # the unedited model under the same relearning: what "fully recovered" looks like
+    reference = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s probes before "
                            "erasure: there is nothing to erase; check the probes")
@@ -85,13 +89,17 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
         adversarial = E.adversarial_accuracies(lm, concept)
         cosines = E.value_cosines(lm, trace_ids, originals) if trace_ids else []
         backup = E.relearn(lm, concept.forget_text, steps=relearn_steps, lr=relearn_lr)
-        relearned = E.accuracy(lm, concept.probes)
-        E.restore(lm, backup)
+        try:
+            relearned = E.accuracy(lm, concept.probes)
+        finally:
+            E.restore(lm, backup)
+        heldout = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
     patched = E.coefficient_patch_accuracy(lm, delta, concept.probes)
     restored = E.value_restore_accuracy(lm, delta, concept.probes)
     report = {
         "method": method, "concept": concept.name, "pre": pre, "post": post,
-        "relearn": {"target_accuracy": relearned, "steps": relearn_steps},
+        "relearn": {"target_accuracy": relearned, "steps": relearn_steps,
+                    "heldout": {**heldout, "unedited": reference["target_accuracy"]}},
         "adversarial": {"target_accuracy": max(adversarial.values()), **adversarial},
         "trace": {"concept_vector_cosine": sum(cosines) / len(cosines) if cosines else None,
                   "coefficient_patch_accuracy": patched,

@@ -154,6 +154,36 @@ def relearn(lm: LM, texts: Sequence[str], *, steps: int = 10,
     return backup
 
 
+def heldout_split(probes: Sequence[Probe]) -> tuple[list[Probe], list[Probe]]:
+    """Alternate probes into a relearning half and a disjoint scoring half."""
+    return list(probes[0::2]), list(probes[1::2])
+
+
+def relearn_heldout(lm: LM, probes: Sequence[Probe], *, steps: int = 10,
+                    lr: float = 3e-5) -> dict[str, float | int]:
+    """Relearn on half of the probes' facts, score the other half (Deeb & Roger 2024).
+
+    Relearning on text that states the answers (:func:`relearn` on the concept's paragraph)
+    cannot tell knowledge that came back from knowledge learned anew. Deeb & Roger, "Do
+    Unlearning Methods Remove Information from Language Model Weights?", fine-tune on some
+    facts and test on *other* facts of the same kind: only knowledge still in the weights can
+    return on the held-out half. Leaves ``lm`` as it found it.
+    """
+    train, held = heldout_split(probes)
+    if not train or not held:
+        return {"train_probes": len(train), "eval_probes": len(held),
+                "before": float("nan"), "target_accuracy": float("nan")}
+    before = accuracy(lm, held)
+    text = " ".join(f"{p.prompt} {p.answer}." for p in train)
+    backup = relearn(lm, [text], steps=steps, lr=lr)
+    try:
+        after = accuracy(lm, held)
+    finally:
+        restore(lm, backup)
+    return {"train_probes": len(train), "eval_probes": len(held), "before": before,
+            "target_accuracy": after}
+
+
 @torch.no_grad()
 def restore(lm: LM, backup: dict[str, torch.Tensor]) -> None:
     params = dict(lm.model.named_parameters())
