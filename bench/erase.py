@@ -2,10 +2,10 @@
 
 Prints one JSON object: per concept and method the ``run_erasure`` report (accuracies before and
 after, paraphrases, controls, perplexity, adversarial framings, relearning, concept-vector
-cosine, coefficient patching, value restoration), seconds per concept, the dictionary's
-training time (trained once per model, cached, shared by all concepts) and peak RSS. With
-``--png`` it also draws the concept-vectors trade-off curve (concept accuracy against control
-accuracy and perplexity over its tuning grid).
+cosine, coefficient patching, value restoration), seconds per concept, per-method means over
+the concepts (``summary``), the dictionary's training time (trained once per model, cached,
+shared by all concepts) and peak RSS. With ``--png`` it also draws the concept-vectors
+trade-off curve (concept accuracy against control accuracy and perplexity over its tuning grid).
 
     .venv/bin/python bench/erase.py [--concepts "Harry Potter"] [--methods concept-vectors,ga]
         [--out docs/results/erase_smollm2_cpu.json] [--png docs/results/erase_tradeoff.png]
@@ -55,6 +55,45 @@ def tradeoff_png(trials: dict[str, list[dict]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summary(result: dict) -> dict:
+    """Per method, the mean over concepts of each headline figure (concepts where the method
+    raised are counted in ``failed``)."""
+    keys = {
+        "pre_target": lambda r: r["pre"]["target_accuracy"],
+        "post_target": lambda r: r["post"]["target_accuracy"],
+        "post_paraphrase": lambda r: r["post"]["paraphrase_accuracy"],
+        "control_drop": lambda r: r["pre"]["control_accuracy"] - r["post"]["control_accuracy"],
+        "perplexity_rise": lambda r: r["post"]["perplexity"] / r["pre"]["perplexity"] - 1,
+        "adversarial": lambda r: r["adversarial"]["target_accuracy"],
+        "relearn_paragraph": lambda r: r["relearn"]["target_accuracy"],
+        "heldout_before": lambda r: r["relearn"].get("heldout", {}).get("before"),
+        "heldout_after": lambda r: r["relearn"].get("heldout", {}).get("target_accuracy"),
+        "heldout_unedited": lambda r: r["relearn"].get("heldout", {}).get("unedited"),
+        "vector_cosine": lambda r: r["trace"]["concept_vector_cosine"],
+        "coefficient_patch": lambda r: r["trace"]["coefficient_patch_accuracy"],
+        "value_restore": lambda r: r["trace"]["value_restore_accuracy"],
+        "erase_seconds": lambda r: r["erase_seconds"],
+    }
+    methods: dict[str, dict] = {}
+    for per in result["concepts"].values():
+        for method, r in per.items():
+            m = methods.setdefault(method, {"concepts": 0, "failed": 0,
+                                            **{k: [] for k in keys}})
+            if "error" in r:
+                m["failed"] += 1
+                continue
+            m["concepts"] += 1
+            for k, f in keys.items():
+                m[k].append(f(r))
+    return {method: {k: (_mean(v) if isinstance(v, list) else v) for k, v in m.items()}
+            for method, m in methods.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -98,6 +137,7 @@ def main() -> None:
             print(f"{concept.name} {method}: post {report['post']} "
                   f"({report['erase_seconds']:.1f} s)", file=sys.stderr, flush=True)
         result["concepts"][concept.name] = per
+    result["summary"] = summary(result)
     result["peak_rss_mb"] = peak_rss_mb()
     text = json.dumps(result, indent=1)
     print(text)

@@ -264,34 +264,41 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
                 groups = _prune(lm, rows, groups, done, scale)
                 live = sum(len(g.rows) for g in groups)
             opt.zero_grad()
+            # The loss is a sum of per-row terms, so each group is backpropagated as soon as it
+            # has run and its graph freed: peak memory follows the largest group, not the
+            # chunk, with the same gradient. (No backward on the last step: nothing follows.)
+            backprop = it < config.steps - 1
             tok_lp = torch.zeros(len(flat), device=device)
-            kl_lp: torch.Tensor | None = None
+            kl_now = torch.zeros(n, device=device)
             for g in groups:
                 hidden = _run_group(lm, g, point, last, delta, init if it == 0 else None)
+                part = hidden.new_zeros((), dtype=torch.float32)
                 if len(g.lab_row):
                     logp = F.log_softmax(
                         lm.logits_from_hidden(hidden[g.lab_row, g.lab_pos]).float(), -1)
                     got = logp.gather(1, lab_tok[g.lab_index][:, None]).squeeze(1)
-                    tok_lp = tok_lp.index_put((g.lab_index,), got)
-                if len(g.kl_local):
+                    tok_lp[g.lab_index] = got.detach()
+                    part = part - (got * weight[g.lab_index]).sum()
+                if kl and len(g.kl_local):
                     lp = F.log_softmax(
                         lm.logits_from_hidden(hidden[g.kl_local, g.kl_pos]).float(), -1)
-                    if kl_lp is None:
-                        kl_lp = torch.zeros(n, lp.shape[-1], device=device)
-                    kl_lp = kl_lp.index_put((g.kl_owner,), lp)
+                    if kl_init is None:
+                        kl_init = torch.zeros(n, lp.shape[-1], device=device)
+                    if it == 0:  # δ = 0: the unedited distribution, the KL's reference
+                        kl_init[g.kl_owner] = lp.detach()
+                    ref = kl_init[g.kl_owner]
+                    kl_g = (ref.exp() * (ref - lp)).sum(-1)
+                    kl_now[g.kl_owner] = kl_g.detach()
+                    part = part + config.kl_factor * kl_g.sum()
+                if backprop and part.requires_grad:
+                    part.backward()
+                del hidden, part
             nll_now = torch.zeros(n, device=device).index_add(0, lab_owner, -tok_lp * weight)
-            nll_r = torch.where(done, nll_r, nll_now.detach())  # finished rows are not rerun
-            loss_r = nll_now
-            if kl_lp is not None:
-                if kl_init is None:
-                    kl_init = kl_lp.detach()
-                kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1)
-                loss_r = loss_r + config.kl_factor * kl
+            nll_r = torch.where(done, nll_r, nll_now)  # finished rows are not rerun
             # stop on what the edit must achieve (target NLL + KL), not on the weight decay:
             # the paper's stop on the full loss never fires when |value| is small (SmolLM2)
-            goal = loss_r.detach()
+            goal = nll_now + config.kl_factor * kl_now
             norm0 = init.norm(dim=1).clamp_min(1e-8)
-            loss_r = loss_r + config.weight_decay * delta.norm(dim=1) / norm0**2
             newly = (~done) & (goal < config.early_stop)
             for r in newly.nonzero().flatten().tolist():
                 steps[r] = it
@@ -299,10 +306,10 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
             bar.set_postfix(loss=f"{float(goal.mean()):.3f}",
                             done=f"{int(done.sum())}/{n}")
             bar.update(1)
-            if bool(done.all()) or it == config.steps - 1:
+            if bool(done.all()) or not backprop:
                 break
             frozen = delta.detach()[done].clone()
-            loss_r.sum().backward()
+            (config.weight_decay * delta.norm(dim=1) / norm0**2).sum().backward()
             opt.step()
             with torch.no_grad():
                 limit = config.clamp * norm0
