@@ -4,7 +4,10 @@
   together, the default) and one request at a time;
 * MEMIT, one batch of ``--batch`` facts: seconds per edit;
 * key statistics: tokens/s of collection vs a plain no-grad forward on the same batches;
-* peak resident memory of the process vs the model's parameter bytes.
+* memory: for each phase (one ROME edit, a batched chunk of ROME edits, the MEMIT batch), the
+  peak resident memory above what the process held before it loaded the model (the Python and
+  torch runtime, ~220 MB), divided by the model's parameter bytes; and the whole process's peak.
+  The peaks are sampled every 2 ms from /proc (Linux), since ``ru_maxrss`` only ever grows.
 
 Statistics and templates are prepared before timing (they are cached and shared by all edits).
 
@@ -23,7 +26,9 @@ import json
 import resource
 import statistics
 import sys
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -37,6 +42,38 @@ from engramlab.stats import _accumulate
 def peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+@contextmanager
+def sampled_peak(into: dict, key: str):
+    """Peak RSS (MB) while the block runs, sampled by a thread; Linux only. On a GPU the
+    allocator's peak is recorded too, as ``key + "_gpu"``."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    peak = [rss_mb()]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            stop.wait(0.002)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        into[key] = max(peak[0], rss_mb())
+        if cuda:
+            into[key + "_gpu"] = torch.cuda.max_memory_allocated() / 2**20
 
 
 def random_gpt2_xl(tokenizer_from: eg.LM, device: str | None) -> eg.LM:
@@ -65,6 +102,7 @@ def main() -> None:
     parser.add_argument("--random-arch", choices=["gpt2-xl"], default=None)
     parser.add_argument("--stats-only", action="store_true", help="skip the editing timings")
     args = parser.parse_args()
+    runtime_mb = rss_mb() if sys.platform.startswith("linux") else None
     lm = eg.load_model(args.model, progress=False, device=args.device)
     overrides: dict = {}
     if args.random_arch:
@@ -82,26 +120,37 @@ def main() -> None:
         return print(json.dumps({**out, **stats_speed(lm, memit, args.stats_tokens)}, indent=1))
     rome = ROME(**overrides)
     rome.prepare(lm)
-    t = time.perf_counter()
-    rome.edit_each(lm, reqs[:args.n])
-    out["rome_batched_seconds_per_edit"] = (time.perf_counter() - t) / args.n
+    peaks: dict = {}
+    linux = runtime_mb is not None
+    track = (lambda key: sampled_peak(peaks, key)) if linux else (lambda key: nullcontext())
     singles = []
-    for req in reqs[:max(2, args.n // 4)]:
-        t = time.perf_counter()
-        rome.edit(lm, req)
-        singles.append(time.perf_counter() - t)
+    with track("rome_single"):
+        for req in reqs[:max(2, args.n // 4)]:
+            t = time.perf_counter()
+            rome.edit(lm, req)
+            singles.append(time.perf_counter() - t)
     out["rome_single_seconds_per_edit_median"] = statistics.median(singles)
+    with track("rome_batched"):
+        t = time.perf_counter()
+        rome.edit_each(lm, reqs[:args.n])
+        out["rome_batched_seconds_per_edit"] = (time.perf_counter() - t) / args.n
     out["rome_hparams"] = {k: rome.hparams_for(lm).to_dict()[k]
-                           for k in ("layers", "v_steps", "v_lr", "templates")}
+                           for k in ("layers", "v_steps", "v_lr", "templates", "chunk")}
 
     memit.prepare(lm)
     batch = reqs[:args.batch]  # distinct requests (the bundled set has 82)
-    t = time.perf_counter()
-    memit.edit(lm, batch)
+    with track("memit_batch"):
+        t = time.perf_counter()
+        memit.edit(lm, batch)
+        out["memit_seconds_per_edit"] = (time.perf_counter() - t) / len(batch)
     out["memit_batch"] = len(batch)
-    out["memit_seconds_per_edit"] = (time.perf_counter() - t) / len(batch)
     out["peak_rss_mb"] = peak_rss_mb()
     out["peak_rss_over_model"] = out["peak_rss_mb"] / model_mb
+    if linux:
+        out["runtime_rss_mb"] = runtime_mb
+        out["phase_peak_rss_mb"] = peaks
+        out["phase_peak_over_model"] = {
+            k: (v if k.endswith("_gpu") else v - runtime_mb) / model_mb for k, v in peaks.items()}
     out.update(stats_speed(lm, memit, args.stats_tokens))
     print(json.dumps(out, indent=1))
 

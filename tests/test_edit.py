@@ -150,13 +150,17 @@ def test_prefix_cache_gives_the_same_targets_as_plain_forwards(family):
     assert torch.allclose(a.delta, b.delta, atol=1e-4)
 
 
-def test_batched_targets_equal_one_request_at_a_time():
+@pytest.mark.parametrize("group_rows", [None, 1, 2])
+def test_batched_targets_equal_one_request_at_a_time(group_rows):
+    """Rows never mix: batching requests, and splitting the batch into forwards of at most
+    ``group_rows`` rows (each backpropagated alone), leave every request's δ as if alone."""
     lm = make_tiny("llama")
     reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4")]
-    cfg = TargetConfig(steps=5, lr=0.1, early_stop=0.0)
+    cfg = TargetConfig(steps=5, lr=0.1, early_stop=0.0, group_rows=group_rows)
     both = optimise_targets(lm, reqs, "resid.1", ["{}", "w11 . {}"], cfg)
     for i, req in enumerate(reqs):
-        alone = optimise_targets(lm, [req], "resid.1", ["{}", "w11 . {}"], cfg)
+        alone = optimise_targets(lm, [req], "resid.1", ["{}", "w11 . {}"],
+                                 TargetConfig(steps=5, lr=0.1, early_stop=0.0))
         assert torch.allclose(both.delta[i], alone.delta[0], atol=1e-5)
 
 

@@ -44,6 +44,7 @@ class EditHParams:
     clamp: float = 4.0
     early_stop: float = 5e-2
     chunk: int = 32
+    group_rows: int | None = None  # cap on rows per forward of the target optimisation (memory)
     # ROME: optimise δ as the rank-one update will write it at each prompt (see rome.py)
     consistent_targets: bool = True
     # statistics
@@ -61,7 +62,7 @@ class EditHParams:
         return TargetConfig(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
                             weight_decay=self.weight_decay, clamp=self.clamp,
                             early_stop=self.early_stop, subject_pos=self.subject_pos,
-                            chunk=self.chunk)
+                            chunk=self.chunk, group_rows=self.group_rows)
 
     def replace(self, **changes: Any) -> EditHParams:
         known = {f.name: f for f in dataclasses.fields(self)}
@@ -82,6 +83,8 @@ def _coerce(value: Any, like: Any) -> Any:
     """``--set key=value`` strings become the field's type."""
     if not isinstance(value, str):
         return value
+    if like is None:  # an optional number (group_rows): "none" or an int
+        return None if value.lower() in ("none", "null", "") else int(value)
     if isinstance(like, bool):
         return value.lower() in ("1", "true", "yes", "on")
     if isinstance(like, int):

@@ -59,6 +59,9 @@ class TargetConfig:
     chunk: int = 32  # requests per padded batch
     prefix_cache: bool = True  # run tokens before the lookup once (exact; see .prefix)
     length_groups: int = 3  # suffixes of similar length share a forward (less padding)
+    # rows per forward at most (None: a whole length group). Each group is backpropagated
+    # alone, so this caps the activation memory of the optimisation.
+    group_rows: int | None = None
 
 
 @dataclass
@@ -170,7 +173,12 @@ def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]) -> lis
     # a few rows fit one forward; splitting them only adds per-call overhead
     n_groups = config.length_groups if len(rows.ids) >= 32 else 1
     groups = []
-    for idx in length_groups(suffix_len, n_groups):
+    cap = config.group_rows or len(rows.ids)
+    if cap < 1:
+        raise ValueError(f"group_rows must be at least 1, got {config.group_rows}")
+    pieces = [idx[i:i + cap] for idx in length_groups(suffix_len, n_groups)
+              for i in range(0, len(idx), cap)]
+    for idx in pieces:
         pb = PrefixBatch.build(lm, [rows.ids[i] for i in idx], [rows.owner[i] for i in idx],
                                [rows.lookup[i] for i in idx], [rows.labels[i] for i in idx],
                                use_cache=config.prefix_cache)
