@@ -7,7 +7,7 @@
 * memory: for each phase (one ROME edit, a batched chunk of ROME edits, the MEMIT batch), the
   peak resident memory above what the process held before it loaded the model (the Python and
   torch runtime, ~220 MB), divided by the model's parameter bytes; and the whole process's peak.
-  The peaks are sampled every 2 ms from /proc (Linux), since ``ru_maxrss`` only ever grows.
+  The peaks are sampled every 20 ms from /proc (Linux), since ``ru_maxrss`` only ever grows.
 
 Statistics and templates are prepared before timing (they are cached and shared by all edits).
 
@@ -62,7 +62,7 @@ def sampled_peak(into: dict, key: str):
     def watch() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], rss_mb())
-            stop.wait(0.002)
+            stop.wait(0.02)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
