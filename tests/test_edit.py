@@ -162,6 +162,10 @@ def test_batched_targets_equal_one_request_at_a_time(group_rows):
         alone = optimise_targets(lm, [req], "resid.1", ["{}", "w11 . {}"],
                                  TargetConfig(steps=5, lr=0.1, early_stop=0.0))
         assert torch.allclose(both.delta[i], alone.delta[0], atol=1e-5)
+    if group_rows is not None:  # a cap below one row is named, not read as "no cap"
+        with pytest.raises(ValueError, match="group_rows"):
+            optimise_targets(lm, reqs, "resid.1", ["{}"],
+                             TargetConfig(steps=1, group_rows=0))
 
 
 def test_targets_lower_the_target_loss_and_respect_the_clamp():

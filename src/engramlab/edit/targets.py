@@ -173,7 +173,7 @@ def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]) -> lis
     # a few rows fit one forward; splitting them only adds per-call overhead
     n_groups = config.length_groups if len(rows.ids) >= 32 else 1
     groups = []
-    cap = config.group_rows or len(rows.ids)
+    cap = len(rows.ids) if config.group_rows is None else config.group_rows
     if cap < 1:
         raise ValueError(f"group_rows must be at least 1, got {config.group_rows}")
     pieces = [idx[i:i + cap] for idx in length_groups(suffix_len, n_groups)

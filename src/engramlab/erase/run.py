@@ -64,11 +64,11 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     controls = controls_for(concept)
     neutral = general_text(split="eval")
     pre = behaviour(lm, concept, controls, neutral)
-    # the unedited model under the same relearning: what "fully recovered" looks like
-    reference = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s probes before "
                            "erasure: there is nothing to erase; check the probes")
+    # the unedited model under the same relearning: what "fully recovered" looks like
+    reference = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
     if eraser is None:
         eraser = make_eraser(method, layers=layers, **settings)
     t = time.perf_counter()
@@ -88,11 +88,8 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
         post = behaviour(lm, concept, controls, neutral)
         adversarial = E.adversarial_accuracies(lm, concept)
         cosines = E.value_cosines(lm, trace_ids, originals) if trace_ids else []
-        backup = E.relearn(lm, concept.forget_text, steps=relearn_steps, lr=relearn_lr)
-        try:
-            relearned = E.accuracy(lm, concept.probes)
-        finally:
-            E.restore(lm, backup)
+        relearned = E.relearned_accuracy(lm, concept.forget_text, concept.probes,
+                                         steps=relearn_steps, lr=relearn_lr)
         heldout = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
     patched = E.coefficient_patch_accuracy(lm, delta, concept.probes)
     restored = E.value_restore_accuracy(lm, delta, concept.probes)

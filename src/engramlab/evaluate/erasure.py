@@ -175,13 +175,19 @@ def relearn_heldout(lm: LM, probes: Sequence[Probe], *, steps: int = 10,
                 "before": float("nan"), "target_accuracy": float("nan")}
     before = accuracy(lm, held)
     text = " ".join(f"{p.prompt} {p.answer}." for p in train)
-    backup = relearn(lm, [text], steps=steps, lr=lr)
-    try:
-        after = accuracy(lm, held)
-    finally:
-        restore(lm, backup)
+    after = relearned_accuracy(lm, [text], held, steps=steps, lr=lr)
     return {"train_probes": len(train), "eval_probes": len(held), "before": before,
             "target_accuracy": after}
+
+
+def relearned_accuracy(lm: LM, texts: Sequence[str], probes: Sequence[Probe], *,
+                       steps: int = 10, lr: float = 3e-5) -> float:
+    """Accuracy on ``probes`` after :func:`relearn` on ``texts``; the weights are restored."""
+    backup = relearn(lm, texts, steps=steps, lr=lr)
+    try:
+        return accuracy(lm, probes)
+    finally:
+        restore(lm, backup)
 
 
 @torch.no_grad()
