@@ -157,15 +157,29 @@ def test_concept_vectors_tuning_respects_the_budget():
     probes = _known_probes(lm, 6)
     controls = _known_probes(lm, 8, seed=30)
     concept = Concept("tiny", probes=probes, keywords=["w3"], text=tiny_text(12, seed=7))
-    eraser = ConceptVectors(top_ks=(1, 4), dampings=(0.0, -2.0), n_candidates=8,
+    eraser = ConceptVectors(top_ks=(1, 4), dampings=(0.0, -2.0, -6.0), n_candidates=8,
                             max_control_drop=0.5, max_perplexity_rise=10.0)
     delta = eraser.erase(lm, concept, controls)
-    assert len(eraser.trials) == 4
+    assert set(eraser.candidates) == {"activation", "answer"}
+    # "answer" keeps activation's order, among the vectors that write the concept's answers
+    answer = [(c.layer, c.index) for c in eraser.candidates["answer"]]
+    assert all(c.direct > 0 for c in eraser.candidates["answer"])
+    writers = [(c.layer, c.index) for c in eraser.candidates["activation"] if c.direct > 0]
+    assert writers and answer[:len(writers)] == writers
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for t in eraser.trials:
+        rows.setdefault((t["selection"], t["top_k"]), []).append(t)
+    for row in rows.values():  # mildest damping first; a row stops at its first failure
+        assert [t["damping"] for t in row] == [0.0, -2.0, -6.0][:len(row)]
+        assert all(t["ok"] for t in row[:-1])
+        assert len(row) == 3 or not row[-1]["ok"]
     chosen = [t for t in eraser.trials if t["top_k"] == delta.meta["top_k"]
-              and t["damping"] == delta.meta["factor"]]
+              and t["damping"] == delta.meta["factor"]
+              and t["selection"] == delta.meta["selection"]]
     assert chosen and chosen[0]["ok"]
     ok = [t for t in eraser.trials if t["ok"]]
     assert chosen[0]["target_accuracy"] == min(t["target_accuracy"] for t in ok)
+    assert eraser.found == eraser.candidates[delta.meta["selection"]]
     with pytest.raises(ConceptError, match="no setting"):
         ConceptVectors(top_ks=(1,), dampings=(-4.0,), n_candidates=4,
                        max_control_drop=-1.0).erase(lm, concept, controls)

@@ -74,10 +74,10 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     t = time.perf_counter()
     delta: WeightDelta = eraser.erase(lm, concept)  # returned, not applied: weights unchanged
     erase_s = time.perf_counter() - t
-    if (isinstance(eraser, ConceptVectors) and eraser.selection == "activation"
-            and eraser.layers is None and not eraser.check
-            and len(eraser.found) >= trace_vectors):
-        trace = eraser.found[:trace_vectors]  # the same ranking: no second evidence pass
+    ranked = eraser.candidates.get("activation", []) if isinstance(eraser, ConceptVectors) \
+        and eraser.layers is None and not eraser.check else []
+    if len(ranked) >= trace_vectors:
+        trace = ranked[:trace_vectors]  # the same ranking: no second evidence pass
     else:
         trace = find_concept_vectors(lm, concept, controls=controls,
                                      n_candidates=trace_vectors, check=False)

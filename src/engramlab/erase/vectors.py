@@ -1,6 +1,6 @@
 """Per-vector evidence that an MLP value vector belongs to a concept, for every layer at once.
 
-Three kinds of evidence, each a ``[layers, d_mlp]`` tensor:
+Four kinds of evidence, each a ``[layers, d_mlp]`` tensor:
 
 * **vocabulary** — project each value vector through the final norm and the unembedding (Geva et
   al. 2022; the ConceptVectors recipe) and take the largest z-score, within that vector's own
@@ -10,7 +10,13 @@ Three kinds of evidence, each a ``[layers, d_mlp]`` tensor:
 * **effect** — the first-order drop of the answers' log-probability if the vector were zeroed
   (activation × gradient on the coefficient, summed over positions: attribution patching, Nanda
   2023 / Syed et al. 2023), for the concept's probes and for control probes. One backward pass
-  scores every vector of every layer; exact ablation then checks the chosen few.
+  scores every vector of every layer; exact ablation then checks the chosen few;
+* **direct** — how much the vector, weighted by its coefficient at the probe's last token, writes
+  each probe's own answer into the logits (direct logit attribution, Elhage et al. 2021: the
+  value vector through the final norm's gain and the centred unembedding row of the answer),
+  averaged over the concept's probes. Unlike ``effect`` it is exact for the direct path and
+  blind to the indirect one, so it cannot be fooled by the few vectors whose zeroing breaks
+  everything downstream.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class VectorEvidence:
     activation: torch.Tensor
     effect: torch.Tensor
     control_effect: torch.Tensor
+    direct: torch.Tensor
 
     def index(self, layer: int) -> int:
         return self.layers.index(layer)
@@ -164,10 +171,35 @@ def mean_coefficients(lm: LM, texts: Sequence[str], layers: Sequence[int],
     return mean.float(), (sq / count - mean * mean).clamp_min(0).sqrt().float()
 
 
+@torch.no_grad()
+def answer_directions(lm: LM, probes: Sequence[Probe]) -> torch.Tensor:
+    """``[n, d_model]``: the residual direction that raises each probe's answer logit above
+    the vocabulary's mean — its unembedding row minus the mean row, times the final norm's gain
+    (the norm's scale and, for LayerNorm, its centring are left out: a per-position factor)."""
+    weight = lm.layout.unembed.weight.detach().float()  # type: ignore[union-attr]
+    answers = [target_ids(lm, p.prompt, p.answer)[0] for p in probes]
+    rows = weight[answers] - weight.mean(0)
+    gain = getattr(lm.layout.final_norm, "weight", None)
+    return rows * gain.detach().float() if gain is not None else rows
+
+
+@torch.no_grad()
+def direct_attribution(lm: LM, coefficients: torch.Tensor, probes: Sequence[Probe],
+                       layers: Sequence[int]) -> torch.Tensor:
+    """Mean over probes of coefficient × (value vector · answer direction), ``[layers, d_mlp]``;
+    one layer at a time so GPT-2 XL's 48 value matrices never sit in float32 at once."""
+    dirs = answer_directions(lm, probes).cpu()
+    out = torch.zeros(len(layers), lm.layout.d_mlp)
+    for i, layer in enumerate(layers):
+        proj = dirs @ lm.layout.value_weight(layer).detach().float().cpu()  # [n, d_mlp]
+        out[i] = (coefficients[:, i] * proj).mean(0)
+    return out
+
+
 def vector_evidence(lm: LM, concept: Concept, controls: Sequence[Probe],
                     layers: Sequence[int] | None = None, *,
                     neutral: Sequence[str] = (), max_controls: int = 32) -> VectorEvidence:
-    """All three signals. Activation compares every token of the concept's prompts and text
+    """All four signals. Activation compares every token of the concept's prompts and text
     with every token of the control prompts and ``neutral`` text; the attribution of the
     controls uses an evenly spread sample of at most ``max_controls``."""
     layers = [lm.layout.check_layer(i) for i in (layers or range(lm.layout.n_layers))]
@@ -178,11 +210,12 @@ def vector_evidence(lm: LM, concept: Concept, controls: Sequence[Probe],
     mean_o, std_o = mean_coefficients(lm, control_texts, layers)
     activation = (mean_c - mean_o) / (std_o + 1e-6)
     sample = list(controls)[:: max(1, len(controls) // max_controls)][:max_controls]
-    _, effect_c = _coefficients_and_effects(lm, concept.probes, layers)
+    coeff_c, effect_c = _coefficients_and_effects(lm, concept.probes, layers)
     _, effect_o = _coefficients_and_effects(lm, sample, layers)
+    direct = direct_attribution(lm, coeff_c, concept.probes, layers)
     # effects per probe, so concepts and controls of different sizes compare
     return VectorEvidence(layers, vocab, activation, effect_c / len(concept.probes),
-                          effect_o / max(len(sample), 1))
+                          effect_o / max(len(sample), 1), direct)
 
 
 @torch.no_grad()
