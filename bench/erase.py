@@ -44,7 +44,7 @@ def tradeoff_png(trials: dict[str, list[dict]], path: str) -> None:
         t = [r["target_accuracy"] for r in rows]
         axes[0].scatter([r["control_accuracy"] for r in rows], t, label=name)
         axes[1].scatter([r["perplexity"] for r in rows], t, label=name)
-    axes[0].set_xlabel("control accuracy (tuning half)")
+    axes[0].set_xlabel("control accuracy")
     axes[1].set_xlabel("perplexity on neutral text (tuning half)")
     for ax in axes:
         ax.set_ylabel("concept accuracy")
@@ -68,6 +68,8 @@ def summary(result: dict) -> dict:
         "post_target": lambda r: r["post"]["target_accuracy"],
         "post_paraphrase": lambda r: r["post"]["paraphrase_accuracy"],
         "control_drop": lambda r: r["pre"]["control_accuracy"] - r["post"]["control_accuracy"],
+        "unseen_control_drop": lambda r: None if r["post"].get("unseen_control_accuracy")
+        is None else r["pre"]["unseen_control_accuracy"] - r["post"]["unseen_control_accuracy"],
         "perplexity_rise": lambda r: r["post"]["perplexity"] / r["pre"]["perplexity"] - 1,
         "adversarial": lambda r: r["adversarial"]["target_accuracy"],
         "relearn_paragraph": lambda r: r["relearn"]["target_accuracy"],

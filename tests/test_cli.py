@@ -105,3 +105,17 @@ def test_lens_train_eval_show_and_early_exit_on_a_tiny_model(tmp_path, capsys):
     assert main(["early-exit", "eval", *args, "--skip", "100", "--learned"]) == 2
     assert main(["lens", "eval", "--model", str(src), "--lens", str(tmp_path)]) == 2
     assert "not a saved lens" in capsys.readouterr().err
+
+
+def test_concepts_find_offers_every_selection():
+    from engramlab.cli import build_parser
+    from engramlab.erase.concept_vectors import SELECTIONS
+
+    parser = build_parser()
+    for sel in SELECTIONS:
+        args = parser.parse_args(["concepts", "find", "--concept", "Harry Potter",
+                                  "--selection", sel])
+        assert args.selection == sel
+    with pytest.raises(SystemExit):
+        parser.parse_args(["concepts", "find", "--concept", "Harry Potter",
+                           "--selection", "nonsense"])

@@ -150,6 +150,8 @@ def test_bundled_concepts_are_known_by_the_embedded_model(smol):
         assert all(probe_hits(smol, c.paraphrases)), c.name
         # no probe of one concept is another's
         assert not any(p.answer in names - {c.name} for p in c.probes)
+        # a paraphrase rewords a probe: the same prompt would not test generalisation
+        assert not {p.prompt for p in c.paraphrases} & {p.prompt for p in c.probes}, c.name
 
 
 def test_concept_vectors_tuning_respects_the_budget():
@@ -180,6 +182,8 @@ def test_concept_vectors_tuning_respects_the_budget():
     ok = [t for t in eraser.trials if t["ok"]]
     assert chosen[0]["target_accuracy"] == min(t["target_accuracy"] for t in ok)
     assert eraser.found == eraser.candidates[delta.meta["selection"]]
+    with delta.applied(lm):  # the budget is checked on every control, as reported
+        assert accuracy(lm, controls) == chosen[0]["control_accuracy"]
     with pytest.raises(ConceptError, match="no setting"):
         ConceptVectors(top_ks=(1,), dampings=(-4.0,), n_candidates=4,
                        max_control_drop=-1.0).erase(lm, concept, controls)
@@ -234,6 +238,7 @@ def test_run_erasure_reports_every_measure_and_leaves_the_model(tiny_llama_conce
     with delta.applied(lm):
         assert h["before"] == accuracy(lm, held)
     assert len(report["trace"]["vectors"]) == 4
+    assert report["delta"]["setting"] == {"steps": 3, "lr": 1e-3}  # what was run, no stamps
 
 
 @pytest.fixture
@@ -242,3 +247,16 @@ def tiny_llama_concept():
     concept = Concept("tiny", probes=_known_probes(lm, 8),
                       text=". ".join(tiny_text(8, seed=s) for s in range(4)) + ".")
     return lm, concept
+
+
+def test_unseen_controls_are_the_other_concepts_paraphrases():
+    from engramlab.data import bundled_concepts, controls_for, unseen_controls_for
+
+    concept = get_concept("Harry Potter")
+    unseen, controls = unseen_controls_for(concept), controls_for(concept)
+    others = [c for c in bundled_concepts() if c.name != concept.name]
+    assert unseen == [p for c in others for p in c.paraphrases]
+    assert not {p.prompt for p in unseen} & {p.prompt for p in controls}
+    assert not {p.prompt for p in unseen} & {p.prompt for p in concept.paraphrases}
+    own = Concept("x", probes=concept.probes[:2], controls=controls[:3])
+    assert unseen_controls_for(own) == []

@@ -139,12 +139,16 @@ def cmd_erase(args: argparse.Namespace) -> int:
     report = run_erasure(lm, concept, args.method, layers=args.layers, out=args.out,
                          relearn_steps=args.relearn_steps, **_settings(args.set))
     pre, post = report["pre"], report["post"]
+    setting = ", ".join(f"{k} {v}" for k, v in report["delta"]["setting"].items())
     lines = [f"{args.method} erasure of {concept.name!r} on {lm.name} "
-             f"({report['erase_seconds']:.1f} s)",
-             f"{'':<10}{'target':>8}{'paraphr.':>10}{'controls':>10}{'perplexity':>12}"]
+             f"({report['erase_seconds']:.1f} s{'; ' + setting if setting else ''})",
+             f"{'':<10}{'target':>8}{'paraphr.':>10}{'controls':>10}{'unseen':>8}"
+             f"{'perplexity':>12}"]
     for name, r in (("before", pre), ("after", post)):
+        unseen = r["unseen_control_accuracy"]
         lines.append(f"{name:<10}{r['target_accuracy']:>8.3f}{r['paraphrase_accuracy']:>10.3f}"
-                     f"{r['control_accuracy']:>10.3f}{r['perplexity']:>12.2f}")
+                     f"{r['control_accuracy']:>10.3f}"
+                     f"{'-' if unseen is None else f'{unseen:.3f}':>8}{r['perplexity']:>12.2f}")
     tr = report["trace"]
     cos = tr["concept_vector_cosine"]
     lines += [f"adversarial (best framing) {report['adversarial']['target_accuracy']:.3f}; "
@@ -551,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     concept_args(p)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--candidates", type=int, default=64)
-    p.add_argument("--selection", choices=["activation", "vocab", "effect", "combined"],
+    p.add_argument("--selection", choices=["activation", "answer", "vocab", "effect", "combined"],
                    default="activation")
     p.add_argument("--no-check", action="store_true", help="skip the exact ablation check")
     p.set_defaults(func=cmd_concepts_find)

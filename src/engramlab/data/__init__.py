@@ -9,6 +9,7 @@ from .concepts import (
     general_text,
     get_concept,
     load_concept,
+    unseen_controls_for,
 )
 from .corpus import TextCorpus, sample_corpus
 from .loaders import detect_format, load_cases, load_requests, parse_cases, save_cases
@@ -35,4 +36,5 @@ __all__ = [
     "parse_cases",
     "sample_corpus",
     "save_cases",
+    "unseen_controls_for",
 ]

@@ -150,3 +150,15 @@ def controls_for(concept: Concept, others: list[Concept] | None = None) -> list[
         return list(concept.controls)
     others = bundled_concepts() if others is None else others
     return [p for c in others if c.name.lower() != concept.name.lower() for p in c.probes]
+
+
+def unseen_controls_for(concept: Concept, others: list[Concept] | None = None) -> list[Probe]:
+    """Controls no eraser tunes on: the other bundled concepts' paraphrases (the same facts
+    reworded). Empty when the concept brings its own controls (they have no paraphrases).
+
+    An eraser tuned to keep the controls within budget is judged on them in-sample; these show
+    whether the collateral damage it avoided there is avoided on the same facts asked anew."""
+    if concept.controls:
+        return []
+    others = bundled_concepts() if others is None else others
+    return [p for c in others if c.name.lower() != concept.name.lower() for p in c.paraphrases]

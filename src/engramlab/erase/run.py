@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_dir
-from ..data.concepts import Concept, Probe, controls_for, general_text
+from ..data.concepts import Concept, Probe, controls_for, general_text, unseen_controls_for
 from ..delta import WeightDelta
 from ..errors import ConceptError
 from ..evaluate import erasure as E
@@ -45,11 +45,14 @@ def make_eraser(method: str, *, layers: Sequence[int] | None = None,
     raise ConceptError(f"unknown erasure method {method!r}; choose one of {METHODS}")
 
 
-def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe],
-              neutral: Sequence[str]) -> dict[str, float]:
+def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequence[str],
+              unseen: Sequence[Probe] = ()) -> dict[str, float | None]:
+    """Accuracies and perplexity; ``unseen_control_accuracy`` (None without ``unseen``) is on
+    controls no eraser tuned on (:func:`~engramlab.data.concepts.unseen_controls_for`)."""
     return {"target_accuracy": E.accuracy(lm, concept.probes),
             "paraphrase_accuracy": E.accuracy(lm, concept.paraphrases),
             "control_accuracy": E.accuracy(lm, controls),
+            "unseen_control_accuracy": E.accuracy(lm, unseen) if unseen else None,
             "perplexity": E.perplexity(lm, neutral)}
 
 
@@ -61,9 +64,9 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     """Erase ``concept`` with ``method`` (or a ready ``eraser``) and report; the model is
     left unedited."""
     start = time.perf_counter()
-    controls = controls_for(concept)
+    controls, unseen = controls_for(concept), unseen_controls_for(concept)
     neutral = general_text(split="eval")
-    pre = behaviour(lm, concept, controls, neutral)
+    pre = behaviour(lm, concept, controls, neutral, unseen)
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s probes before "
                            "erasure: there is nothing to erase; check the probes")
@@ -85,7 +88,7 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
                              for i, j in trace_ids]) if trace_ids else torch.zeros(0)
     with delta.applied(lm):
-        post = behaviour(lm, concept, controls, neutral)
+        post = behaviour(lm, concept, controls, neutral, unseen)
         adversarial = E.adversarial_accuracies(lm, concept)
         cosines = E.value_cosines(lm, trace_ids, originals) if trace_ids else []
         relearned = E.relearned_accuracy(lm, concept.forget_text, concept.probes,
@@ -102,7 +105,12 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
                   "coefficient_patch_accuracy": patched,
                   "value_restore_accuracy": restored,
                   "vectors": [list(v) for v in trace_ids]},
-        "delta": {"params": len(delta.entries), "norm": delta.norm()},
+        # the setting the eraser chose (e.g. concept vectors' tuned selection, top_k, factor)
+        "delta": {"params": len(delta.entries), "norm": delta.norm(),
+                  "setting": {k: v for k, v in delta.meta.items()
+                              if isinstance(v, str | int | float) and k not in
+                              ("method", "concept", "created", "engramlab_version")
+                              and not k.startswith("model")}},
         "erase_seconds": erase_s,
         "seconds": time.perf_counter() - start,
     }
