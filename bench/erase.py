@@ -18,9 +18,9 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import engramlab as eg
+from engramlab._io import atomic_file
 from engramlab.data import get_concept
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.dictionary import train_dictionary
@@ -139,12 +139,12 @@ def main() -> None:
             print(f"{concept.name} {method}: post {report['post']} "
                   f"({report['erase_seconds']:.1f} s)", file=sys.stderr, flush=True)
         result["concepts"][concept.name] = per
-    result["summary"] = summary(result)
-    result["peak_rss_mb"] = peak_rss_mb()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+        result["summary"] = summary(result)
+        result["peak_rss_mb"] = peak_rss_mb()
+        if args.out:  # after every concept: a long run cut short keeps what it finished
+            with atomic_file(args.out) as tmp:
+                tmp.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
     if args.png and trials:
         tradeoff_png(trials, args.png)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -184,6 +185,16 @@ def test_concept_vectors_tuning_respects_the_budget():
     assert eraser.found == eraser.candidates[delta.meta["selection"]]
     with delta.applied(lm):  # the budget is checked on every control, as reported
         assert accuracy(lm, controls) == chosen[0]["control_accuracy"]
+    # "loses less than" is strict: a trial that loses exactly the budget is over it
+    base = accuracy(lm, controls)
+    lost = sorted({round(base - t["control_accuracy"], 12) for t in eraser.trials} - {0.0})
+    if lost:
+        again = ConceptVectors(top_ks=(1, 4), dampings=(0.0, -2.0, -6.0), n_candidates=8,
+                               max_control_drop=lost[0], max_perplexity_rise=10.0)
+        with contextlib.suppress(ConceptError):  # nothing inside the budget is an answer too
+            again.erase(lm, concept, controls)
+        assert all(not t["ok"] for t in again.trials
+                   if round(base - t["control_accuracy"], 12) >= lost[0])
     with pytest.raises(ConceptError, match="no setting"):
         ConceptVectors(top_ks=(1,), dampings=(-4.0,), n_candidates=4,
                        max_control_drop=-1.0).erase(lm, concept, controls)
