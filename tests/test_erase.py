@@ -271,3 +271,50 @@ def test_unseen_controls_are_the_other_concepts_paraphrases():
     assert not {p.prompt for p in unseen} & {p.prompt for p in concept.paraphrases}
     own = Concept("x", probes=concept.probes[:2], controls=controls[:3])
     assert unseen_controls_for(own) == []
+
+
+def test_budget_check_is_strict_under_rounding():
+    eraser = ConceptVectors(max_control_drop=0.10, max_perplexity_rise=0.10)
+    assert 1.0 - 117 / 130 < 0.10  # the rounding a plain "<" falls for
+    assert not eraser.within_budget(1.0, 117 / 130, 20.0, 20.0)  # exactly 10 points lost
+    assert eraser.within_budget(1.0, 118 / 130, 20.0, 20.0)
+    assert not eraser.within_budget(1.0, 1.0, 20.0, 22.0)  # perplexity exactly +10 %
+    assert eraser.within_budget(1.0, 1.0, 20.0, 21.9)
+
+
+def test_direct_attribution_is_each_vectors_share_of_the_answer_logit():
+    """Re-derived from the forward pass with the final norm's scale frozen: removing one
+    vector's contribution (coefficient × value vector) from the last residual lowers the
+    answer's logit, relative to the vocabulary mean, by the attribution over that scale."""
+    from engramlab.batching import target_ids
+    from engramlab.erase.vectors import _coefficients_and_effects, direct_attribution
+    from engramlab.trace import Trace
+
+    lm = make_tiny("llama")
+    norm = lm.layout.final_norm
+    with torch.no_grad():  # a non-trivial gain, so leaving it out would show
+        norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+    probe = _known_probes(lm, 1)[0]
+    layers = [0, lm.n_layers - 1]
+    coeffs, _ = _coefficients_and_effects(lm, [probe], layers)
+    direct = direct_attribution(lm, coeffs, [probe], layers)
+
+    ids = torch.tensor([lm.tokenizer(probe.prompt)["input_ids"]])
+    points = [f"mlp_key.{i}" for i in layers]
+    with torch.no_grad(), Trace(lm).capture(f"resid.{lm.n_layers - 1}", *points) as tr:
+        lm.model(input_ids=ids)
+    x = tr[f"resid.{lm.n_layers - 1}"][0, -1].double()
+    scale = (x.pow(2).mean() + norm.variance_epsilon).sqrt()
+    gain, unembed = norm.weight.double(), lm.layout.unembed.weight.double()
+    answer = target_ids(lm, probe.prompt, probe.answer)[0]
+
+    def centred_answer_logit(h: torch.Tensor) -> float:
+        logits = unembed @ (gain * h / scale)
+        return float(logits[answer] - logits.mean())
+
+    for li, layer in enumerate(layers):
+        a = tr[points[li]][0, -1].double()
+        for j in (int(direct[li].abs().argmax()), 3):
+            v = lm.layout.value_weight(layer)[:, j].double()
+            drop = centred_answer_logit(x) - centred_answer_logit(x - a[j] * v)
+            assert drop == pytest.approx(float(direct[li, j]) / float(scale), rel=1e-4, abs=1e-6)

@@ -148,8 +148,12 @@ def controls_for(concept: Concept, others: list[Concept] | None = None) -> list[
     """The concept's own controls, or else every other bundled concept's probes."""
     if concept.controls:
         return list(concept.controls)
+    return [p for c in _other_concepts(concept, others) for p in c.probes]
+
+
+def _other_concepts(concept: Concept, others: list[Concept] | None) -> list[Concept]:
     others = bundled_concepts() if others is None else others
-    return [p for c in others if c.name.lower() != concept.name.lower() for p in c.probes]
+    return [c for c in others if c.name.lower() != concept.name.lower()]
 
 
 def unseen_controls_for(concept: Concept, others: list[Concept] | None = None) -> list[Probe]:
@@ -160,5 +164,4 @@ def unseen_controls_for(concept: Concept, others: list[Concept] | None = None) -
     whether the collateral damage it avoided there is avoided on the same facts asked anew."""
     if concept.controls:
         return []
-    others = bundled_concepts() if others is None else others
-    return [p for c in others if c.name.lower() != concept.name.lower() for p in c.paraphrases]
+    return [p for c in _other_concepts(concept, others) for p in c.paraphrases]
