@@ -25,7 +25,7 @@ from engramlab.data import get_concept
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.dictionary import train_dictionary
 from engramlab.erase.features import FeatureEraser
-from engramlab.erase.run import METHODS, run_erasure
+from engramlab.erase.run import METHODS, make_eraser, run_erasure
 
 
 def peak_rss_mb() -> float:
@@ -124,6 +124,8 @@ def main() -> None:
                 settings["eraser"] = eraser
             elif method == "features":
                 settings["eraser"] = FeatureEraser(dictionary=dictionary)
+            else:  # the fine-tuning baselines, tuned under the same budget
+                settings["eraser"] = make_eraser(method)
             t = time.perf_counter()
             try:
                 report = run_erasure(lm, concept, method, relearn_steps=args.relearn_steps,
@@ -132,8 +134,8 @@ def main() -> None:
                 per[method] = {"error": str(exc)}
                 continue
             report["wall_seconds"] = time.perf_counter() - t
+            report["tuning"] = getattr(settings["eraser"], "trials", [])
             if method == "concept-vectors":
-                report["tuning"] = eraser.trials
                 trials[concept.name] = eraser.trials
             per[method] = report
             print(f"{concept.name} {method}: post {report['post']} "

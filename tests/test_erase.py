@@ -11,7 +11,14 @@ import torch
 from engramlab.data import Concept, Probe, bundled_concepts, get_concept, load_concept
 from engramlab.delta import ParamDelta, WeightDelta
 from engramlab.erase import ConceptVectors, find_concept_vectors, vectors_delta
-from engramlab.erase.finetune import FineTuneUnlearner, _nll, _rows, mlp_params, sentences
+from engramlab.erase.finetune import (
+    FineTuneUnlearner,
+    _nll,
+    _rows,
+    _train,
+    mlp_params,
+    sentences,
+)
 from engramlab.erase.run import make_eraser
 from engramlab.erase.vectors import vocab_scores
 from engramlab.errors import ConceptError, EngramError
@@ -97,7 +104,7 @@ def test_finetune_baselines_change_only_mlps_and_leave_the_model(method):
     concept = Concept("tiny", probes=_known_probes(lm, 3),
                       text=". ".join(tiny_text(8, seed=s) for s in range(4)) + ".")
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    eraser = FineTuneUnlearner(method=method, steps=5, lr=1e-3, rmu_layer=1)
+    eraser = FineTuneUnlearner(method=method, steps=5, lr=1e-3, rmu_layer=1, tune=False)
     delta = eraser.erase(lm, concept, retain=[tiny_text(10, seed=50), tiny_text(10, seed=51)])
     for n, p in lm.model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} left changed"
@@ -110,6 +117,63 @@ def test_finetune_baselines_change_only_mlps_and_leave_the_model(method):
             base = float(_nll(lm, ids, mask))
             with delta.applied(lm):
                 assert float(_nll(lm, ids, mask)) > base
+
+
+def test_finetune_tuner_returns_the_best_checkpoint_inside_the_budget():
+    lm = make_tiny("llama")
+    concept = Concept("tiny", probes=_known_probes(lm, 6),
+                      text=". ".join(tiny_text(8, seed=s) for s in range(4)) + ".")
+    controls = _known_probes(lm, 8, seed=30)
+    retain = [tiny_text(10, seed=50), tiny_text(10, seed=51)]
+    eraser = FineTuneUnlearner(method="ga", lrs=(1e-3, 3e-3), steps=12, every=3,
+                               max_control_drop=0.3, max_perplexity_rise=10.0)
+    delta = eraser.erase(lm, concept, retain=retain, controls=controls)
+    for lr in (1e-3, 3e-3):  # each run is checked every 3 steps and stops at its first failure
+        row = [t for t in eraser.trials if t["lr"] == lr]
+        assert [t["steps"] for t in row] == [3, 6, 9, 12][:len(row)]
+        assert all(t["ok"] for t in row[:-1])
+    ok = [t for t in eraser.trials if t["ok"]]
+    assert any(not t["ok"] for t in eraser.trials) or len(eraser.trials) == 8
+    chosen = [t for t in ok if t["steps"] == delta.meta["steps"] and t["lr"] == delta.meta["lr"]]
+    assert chosen and chosen[0]["target_accuracy"] == min(t["target_accuracy"] for t in ok)
+    with delta.applied(lm):  # the delta is the checkpoint the tuner scored, not a later one
+        assert accuracy(lm, concept.probes) == chosen[0]["target_accuracy"]
+        assert accuracy(lm, controls) == chosen[0]["control_accuracy"]
+    # trained exactly that long without tuning, the same run gives the same weights
+    plain = FineTuneUnlearner(method="ga", lr=delta.meta["lr"], steps=delta.meta["steps"],
+                              tune=False).erase(lm, concept, retain=retain)
+    for name, entry in delta.entries.items():
+        assert torch.allclose(entry.dense, plain.entries[name].dense, atol=1e-6)
+    # every learning rate's run starts from the original weights, not where the last one ended
+    params = mlp_params(lm, [0])
+    backup = {n: q.detach().clone() for n, q in params.items()}
+    for q in params.values():
+        q.requires_grad_(True)
+    runs = []
+    for _ in range(2):
+        _train(params, backup, lambda: sum((q ** 2).sum() for q in params.values()), 3, 1e-2, "t")
+        runs.append({n: q.detach().clone() for n, q in params.items()})
+    with torch.no_grad():
+        for n, q in params.items():
+            q.copy_(backup[n])
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in params)
+    assert not torch.equal(runs[0][next(iter(params))], backup[next(iter(params))])
+    with pytest.raises(ConceptError, match="no ga run"):
+        FineTuneUnlearner(method="ga", lrs=(3e-3,), steps=3, every=3,
+                          max_control_drop=-1.0).erase(lm, concept, retain=retain,
+                                                       controls=controls)
+
+
+def test_finetune_tuner_never_checks_perplexity_on_its_retain_set():
+    from engramlab.data.concepts import general_text
+
+    tune = general_text(split="tune")
+    retain, held = FineTuneUnlearner()._retain_and_check(None)
+    assert retain and held and not set(retain) & set(held) and set(retain) | set(held) == set(tune)
+    assert not set(held) & set(general_text(split="eval"))
+    assert FineTuneUnlearner(tune=False)._retain_and_check(None)[0] == tune
+    with pytest.raises(ConceptError, match="retain set covers"):
+        FineTuneUnlearner()._retain_and_check(tune)
 
 
 def test_bad_input_is_named(tmp_path):

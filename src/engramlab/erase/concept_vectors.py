@@ -52,6 +52,7 @@ from ..data.concepts import Concept, Probe, controls_for, general_text
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
+from .budget import Budget, budget_scores
 from .vectors import VectorEvidence, ablation_drops, vector_evidence
 
 log = logging.getLogger(__name__)
@@ -216,11 +217,9 @@ class ConceptVectors:
 
     def within_budget(self, base_control: float, control: float, base_perplexity: float,
                       perplexity: float) -> bool:
-        """Controls lose *less than* ``max_control_drop`` and perplexity rises less than
-        ``max_perplexity_rise``; strict under rounding (1.0 - 117/130 computes to 0.0999…98,
-        which a plain ``<`` would let pass as under 0.1)."""
-        return (base_control - control < self.max_control_drop - 1e-9
-                and perplexity < base_perplexity * (1 + self.max_perplexity_rise))
+        """This eraser's :class:`~.budget.Budget` (strict under rounding)."""
+        return Budget(self.max_control_drop, self.max_perplexity_rise).allows(
+            base_control, control, base_perplexity, perplexity)
 
     def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
               ks: Sequence[int]) -> tuple[str, int, float]:
@@ -237,10 +236,8 @@ class ConceptVectors:
         dampings are tried from mildest to strongest and the row stops at the first one over
         budget: the harm grows with the reversal, so the stronger ones would fail too (on six
         bundled concepts 37-57 of the 60 grid points ran)."""
-        from ..evaluate.erasure import accuracy, perplexity
-
         neutral = general_text(split="tune")
-        base_c, base_p = accuracy(lm, controls), perplexity(lm, neutral)
+        _, base_c, base_p = budget_scores(lm, concept, controls, neutral)
         dampings = [0.0] if self.mode == "ablate" else sorted(set(self.dampings), reverse=True)
         best: tuple[float, str, int, float] | None = None
         self.trials = []
@@ -252,8 +249,7 @@ class ConceptVectors:
                     delta = vectors_delta(lm, [(c.layer, c.index) for c in found[:k]],
                                           damping=d)
                     with delta.applied(lm):
-                        t, c, p = accuracy(lm, concept.probes), accuracy(lm, controls), \
-                            perplexity(lm, neutral)
+                        t, c, p = budget_scores(lm, concept, controls, neutral)
                     ok = self.within_budget(base_c, c, base_p, p)
                     self.trials.append({"selection": sel, "top_k": k, "damping": d,
                                         "target_accuracy": t, "control_accuracy": c,
