@@ -56,8 +56,8 @@ def recovery_png(means: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = ["post_target", "adversarial", "relearn_paragraph", "coefficient_patch"]
-    labels = ["after erasure", "adversarial framing", "relearned on paragraph",
-              "unedited coefficients patched in"]
+    labels = ["after erasure", "adversarial\nframing", "relearned on\nparagraph",
+              "unedited coefficients\npatched in"]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(means)
     for i, (method, m) in enumerate(means.items()):
@@ -68,7 +68,8 @@ def recovery_png(means: dict, path: str) -> None:
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("what comes back: every method at the same budget (controls < 10 pts, ppl < 10 %)")
+    ax.set_title("what comes back: every method at the same budget (controls < 10 pts, "
+                 "ppl < 10 %)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
