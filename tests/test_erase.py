@@ -338,12 +338,14 @@ def test_unseen_controls_are_the_other_concepts_paraphrases():
 
 
 def test_budget_check_is_strict_under_rounding():
-    eraser = ConceptVectors(max_control_drop=0.10, max_perplexity_rise=0.10)
+    from engramlab.erase.budget import Budget
+
+    budget = Budget(max_control_drop=0.10, max_perplexity_rise=0.10)  # what every tuner checks
     assert 1.0 - 117 / 130 < 0.10  # the rounding a plain "<" falls for
-    assert not eraser.within_budget(1.0, 117 / 130, 20.0, 20.0)  # exactly 10 points lost
-    assert eraser.within_budget(1.0, 118 / 130, 20.0, 20.0)
-    assert not eraser.within_budget(1.0, 1.0, 20.0, 22.0)  # perplexity exactly +10 %
-    assert eraser.within_budget(1.0, 1.0, 20.0, 21.9)
+    assert not budget.allows(1.0, 117 / 130, 20.0, 20.0)  # exactly 10 points lost
+    assert budget.allows(1.0, 118 / 130, 20.0, 20.0)
+    assert not budget.allows(1.0, 1.0, 20.0, 22.0)  # perplexity exactly +10 %
+    assert budget.allows(1.0, 1.0, 20.0, 21.9)
 
 
 def test_direct_attribution_is_each_vectors_share_of_the_answer_logit():

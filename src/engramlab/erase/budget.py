@@ -3,14 +3,17 @@
 An eraser is only comparable to another at the same collateral cost, so all of them (concept
 vectors' top_k × damping grid, the fine-tuning baselines' learning rate × step checkpoints)
 choose the setting that lowers the concept's accuracy most while the control probes lose less
-than ``max_control_drop`` and perplexity on the neutral text's tuning half rises less than
-``max_perplexity_rise`` — by default the project's bar: 10 points, 10 %.
+than ``max_control_drop`` and perplexity on (part of) the neutral text's tuning half rises less
+than ``max_perplexity_rise`` — by default the project's bar: 10 points, 10 %.
+:class:`BudgetSearch` is that choice, shared by both tuners: each scores its own settings with
+it, and it records every trial and keeps the best one inside the budget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..data.concepts import Concept, Probe
 from ..models.lm import LM
@@ -36,3 +39,33 @@ def budget_scores(lm: LM, concept: Concept, controls: Sequence[Probe],
     from ..evaluate.erasure import accuracy, perplexity
 
     return accuracy(lm, concept.probes), accuracy(lm, controls), perplexity(lm, neutral)
+
+
+class BudgetSearch:
+    """Trials of one tuner against the model as it was when the search began.
+
+    ``score`` measures the model as it is now (with a setting applied), appends the trial to
+    ``trials`` and, when it is inside the budget and erases more than every earlier one (ties
+    keep the earlier, milder setting), keeps ``best = (setting, keep())``: ``keep`` captures
+    what the caller needs to rebuild it (e.g. a copy of trained weights) only when it wins."""
+
+    def __init__(self, budget: Budget, lm: LM, concept: Concept, controls: Sequence[Probe],
+                 neutral: Sequence[str]) -> None:
+        self.budget, self.lm, self.concept = budget, lm, concept
+        self.controls, self.neutral = list(controls), list(neutral)
+        _, self.base_control, self.base_perplexity = budget_scores(lm, concept, self.controls,
+                                                                   self.neutral)
+        self.trials: list[dict[str, object]] = []
+        self.best: tuple[dict[str, Any], Any] | None = None
+        self.best_target = float("inf")  # the best trial's concept accuracy
+
+    def score(self, setting: dict[str, Any],
+              keep: Callable[[], Any] = lambda: None) -> tuple[bool, float]:
+        """(inside the budget, concept accuracy) of the current model under ``setting``."""
+        t, c, p = budget_scores(self.lm, self.concept, self.controls, self.neutral)
+        ok = self.budget.allows(self.base_control, c, self.base_perplexity, p)
+        self.trials.append({**setting, "target_accuracy": t, "control_accuracy": c,
+                            "perplexity": p, "ok": ok})
+        if ok and t < self.best_target:
+            self.best, self.best_target = (setting, keep()), t
+        return ok, t

@@ -52,7 +52,7 @@ from ..data.concepts import Concept, Probe, controls_for, general_text
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
-from .budget import Budget, budget_scores
+from .budget import Budget, BudgetSearch
 from .vectors import VectorEvidence, ablation_drops, vector_evidence
 
 log = logging.getLogger(__name__)
@@ -215,12 +215,6 @@ class ConceptVectors:
                              vectors=[[c.layer, c.index] for c in chosen],
                              selection=selection, factor=damping, top_k=len(chosen))
 
-    def within_budget(self, base_control: float, control: float, base_perplexity: float,
-                      perplexity: float) -> bool:
-        """This eraser's :class:`~.budget.Budget` (strict under rounding)."""
-        return Budget(self.max_control_drop, self.max_perplexity_rise).allows(
-            base_control, control, base_perplexity, perplexity)
-
     def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
               ks: Sequence[int]) -> tuple[str, int, float]:
         """The grid point with the lowest concept accuracy inside the specificity budget.
@@ -236,11 +230,10 @@ class ConceptVectors:
         dampings are tried from mildest to strongest and the row stops at the first one over
         budget: the harm grows with the reversal, so the stronger ones would fail too (on six
         bundled concepts 37-57 of the 60 grid points ran)."""
-        neutral = general_text(split="tune")
-        _, base_c, base_p = budget_scores(lm, concept, controls, neutral)
+        search = BudgetSearch(Budget(self.max_control_drop, self.max_perplexity_rise), lm,
+                              concept, controls, general_text(split="tune"))
+        self.trials = search.trials
         dampings = [0.0] if self.mode == "ablate" else sorted(set(self.dampings), reverse=True)
-        best: tuple[float, str, int, float] | None = None
-        self.trials = []
         for sel, found in self.candidates.items():
             for k in ks:
                 if k > len(found):
@@ -249,19 +242,14 @@ class ConceptVectors:
                     delta = vectors_delta(lm, [(c.layer, c.index) for c in found[:k]],
                                           damping=d)
                     with delta.applied(lm):
-                        t, c, p = budget_scores(lm, concept, controls, neutral)
-                    ok = self.within_budget(base_c, c, base_p, p)
-                    self.trials.append({"selection": sel, "top_k": k, "damping": d,
-                                        "target_accuracy": t, "control_accuracy": c,
-                                        "perplexity": p, "ok": ok})
-                    if ok and (best is None or t < best[0]):
-                        best = (t, sel, k, d)
+                        ok, _ = search.score({"selection": sel, "top_k": k, "damping": d})
                     if not ok:
                         break
-        if best is None:
+        if search.best is None:
             raise ConceptError(f"no setting of selection {list(self.candidates)} × top_k "
                                f"{list(ks)} × damping {dampings} keeps {concept.name!r}'s "
                                f"controls within {self.max_control_drop} and perplexity within "
                                f"{self.max_perplexity_rise:.0%}: loosen the budget or choose "
                                "smaller top_ks")
-        return best[1], best[2], best[3]
+        best = search.best[0]
+        return best["selection"], best["top_k"], best["damping"]

@@ -41,7 +41,7 @@ from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
 from ..trace import Trace, run_model
-from .budget import Budget, budget_scores
+from .budget import Budget, BudgetSearch
 
 log = logging.getLogger(__name__)
 
@@ -236,34 +236,28 @@ class FineTuneUnlearner:
               controls: Sequence[Probe] | None,
               neutral: Sequence[str]) -> tuple[dict[str, ParamDelta], int, float]:
         controls = list(controls_for(concept) if controls is None else controls)
-        budget = Budget(self.max_control_drop, self.max_perplexity_rise)
-        _, base_c, base_p = budget_scores(lm, concept, controls, neutral)
+        search = BudgetSearch(Budget(self.max_control_drop, self.max_perplexity_rise), lm,
+                              concept, controls, neutral)
+        self.trials = search.trials
         lrs, max_steps = self.grid()
-        best: tuple[float, dict[str, ParamDelta], int, float] | None = None
-        self.trials = []
         for lr in lrs:
             def check(step: int, lr: float = lr) -> bool:
-                nonlocal best
                 lm.invalidate_fingerprint()
-                t, c, p = budget_scores(lm, concept, controls, neutral)
-                ok = budget.allows(base_c, c, base_p, p)
-                self.trials.append({"lr": lr, "steps": step, "target_accuracy": t,
-                                    "control_accuracy": c, "perplexity": p, "ok": ok})
-                if ok and (best is None or t < best[0]):
-                    best = (t, _diff(params, backup), step, lr)
+                ok, t = search.score({"lr": lr, "steps": step}, lambda: _diff(params, backup))
                 return ok and t > 0  # nothing left to erase: longer runs cannot do better
 
             _train(params, backup, loss, max_steps, lr, self.method, every=self.every,
                    check=check)
-            if best is not None and best[0] == 0:
+            if search.best_target == 0:
                 break
-        if best is None:
+        if search.best is None:
             raise ConceptError(f"no {self.method} run (learning rates {list(lrs)}, checkpoints "
                                f"every {self.every} of {max_steps} steps) keeps "
                                f"{concept.name!r}'s controls within {self.max_control_drop} and "
                                f"perplexity within {self.max_perplexity_rise:.0%}: lower the "
                                "learning rates (--set lrs=...) or loosen the budget")
-        return best[1], best[2], best[3]
+        setting, entries = search.best
+        return entries, setting["steps"], setting["lr"]
 
     # method-specific pieces ----------------------------------------------------------------
     @torch.no_grad()
