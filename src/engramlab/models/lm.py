@@ -20,6 +20,7 @@ from .layout import Layout
 
 # Samples per tensor folded into the fingerprint besides the tensor's float64 sum.
 _FINGERPRINT_SAMPLES = 1024
+_FINGERPRINT_SLICE = 1 << 20  # elements per partial sum (8 MB as float64)
 # Config entries that describe how a model was loaded or named, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "_model_name_or_path", "transformers_version", "quantization_config",
@@ -169,7 +170,10 @@ class LM:
                 flat = p.detach().reshape(-1)
                 step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
                 sample = flat[::step][:_FINGERPRINT_SAMPLES].float().cpu().numpy().tobytes()
-                total = float(torch.sum(flat, dtype=torch.float64))
+                # summed in slices: a float64 sum of a whole tensor first makes a float64
+                # copy of it (226 MB for SmolLM2's embedding, the largest transient of an edit)
+                total = sum(float(torch.sum(part, dtype=torch.float64))
+                            for part in flat.split(_FINGERPRINT_SLICE))
                 h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{total!r};".encode())
                 h.update(sample)
         digest = h.hexdigest()[:16]
