@@ -5,9 +5,13 @@
 * MEMIT, one batch of ``--batch`` facts: seconds per edit;
 * key statistics: tokens/s of collection vs a plain no-grad forward on the same batches;
 * memory: for each phase (one ROME edit, a batched chunk of ROME edits, the MEMIT batch), the
-  peak resident memory above what the process held before it loaded the model (the Python and
-  torch runtime, ~220 MB), divided by the model's parameter bytes; and the whole process's peak.
-  The peaks are sampled every 20 ms from /proc (Linux), since ``ru_maxrss`` only ever grows.
+  peak resident memory above what the process held before it loaded the model (the Python,
+  torch and transformers runtime, ~260 MB), divided by the model's parameter bytes; the
+  phase's working set (its peak above what the process held when it began: model, cached
+  statistics and templates); and the whole process's peak. The peaks are sampled every 20 ms
+  from /proc (Linux), since ``ru_maxrss`` only ever grows. ``--memory-budget F`` sets both
+  editors' ``memory_budget`` (the target optimisation sized to F × the model's bytes; see
+  ``engramlab/edit/memory.py``).
 
 Statistics and templates are prepared before timing (they are cached and shared by all edits).
 
@@ -31,6 +35,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
+import transformers  # noqa: F401  (library code belongs to the runtime baseline, not the edit)
 
 import engramlab as eg
 from engramlab.data import sample_corpus
@@ -57,6 +62,7 @@ def sampled_peak(into: dict, key: str):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     peak = [rss_mb()]
+    into[key + "_start"] = peak[0]
     stop = threading.Event()
 
     def watch() -> None:
@@ -101,13 +107,15 @@ def main() -> None:
     parser.add_argument("--stats-tokens", type=int, default=8192)
     parser.add_argument("--random-arch", choices=["gpt2-xl"], default=None)
     parser.add_argument("--stats-only", action="store_true", help="skip the editing timings")
+    parser.add_argument("--memory-budget", type=float, default=None,
+                        help="hparam memory_budget for both editors (fraction of model bytes)")
     args = parser.parse_args()
     runtime_mb = rss_mb() if sys.platform.startswith("linux") else None
     lm = eg.load_model(args.model, progress=False, device=args.device)
-    overrides: dict = {}
+    overrides: dict = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
     if args.random_arch:
         lm = random_gpt2_xl(lm, args.device)
-        overrides = {"stats_tokens": args.stats_tokens}
+        overrides["stats_tokens"] = args.stats_tokens
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     rss_loaded = peak_rss_mb()
     cases = bundled_cases()
@@ -148,9 +156,13 @@ def main() -> None:
     out["peak_rss_over_model"] = out["peak_rss_mb"] / model_mb
     if linux:
         out["runtime_rss_mb"] = runtime_mb
+        starts = {k[:-len("_start")]: peaks.pop(k) for k in list(peaks) if k.endswith("_start")}
         out["phase_peak_rss_mb"] = peaks
         out["phase_peak_over_model"] = {
             k: (v if k.endswith("_gpu") else v - runtime_mb) / model_mb for k, v in peaks.items()}
+        # the edit's own memory: the peak above what the process held when the phase began
+        # (model, cached statistics and templates, the libraries' code)
+        out["phase_working_set_mb"] = {k: peaks[k] - v for k, v in starts.items()}
     out.update(stats_speed(lm, memit, args.stats_tokens))
     print(json.dumps(out, indent=1))
 

@@ -168,6 +168,37 @@ def test_batched_targets_equal_one_request_at_a_time(group_rows):
                              TargetConfig(steps=1, group_rows=0))
 
 
+def test_a_memory_budget_splits_the_work_without_changing_the_targets(monkeypatch):
+    """A budget too small for more than a row per forward and a request per chunk: the plan
+    splits everything, and every δ is what one unbudgeted batch gives."""
+    import engramlab.edit.targets as targets_mod
+    from engramlab.edit import memory
+
+    lm = make_tiny("llama")
+    reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4"), _req("w8 w9", "w43", "w1 {} w5")]
+    templates = ["{}", "w11 . {}", "w12 w13 . {}"]
+    kw = {"steps": 4, "lr": 0.1, "early_stop": 0.0}
+    free = optimise_targets(lm, reqs, "resid.1", templates, TargetConfig(**kw))
+    cost = memory.costs(lm, "resid.1")
+    assert cost.kv_per_token > 0 and cost.act_per_token > 0
+    one_row = cost.act_per_token * 4 * memory.SAFETY / memory.budget_bytes(lm, 1.0)
+    calls: list[list[list[int]]] = []
+
+    def spy(*args):
+        calls.append(memory.split_rows(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(targets_mod, "split_rows", spy)
+    tight = optimise_targets(lm, reqs, "resid.1", templates,
+                             TargetConfig(memory_budget=one_row, **kw))
+    assert len(calls) == len(reqs)  # one chunk per request
+    assert all(len(piece) == 1 for pieces in calls for piece in pieces)
+    assert torch.allclose(free.delta, tight.delta, atol=1e-5)
+    assert torch.allclose(free.nll, tight.nll, atol=1e-5)
+    with pytest.raises(ValueError, match="memory_budget"):
+        optimise_targets(lm, reqs, "resid.1", templates, TargetConfig(memory_budget=0.0, **kw))
+
+
 def test_targets_lower_the_target_loss_and_respect_the_clamp():
     lm = make_tiny("gpt2")
     cfg = TargetConfig(steps=15, lr=0.5, clamp=0.5, early_stop=0.0, kl_factor=0.0,

@@ -45,6 +45,9 @@ class EditHParams:
     early_stop: float = 5e-2
     chunk: int = 32
     group_rows: int | None = None  # cap on rows per forward of the target optimisation (memory)
+    # what the target optimisation may hold, as a fraction of the model's parameter bytes
+    # (None: no limit); sizes its chunks and forwards (edit/memory.py)
+    memory_budget: float | None = None
     # ROME: optimise δ as the rank-one update will write it at each prompt (see rome.py)
     consistent_targets: bool = True
     # statistics
@@ -62,7 +65,8 @@ class EditHParams:
         return TargetConfig(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
                             weight_decay=self.weight_decay, clamp=self.clamp,
                             early_stop=self.early_stop, subject_pos=self.subject_pos,
-                            chunk=self.chunk, group_rows=self.group_rows)
+                            chunk=self.chunk, group_rows=self.group_rows,
+                            memory_budget=self.memory_budget)
 
     def replace(self, **changes: Any) -> EditHParams:
         known = {f.name: f for f in dataclasses.fields(self)}
@@ -83,8 +87,10 @@ def _coerce(value: Any, like: Any) -> Any:
     """``--set key=value`` strings become the field's type."""
     if not isinstance(value, str):
         return value
-    if like is None:  # an optional number (group_rows): "none" or an int
-        return None if value.lower() in ("none", "null", "") else int(value)
+    if value.lower() in ("none", "null") or (like is None and value == ""):
+        return None  # the optional knobs (group_rows, memory_budget)
+    if like is None:
+        return float(value) if any(ch in value for ch in ".eE") else int(value)
     if isinstance(like, bool):
         return value.lower() in ("1", "true", "yes", "on")
     if isinstance(like, int):

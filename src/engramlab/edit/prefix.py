@@ -123,15 +123,22 @@ class PrefixBatch:
 
 
 def _detach(cache: Any) -> None:
-    """Cut the kept prefix off the last step's graph (cropping leaves slices of it)."""
+    """Cut the kept prefix off the last step's graph. Cropping leaves slices of the step's
+    prefix + suffix tensors, which would keep the suffix's memory alive in every group's cache
+    between steps; they are copied down to the prefix instead."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
         for layer in layers:
             if getattr(layer, "keys", None) is not None:
-                layer.keys = layer.keys.detach()
-                layer.values = layer.values.detach()
+                layer.keys = _compact(layer.keys)
+                layer.values = _compact(layer.values)
         return
     for name in ("key_cache", "value_cache"):  # transformers < 4.56
         tensors = getattr(cache, name, None)
         if tensors is not None:
-            tensors[:] = [t.detach() for t in tensors]
+            tensors[:] = [_compact(t) for t in tensors]
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t

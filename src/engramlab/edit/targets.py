@@ -39,6 +39,7 @@ from ..batching import target_ids
 from ..data.records import EditRequest
 from ..models.lm import LM
 from ..trace import Trace, parse_point
+from .memory import Costs, budget_bytes, costs, plan_chunks, split_rows
 from .prefix import PrefixBatch, length_groups
 from .prompts import encode_with_subject, pick_positions
 
@@ -62,6 +63,9 @@ class TargetConfig:
     # rows per forward at most (None: a whole length group). Each group is backpropagated
     # alone, so this caps the activation memory of the optimisation.
     group_rows: int | None = None
+    # bytes the optimisation may hold, as a fraction of the model's parameter bytes (None: no
+    # limit); sizes chunks and forwards to it (see .memory)
+    memory_budget: float | None = None
 
 
 @dataclass
@@ -136,10 +140,22 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
     """
     config = config or TargetConfig()
     parse_point(lm, point)
-    parts = [_optimise_chunk(lm, list(requests[i:i + config.chunk]), point, templates, config,
-                             None if row_scale is None else row_scale[i:i + config.chunk],
+    budget = budget_bytes(lm, config.memory_budget)
+    cost = costs(lm, point) if budget is not None else None
+    if cost is None:
+        sizes = [config.chunk] * -(-len(requests) // config.chunk)
+    else:
+        rows = build_rows(lm, requests, templates, config.subject_pos, kl=config.kl_factor > 0)
+        prefix: list[list[int]] = [[] for _ in requests]
+        for owner, look in zip(rows.owner, rows.lookup, strict=True):
+            prefix[owner].append(min(look) if config.prefix_cache else 0)
+        sizes = plan_chunks(prefix, config.chunk, cost, budget)
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    parts = [_optimise_chunk(lm, list(requests[i:i + size]), point, templates, config,
+                             None if row_scale is None else row_scale[i:i + size],
+                             cost=cost, act_budget=None if budget is None else budget / 2,
                              progress=progress)
-             for i in range(0, len(requests), config.chunk)]
+             for i, size in zip(starts, sizes, strict=True) if i < len(requests)]
     return Targets(point, torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
                    torch.cat([p.nll for p in parts]), [s for p in parts for s in p.steps])
 
@@ -166,8 +182,9 @@ def _flat_labels(rows: Rows) -> list[tuple[int, int, int]]:
     return [(row, p, t) for row, items in enumerate(rows.labels) for p, t in items]
 
 
-def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]) -> list[_Group]:
-    """All rows in padded groups of similar suffix length."""
+def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float],
+            cost: Costs | None = None, act_budget: float | None = None) -> list[_Group]:
+    """All rows in padded groups of similar suffix length, each within the budget."""
     splits = [min(look) if config.prefix_cache else 0 for look in rows.lookup]
     suffix_len = [len(ids) - s for ids, s in zip(rows.ids, splits, strict=True)]
     # a few rows fit one forward; splitting them only adds per-call overhead
@@ -176,8 +193,10 @@ def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float]) -> lis
     cap = len(rows.ids) if config.group_rows is None else config.group_rows
     if cap < 1:
         raise ValueError(f"group_rows must be at least 1, got {config.group_rows}")
-    pieces = [idx[i:i + cap] for idx in length_groups(suffix_len, n_groups)
-              for i in range(0, len(idx), cap)]
+    kl_rows = set(rows.kl_row)
+    scored = [len(lab) + (i in kl_rows) for i, lab in enumerate(rows.labels)]
+    pieces = [piece for idx in length_groups(suffix_len, n_groups)
+              for piece in split_rows(idx, suffix_len, scored, cap, cost, act_budget)]
     for idx in pieces:
         pb = PrefixBatch.build(lm, [rows.ids[i] for i in idx], [rows.owner[i] for i in idx],
                                [rows.lookup[i] for i in idx], [rows.labels[i] for i in idx],
@@ -227,6 +246,7 @@ def _group(lm: LM, rows: Rows, idx: list[int], pb: PrefixBatch, scale: list[floa
 
 def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: Sequence[str],
                     config: TargetConfig, row_scale: torch.Tensor | None, *,
+                    cost: Costs | None = None, act_budget: float | None = None,
                     progress: bool) -> Targets:
     from tqdm.auto import tqdm
 
@@ -237,7 +257,7 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
     else:  # rows are request-major: the templates, then the KL prompt
         scale = row_scale[:, :len(templates) + int(kl)].reshape(-1).float().tolist()
     flat = _flat_labels(rows)
-    groups = _groups(lm, rows, config, scale)
+    groups = _groups(lm, rows, config, scale, cost, act_budget)
     live = len(rows.ids)
     n = len(requests)
     device = lm.device

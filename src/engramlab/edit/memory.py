@@ -1,0 +1,163 @@
+"""Size the target optimisation's batches to a memory budget.
+
+Editing must not need much more memory than the model itself. The weights are never copied
+(deltas are low-rank factors), so what grows with the number of requests is the target
+optimisation (:mod:`.targets`): the prefix key/value cache of every row of a chunk, held for all
+steps, and the activations autograd keeps for the forward of one group of rows, from the
+edited point to the last layer. Both are linear in tokens, so one small probe measures them per
+token for a model and point — exactly, by counting the bytes of the cache and of the tensors
+autograd saves — and the plan then picks:
+
+* requests per chunk: as many as ``chunk`` allows while their prefix caches fit half of the
+  budget (padded to the chunk's longest prefix);
+* rows per forward: as many as fit the rest, counting each row's padded suffix tokens and its
+  scored positions (a vocabulary-sized logit, log-softmax and gradient each).
+
+Smaller forwards cost speed (per-call overhead), never results: rows never mix, so any split
+gives the same δ (tested). Measured on SmolLM2-135M (CPU, 2 threads, ``bench/edit_speed.py``,
+MEMIT batch of 50, peak RSS above the runtime / model bytes; the cached statistics and the
+library code already hold 1.25x): no budget 3.33x at 1.91 s per edit; ``memory_budget=0.35``
+2.18x at 3.00 s. The estimate counts what autograd saves; the measured peak of the optimisation
+was about twice the budget (backward gradients, allocator slack), hence ``SAFETY``. The budget
+is off by default: on a model this small the working set cannot reach 1.5x without halving
+the speed, while on GPT-2 XL the same rows are a smaller share of the weights.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..models.lm import LM
+
+# Measured bytes cover what autograd saves; the backward pass adds gradients of a few layers
+# and the forward some transients on top. 1.5 kept the measured peak inside the budget on
+# SmolLM2 (bench/edit_speed.py).
+SAFETY = 1.5
+_PROBE_PREFIX, _PROBE_SUFFIX = 8, 8
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Bytes per token of the prefix cache and of one forward's saved activations (from the
+    edited point on), and per scored position (logits, log-softmax, their gradient)."""
+
+    kv_per_token: float
+    act_per_token: float
+    per_label: float
+
+
+_COSTS: weakref.WeakKeyDictionary[Any, dict[tuple[str, torch.dtype], Costs]] = (
+    weakref.WeakKeyDictionary())
+
+
+def budget_bytes(lm: LM, fraction: float | None) -> int | None:
+    """``fraction`` of the model's parameter bytes (None: no budget)."""
+    if fraction is None:
+        return None
+    if fraction <= 0:
+        raise ValueError(f"memory_budget must be positive (a fraction of the model's size), "
+                         f"got {fraction}; use none for no budget")
+    return int(fraction * sum(p.numel() * p.element_size() for p in lm.model.parameters()))
+
+
+def costs(lm: LM, point: str) -> Costs:
+    """Per-token costs at ``point``, measured once per model, point and dtype."""
+    dtype = next(lm.model.parameters()).dtype
+    per_model = _COSTS.setdefault(lm.model, {})
+    key = (point, dtype)
+    if key not in per_model:
+        per_model[key] = _measure(lm, point)
+    return per_model[key]
+
+
+def _measure(lm: LM, point: str) -> Costs:
+    from .prefix import PrefixBatch
+    from .targets import Rows, _group, _run_group
+
+    n = _PROBE_PREFIX + _PROBE_SUFFIX
+    ids = [1 + i % (lm.vocab_size - 1) for i in range(n)]
+    rows = Rows(ids=[ids], owner=[0], lookup=[[_PROBE_PREFIX]], labels=[[(n - 1, ids[0])]],
+                plain_row=[0], kl_row=[])
+    pb = PrefixBatch.build(lm, rows.ids, rows.owner, rows.lookup, rows.labels)
+    kv = sum(t.untyped_storage().nbytes() for t in cache_tensors(pb.cache))
+    group = _group(lm, rows, [0], pb, [1.0])
+    params = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    delta = torch.zeros(1, lm.d_model, device=lm.device, requires_grad=True)
+    grads = [p.requires_grad for p in lm.model.parameters()]
+    for p in lm.model.parameters():
+        p.requires_grad_(False)  # as during the optimisation: no weight gradients
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _run_group(lm, group, point, f"resid.{lm.n_layers - 1}", delta, None)
+    finally:
+        for p, g in zip(lm.model.parameters(), grads, strict=True):
+            p.requires_grad_(g)
+    # float32 logits, log-softmax output, and the gradient flowing back through them
+    per_label = 3 * 4 * lm.vocab_size
+    return Costs(kv_per_token=kv / _PROBE_PREFIX, act_per_token=sum(saved.values()) / _PROBE_SUFFIX,
+                 per_label=per_label)
+
+
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """The key and value tensors a transformers cache holds (old and new cache layouts)."""
+    if cache is None:
+        return []
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [t for layer in layers for t in (getattr(layer, "keys", None),
+                                                getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor)]
+    return [t for name in ("key_cache", "value_cache") for t in getattr(cache, name, [])]
+
+
+def plan_chunks(prefix_lens: list[list[int]], max_requests: int, c: Costs | None,
+                budget: int | None) -> list[int]:
+    """Chunk sizes (requests, in order) whose padded prefix caches fit half of ``budget``;
+    ``prefix_lens[r]`` holds request r's prefix length per row."""
+    sizes: list[int] = []
+    n_rows, width, count = 0, 0, 0
+    for lens in prefix_lens:
+        rows, wide = n_rows + len(lens), max(width, max(lens))
+        over = (c is not None and budget is not None
+                and SAFETY * rows * wide * c.kv_per_token > budget / 2)
+        if count and (count == max_requests or over):
+            sizes.append(count)
+            rows, wide, count = len(lens), max(lens), 0
+        n_rows, width, count = rows, wide, count + 1
+    if count:
+        sizes.append(count)
+    return sizes
+
+
+def split_rows(idx: list[int], suffix_len: list[int], n_scored: list[int], cap: int,
+               c: Costs | None, budget: float | None) -> list[list[int]]:
+    """Split one length group (row indices, in order) into forwards of at most ``cap`` rows
+    whose padded activations fit ``budget`` bytes (at least one row each)."""
+    pieces: list[list[int]] = []
+    cur: list[int] = []
+    longest, scored = 0, 0
+    for i in idx:
+        wide, sc = max(longest, suffix_len[i]), scored + n_scored[i]
+        over = (c is not None and budget is not None
+                and SAFETY * ((len(cur) + 1) * wide * c.act_per_token + sc * c.per_label)
+                > budget)
+        if cur and (len(cur) == cap or over):
+            pieces.append(cur)
+            cur, wide, sc = [], suffix_len[i], n_scored[i]
+        cur.append(i)
+        longest, scored = wide, sc
+    if cur:
+        pieces.append(cur)
+    return pieces
