@@ -17,8 +17,9 @@ Smaller forwards cost speed (per-call overhead), never results: rows never mix, 
 gives the same δ (tested). Measured on SmolLM2-135M (CPU, 2 threads, ``bench/edit_speed.py``,
 MEMIT batch of 50, peak RSS above the runtime / model bytes; the cached statistics and the
 library code already hold 1.25x): no budget 3.33x at 1.91 s per edit; ``memory_budget=0.35``
-2.18x at 3.00 s. The estimate counts what autograd saves; the measured peak of the optimisation
-was about twice the budget (backward gradients, allocator slack), hence ``SAFETY``. The budget
+2.18x at 3.00 s. The estimate counts what autograd saves and is multiplied by ``SAFETY``;
+even so the measured working set was 1.25-1.9x the budget (backward gradients, allocator
+slack; a fresh process shows the most), so treat the budget as a target, not a cap. The budget
 is off by default: on a model this small the working set cannot reach 1.5x without halving
 the speed, while on GPT-2 XL the same rows are a smaller share of the weights.
 """
