@@ -296,6 +296,18 @@ def test_edit_in_place_trace_sees_the_new_value(isolated_cache):
     assert not torch.allclose(before, tr["mlp_out.1"])
 
 
+def test_hparams_from_strings_keep_their_types_and_name_bad_values():
+    from engramlab.edit.base import EditHParams
+
+    hp = EditHParams().replace(memory_budget="0.35", group_rows="16", clamp="2", layers="3,4")
+    assert (hp.memory_budget, hp.group_rows, hp.clamp, hp.layers) == (0.35, 16, 2.0, [3, 4])
+    assert hp.replace(memory_budget="none").memory_budget is None
+    with pytest.raises(RequestError, match="clamp='none': expected float"):
+        hp.replace(clamp="none")
+    with pytest.raises(RequestError, match="group_rows='many'"):
+        hp.replace(group_rows="many")
+
+
 def test_presets_match_by_config_and_fall_back_to_relative_depth():
     lm = make_tiny("gpt2")
     assert match_preset(lm) == "default"

@@ -73,7 +73,15 @@ class EditHParams:
         unknown = sorted(set(changes) - set(known))
         if unknown:
             raise RequestError(f"unknown hyper-parameter(s) {unknown}; known: {sorted(known)}")
-        typed = {k: _coerce(v, getattr(self, k)) for k, v in changes.items()}
+        typed = {}
+        for k, v in changes.items():
+            f = known[k]  # typed by the field's default: the current value may be None
+            like = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            try:
+                typed[k] = _coerce(v, like)
+            except ValueError as exc:
+                kind = "a number or none" if like is None else type(like).__name__
+                raise RequestError(f"hyper-parameter {k}={v!r}: expected {kind} ({exc})") from None
         out = dataclasses.replace(self, **typed)
         if out.subject_pos not in SUBJECT_POSITIONS:
             raise RequestError(f"subject_pos {out.subject_pos!r}; use one of {SUBJECT_POSITIONS}")
@@ -87,9 +95,9 @@ def _coerce(value: Any, like: Any) -> Any:
     """``--set key=value`` strings become the field's type."""
     if not isinstance(value, str):
         return value
-    if value.lower() in ("none", "null") or (like is None and value == ""):
-        return None  # the optional knobs (group_rows, memory_budget)
-    if like is None:
+    if like is None:  # the optional numbers (group_rows, memory_budget): "none" or a number
+        if value.lower() in ("none", "null", ""):
+            return None
         return float(value) if any(ch in value for ch in ".eE") else int(value)
     if isinstance(like, bool):
         return value.lower() in ("1", "true", "yes", "on")
