@@ -328,3 +328,25 @@ def test_batch_protocols_do_not_score_neighbours_that_are_edited_subjects():
     assert kept[0].neighborhood_prompts == ("w7 w2",)
     assert kept[0].neighborhood_answers == ("w41",)
     assert kept[1] == b
+
+
+def test_memory_plans_respect_budget_cap_and_order():
+    from engramlab.edit.memory import SAFETY, Costs, plan_chunks, split_rows
+
+    c = Costs(kv_per_token=10.0, act_per_token=100.0, per_label=50.0)
+    # three requests of two rows; a chunk's cache is rows × longest prefix × 10 × SAFETY
+    prefix = [[3, 4], [5, 5], [2, 2]]
+    assert plan_chunks(prefix, 8, None, None) == [3]
+    assert plan_chunks(prefix, 2, c, None) == [2, 1]
+    budget = 2 * SAFETY * 4 * 5 * 10  # half of it holds two requests padded to 5 tokens
+    assert plan_chunks(prefix, 8, c, budget) == [2, 1]
+    assert plan_chunks(prefix, 8, c, 1.0) == [1, 1, 1]  # never an empty chunk
+    suffix, scored = [2, 3, 3, 6, 1], [1, 1, 0, 2, 1]
+    idx = [4, 0, 1, 2, 3]
+    pieces = split_rows(idx, suffix, scored, 10, c, SAFETY * (3 * 3 * 100 + 2 * 50))
+    assert [i for p in pieces for i in p] == idx
+    for p in pieces:
+        cost = SAFETY * (len(p) * max(suffix[i] for i in p) * 100
+                         + sum(scored[i] for i in p) * 50)
+        assert len(p) == 1 or cost <= SAFETY * (3 * 3 * 100 + 2 * 50)
+    assert split_rows(idx, suffix, scored, 2, None, None) == [[4, 0], [1, 2], [3]]
