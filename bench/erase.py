@@ -70,6 +70,8 @@ def summary(result: dict) -> dict:
         "control_drop": lambda r: r["pre"]["control_accuracy"] - r["post"]["control_accuracy"],
         "unseen_control_drop": lambda r: None if r["post"].get("unseen_control_accuracy")
         is None else r["pre"]["unseen_control_accuracy"] - r["post"]["unseen_control_accuracy"],
+        "near_control_drop": lambda r: None if r["post"].get("near_control_accuracy")
+        is None else r["pre"]["near_control_accuracy"] - r["post"]["near_control_accuracy"],
         "perplexity_rise": lambda r: r["post"]["perplexity"] / r["pre"]["perplexity"] - 1,
         "adversarial": lambda r: r["adversarial"]["target_accuracy"],
         "relearn_paragraph": lambda r: r["relearn"]["target_accuracy"],

@@ -20,7 +20,8 @@ from pathlib import Path
 from erase import summary  # bench/erase.py: the same means as every bench run prints
 
 SHOWN = {"post_target": "post", "post_paraphrase": "para", "control_drop": "ctrl drop",
-         "unseen_control_drop": "unseen drop", "perplexity_rise": "ppl rise",
+         "unseen_control_drop": "unseen drop", "near_control_drop": "near drop",
+         "perplexity_rise": "ppl rise",
          "adversarial": "adversarial", "relearn_paragraph": "relearn",
          "heldout_after": "held-out after relearn", "coefficient_patch": "coef. patch",
          "value_restore": "value restore", "vector_cosine": "vector cos",
@@ -87,6 +88,7 @@ def main() -> None:
     per_concept = {name: {m: {"post": r["post"]["target_accuracy"],
                               "control": r["post"]["control_accuracy"],
                               "unseen_control": r["post"].get("unseen_control_accuracy"),
+                              "near_control": r["post"].get("near_control_accuracy"),
                               "perplexity": r["post"]["perplexity"],
                               "adversarial": r["adversarial"]["target_accuracy"],
                               "relearn": r["relearn"]["target_accuracy"],

@@ -203,6 +203,7 @@ def test_concept_file_round_trip(tmp_path):
     path.write_text(json.dumps(c.to_dict()))
     again = load_concept(path)
     assert again.probes == c.probes and again.keywords == c.keywords
+    assert again.near_controls == c.near_controls and c.near_controls
 
 
 def test_bundled_concepts_are_known_by_the_embedded_model(smol):
@@ -217,6 +218,11 @@ def test_bundled_concepts_are_known_by_the_embedded_model(smol):
         assert not any(p.answer in names - {c.name} for p in c.probes)
         # a paraphrase rewords a probe: the same prompt would not test generalisation
         assert not {p.prompt for p in c.paraphrases} & {p.prompt for p in c.probes}, c.name
+        # near controls: neighbours' facts the model knows, never about the concept itself
+        assert len(c.near_controls) >= 5, c.name
+        assert all(probe_hits(smol, c.near_controls)), c.name
+        named = c.name.removeprefix("The ").lower()
+        assert not any(named in p.prompt.lower() for p in c.near_controls), c.name
 
 
 def test_concept_vectors_tuning_respects_the_budget():
@@ -304,6 +310,8 @@ def test_run_erasure_reports_every_measure_and_leaves_the_model(tiny_llama_conce
         assert torch.equal(p, before[n]), f"{n} left changed"
     json.dumps(report)  # what --json prints
     assert report["pre"]["target_accuracy"] == 1.0
+    assert report["pre"]["near_control_accuracy"] == 1.0  # the model's own answers
+    assert 0.0 <= report["post"]["near_control_accuracy"] <= 1.0
     train, held = heldout_split(concept.probes)
     assert not {p.prompt for p in train} & {p.prompt for p in held}
     h = report["relearn"]["heldout"]
@@ -320,6 +328,7 @@ def test_run_erasure_reports_every_measure_and_leaves_the_model(tiny_llama_conce
 def tiny_llama_concept():
     lm = make_tiny("llama")
     concept = Concept("tiny", probes=_known_probes(lm, 8),
+                      near_controls=_known_probes(lm, 4, seed=100),
                       text=". ".join(tiny_text(8, seed=s) for s in range(4)) + ".")
     return lm, concept
 

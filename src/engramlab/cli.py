@@ -142,13 +142,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
     setting = ", ".join(f"{k} {v}" for k, v in report["delta"]["setting"].items())
     lines = [f"{args.method} erasure of {concept.name!r} on {lm.name} "
              f"({report['erase_seconds']:.1f} s{'; ' + setting if setting else ''})",
-             f"{'':<10}{'target':>8}{'paraphr.':>10}{'controls':>10}{'unseen':>8}"
+             f"{'':<10}{'target':>8}{'paraphr.':>10}{'controls':>10}{'unseen':>8}{'near':>8}"
              f"{'perplexity':>12}"]
     for name, r in (("before", pre), ("after", post)):
-        unseen = r["unseen_control_accuracy"]
+        unseen, near = r["unseen_control_accuracy"], r.get("near_control_accuracy")
         lines.append(f"{name:<10}{r['target_accuracy']:>8.3f}{r['paraphrase_accuracy']:>10.3f}"
                      f"{r['control_accuracy']:>10.3f}"
-                     f"{'-' if unseen is None else f'{unseen:.3f}':>8}{r['perplexity']:>12.2f}")
+                     f"{'-' if unseen is None else f'{unseen:.3f}':>8}"
+                     f"{'-' if near is None else f'{near:.3f}':>8}{r['perplexity']:>12.2f}")
     tr = report["trace"]
     cos = tr["concept_vector_cosine"]
     lines += [f"adversarial (best framing) {report['adversarial']['target_accuracy']:.3f}; "

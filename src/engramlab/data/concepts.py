@@ -5,6 +5,7 @@ A concept file is JSON::
     {"name": "Harry Potter", "keywords": ["Hogwarts", ...],
      "probes": [{"prompt": "...", "answer": "..."}], "paraphrases": [...],
      "controls": [...],            # optional: other concepts' probes serve otherwise
+     "near_controls": [...],       # optional: the same kind of fact about neighbours
      "text": "a paragraph about the concept"}  # optional: unlearning / relearning text
 
 A probe counts as answered when the greedy next token is the first token of ``" " + answer``.
@@ -16,6 +17,9 @@ were curated by writing cloze and QA prompts by hand and keeping those the model
 so some concepts (Paris, Japan) have few paraphrases. ``text`` is a short hand-written
 encyclopedic paragraph, used by the fine-tuning baselines as forget text and for relearning;
 ``general_text`` holds neutral paragraphs about none of the concepts, for perplexity.
+``near_controls`` (6-11 per concept, also checked) ask the same kind of fact about neighbours —
+other fantasy series for Harry Potter, other capitals for Paris, other planets for the Moon —
+where collateral damage is likeliest; no eraser tunes on them.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Concept:
     paraphrases: list[Probe] = field(default_factory=list)
     controls: list[Probe] = field(default_factory=list)
     text: str = ""
+    near_controls: list[Probe] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.probes:
@@ -81,7 +86,7 @@ class Concept:
             raise ConceptError(f"{where}: a concept is an object with a 'name' string")
         where = f"{where} {d['name']!r}"
         lists = {}
-        for key in ("probes", "paraphrases", "controls"):
+        for key in ("probes", "paraphrases", "controls", "near_controls"):
             items = d.get(key) or []
             if not isinstance(items, list):
                 raise ConceptError(f"{where}: {key!r} must be a list of probes")
@@ -95,7 +100,8 @@ class Concept:
         return {"name": self.name, "keywords": self.keywords,
                 "probes": [p.to_dict() for p in self.probes],
                 "paraphrases": [p.to_dict() for p in self.paraphrases],
-                "controls": [p.to_dict() for p in self.controls], "text": self.text}
+                "controls": [p.to_dict() for p in self.controls], "text": self.text,
+                "near_controls": [p.to_dict() for p in self.near_controls]}
 
 
 def _bundled_path(name: str = BUNDLED) -> Path:

@@ -48,11 +48,15 @@ def make_eraser(method: str, *, layers: Sequence[int] | None = None,
 def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequence[str],
               unseen: Sequence[Probe] = ()) -> dict[str, float | None]:
     """Accuracies and perplexity; ``unseen_control_accuracy`` (None without ``unseen``) is on
-    controls no eraser tuned on (:func:`~engramlab.data.concepts.unseen_controls_for`)."""
+    controls no eraser tuned on (:func:`~engramlab.data.concepts.unseen_controls_for`), and
+    ``near_control_accuracy`` (None without them) on the concept's near controls: the same
+    kind of fact about its neighbours, never tuned on either."""
     return {"target_accuracy": E.accuracy(lm, concept.probes),
             "paraphrase_accuracy": E.accuracy(lm, concept.paraphrases),
             "control_accuracy": E.accuracy(lm, controls),
             "unseen_control_accuracy": E.accuracy(lm, unseen) if unseen else None,
+            "near_control_accuracy": (E.accuracy(lm, concept.near_controls)
+                                      if concept.near_controls else None),
             "perplexity": E.perplexity(lm, neutral)}
 
 
