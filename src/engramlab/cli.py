@@ -152,7 +152,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
                      f"{'-' if near is None else f'{near:.3f}':>8}{r['perplexity']:>12.2f}")
     tr = report["trace"]
     cos = tr["concept_vector_cosine"]
-    lines += [f"adversarial (best framing) {report['adversarial']['target_accuracy']:.3f}; "
+    lines += [f"worst single paragraph perplexity rise {report['perplexity_worst_rise']:+.1%}",
+              f"adversarial (best framing) {report['adversarial']['target_accuracy']:.3f}; "
               f"after relearning {report['relearn']['target_accuracy']:.3f}",
               "relearning on half the facts, the other half: {before:.3f} -> "
               "{target_accuracy:.3f} (unedited model: {unedited:.3f})".format(

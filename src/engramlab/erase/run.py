@@ -12,6 +12,7 @@ finder validates on the unedited model, so every method is judged against the sa
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,14 +51,17 @@ def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequ
     """Accuracies and perplexity; ``unseen_control_accuracy`` (None without ``unseen``) is on
     controls no eraser tuned on (:func:`~engramlab.data.concepts.unseen_controls_for`), and
     ``near_control_accuracy`` (None without them) on the concept's near controls: the same
-    kind of fact about its neighbours, never tuned on either."""
+    kind of fact about its neighbours, never tuned on either. ``paragraph_perplexity`` lists
+    each neutral paragraph's own perplexity, so damage to one topic is not averaged away."""
+    nlls = E.text_nlls(lm, neutral)
     return {"target_accuracy": E.accuracy(lm, concept.probes),
             "paraphrase_accuracy": E.accuracy(lm, concept.paraphrases),
             "control_accuracy": E.accuracy(lm, controls),
             "unseen_control_accuracy": E.accuracy(lm, unseen) if unseen else None,
             "near_control_accuracy": (E.accuracy(lm, concept.near_controls)
                                       if concept.near_controls else None),
-            "perplexity": E.perplexity(lm, neutral)}
+            "perplexity": E.pooled_perplexity(nlls),
+            "paragraph_perplexity": [math.exp(n / c) for n, c in nlls if c]}
 
 
 def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
@@ -115,6 +119,8 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
                               if isinstance(v, str | int | float) and k not in
                               ("method", "concept", "created", "engramlab_version")
                               and not k.startswith("model")}},
+        "perplexity_worst_rise": E.worst_rise(pre["paragraph_perplexity"],
+                                              post["paragraph_perplexity"]),
         "erase_seconds": erase_s,
         "seconds": time.perf_counter() - start,
     }

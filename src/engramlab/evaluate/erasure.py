@@ -93,19 +93,36 @@ def accuracy(lm: LM, probes: Sequence[Probe], **kw: object) -> float:
 
 
 @torch.no_grad()
-def perplexity(lm: LM, texts: Sequence[str]) -> float:
-    """Token-weighted perplexity of ``texts`` (each scored on its own, no packing)."""
-    nll, count = 0.0, 0
+def text_nlls(lm: LM, texts: Sequence[str]) -> list[tuple[float, int]]:
+    """Per text (each scored on its own, no packing): summed next-token NLL and token count."""
+    out = []
     for text in texts:
         ids = torch.tensor([lm.tokenizer(text)["input_ids"]], device=lm.device)
         if ids.shape[1] < 2:
+            out.append((0.0, 0))
             continue
         logits = lm.model(input_ids=ids).logits[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
+        nll = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        out.append((nll, ids.shape[1] - 1))
+    return out
+
+
+def pooled_perplexity(nlls: Sequence[tuple[float, int]]) -> float:
+    count = sum(c for _, c in nlls)
     if count == 0:
         raise ValueError("perplexity needs text with at least two tokens")
-    return math.exp(nll / count)
+    return math.exp(sum(n for n, _ in nlls) / count)
+
+
+def perplexity(lm: LM, texts: Sequence[str]) -> float:
+    """Token-weighted perplexity of ``texts`` (each scored on its own, no packing)."""
+    return pooled_perplexity(text_nlls(lm, texts))
+
+
+def worst_rise(before: Sequence[float], after: Sequence[float]) -> float:
+    """The largest relative perplexity rise of any one text: a pooled figure hides damage to
+    one topic (erasing The Beatles left 11 of 12 paragraphs within 11 % and doubled chess's)."""
+    return max(b / a - 1 for a, b in zip(before, after, strict=True))
 
 
 def adversarial_accuracies(lm: LM, concept: Concept, probes: Sequence[Probe] | None = None,
