@@ -1,0 +1,82 @@
+"""How specific is concept-vector erasure? Its tuning grid scored on the near controls. Prints JSON.
+
+The tuner (``ConceptVectors``) keeps the *other bundled concepts'* probes within 10 points, but
+never sees the concept's near controls (the same kind of fact about its neighbours: other
+capitals for Paris). For each concept this scores every grid point the tuner can choose
+(selection × top_k × damping) on the concept's probes, its near controls and its controls, and
+reports the strongest erasure inside the control budget (what the tuner picks, up to its
+perplexity check) next to the strongest that also keeps ``--near-keep`` of the near controls.
+
+    .venv/bin/python bench/erase_near.py --concepts "Paris,Japan" [--near-keep 0.9] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import engramlab as eg
+from engramlab.data.concepts import controls_for, general_text, get_concept
+from engramlab.erase.concept_vectors import ConceptVectors, find_concept_vectors, vectors_delta
+from engramlab.erase.vectors import vector_evidence
+from engramlab.evaluate import erasure as E
+
+
+def grid(lm: eg.LM, name: str, cv: ConceptVectors) -> list[dict]:
+    concept = get_concept(name)
+    if not concept.near_controls:
+        raise SystemExit(f"{name!r} has no near controls")
+    controls = controls_for(concept)
+    evidence = vector_evidence(lm, concept, controls, None, neutral=general_text(split="tune"))
+    rows = []
+    for selection in cv.selections:
+        found = find_concept_vectors(lm, concept, controls=controls,
+                                     n_candidates=max(cv.n_candidates, *cv.top_ks),
+                                     selection=selection, check=False, evidence=evidence)
+        for k in cv.top_ks:
+            for damping in cv.dampings:
+                delta = vectors_delta(lm, [(v.layer, v.index) for v in found[:k]],
+                                      damping=damping)
+                with delta.applied(lm):
+                    rows.append({"selection": selection, "top_k": k, "damping": damping,
+                                 "target": E.accuracy(lm, concept.probes),
+                                 "near": E.accuracy(lm, concept.near_controls),
+                                 "control": E.accuracy(lm, controls)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--concepts", default="Paris")
+    ap.add_argument("--near-keep", type=float, default=0.9)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    lm = eg.load_model(args.model, progress=False)
+    cv = ConceptVectors()  # its grid and budget
+    out: dict = {"model": lm.name, "near_keep": args.near_keep, "concepts": {}}
+    for name in [c.strip() for c in args.concepts.split(",") if c.strip()]:
+        start = time.perf_counter()
+        rows = grid(lm, name, cv)
+        base = E.accuracy(lm, controls_for(get_concept(name)))
+        within = [r for r in rows if base - r["control"] < cv.max_control_drop]
+        keeping = [r for r in within if r["near"] >= args.near_keep - 1e-9]
+        out["concepts"][name] = {
+            "control_before": base,
+            "best_within_controls": min(within, key=lambda r: r["target"]) if within else None,
+            "best_keeping_near": min(keeping, key=lambda r: r["target"]) if keeping else None,
+            "grid": rows, "seconds": time.perf_counter() - start}
+        best = out["concepts"][name]
+        print(name, json.dumps(best["best_within_controls"]), json.dumps(best["best_keeping_near"]),
+              flush=True, file=sys.stderr)
+    text = json.dumps(out, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
