@@ -143,12 +143,12 @@ def main() -> None:
             per[method] = report
             print(f"{concept.name} {method}: post {report['post']} "
                   f"({report['erase_seconds']:.1f} s)", file=sys.stderr, flush=True)
-        result["concepts"][concept.name] = per
-        result["summary"] = summary(result)
-        result["peak_rss_mb"] = peak_rss_mb()
-        if args.out:  # after every concept: a long run cut short keeps what it finished
-            with atomic_file(args.out) as tmp:
-                tmp.write_text(json.dumps(result, indent=1))
+            result["concepts"][concept.name] = per
+            result["summary"] = summary(result)
+            result["peak_rss_mb"] = peak_rss_mb()
+            if args.out:  # after every method: a long run cut short keeps what it finished
+                with atomic_file(args.out) as tmp:
+                    tmp.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     if args.png and trials:
         tradeoff_png(trials, args.png)
