@@ -135,14 +135,14 @@ def main() -> None:
                                      **settings)
             except eg.EngramError as exc:  # a method that finds nothing is a result too
                 per[method] = {"error": str(exc)}
-                continue
-            report["wall_seconds"] = time.perf_counter() - t
-            report["tuning"] = getattr(settings["eraser"], "trials", [])
-            if method == "concept-vectors":
-                trials[concept.name] = eraser.trials
-            per[method] = report
-            print(f"{concept.name} {method}: post {report['post']} "
-                  f"({report['erase_seconds']:.1f} s)", file=sys.stderr, flush=True)
+            else:
+                report["wall_seconds"] = time.perf_counter() - t
+                report["tuning"] = getattr(settings["eraser"], "trials", [])
+                if method == "concept-vectors":
+                    trials[concept.name] = eraser.trials
+                per[method] = report
+                print(f"{concept.name} {method}: post {report['post']} "
+                      f"({report['erase_seconds']:.1f} s)", file=sys.stderr, flush=True)
             result["concepts"][concept.name] = per
             result["summary"] = summary(result)
             result["peak_rss_mb"] = peak_rss_mb()
