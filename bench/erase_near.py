@@ -8,6 +8,7 @@ reports the strongest erasure inside the control budget (what the tuner picks, u
 perplexity check) next to the strongest that also keeps ``--near-keep`` of the near controls.
 
     .venv/bin/python bench/erase_near.py --concepts "Paris,Japan" [--near-keep 0.9] [--out F]
+        [--png F]   # per concept: concept accuracy against near-control accuracy, every point
 """
 
 from __future__ import annotations
@@ -47,16 +48,43 @@ def grid(lm: eg.LM, name: str, cv: ConceptVectors) -> list[dict]:
     return rows
 
 
+def tradeoff_png(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(out["concepts"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        res = out["concepts"][name]
+        for ok, colour, label in ((True, "tab:blue", "controls within budget"),
+                                  (False, "tab:gray", "over the control budget")):
+            pts = [r for r in res["grid"]
+                   if (res["control_before"] - r["control"] < out["max_control_drop"]) == ok]
+            ax.scatter([r["target"] for r in pts], [r["near"] for r in pts], s=14, c=colour,
+                       alpha=0.7, label=label)
+        ax.axhline(out["near_keep"], ls=":", c="k", lw=0.8)
+        ax.set(title=name, xlabel="concept accuracy after erasure (lower: erased)",
+               ylabel="near-control accuracy", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05))
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Concept vectors: every grid point of the tuner, scored on near controls")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--concepts", default="Paris")
     ap.add_argument("--near-keep", type=float, default=0.9)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--png", default=None)
     args = ap.parse_args()
     lm = eg.load_model(args.model, progress=False)
     cv = ConceptVectors()  # its grid and budget
-    out: dict = {"model": lm.name, "near_keep": args.near_keep, "concepts": {}}
+    out: dict = {"model": lm.name, "near_keep": args.near_keep,
+                 "max_control_drop": cv.max_control_drop, "concepts": {}}
     for name in [c.strip() for c in args.concepts.split(",") if c.strip()]:
         start = time.perf_counter()
         rows = grid(lm, name, cv)
@@ -76,6 +104,8 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(text)
     print(text)
+    if args.png:
+        tradeoff_png(out, args.png)
 
 
 if __name__ == "__main__":
