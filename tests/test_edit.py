@@ -168,13 +168,14 @@ def test_batched_targets_equal_one_request_at_a_time(group_rows):
                              TargetConfig(steps=1, group_rows=0))
 
 
-def test_a_memory_budget_splits_the_work_without_changing_the_targets(monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_memory_budget_splits_the_work_without_changing_the_targets(monkeypatch, family):
     """A budget too small for more than a row per forward and a request per chunk: the plan
     splits everything, and every δ is what one unbudgeted batch gives."""
     import engramlab.edit.targets as targets_mod
     from engramlab.edit import memory
 
-    lm = make_tiny("llama")
+    lm = make_tiny(family)
     reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4"), _req("w8 w9", "w43", "w1 {} w5")]
     templates = ["{}", "w11 . {}", "w12 w13 . {}"]
     kw = {"steps": 4, "lr": 0.1, "early_stop": 0.0}
