@@ -20,12 +20,14 @@ import time
 
 import engramlab as eg
 from engramlab.data.concepts import controls_for, general_text, get_concept
+from engramlab.erase.budget import Budget
 from engramlab.erase.concept_vectors import ConceptVectors, find_concept_vectors, vectors_delta
 from engramlab.erase.vectors import vector_evidence
 from engramlab.evaluate import erasure as E
 
 
-def grid(lm: eg.LM, name: str, cv: ConceptVectors) -> list[dict]:
+def grid(lm: eg.LM, name: str, cv: ConceptVectors) -> tuple[float, list[dict]]:
+    """The unedited model's control accuracy, and every grid point's scores."""
     concept = get_concept(name)
     if not concept.near_controls:
         raise SystemExit(f"{name!r} has no near controls")
@@ -45,10 +47,10 @@ def grid(lm: eg.LM, name: str, cv: ConceptVectors) -> list[dict]:
                                  "target": E.accuracy(lm, concept.probes),
                                  "near": E.accuracy(lm, concept.near_controls),
                                  "control": E.accuracy(lm, controls)})
-    return rows
+    return E.accuracy(lm, controls), rows
 
 
-def tradeoff_png(out: dict, path: str) -> None:
+def tradeoff_png(out: dict, path: str, budget: Budget) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +63,7 @@ def tradeoff_png(out: dict, path: str) -> None:
         for ok, colour, label in ((True, "tab:blue", "controls within budget"),
                                   (False, "tab:gray", "over the control budget")):
             pts = [r for r in res["grid"]
-                   if (res["control_before"] - r["control"] < out["max_control_drop"]) == ok]
+                   if budget.keeps_controls(res["control_before"], r["control"]) == ok]
             ax.scatter([r["target"] for r in pts], [r["near"] for r in pts], s=14, c=colour,
                        alpha=0.7, label=label)
         ax.axhline(out["near_keep"], ls=":", c="k", lw=0.8)
@@ -83,13 +85,13 @@ def main() -> None:
     args = ap.parse_args()
     lm = eg.load_model(args.model, progress=False)
     cv = ConceptVectors()  # its grid and budget
+    budget = Budget(cv.max_control_drop, cv.max_perplexity_rise)
     out: dict = {"model": lm.name, "near_keep": args.near_keep,
                  "max_control_drop": cv.max_control_drop, "concepts": {}}
     for name in [c.strip() for c in args.concepts.split(",") if c.strip()]:
         start = time.perf_counter()
-        rows = grid(lm, name, cv)
-        base = E.accuracy(lm, controls_for(get_concept(name)))
-        within = [r for r in rows if base - r["control"] < cv.max_control_drop]
+        base, rows = grid(lm, name, cv)
+        within = [r for r in rows if budget.keeps_controls(base, r["control"])]
         keeping = [r for r in within if r["near"] >= args.near_keep - 1e-9]
         out["concepts"][name] = {
             "control_before": base,
@@ -105,7 +107,7 @@ def main() -> None:
             f.write(text)
     print(text)
     if args.png:
-        tradeoff_png(out, args.png)
+        tradeoff_png(out, args.png, budget)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ result equals a plain forward of each row (tested).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,21 +123,29 @@ class PrefixBatch:
             _detach(self.cache)
 
 
-def _detach(cache: Any) -> None:
-    """Cut the kept prefix off the last step's graph. Cropping leaves slices of the step's
-    prefix + suffix tensors, which would keep the suffix's memory alive in every group's cache
-    between steps; they are copied down to the prefix instead."""
+def map_cache(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every key and value tensor of a transformers cache by ``fn(tensor)``, in the
+    cache layout of any transformers version."""
+    if cache is None:
+        return
     layers = getattr(cache, "layers", None)
     if layers is not None:
         for layer in layers:
             if getattr(layer, "keys", None) is not None:
-                layer.keys = _compact(layer.keys)
-                layer.values = _compact(layer.values)
+                layer.keys = fn(layer.keys)
+                layer.values = fn(layer.values)
         return
     for name in ("key_cache", "value_cache"):  # transformers < 4.56
         tensors = getattr(cache, name, None)
         if tensors is not None:
-            tensors[:] = [_compact(t) for t in tensors]
+            tensors[:] = [fn(t) for t in tensors]
+
+
+def _detach(cache: Any) -> None:
+    """Cut the kept prefix off the last step's graph. Cropping leaves slices of the step's
+    prefix + suffix tensors, which would keep the suffix's memory alive in every group's cache
+    between steps; they are copied down to the prefix instead."""
+    map_cache(cache, _compact)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

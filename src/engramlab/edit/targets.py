@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -150,12 +151,12 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
         for owner, look in zip(rows.owner, rows.lookup, strict=True):
             prefix[owner].append(min(look) if config.prefix_cache else 0)
         sizes = plan_chunks(prefix, config.chunk, cost, budget)
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    starts = [0, *accumulate(sizes)][:-1]
     parts = [_optimise_chunk(lm, list(requests[i:i + size]), point, templates, config,
                              None if row_scale is None else row_scale[i:i + size],
                              cost=cost, act_budget=None if budget is None else budget / 2,
                              progress=progress)
-             for i, size in zip(starts, sizes, strict=True) if i < len(requests)]
+             for i, size in zip(starts, sizes, strict=True)]
     return Targets(point, torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
                    torch.cat([p.nll for p in parts]), [s for p in parts for s in p.steps])
 

@@ -29,8 +29,12 @@ class Budget:
         """Controls lose *less than* ``max_control_drop`` and perplexity rises less than
         ``max_perplexity_rise``; strict under rounding (1.0 - 117/130 computes to 0.0999…98,
         which a plain ``<`` would let pass as under 0.1)."""
-        return (base_control - control < self.max_control_drop - 1e-9
+        return (self.keeps_controls(base_control, control)
                 and perplexity < base_perplexity * (1 + self.max_perplexity_rise))
+
+    def keeps_controls(self, base_control: float, control: float) -> bool:
+        """The control half of :meth:`allows`, with the same strictness."""
+        return base_control - control < self.max_control_drop - 1e-9
 
 
 def budget_scores(lm: LM, concept: Concept, controls: Sequence[Probe],
