@@ -19,8 +19,9 @@ Statistics and templates are prepared before timing (they are cached and shared 
 
 ``--random-arch gpt2-xl`` times the flagship's shape without its weights (nothing can be
 downloaded here): GPT-2 XL's configuration (48 layers, d_model 1600), randomly initialised, with
-``--model``'s tokenizer and vocabulary; the GPT-2 XL preset (ROME layer 17, MEMIT 13-17) applies.
-Speeds are representative (the work per token is the architecture's); edit quality is not.
+``--model``'s tokenizer and vocabulary (or ``--tokenizer DIR``'s, which loads no model: a few MB
+to carry to a GPU machine); the GPT-2 XL preset (ROME layer 17, MEMIT 13-17) applies. Speeds are
+representative (the work per token is the architecture's); edit quality is not.
 """
 
 from __future__ import annotations
@@ -82,20 +83,18 @@ def sampled_peak(into: dict, key: str):
             into[key + "_gpu"] = torch.cuda.max_memory_allocated() / 2**20
 
 
-def random_gpt2_xl(tokenizer_from: eg.LM, device: str | None) -> eg.LM:
+def random_gpt2_xl(tokenizer, device: str | torch.device) -> eg.LM:
     import transformers as T
 
     from engramlab.models import Layout
 
     torch.manual_seed(0)
     cfg = T.GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024,
-                       vocab_size=len(tokenizer_from.tokenizer),
-                       bos_token_id=tokenizer_from.tokenizer.bos_token_id,
-                       eos_token_id=tokenizer_from.tokenizer.eos_token_id)
-    model = T.GPT2LMHeadModel(cfg).eval().to(device or tokenizer_from.device)
+                       vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    model = T.GPT2LMHeadModel(cfg).eval().to(device)
     model.requires_grad_(False)
-    return eg.LM(model=model, tokenizer=tokenizer_from.tokenizer, layout=Layout(model),
-                 name="random-gpt2-xl")
+    return eg.LM(model=model, tokenizer=tokenizer, layout=Layout(model), name="random-gpt2-xl")
 
 
 def main() -> None:
@@ -106,15 +105,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="MEMIT batch size")
     parser.add_argument("--stats-tokens", type=int, default=8192)
     parser.add_argument("--random-arch", choices=["gpt2-xl"], default=None)
+    parser.add_argument("--tokenizer", default=None,
+                        help="with --random-arch: a tokenizer folder, so no model is loaded")
     parser.add_argument("--stats-only", action="store_true", help="skip the editing timings")
     parser.add_argument("--memory-budget", type=float, default=None,
                         help="hparam memory_budget for both editors (fraction of model bytes)")
     args = parser.parse_args()
     runtime_mb = rss_mb() if sys.platform.startswith("linux") else None
-    lm = eg.load_model(args.model, progress=False, device=args.device)
     overrides: dict = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
+    if args.random_arch and args.tokenizer:
+        from transformers import AutoTokenizer
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        lm = random_gpt2_xl(AutoTokenizer.from_pretrained(args.tokenizer), device)
+    else:
+        lm = eg.load_model(args.model, progress=False, device=args.device)
+        if args.random_arch:
+            lm = random_gpt2_xl(lm.tokenizer, args.device or lm.device)
     if args.random_arch:
-        lm = random_gpt2_xl(lm, args.device)
         overrides["stats_tokens"] = args.stats_tokens
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     rss_loaded = peak_rss_mb()

@@ -64,6 +64,7 @@ def main() -> None:
         out["methods"][method] = {"pre": result.pre, "post": result.post,
                                   "curve": result.curve,
                                   "seconds_per_edit": result.seconds_per_edit,
+                                  "hparams": editor.hparams_for(lm).to_dict(),
                                   "wall_seconds": time.perf_counter() - t0}
     print(json.dumps(out, indent=1, default=str))
     if args.png:

@@ -14,6 +14,7 @@ result equals a plain forward of each row (tested).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,8 @@ class PrefixBatch:
         body = getattr(lm.model, "base_model", lm.model)
         pos = torch.arange(width, device=lm.device).expand(len(rows), width)
         out = body(input_ids=pids, attention_mask=run_mask, position_ids=pos, use_cache=True)
-        return cls(batch, splits, true_mask, out.past_key_values)
+        cache = out.get("cache", None)  # transformers >= 5.2x names it cache
+        return cls(batch, splits, true_mask, out.past_key_values if cache is None else cache)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (local indices), in place: the cached prefix is sliced, not
@@ -115,12 +117,20 @@ class PrefixBatch:
         pos = start + torch.arange(b.input_ids.shape[1], device=lm.device)[None]
         try:
             body(input_ids=b.input_ids, attention_mask=mask, position_ids=pos,
-                 past_key_values=self.cache, use_cache=True)
+                 use_cache=True, **{_cache_argument(body): self.cache})
         finally:  # drop the suffix again (a negative count works across transformers versions)
             extra = self.cache.get_seq_length() - width
             if extra > 0:
                 self.cache.crop(-extra)
             _detach(self.cache)
+
+
+def _cache_argument(module: torch.nn.Module) -> str:
+    """The name under which this transformers version's forward takes a KV cache: ``cache``
+    in recent versions (``past_key_values`` is deprecated there, to be removed in 5.40), and
+    ``past_key_values`` before."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def map_cache(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
