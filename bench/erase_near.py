@@ -4,8 +4,10 @@ The tuner (``ConceptVectors``) keeps the *other bundled concepts'* probes within
 never sees the concept's near controls (the same kind of fact about its neighbours: other
 capitals for Paris). For each concept this scores every grid point the tuner can choose
 (selection × top_k × damping) on the concept's probes, its near controls and its controls, and
-reports the strongest erasure inside the control budget (what the tuner picks, up to its
-perplexity check) next to the strongest that also keeps ``--near-keep`` of the near controls.
+reports the strongest erasure inside the control budget (what the tuner picked before near
+controls entered its budget, up to its perplexity check) next to the strongest that also keeps
+``--near-keep`` of the near controls. Each point also carries the two halves' accuracies
+(``near_tune``: what the tuner now checks; ``near_eval``: what reports show).
 
     .venv/bin/python bench/erase_near.py --concepts "Paris,Japan" [--near-keep 0.9] [--out F]
         [--png F]   # per concept: concept accuracy against near-control accuracy, every point
@@ -46,6 +48,8 @@ def grid(lm: eg.LM, name: str, cv: ConceptVectors) -> tuple[float, list[dict]]:
                     rows.append({"selection": selection, "top_k": k, "damping": damping,
                                  "target": E.accuracy(lm, concept.probes),
                                  "near": E.accuracy(lm, concept.near_controls),
+                                 "near_tune": E.accuracy(lm, concept.near("tune")),
+                                 "near_eval": E.accuracy(lm, concept.near("eval")),
                                  "control": E.accuracy(lm, controls)})
     return E.accuracy(lm, controls), rows
 

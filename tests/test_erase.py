@@ -219,7 +219,9 @@ def test_bundled_concepts_are_known_by_the_embedded_model(smol):
         # a paraphrase rewords a probe: the same prompt would not test generalisation
         assert not {p.prompt for p in c.paraphrases} & {p.prompt for p in c.probes}, c.name
         # near controls: neighbours' facts the model knows, never about the concept itself
-        assert len(c.near_controls) >= 5, c.name
+        # (two halves of at least 8: one a tuner keeps inside its budget, one reported)
+        assert len(c.near("tune")) >= 8 and len(c.near("eval")) >= 8, c.name
+        assert len({p.prompt for p in c.near_controls}) == len(c.near_controls), c.name
         assert all(probe_hits(smol, c.near_controls)), c.name
         named = c.name.removeprefix("The ").lower()
         assert not any(named in p.prompt.lower() for p in c.near_controls), c.name
@@ -270,6 +272,50 @@ def test_concept_vectors_tuning_respects_the_budget():
                        max_control_drop=-1.0).erase(lm, concept, controls)
     with pytest.raises(ConceptError, match="below 1"):
         ConceptVectors(damping=1.5, tune=False).erase(lm, concept, controls)
+
+
+def test_near_controls_enter_the_budget_as_their_own_group():
+    """The tuning half of the near controls is checked apart from the pooled controls: with
+    the controls' budget wide open, every accepted setting still keeps the near half, and
+    the same grid without the check accepts a setting that loses it."""
+    lm = make_tiny("llama")
+    near = _known_probes(lm, 8, seed=100)
+    concept = Concept("tiny", probes=_known_probes(lm, 6), keywords=["w3"], near_controls=near,
+                      text=tiny_text(12, seed=7))
+    assert concept.near("tune") == near[0::2] and concept.near("eval") == near[1::2]
+    with pytest.raises(ConceptError, match="unknown split"):
+        concept.near("train")
+    controls = _known_probes(lm, 8, seed=30)
+    grid = dict(top_ks=(1, 4, 8), dampings=(0.0, -2.0, -6.0), n_candidates=8,
+                max_control_drop=2.0, max_perplexity_rise=100.0)
+    seen = ConceptVectors(max_near_drop=2.0, **grid)  # records near accuracy, never binds
+    seen.erase(lm, concept, controls)
+    base = accuracy(lm, concept.near("tune"))
+    assert base == 1.0
+    assert any(base - t["near_control_accuracy"] >= 0.25 for t in seen.trials)  # it can bind
+    strict = ConceptVectors(max_near_drop=0.25, **grid)
+    with contextlib.suppress(ConceptError):
+        strict.erase(lm, concept, controls)
+    for t in strict.trials:
+        assert t["ok"] == (base - t["near_control_accuracy"] < 0.25)
+    off = ConceptVectors(max_near_drop=None, **{**grid, "top_ks": (8,), "dampings": (-6.0,)})
+    off.erase(lm, concept, controls)
+    assert all(t["near_control_accuracy"] is None and t["ok"] for t in off.trials)
+    # the fine-tuning tuner checks the same group
+    ga = FineTuneUnlearner(method="ga", lrs=(3e-3,), steps=6, every=3, max_near_drop=2.0,
+                           max_control_drop=2.0, max_perplexity_rise=100.0)
+    ga.erase(lm, concept, retain=[tiny_text(10, seed=50)], controls=controls)
+    assert ga.trials and all(t["near_control_accuracy"] is not None for t in ga.trials)
+
+
+def test_budget_near_check_is_strict_and_optional():
+    from engramlab.erase.budget import Budget
+
+    budget = Budget()
+    assert budget.max_near_drop == 0.10  # on by default, at the controls' bar
+    assert not budget.keeps_near(1.0, 0.9) and budget.keeps_near(1.0, 10 / 11)
+    assert budget.keeps_near(None, None)  # a concept without near controls
+    assert Budget(max_near_drop=None).keeps_near(1.0, 0.0)
 
 
 def test_concept_vectors_halve_harry_potter_on_the_embedded_model(smol):

@@ -17,9 +17,11 @@ were curated by writing cloze and QA prompts by hand and keeping those the model
 so some concepts (Paris, Japan) have few paraphrases. ``text`` is a short hand-written
 encyclopedic paragraph, used by the fine-tuning baselines as forget text and for relearning;
 ``general_text`` holds neutral paragraphs about none of the concepts, for perplexity.
-``near_controls`` (6-11 per concept, also checked) ask the same kind of fact about neighbours —
+``near_controls`` (16-22 per concept, also checked) ask the same kind of fact about neighbours —
 other fantasy series for Harry Potter, other capitals for Paris, other planets for the Moon —
-where collateral damage is likeliest; no eraser tunes on them.
+where collateral damage is likeliest. They were written the same way (about 200 candidates,
+the ones the model answers kept). Their even half (:meth:`Concept.near` ``"tune"``) enters the
+tuners' budget; the odd half is only reported.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConceptError
 
 BUNDLED = "smollm2_concepts"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,12 @@ class Concept:
         if not self.probes:
             raise ConceptError(f"concept {self.name!r} has no probes: give at least one "
                                "{'prompt', 'answer'} pair the model answers before erasure")
+
+    def near(self, split: str = "all") -> list[Probe]:
+        """Near controls: ``"tune"`` (even positions) is what a tuner may keep inside its
+        budget, ``"eval"`` (odd positions) is where near-control accuracy is reported, so the
+        reported figure is on facts no setting was chosen on (as with :func:`general_text`)."""
+        return _half(self.near_controls, split)
 
     @property
     def forget_text(self) -> list[str]:
@@ -121,10 +130,14 @@ def general_text(name: str = BUNDLED, split: str = "all") -> list[str]:
     where perplexity is reported. Training GA's retain term on the text perplexity is measured
     on would report a perplexity *below* the unedited model's, which says nothing.
     """
-    paragraphs = list(json.loads(_bundled_path(name).read_text())["general_text"])
+    return _half(list(json.loads(_bundled_path(name).read_text())["general_text"]), split)
+
+
+def _half(items: list[T], split: str) -> list[T]:
+    """All items, the even positions (``"tune"``) or the odd ones (``"eval"``)."""
     if split not in ("all", "tune", "eval"):
         raise ConceptError(f"unknown split {split!r}; use 'all', 'tune' or 'eval'")
-    return paragraphs if split == "all" else paragraphs[(split == "eval"):: 2]
+    return items if split == "all" else items[(split == "eval"):: 2]
 
 
 def load_concept(path: str | os.PathLike[str]) -> Concept:

@@ -3,8 +3,13 @@
 An eraser is only comparable to another at the same collateral cost, so all of them (concept
 vectors' top_k × damping grid, the fine-tuning baselines' learning rate × step checkpoints)
 choose the setting that lowers the concept's accuracy most while the control probes lose less
-than ``max_control_drop`` and perplexity on (part of) the neutral text's tuning half rises less
-than ``max_perplexity_rise`` — by default the project's bar: 10 points, 10 %.
+than ``max_control_drop``, the tuning half of the concept's near controls (the same kind of fact
+about its neighbours) loses less than ``max_near_drop``, and perplexity on (part of) the neutral
+text's tuning half rises less than ``max_perplexity_rise`` — by default the project's bar: 10
+points, 10 points, 10 %. The near controls are checked as a group of their own: pooled with the
+other concepts' 100-odd controls, losing every neighbouring capital would cost Paris under 10
+points (session 11 measured exactly that: near-control accuracy 0.13 inside the old budget).
+``max_near_drop=None`` leaves them out, as before.
 :class:`BudgetSearch` is that choice, shared by both tuners: each scores its own settings with
 it, and it records every trial and keeps the best one inside the budget.
 """
@@ -23,6 +28,7 @@ from ..models.lm import LM
 class Budget:
     max_control_drop: float = 0.10
     max_perplexity_rise: float = 0.10
+    max_near_drop: float | None = 0.10
 
     def allows(self, base_control: float, control: float, base_perplexity: float,
                perplexity: float) -> bool:
@@ -35,6 +41,21 @@ class Budget:
     def keeps_controls(self, base_control: float, control: float) -> bool:
         """The control half of :meth:`allows`, with the same strictness."""
         return base_control - control < self.max_control_drop - 1e-9
+
+    def keeps_near(self, base_near: float | None, near: float | None) -> bool:
+        """Near controls lose less than ``max_near_drop`` (strictly, as the others); always
+        true without near controls or with the check off."""
+        if self.max_near_drop is None or base_near is None or near is None:
+            return True
+        return base_near - near < self.max_near_drop - 1e-9
+
+
+def near_clause(max_near_drop: float | None, concept: Concept) -> str:
+    """The near-control part of a tuner's "nothing fits the budget" message."""
+    if max_near_drop is None or not concept.near("tune"):
+        return ""
+    return (f", its near controls within {max_near_drop} (--set max_near_drop=null leaves them "
+            "out)")
 
 
 def budget_scores(lm: LM, concept: Concept, controls: Sequence[Probe],
@@ -54,11 +75,13 @@ class BudgetSearch:
     what the caller needs to rebuild it (e.g. a copy of trained weights) only when it wins."""
 
     def __init__(self, budget: Budget, lm: LM, concept: Concept, controls: Sequence[Probe],
-                 neutral: Sequence[str]) -> None:
+                 neutral: Sequence[str], near: Sequence[Probe] = ()) -> None:
         self.budget, self.lm, self.concept = budget, lm, concept
         self.controls, self.neutral = list(controls), list(neutral)
+        self.near = list(near) if budget.max_near_drop is not None else []
         _, self.base_control, self.base_perplexity = budget_scores(lm, concept, self.controls,
                                                                    self.neutral)
+        self.base_near = self._near()
         self.trials: list[dict[str, object]] = []
         self.best: tuple[dict[str, Any], Any] | None = None
         self.best_target = float("inf")  # the best trial's concept accuracy
@@ -67,9 +90,16 @@ class BudgetSearch:
               keep: Callable[[], Any] = lambda: None) -> tuple[bool, float]:
         """(inside the budget, concept accuracy) of the current model under ``setting``."""
         t, c, p = budget_scores(self.lm, self.concept, self.controls, self.neutral)
-        ok = self.budget.allows(self.base_control, c, self.base_perplexity, p)
+        near = self._near()
+        ok = (self.budget.allows(self.base_control, c, self.base_perplexity, p)
+              and self.budget.keeps_near(self.base_near, near))
         self.trials.append({**setting, "target_accuracy": t, "control_accuracy": c,
-                            "perplexity": p, "ok": ok})
+                            "near_control_accuracy": near, "perplexity": p, "ok": ok})
         if ok and t < self.best_target:
             self.best, self.best_target = (setting, keep()), t
         return ok, t
+
+    def _near(self) -> float | None:
+        from ..evaluate.erasure import accuracy
+
+        return accuracy(self.lm, self.near) if self.near else None

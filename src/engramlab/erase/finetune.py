@@ -41,7 +41,7 @@ from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
 from ..trace import Trace, run_model
-from .budget import Budget, BudgetSearch
+from .budget import Budget, BudgetSearch, near_clause
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class FineTuneUnlearner:
     every: int = 5
     max_control_drop: float = 0.10
     max_perplexity_rise: float = 0.10
+    max_near_drop: float | None = 0.10
     trials: list[dict[str, object]] = field(default_factory=list, init=False)
 
     def settings(self) -> tuple[int, float]:
@@ -231,13 +232,16 @@ class FineTuneUnlearner:
         return WeightDelta.for_model(lm, entries, method=self.method, concept=concept.name,
                                      steps=n_steps, lr=lr)
 
+    def _budget(self) -> Budget:
+        return Budget(self.max_control_drop, self.max_perplexity_rise, self.max_near_drop)
+
     def _tune(self, lm: LM, concept: Concept, params: dict[str, torch.nn.Parameter],
               backup: dict[str, torch.Tensor], loss: Callable[[], torch.Tensor],
               controls: Sequence[Probe] | None,
               neutral: Sequence[str]) -> tuple[dict[str, ParamDelta], int, float]:
         controls = list(controls_for(concept) if controls is None else controls)
-        search = BudgetSearch(Budget(self.max_control_drop, self.max_perplexity_rise), lm,
-                              concept, controls, neutral)
+        search = BudgetSearch(self._budget(), lm, concept, controls, neutral,
+                              near=concept.near("tune"))
         self.trials = search.trials
         lrs, max_steps = self.grid()
         for lr in lrs:
@@ -253,8 +257,9 @@ class FineTuneUnlearner:
         if search.best is None:
             raise ConceptError(f"no {self.method} run (learning rates {list(lrs)}, checkpoints "
                                f"every {self.every} of {max_steps} steps) keeps "
-                               f"{concept.name!r}'s controls within {self.max_control_drop} and "
-                               f"perplexity within {self.max_perplexity_rise:.0%}: lower the "
+                               f"{concept.name!r}'s controls within {self.max_control_drop}"
+                               f"{near_clause(self.max_near_drop, concept)} and perplexity "
+                               f"within {self.max_perplexity_rise:.0%}: lower the "
                                "learning rates (--set lrs=...) or loosen the budget")
         setting, entries = search.best
         return entries, setting["steps"], setting["lr"]

@@ -50,16 +50,19 @@ def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequ
               unseen: Sequence[Probe] = ()) -> dict[str, float | None]:
     """Accuracies and perplexity; ``unseen_control_accuracy`` (None without ``unseen``) is on
     controls no eraser tuned on (:func:`~engramlab.data.concepts.unseen_controls_for`), and
-    ``near_control_accuracy`` (None without them) on the concept's near controls: the same
-    kind of fact about its neighbours, never tuned on either. ``paragraph_perplexity`` lists
-    each neutral paragraph's own perplexity, so damage to one topic is not averaged away."""
+    ``near_control_accuracy`` (None without them) on the evaluation half of the concept's near
+    controls: the same kind of fact about its neighbours, never tuned on. The tuning half,
+    which the tuners keep inside their budget, is ``near_control_tune_accuracy``.
+    ``paragraph_perplexity`` lists each neutral paragraph's own perplexity, so damage to one
+    topic is not averaged away."""
     nlls = E.text_nlls(lm, neutral)
+    near_eval, near_tune = concept.near("eval"), concept.near("tune")
     return {"target_accuracy": E.accuracy(lm, concept.probes),
             "paraphrase_accuracy": E.accuracy(lm, concept.paraphrases),
             "control_accuracy": E.accuracy(lm, controls),
             "unseen_control_accuracy": E.accuracy(lm, unseen) if unseen else None,
-            "near_control_accuracy": (E.accuracy(lm, concept.near_controls)
-                                      if concept.near_controls else None),
+            "near_control_accuracy": E.accuracy(lm, near_eval) if near_eval else None,
+            "near_control_tune_accuracy": E.accuracy(lm, near_tune) if near_tune else None,
             "perplexity": E.pooled_perplexity(nlls),
             "paragraph_perplexity": [math.exp(n / c) for n, c in nlls if c]}
 
