@@ -227,6 +227,19 @@ def test_bundled_concepts_are_known_by_the_embedded_model(smol):
         assert not any(named in p.prompt.lower() for p in c.near_controls), c.name
 
 
+def test_general_text_is_about_none_of_the_concepts():
+    import re
+
+    from engramlab.data.concepts import general_text
+
+    words = {k.lower() for c in bundled_concepts() for k in [*c.keywords, c.name]}
+    for paragraph in general_text():
+        found = [w for w in words if re.search(rf"\b{re.escape(w)}\b", paragraph.lower())]
+        assert not found, (found, paragraph[:60])
+    tune, held = general_text(split="tune"), general_text(split="eval")
+    assert len(tune) >= 6 and len(held) >= 6 and not set(tune) & set(held)
+
+
 def test_concept_vectors_tuning_respects_the_budget():
     lm = make_tiny("llama")
     probes = _known_probes(lm, 6)
