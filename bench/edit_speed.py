@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="with --random-arch: a tokenizer folder, so no model is loaded")
     parser.add_argument("--stats-only", action="store_true", help="skip the editing timings")
+    parser.add_argument("--phases", default="rome_single,rome_batched,memit_batch",
+                        help="which edit phases to run, in this process (one phase per process "
+                             "measures it without what earlier phases left allocated)")
     parser.add_argument("--memory-budget", type=float, default=None,
                         help="hparam memory_budget for both editors (fraction of model bytes)")
     args = parser.parse_args()
@@ -134,32 +137,40 @@ def main() -> None:
     memit = MEMIT(**overrides)
     if args.stats_only:
         return print(json.dumps({**out, **stats_speed(lm, memit, args.stats_tokens)}, indent=1))
-    rome = ROME(**overrides)
-    rome.prepare(lm)
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    unknown = phases - {"rome_single", "rome_batched", "memit_batch"}
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}")
+    out["phases"] = sorted(phases)
     peaks: dict = {}
     linux = runtime_mb is not None
     track = (lambda key: sampled_peak(peaks, key)) if linux else (lambda key: nullcontext())
-    singles = []
-    with track("rome_single"):
-        for req in reqs[:max(2, args.n // 4)]:
+    if phases & {"rome_single", "rome_batched"}:
+        rome = ROME(**overrides)
+        rome.prepare(lm)
+        out["rome_hparams"] = {k: rome.hparams_for(lm).to_dict()[k]
+                               for k in ("layers", "v_steps", "v_lr", "templates", "chunk")}
+    if "rome_single" in phases:
+        singles = []
+        with track("rome_single"):
+            for req in reqs[:max(2, args.n // 4)]:
+                t = time.perf_counter()
+                rome.edit(lm, req)
+                singles.append(time.perf_counter() - t)
+        out["rome_single_seconds_per_edit_median"] = statistics.median(singles)
+    if "rome_batched" in phases:
+        with track("rome_batched"):
             t = time.perf_counter()
-            rome.edit(lm, req)
-            singles.append(time.perf_counter() - t)
-    out["rome_single_seconds_per_edit_median"] = statistics.median(singles)
-    with track("rome_batched"):
-        t = time.perf_counter()
-        rome.edit_each(lm, reqs[:args.n])
-        out["rome_batched_seconds_per_edit"] = (time.perf_counter() - t) / args.n
-    out["rome_hparams"] = {k: rome.hparams_for(lm).to_dict()[k]
-                           for k in ("layers", "v_steps", "v_lr", "templates", "chunk")}
-
-    memit.prepare(lm)
-    batch = reqs[:args.batch]  # distinct requests (the bundled set has 82)
-    with track("memit_batch"):
-        t = time.perf_counter()
-        memit.edit(lm, batch)
-        out["memit_seconds_per_edit"] = (time.perf_counter() - t) / len(batch)
-    out["memit_batch"] = len(batch)
+            rome.edit_each(lm, reqs[:args.n])
+            out["rome_batched_seconds_per_edit"] = (time.perf_counter() - t) / args.n
+    if "memit_batch" in phases:
+        memit.prepare(lm)
+        batch = reqs[:args.batch]  # distinct requests (the bundled set has 82)
+        with track("memit_batch"):
+            t = time.perf_counter()
+            memit.edit(lm, batch)
+            out["memit_seconds_per_edit"] = (time.perf_counter() - t) / len(batch)
+        out["memit_batch"] = len(batch)
     out["peak_rss_mb"] = peak_rss_mb()
     out["peak_rss_over_model"] = out["peak_rss_mb"] / model_mb
     if linux:
@@ -171,7 +182,8 @@ def main() -> None:
         # the edit's own memory: the peak above what the process held when the phase began
         # (model, cached statistics and templates, the libraries' code)
         out["phase_working_set_mb"] = {k: peaks[k] - v for k, v in starts.items()}
-    out.update(stats_speed(lm, memit, args.stats_tokens))
+    if args.stats_tokens > 0:
+        out.update(stats_speed(lm, memit, args.stats_tokens))
     print(json.dumps(out, indent=1))
 
 
