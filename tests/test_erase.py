@@ -324,9 +324,9 @@ def test_near_controls_enter_the_budget_as_their_own_group():
 def test_budget_near_check_is_strict_and_optional():
     from engramlab.erase.budget import Budget
 
-    budget = Budget()
-    assert budget.max_near_drop == 0.10  # on by default, at the controls' bar
-    assert not budget.keeps_near(1.0, 0.9) and budget.keeps_near(1.0, 10 / 11)
+    budget = Budget()  # on by default: one probe of a tuning half (8-11 probes), not two
+    assert budget.keeps_near(1.0, 7 / 8) and not budget.keeps_near(1.0, 9 / 11)
+    assert not Budget(max_near_drop=0.10).keeps_near(1.0, 0.9)  # strict, as the controls
     assert budget.keeps_near(None, None)  # a concept without near controls
     assert Budget(max_near_drop=None).keeps_near(1.0, 0.0)
 

@@ -52,7 +52,7 @@ from ..data.concepts import Concept, Probe, controls_for, general_text
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
-from .budget import Budget, BudgetSearch, near_clause
+from .budget import NEAR_DROP, Budget, BudgetSearch, near_clause
 from .vectors import VectorEvidence, ablation_drops, vector_evidence
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class ConceptVectors:
     selections: tuple[str, ...] = ("activation", "answer")
     max_control_drop: float = 0.10
     max_perplexity_rise: float = 0.10
-    max_near_drop: float | None = 0.10
+    max_near_drop: float | None = NEAR_DROP
     candidates: dict[str, list[Candidate]] = field(default_factory=dict, init=False)
     found: list[Candidate] = field(default_factory=list, init=False)
     trials: list[dict[str, object]] = field(default_factory=list, init=False)

@@ -41,7 +41,7 @@ from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
 from ..trace import Trace, run_model
-from .budget import Budget, BudgetSearch, near_clause
+from .budget import NEAR_DROP, Budget, BudgetSearch, near_clause
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class FineTuneUnlearner:
     every: int = 5
     max_control_drop: float = 0.10
     max_perplexity_rise: float = 0.10
-    max_near_drop: float | None = 0.10
+    max_near_drop: float | None = NEAR_DROP
     trials: list[dict[str, object]] = field(default_factory=list, init=False)
 
     def settings(self) -> tuple[int, float]:
