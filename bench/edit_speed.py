@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--n", type=int, default=16, help="ROME edits to time")
     parser.add_argument("--batch", type=int, default=50, help="MEMIT batch size")
-    parser.add_argument("--stats-tokens", type=int, default=8192)
+    parser.add_argument("--stats-tokens", type=int, default=8192,
+                        help="tokens for the statistics speed test (0 skips it)")
     parser.add_argument("--random-arch", choices=["gpt2-xl"], default=None)
     parser.add_argument("--tokenizer", default=None,
                         help="with --random-arch: a tokenizer folder, so no model is loaded")
@@ -114,6 +115,14 @@ def main() -> None:
     parser.add_argument("--memory-budget", type=float, default=None,
                         help="hparam memory_budget for both editors (fraction of model bytes)")
     args = parser.parse_args()
+    if args.tokenizer and not args.random_arch:
+        parser.error("--tokenizer only replaces the model's tokenizer with --random-arch")
+    if args.random_arch and args.stats_tokens < 1:
+        parser.error("--random-arch collects its own statistics: --stats-tokens must be >= 1")
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    unknown = phases - {"rome_single", "rome_batched", "memit_batch"}
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}")
     runtime_mb = rss_mb() if sys.platform.startswith("linux") else None
     overrides: dict = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
     if args.random_arch and args.tokenizer:
@@ -137,10 +146,6 @@ def main() -> None:
     memit = MEMIT(**overrides)
     if args.stats_only:
         return print(json.dumps({**out, **stats_speed(lm, memit, args.stats_tokens)}, indent=1))
-    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    unknown = phases - {"rome_single", "rome_batched", "memit_batch"}
-    if unknown:
-        parser.error(f"unknown phases {sorted(unknown)}")
     out["phases"] = sorted(phases)
     peaks: dict = {}
     linux = runtime_mb is not None

@@ -45,13 +45,20 @@ def grid(lm: eg.LM, name: str, cv: ConceptVectors) -> tuple[float, list[dict]]:
                 delta = vectors_delta(lm, [(v.layer, v.index) for v in found[:k]],
                                       damping=damping)
                 with delta.applied(lm):
+                    # one pass over the near controls, shared out to Concept.near's halves
+                    hit = dict(zip(concept.near_controls,
+                                   E.probe_hits(lm, concept.near_controls), strict=True))
                     rows.append({"selection": selection, "top_k": k, "damping": damping,
                                  "target": E.accuracy(lm, concept.probes),
-                                 "near": E.accuracy(lm, concept.near_controls),
-                                 "near_tune": E.accuracy(lm, concept.near("tune")),
-                                 "near_eval": E.accuracy(lm, concept.near("eval")),
+                                 "near": _share([hit[p] for p in concept.near("all")]),
+                                 "near_tune": _share([hit[p] for p in concept.near("tune")]),
+                                 "near_eval": _share([hit[p] for p in concept.near("eval")]),
                                  "control": E.accuracy(lm, controls)})
     return E.accuracy(lm, controls), rows
+
+
+def _share(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
 
 
 def tradeoff_png(out: dict, path: str, budget: Budget) -> None:

@@ -14,6 +14,7 @@ result equals a plain forward of each row (tested).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class PrefixBatch:
         pos = start + torch.arange(b.input_ids.shape[1], device=lm.device)[None]
         try:
             body(input_ids=b.input_ids, attention_mask=mask, position_ids=pos,
-                 use_cache=True, **{_cache_argument(body): self.cache})
+                 use_cache=True, **{_cache_argument(type(body)): self.cache})
         finally:  # drop the suffix again (a negative count works across transformers versions)
             extra = self.cache.get_seq_length() - width
             if extra > 0:
@@ -125,11 +126,13 @@ class PrefixBatch:
             _detach(self.cache)
 
 
-def _cache_argument(module: torch.nn.Module) -> str:
+@functools.cache
+def _cache_argument(module_type: type[torch.nn.Module]) -> str:
     """The name under which this transformers version's forward takes a KV cache: ``cache``
     in recent versions (``past_key_values`` is deprecated there, to be removed in 5.40), and
-    ``past_key_values`` before."""
-    params = inspect.signature(module.forward).parameters
+    ``past_key_values`` before. Looked up once per model class: ``run`` is called every
+    optimisation step."""
+    params = inspect.signature(module_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

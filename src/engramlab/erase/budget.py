@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..data.concepts import Concept, Probe
 from ..models.lm import LM
@@ -54,13 +54,25 @@ class Budget:
             return True
         return base_near - near < self.max_near_drop - 1e-9
 
+    def describe(self, concept: Concept) -> str:
+        """What a setting must keep, for a tuner's "nothing fits the budget" message."""
+        near = ""
+        if self.max_near_drop is not None and concept.near("tune"):
+            near = (f", its near controls within {self.max_near_drop} (--set max_near_drop=null "
+                    "leaves them out)")
+        return (f"{concept.name!r}'s controls within {self.max_control_drop}{near} and "
+                f"perplexity within {self.max_perplexity_rise:.0%}")
 
-def near_clause(max_near_drop: float | None, concept: Concept) -> str:
-    """The near-control part of a tuner's "nothing fits the budget" message."""
-    if max_near_drop is None or not concept.near("tune"):
-        return ""
-    return (f", its near controls within {max_near_drop} (--set max_near_drop=null leaves them "
-            "out)")
+
+class Tuner(Protocol):
+    max_control_drop: float
+    max_perplexity_rise: float
+    max_near_drop: float | None
+
+
+def budget_of(tuner: Tuner) -> Budget:
+    """The budget a tuner's three knobs set (both tuners carry the same ones)."""
+    return Budget(tuner.max_control_drop, tuner.max_perplexity_rise, tuner.max_near_drop)
 
 
 def budget_scores(lm: LM, concept: Concept, controls: Sequence[Probe],
@@ -80,10 +92,11 @@ class BudgetSearch:
     what the caller needs to rebuild it (e.g. a copy of trained weights) only when it wins."""
 
     def __init__(self, budget: Budget, lm: LM, concept: Concept, controls: Sequence[Probe],
-                 neutral: Sequence[str], near: Sequence[Probe] = ()) -> None:
+                 neutral: Sequence[str]) -> None:
         self.budget, self.lm, self.concept = budget, lm, concept
         self.controls, self.neutral = list(controls), list(neutral)
-        self.near = list(near) if budget.max_near_drop is not None else []
+        # the tuning half only: the other half is what reports show
+        self.near = concept.near("tune") if budget.max_near_drop is not None else []
         _, self.base_control, self.base_perplexity = budget_scores(lm, concept, self.controls,
                                                                    self.neutral)
         self.base_near = self._near()

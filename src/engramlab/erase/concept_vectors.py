@@ -52,7 +52,7 @@ from ..data.concepts import Concept, Probe, controls_for, general_text
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
-from .budget import NEAR_DROP, Budget, BudgetSearch, near_clause
+from .budget import NEAR_DROP, BudgetSearch, budget_of
 from .vectors import VectorEvidence, ablation_drops, vector_evidence
 
 log = logging.getLogger(__name__)
@@ -216,9 +216,6 @@ class ConceptVectors:
                              vectors=[[c.layer, c.index] for c in chosen],
                              selection=selection, factor=damping, top_k=len(chosen))
 
-    def _budget(self) -> Budget:
-        return Budget(self.max_control_drop, self.max_perplexity_rise, self.max_near_drop)
-
     def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
               ks: Sequence[int]) -> tuple[str, int, float]:
         """The grid point with the lowest concept accuracy inside the specificity budget.
@@ -234,8 +231,7 @@ class ConceptVectors:
         dampings are tried from mildest to strongest and the row stops at the first one over
         budget: the harm grows with the reversal, so the stronger ones would fail too (on six
         bundled concepts 37-57 of the 60 grid points ran)."""
-        search = BudgetSearch(self._budget(), lm, concept, controls, general_text(split="tune"),
-                              near=concept.near("tune"))
+        search = BudgetSearch(budget_of(self), lm, concept, controls, general_text(split="tune"))
         self.trials = search.trials
         dampings = [0.0] if self.mode == "ablate" else sorted(set(self.dampings), reverse=True)
         for sel, found in self.candidates.items():
@@ -251,10 +247,8 @@ class ConceptVectors:
                         break
         if search.best is None:
             raise ConceptError(f"no setting of selection {list(self.candidates)} × top_k "
-                               f"{list(ks)} × damping {dampings} keeps {concept.name!r}'s "
-                               f"controls within {self.max_control_drop}"
-                               f"{near_clause(self.max_near_drop, concept)} and perplexity "
-                               f"within {self.max_perplexity_rise:.0%}: loosen the budget or "
+                               f"{list(ks)} × damping {dampings} keeps "
+                               f"{search.budget.describe(concept)}: loosen the budget or "
                                "choose smaller top_ks")
         best = search.best[0]
         return best["selection"], best["top_k"], best["damping"]

@@ -41,7 +41,7 @@ from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
 from ..trace import Trace, run_model
-from .budget import NEAR_DROP, Budget, BudgetSearch, near_clause
+from .budget import NEAR_DROP, BudgetSearch, budget_of
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +232,12 @@ class FineTuneUnlearner:
         return WeightDelta.for_model(lm, entries, method=self.method, concept=concept.name,
                                      steps=n_steps, lr=lr)
 
-    def _budget(self) -> Budget:
-        return Budget(self.max_control_drop, self.max_perplexity_rise, self.max_near_drop)
-
     def _tune(self, lm: LM, concept: Concept, params: dict[str, torch.nn.Parameter],
               backup: dict[str, torch.Tensor], loss: Callable[[], torch.Tensor],
               controls: Sequence[Probe] | None,
               neutral: Sequence[str]) -> tuple[dict[str, ParamDelta], int, float]:
         controls = list(controls_for(concept) if controls is None else controls)
-        search = BudgetSearch(self._budget(), lm, concept, controls, neutral,
-                              near=concept.near("tune"))
+        search = BudgetSearch(budget_of(self), lm, concept, controls, neutral)
         self.trials = search.trials
         lrs, max_steps = self.grid()
         for lr in lrs:
@@ -257,10 +253,8 @@ class FineTuneUnlearner:
         if search.best is None:
             raise ConceptError(f"no {self.method} run (learning rates {list(lrs)}, checkpoints "
                                f"every {self.every} of {max_steps} steps) keeps "
-                               f"{concept.name!r}'s controls within {self.max_control_drop}"
-                               f"{near_clause(self.max_near_drop, concept)} and perplexity "
-                               f"within {self.max_perplexity_rise:.0%}: lower the "
-                               "learning rates (--set lrs=...) or loosen the budget")
+                               f"{search.budget.describe(concept)}: lower the learning rates "
+                               "(--set lrs=...) or loosen the budget")
         setting, entries = search.best
         return entries, setting["steps"], setting["lr"]
 
