@@ -8,7 +8,12 @@
   peak resident memory above what the process held before it loaded the model (the Python,
   torch and transformers runtime, ~260 MB), divided by the model's parameter bytes; the
   phase's working set (its peak above what the process held when it began: model, cached
-  statistics and templates); and the whole process's peak. The peaks are sampled every 20 ms
+  statistics and templates); the **edit's footprint** ``1 + (peak − ready) / model``, where
+  ``ready`` is the process's RSS once the model is loaded and has run one forward (every weight
+  page resident) and before any editor exists: the model plus everything editing adds
+  (statistics, templates, the optimisation's working set), without the tokenizer and the
+  modelling code that loading imports (~125 MB for SmolLM2, counted in the first figure);
+  and the whole process's peak. The peaks are sampled every 20 ms
   from /proc (Linux), since ``ru_maxrss`` only ever grows. ``--memory-budget F`` sets both
   editors' ``memory_budget`` (the target optimisation sized to F × the model's bytes; see
   ``engramlab/edit/memory.py``).
@@ -138,6 +143,9 @@ def main() -> None:
         overrides["stats_tokens"] = args.stats_tokens
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     rss_loaded = peak_rss_mb()
+    with torch.no_grad():  # every weight page resident (safetensors maps them lazily)
+        lm.model(input_ids=torch.tensor([[lm.tokenizer.eos_token_id or 0]], device=lm.device))
+    ready_mb = rss_mb() if sys.platform.startswith("linux") else None
     cases = bundled_cases()
     reqs = [c.request for c in cases]
     out: dict = {"model": lm.name, "device": str(lm.device), "threads": torch.get_num_threads(),
@@ -187,6 +195,9 @@ def main() -> None:
         # the edit's own memory: the peak above what the process held when the phase began
         # (model, cached statistics and templates, the libraries' code)
         out["phase_working_set_mb"] = {k: peaks[k] - v for k, v in starts.items()}
+        out["model_ready_rss_mb"] = ready_mb
+        out["phase_edit_footprint_over_model"] = {
+            k: 1 + (v - ready_mb) / model_mb for k, v in peaks.items() if not k.endswith("_gpu")}
     if args.stats_tokens > 0:
         out.update(stats_speed(lm, memit, args.stats_tokens))
     print(json.dumps(out, indent=1))

@@ -85,9 +85,43 @@ def test_alphaedit_update_matches_the_papers_closed_form():
     assert torch.allclose(u @ v.T, x.T, atol=1e-10)
 
 
+def test_updates_keep_their_algebra_and_scratch_when_c_is_float32():
+    """The editors hold C₀ in float32: the float64 solves must upcast it, not trust it, and
+    the in-place scratch must never write into the caller's matrix."""
+    c = _psd(12)
+    c32 = c.float()
+    keep = c32.clone()
+    g = torch.Generator().manual_seed(3)
+    keys, resid = torch.randn(12, 4, generator=g), torch.randn(6, 4, generator=g)
+    _, v64 = memit_update(keys, resid, c, lam=2.0)
+    _, v32 = memit_update(keys, resid, c32, lam=2.0)
+    assert torch.equal(c32, keep) and v32.dtype == torch.float64
+    assert torch.allclose(v32, v64, rtol=1e-5, atol=1e-7)
+    _, again = memit_update(keys, resid, c, lam=2.0)  # float64 C: .to() must still copy
+    assert torch.equal(again, v64)
+    p = null_space_projector(c, threshold=float(torch.linalg.eigvalsh(c)[4]))
+    prev = torch.randn(12, 3, generator=g)
+    kp = (prev @ prev.T).float()
+    kp_keep = kp.clone()
+    _, va = alphaedit_update(keys, resid, p.float(), kp, alpha=1.0)
+    assert torch.equal(kp, kp_keep)
+    k = keys.double()
+    m = p @ (k @ k.T + kp.double()) + torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(m @ va, p @ k, atol=1e-5)
+
+
+def test_editor_holds_c0_in_float32():
+    lm = make_tiny("gpt2")
+    editor = MEMIT(layers=[0, 1], stats=_stats(lm, [0, 1]))
+    held = editor.moments(lm, [0, 1], editor.hparams_for(lm))
+    assert all(m.dtype == torch.float32 for m in held.values())
+    assert torch.allclose(held[1].double(), _stats(lm, [1])[1].moment(), rtol=1e-6)
+
+
 def test_edit_state_accumulates_keys_and_round_trips(tmp_path):
     lm = make_tiny("llama")
-    state = EditState.from_stats(_stats(lm, [1, 2]), threshold=0.5)
+    state = EditState.from_moments({k: s.moment() for k, s in _stats(lm, [1, 2]).items()},
+                                   threshold=0.5)
     keys = {1: torch.randn(lm.d_mlp, 3), 2: torch.randn(lm.d_mlp, 3)}
     new = state.updated(keys, 3)
     assert state.n_edits == 0 and new.n_edits == 3  # the old state is untouched

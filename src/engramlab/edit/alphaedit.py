@@ -31,9 +31,9 @@ from .solve import EditState, alphaedit_update
 class AlphaEdit(MEMIT):
     method = "alphaedit"
 
-    def _state(self, lm: LM, hp: EditHParams, stats: dict, state: Any) -> EditState:
+    def _state(self, lm: LM, hp: EditHParams, moments: dict, state: Any) -> EditState:
         if state is None:
-            return EditState.from_stats(stats, hp.nullspace_threshold,
+            return EditState.from_moments(moments, hp.nullspace_threshold,
                                         model_signature=lm.signature())
         if not isinstance(state, EditState):
             raise RequestError(f"AlphaEdit needs an EditState, got {type(state).__name__}")
@@ -47,7 +47,7 @@ class AlphaEdit(MEMIT):
         return state
 
     def _layer_update(self, hp: EditHParams, layer: int, keys: torch.Tensor,
-                      resid: torch.Tensor, stats: dict, state: EditState
+                      resid: torch.Tensor, moments: dict, state: EditState
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         prev = state.keys_cov[layer] if state.n_edits else None
         return alphaedit_update(keys, resid, state.projectors[layer], prev, hp.alpha)

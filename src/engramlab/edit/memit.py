@@ -30,14 +30,11 @@ class MEMIT(Editor):
     method = "memit"
 
     def _layer_update(self, hp: EditHParams, layer: int, keys: torch.Tensor,
-                      resid: torch.Tensor, stats: dict, state: Any
+                      resid: torch.Tensor, moments: dict, state: Any
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        return memit_update(keys, resid, stats[layer].moment(), hp.mom2_weight)
+        return memit_update(keys, resid, moments[layer], hp.mom2_weight)
 
-    def _needs_stats(self, hp: EditHParams) -> bool:
-        return True
-
-    def _state(self, lm: LM, hp: EditHParams, stats: dict, state: Any) -> Any:
+    def _state(self, lm: LM, hp: EditHParams, moments: dict, state: Any) -> Any:
         return state
 
     def _after(self, lm: LM, hp: EditHParams, requests: Sequence[EditRequest],
@@ -48,8 +45,8 @@ class MEMIT(Editor):
              ) -> tuple[WeightDelta, Any]:
         hp = self.hparams_for(lm)
         layers = sorted(hp.layers)
-        stats = self.stats(lm, layers, hp)
-        state = self._state(lm, hp, stats, state)
+        moments = self.moments(lm, layers, hp)
+        state = self._state(lm, hp, moments, state)
         templates = self.templates(lm, hp)
         z_layer = layers[-1]
         z_point = f"resid.{z_layer}"
@@ -64,7 +61,7 @@ class MEMIT(Editor):
                                   hp.subject_pos)[f"mlp_key.{layer}"]
                 current = at_subject(lm, requests, [z_point], ["{}"], hp.subject_pos)[z_point]
                 resid = (z - current) / (len(layers) - i)
-                u, v = self._layer_update(hp, layer, keys.T, resid.T, stats, state)
+                u, v = self._layer_update(hp, layer, keys.T, resid.T, moments, state)
                 factors[layer] = (u, v)
                 # applied unstamped: the final delta is stamped once, on the unedited weights
                 one = WeightDelta(self._entries(lm, {layer: (u, v)}))

@@ -26,7 +26,12 @@ the speed, while on GPT-2 XL the same rows are a smaller share of the weights.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,3 +161,28 @@ def split_rows(idx: list[int], suffix_len: list[int], n_scored: list[int], cap: 
     if cur:
         pieces.append(cur)
     return pieces
+
+
+def release_freed_memory() -> None:
+    """Hand memory that tensors freed back to the operating system (glibc only; a no-op
+    elsewhere).
+
+    glibc keeps freed heap pages for reuse, so after a chunk of the target optimisation the
+    process still held ~150 MB of its working set (SmolLM2, MEMIT batch of 50): the next
+    chunk's peak then stacked on top of it. ``malloc_trim`` returns them (measured: 164 MB
+    held between chunks before, 28 MB after); it costs a few milliseconds per call.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return None

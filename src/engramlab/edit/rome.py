@@ -43,13 +43,14 @@ class ROME(Editor):
     def edit_each(self, lm: LM, requests: Sequence[EditRequest]) -> list[WeightDelta]:
         hp = self.hparams_for(lm)
         layer = hp.layers[0]
-        cov = self.stats(lm, [layer], hp)[layer].moment() if hp.use_cov else None
+        cov = self.moments(lm, [layer], hp)[layer] if hp.use_cov else None
         templates = self.templates(lm, hp)
         point = f"mlp_key.{layer}"
         per_template = at_subject(lm, requests, [point], templates, hp.subject_pos,
                                   reduce=False)[point]  # [n, T, d_mlp]
         keys = per_template.mean(1)
         cov_k = solve_cov(cov, keys.T) if cov is not None else keys.T.double()
+        del cov  # the editor keeps C₀; no reference of ours outlives the solve
         row_scale = None
         if hp.consistent_targets:
             kl_reqs = [EditRequest(prompt=KL_PROMPT, subject=r.subject, target_new="x",

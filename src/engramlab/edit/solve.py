@@ -70,8 +70,9 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
     """MEMIT's layer update: ``u = R``, ``v = (λC + KKᵀ)⁻¹ K`` (keys ``[d_mlp, n]``,
     residuals ``[d_model, n]``)."""
     k = keys.double()
-    # added in place: one d_mlp² matrix less (0.3 GB per layer for GPT-2 XL)
-    a = (k @ k.T).add_(cov.to(device=k.device, dtype=torch.float64), alpha=lam)
+    # one float64 d_mlp² matrix beside the solve's own (0.3 GB each for GPT-2 XL): a fresh
+    # copy of C, scaled and updated in place
+    a = cov.to(device=k.device, dtype=torch.float64, copy=True).mul_(lam).addmm_(k, k.T)
     return resid.double(), _solve_psd(a, k)
 
 
@@ -94,13 +95,20 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
 def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
                      prev_keys_cov: torch.Tensor | None, alpha: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AlphaEdit's layer update: ``u = R``, ``v = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K``."""
+    """AlphaEdit's layer update: ``u = R``, ``v = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K``.
+
+    Written to hold at most three float64 d_mlp² matrices at once besides the solve's
+    factorisation (P, KKᵀ + K_pK_pᵀ, their product).
+    """
     k = keys.double()
-    p = projector.double().to(k.device)
-    a = k @ k.T
-    if prev_keys_cov is not None:
-        a = a + prev_keys_cov.double().to(k.device)
-    m = p @ a + alpha * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    p = projector.to(device=k.device, dtype=torch.float64)
+    if prev_keys_cov is None:
+        a = k @ k.T
+    else:
+        a = prev_keys_cov.to(device=k.device, dtype=torch.float64, copy=True).addmm_(k, k.T)
+    m = p @ a
+    del a
+    m.diagonal().add_(alpha)
     return resid.double(), torch.linalg.solve(m, p @ k)
 
 
@@ -119,9 +127,11 @@ class EditState:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_stats(cls, stats: dict[int, Any], threshold: float, **meta: Any) -> EditState:
-        projectors = {layer: null_space_projector(s.moment(), threshold).float()
-                      for layer, s in stats.items()}
+    def from_moments(cls, moments: dict[int, torch.Tensor], threshold: float, **meta: Any
+                     ) -> EditState:
+        """The state before any edit: P per layer from the unedited model's C₀."""
+        projectors = {layer: null_space_projector(c, threshold).float()
+                      for layer, c in moments.items()}
         cov = {layer: torch.zeros_like(p) for layer, p in projectors.items()}
         null_dims = {str(layer): round(float(torch.trace(p)))
                      for layer, p in projectors.items()}

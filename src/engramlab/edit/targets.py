@@ -40,7 +40,14 @@ from ..batching import target_ids
 from ..data.records import EditRequest
 from ..models.lm import LM
 from ..trace import Trace, parse_point
-from .memory import Costs, budget_bytes, costs, plan_chunks, split_rows
+from .memory import (
+    Costs,
+    budget_bytes,
+    costs,
+    plan_chunks,
+    release_freed_memory,
+    split_rows,
+)
 from .prefix import PrefixBatch, length_groups
 from .prompts import encode_with_subject, pick_positions
 
@@ -152,11 +159,15 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
             prefix[owner].append(min(look) if config.prefix_cache else 0)
         sizes = plan_chunks(prefix, config.chunk, cost, budget)
     starts = [0, *accumulate(sizes)][:-1]
-    parts = [_optimise_chunk(lm, list(requests[i:i + size]), point, templates, config,
-                             None if row_scale is None else row_scale[i:i + size],
-                             cost=cost, act_budget=None if budget is None else budget / 2,
-                             progress=progress)
-             for i, size in zip(starts, sizes, strict=True)]
+    parts = []
+    for i, size in zip(starts, sizes, strict=True):
+        parts.append(_optimise_chunk(lm, list(requests[i:i + size]), point, templates, config,
+                                     None if row_scale is None else row_scale[i:i + size],
+                                     cost=cost,
+                                     act_budget=None if budget is None else budget / 2,
+                                     progress=progress))
+        if budget is not None:  # the next chunk (or the caller) starts from a lean process
+            release_freed_memory()
     return Targets(point, torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
                    torch.cat([p.nll for p in parts]), [s for p in parts for s in p.steps])
 
