@@ -248,7 +248,10 @@ def test_concept_vectors_tuning_respects_the_budget():
     eraser = ConceptVectors(top_ks=(1, 4), dampings=(0.0, -2.0, -6.0), n_candidates=8,
                             max_control_drop=0.5, max_perplexity_rise=10.0)
     delta = eraser.erase(lm, concept, controls)
-    assert set(eraser.candidates) == {"activation", "answer"}
+    assert set(eraser.candidates) == {"activation", "answer", "distinct"}
+    # without near controls "distinct" is the activation ranking
+    assert [(c.layer, c.index) for c in eraser.candidates["distinct"]] == \
+        [(c.layer, c.index) for c in eraser.candidates["activation"]]
     # "answer" keeps activation's order, among the vectors that write the concept's answers
     answer = [(c.layer, c.index) for c in eraser.candidates["answer"]]
     assert all(c.direct > 0 for c in eraser.candidates["answer"])
@@ -319,6 +322,38 @@ def test_near_controls_enter_the_budget_as_their_own_group():
                            max_control_drop=2.0, max_perplexity_rise=100.0)
     ga.erase(lm, concept, retain=[tiny_text(10, seed=50)], controls=controls)
     assert ga.trials and all(t["near_control_accuracy"] is not None for t in ga.trials)
+
+
+def test_distinct_selection_discounts_what_fires_on_the_near_controls_too():
+    """"distinct" ranks by the smaller of a vector's activation against the controls and
+    against the near controls' tuning half: near controls that are the concept's own probes
+    make every vector equally active on both (score 0), and the evaluation half is never read."""
+    from engramlab.erase.concept_vectors import rank_vectors
+    from engramlab.erase.vectors import vector_evidence
+
+    lm = make_tiny("llama")
+    probes = _known_probes(lm, 6)
+    controls = _known_probes(lm, 8, seed=30)
+    others = _known_probes(lm, 6, seed=60)
+    twin = [x for pair in zip(probes, others, strict=False) for x in pair]  # tune half: probes
+    concept = Concept("tiny", probes=probes, keywords=["w3"], near_controls=twin,
+                      text=tiny_text(12, seed=7))
+    ev = vector_evidence(lm, concept, controls, [0, 1])
+    assert ev.near_activation is not None
+    assert torch.allclose(ev.near_activation, torch.zeros_like(ev.near_activation), atol=1e-5)
+    distinct = rank_vectors(ev, "distinct")
+    assert torch.equal(distinct, torch.minimum(ev.activation, ev.near_activation))
+    assert float(distinct.max()) <= 1e-5 < float(ev.activation.max())
+    # swapping the evaluation half changes nothing; a different tuning half does
+    swapped = Concept("tiny", probes=probes, keywords=["w3"], text=concept.text,
+                      near_controls=[x for pair in zip(probes, controls, strict=False)
+                                     for x in pair])
+    assert torch.equal(vector_evidence(lm, swapped, controls, [0, 1]).near_activation,
+                       ev.near_activation)
+    kin = Concept("tiny", probes=probes, keywords=["w3"], near_controls=others,
+                  text=concept.text)
+    assert not torch.allclose(vector_evidence(lm, kin, controls, [0, 1]).near_activation,
+                              ev.near_activation)
 
 
 def test_budget_near_check_is_strict_and_optional():

@@ -33,8 +33,13 @@ Deviations from the paper, measured on SmolLM2-135M (Harry Potter; ``bench/erase
   activation ranking but only vectors whose direct logit attribution to the concept's own
   answers is positive — vectors that fire on the concept *and* write its facts. On William
   Shakespeare it reaches 0.29 (top 32, damping −3) where ``"activation"`` stops at 0.64 inside
-  the same budget; on Sherlock Holmes it does worse than ``"activation"``. So the tuner tries
-  both (``selections``) and keeps whichever erases more within budget. Ranking by direct
+  the same budget; on Sherlock Holmes it does worse than ``"activation"``. ``"distinct"``
+  keeps the activation ranking but scores each vector by the smaller of its activation
+  against the controls and against the concept's near controls (tuning half), so a vector
+  that fires as much on other capitals as on Paris ranks low: once the near controls entered
+  the budget, the vectors the other rankings pick carried the concept's kind, and no setting
+  of them fitted The Beatles. The tuner tries all three (``selections``) and keeps whichever
+  erases most within budget. Ranking by direct
   attribution alone finds generic answer-writing vectors (Barack Obama: controls 0.55 at top 8).
 * Keyword matching uses the concept's keyword list instead of an LLM judge.
 * Damping below zero and the tuning grid are ours.
@@ -57,7 +62,7 @@ from .vectors import VectorEvidence, ablation_drops, vector_evidence
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("activation", "answer", "vocab", "effect", "combined")
+SELECTIONS = ("activation", "answer", "distinct", "vocab", "effect", "combined")
 
 
 @dataclass
@@ -90,6 +95,10 @@ def rank_vectors(ev: VectorEvidence, selection: str = "combined") -> torch.Tenso
         return ev.activation.clone()
     if selection == "answer":  # fires on the concept *and* writes its answers
         return torch.where(ev.direct > 0, ev.activation, torch.full_like(ev.activation, -torch.inf))
+    if selection == "distinct":  # fires on the concept more than on the controls *and* its kin
+        if ev.near_activation is None:
+            return ev.activation.clone()
+        return torch.minimum(ev.activation, ev.near_activation)
     if selection == "vocab":
         return ev.vocab + 0.1 * _z(ev.activation)
     if selection == "effect":
@@ -171,7 +180,7 @@ class ConceptVectors:
     tune: bool = True
     top_ks: tuple[int, ...] = (8, 12, 16, 24, 32)
     dampings: tuple[float, ...] = (0.0, -1.0, -2.0, -3.0, -4.0, -6.0)
-    selections: tuple[str, ...] = ("activation", "answer")
+    selections: tuple[str, ...] = ("activation", "answer", "distinct")
     max_control_drop: float = 0.10
     max_perplexity_rise: float = 0.10
     max_near_drop: float | None = NEAR_DROP

@@ -5,8 +5,12 @@ Four kinds of evidence, each a ``[layers, d_mlp]`` tensor:
 * **vocabulary** — project each value vector through the final norm and the unembedding (Geva et
   al. 2022; the ConceptVectors recipe) and take the largest z-score, within that vector's own
   vocabulary logits, of a token of the concept's keywords;
-* **activation** — how much more the vector's coefficient (its MLP key) fires at the last token
-  of the concept's probes than of control probes, in units of the control spread;
+* **activation** — how much more the vector's coefficient (its MLP key) fires on the concept's
+  prompts and text than on control prompts and neutral text, in units of the control spread;
+  and **near activation**, how much more it fires on the concept's probes than on the tuning
+  half of its *near controls* (the same kind of fact about its neighbours: other capitals for
+  Paris), in the same units — low for the vectors that carry the concept's kind rather than
+  the concept;
 * **effect** — the first-order drop of the answers' log-probability if the vector were zeroed
   (activation × gradient on the coefficient, summed over positions: attribution patching, Nanda
   2023 / Syed et al. 2023), for the concept's probes and for control probes. One backward pass
@@ -41,6 +45,7 @@ class VectorEvidence:
     effect: torch.Tensor
     control_effect: torch.Tensor
     direct: torch.Tensor
+    near_activation: torch.Tensor | None = None  # None: the concept has no near controls
 
     def index(self, layer: int) -> int:
         return self.layers.index(layer)
@@ -200,8 +205,10 @@ def vector_evidence(lm: LM, concept: Concept, controls: Sequence[Probe],
                     layers: Sequence[int] | None = None, *,
                     neutral: Sequence[str] = (), max_controls: int = 32) -> VectorEvidence:
     """All four signals. Activation compares every token of the concept's prompts and text
-    with every token of the control prompts and ``neutral`` text; the attribution of the
-    controls uses an evenly spread sample of at most ``max_controls``."""
+    with every token of the control prompts and ``neutral`` text; near activation compares
+    the concept's probe prompts with its tuning-half near controls (never the evaluation
+    half); the attribution of the controls uses an evenly spread sample of at most
+    ``max_controls``."""
     layers = [lm.layout.check_layer(i) for i in (layers or range(lm.layout.n_layers))]
     vocab = vocab_scores(lm, layers, keyword_tokens(lm, [*concept.keywords, concept.name]))
     concept_texts = [p.prompt for p in concept.probes] + concept.forget_text
@@ -209,13 +216,19 @@ def vector_evidence(lm: LM, concept: Concept, controls: Sequence[Probe],
     mean_c, _ = mean_coefficients(lm, concept_texts, layers)
     mean_o, std_o = mean_coefficients(lm, control_texts, layers)
     activation = (mean_c - mean_o) / (std_o + 1e-6)
+    near = concept.near("tune")
+    near_activation = None
+    if near:  # like with like: probe prompts against prompts of the same kind and length
+        mean_p, _ = mean_coefficients(lm, [p.prompt for p in concept.probes], layers)
+        mean_n, _ = mean_coefficients(lm, [p.prompt for p in near], layers)
+        near_activation = (mean_p - mean_n) / (std_o + 1e-6)
     sample = list(controls)[:: max(1, len(controls) // max_controls)][:max_controls]
     coeff_c, effect_c = _coefficients_and_effects(lm, concept.probes, layers)
     _, effect_o = _coefficients_and_effects(lm, sample, layers)
     direct = direct_attribution(lm, coeff_c, concept.probes, layers)
     # effects per probe, so concepts and controls of different sizes compare
     return VectorEvidence(layers, vocab, activation, effect_c / len(concept.probes),
-                          effect_o / max(len(sample), 1), direct)
+                          effect_o / max(len(sample), 1), direct, near_activation)
 
 
 @torch.no_grad()
