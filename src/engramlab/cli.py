@@ -559,8 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     concept_args(p)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--candidates", type=int, default=64)
-    p.add_argument("--selection", choices=["activation", "answer", "vocab", "effect", "combined"],
-                   default="activation")
+    # the names of erase.concept_vectors.SELECTIONS (kept literal: the CLI starts without
+    # importing torch; tests/test_cli.py checks they agree)
+    p.add_argument("--selection", default="activation",
+                   choices=["activation", "answer", "distinct", "vocab", "effect", "combined"])
     p.add_argument("--no-check", action="store_true", help="skip the exact ablation check")
     p.set_defaults(func=cmd_concepts_find)
 
