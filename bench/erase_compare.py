@@ -37,16 +37,23 @@ def merge(paths: list[str]) -> dict:
     methods = {m for per in concepts.values() for m in per}
     shared = {name: per for name, per in concepts.items()
               if methods <= set(per) and not any("error" in r for r in per.values())}
-    return {"concepts": shared, "left_out": sorted(set(concepts) - set(shared))}
+    # a concept where one method found no setting inside the budget leaves every method's
+    # means: listed here, so the table never hides that a method gave up
+    failed = {m: sorted(name for name, per in concepts.items() if "error" in per.get(m, {}))
+              for m in sorted(methods)}
+    return {"concepts": shared, "left_out": sorted(set(concepts) - set(shared)),
+            "failed": {m: names for m, names in failed.items() if names}}
 
 
-def markdown(means: dict) -> str:
+def markdown(means: dict, failed: dict | None = None) -> str:
     head = "| method | " + " | ".join(SHOWN.values()) + " |"
     rows = [head, "|" + "---|" * (len(SHOWN) + 1)]
     for method, m in means.items():
         cells = [("-" if m.get(k) is None else f"{m[k]:.0f}" if k == "erase_seconds"
                   else f"{m[k]:.2f}") for k in SHOWN]
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method, names in (failed or {}).items():
+        rows.append(f"\n{method}: no setting inside the budget for {', '.join(names)}")
     return "\n".join(rows)
 
 
@@ -97,10 +104,11 @@ def main() -> None:
                           for m, r in per.items()}
                    for name, per in merged["concepts"].items()}
     print(json.dumps({"files": args.files, "concepts": sorted(merged["concepts"]),
-                      "left_out": merged["left_out"], "means": means,
+                      "left_out": merged["left_out"], "failed": merged["failed"],
+                      "means": means,
                       "per_concept": per_concept}, indent=1))
     if args.markdown:
-        print(markdown(means))
+        print(markdown(means, merged["failed"]))
     if args.png:
         recovery_png(means, args.png)
 
