@@ -128,7 +128,8 @@ def main() -> None:
     unknown = phases - {"rome_single", "rome_batched", "memit_batch"}
     if unknown:
         parser.error(f"unknown phases {sorted(unknown)}")
-    runtime_mb = rss_mb() if sys.platform.startswith("linux") else None
+    linux = sys.platform.startswith("linux")  # RSS is read from /proc
+    runtime_mb = rss_mb() if linux else None
     overrides: dict = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
     if args.random_arch and args.tokenizer:
         from transformers import AutoTokenizer
@@ -145,7 +146,7 @@ def main() -> None:
     rss_loaded = peak_rss_mb()
     with torch.no_grad():  # every weight page resident (safetensors maps them lazily)
         lm.model(input_ids=torch.tensor([[lm.tokenizer.eos_token_id or 0]], device=lm.device))
-    ready_mb = rss_mb() if sys.platform.startswith("linux") else None
+    ready_mb = rss_mb() if linux else None
     cases = bundled_cases()
     reqs = [c.request for c in cases]
     out: dict = {"model": lm.name, "device": str(lm.device), "threads": torch.get_num_threads(),
@@ -156,7 +157,6 @@ def main() -> None:
         return print(json.dumps({**out, **stats_speed(lm, memit, args.stats_tokens)}, indent=1))
     out["phases"] = sorted(phases)
     peaks: dict = {}
-    linux = runtime_mb is not None
     track = (lambda key: sampled_peak(peaks, key)) if linux else (lambda key: nullcontext())
     if phases & {"rome_single", "rome_batched"}:
         rome = ROME(**overrides)

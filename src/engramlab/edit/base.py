@@ -117,6 +117,11 @@ def _coerce(value: Any, like: Any) -> Any:
     return value
 
 
+def _held(stats: KeyStats) -> torch.Tensor:
+    """C₀ as an editor keeps it between solves: float32 (see the module docstring)."""
+    return stats.moment().float()
+
+
 class Editor:
     """Base class: resolves hyper-parameters, owns statistics and templates for one model."""
 
@@ -130,7 +135,7 @@ class Editor:
         self.overrides = overrides
         self.progress = progress
         self._moments: dict[int, torch.Tensor] = {
-            layer: s.moment().float() for layer, s in (stats or {}).items()}
+            layer: _held(s) for layer, s in (stats or {}).items()}
         self._templates: list[str] | None = None
         self._signature: str | None = None
         self.stats_seconds = 0.0
@@ -164,10 +169,8 @@ class Editor:
             collected = collect_key_stats(
                 lm, missing, n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
                 batch_size=hp.stats_batch, progress=self.progress)
-            while collected:  # drop each float64 sum once its float32 copy exists
-                layer, s = collected.popitem()
-                self._moments[layer] = s.moment().float()
-                del s
+            for layer in list(collected):  # free each float64 sum once its copy exists
+                self._moments[layer] = _held(collected.pop(layer))
             self.stats_seconds += time.perf_counter() - start
         return {layer: self._moments[layer] for layer in layers}
 
