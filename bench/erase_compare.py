@@ -21,6 +21,7 @@ from erase import summary  # bench/erase.py: the same means as every bench run p
 
 SHOWN = {"post_target": "post", "post_paraphrase": "para", "control_drop": "ctrl drop",
          "unseen_control_drop": "unseen drop", "near_control_drop": "near drop",
+         "kind_drop": "kind drop",
          "perplexity_rise": "ppl rise", "worst_paragraph_rise": "worst ¶ ppl",
          "adversarial": "adversarial", "relearn_paragraph": "relearn",
          "heldout_after": "held-out after relearn", "coefficient_patch": "coef. patch",

@@ -204,6 +204,7 @@ def test_concept_file_round_trip(tmp_path):
     again = load_concept(path)
     assert again.probes == c.probes and again.keywords == c.keywords
     assert again.near_controls == c.near_controls and c.near_controls
+    assert again.kind == c.kind and c.kind
 
 
 def test_bundled_concepts_are_known_by_the_embedded_model(smol):
@@ -214,6 +215,10 @@ def test_bundled_concepts_are_known_by_the_embedded_model(smol):
         assert len(c.probes) >= 10, c.name
         assert all(probe_hits(smol, c.probes)), c.name
         assert all(probe_hits(smol, c.paraphrases)), c.name
+        # category answers ("wizard", "rock band") are reported apart, never erasure targets
+        assert all(probe_hits(smol, c.kind)), c.name
+        kinds = {p.answer for p in c.kind}
+        assert not any(p.answer in kinds for p in [*c.probes, *c.paraphrases]), c.name
         # no probe of one concept is another's
         assert not any(p.answer in names - {c.name} for p in c.probes)
         # a paraphrase rewords a probe: the same prompt would not test generalisation

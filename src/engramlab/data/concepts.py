@@ -4,6 +4,7 @@ A concept file is JSON::
 
     {"name": "Harry Potter", "keywords": ["Hogwarts", ...],
      "probes": [{"prompt": "...", "answer": "..."}], "paraphrases": [...],
+     "kind": [...],                # optional: probes whose answer names its category
      "controls": [...],            # optional: other concepts' probes serve otherwise
      "near_controls": [...],       # optional: the same kind of fact about neighbours
      "text": "a paragraph about the concept"}  # optional: unlearning / relearning text
@@ -22,6 +23,12 @@ other fantasy series for Harry Potter, other capitals for Paris, other planets f
 where collateral damage is likeliest. They were written the same way (about 200 candidates,
 the ones the model answers kept). Their even half (:meth:`Concept.near` ``"tune"``) enters the
 tuners' budget; the odd half is only reported.
+
+``kind`` holds the probes whose answer names the concept's category rather than a fact of its
+own ("Harry Potter is a young → wizard", "The Beatles were a famous rock → band"). They are
+reported (``kind_accuracy``) but are not erasure targets: a setting chosen to erase them erases
+the category for every member. With "rock → band" among The Beatles' probes, the chosen concept
+vectors also took "X are a rock → band" from the other bands among its near controls.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class Concept:
     controls: list[Probe] = field(default_factory=list)
     text: str = ""
     near_controls: list[Probe] = field(default_factory=list)
+    kind: list[Probe] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.probes:
@@ -95,7 +103,7 @@ class Concept:
             raise ConceptError(f"{where}: a concept is an object with a 'name' string")
         where = f"{where} {d['name']!r}"
         lists = {}
-        for key in ("probes", "paraphrases", "controls", "near_controls"):
+        for key in ("probes", "paraphrases", "controls", "near_controls", "kind"):
             items = d.get(key) or []
             if not isinstance(items, list):
                 raise ConceptError(f"{where}: {key!r} must be a list of probes")
@@ -110,7 +118,8 @@ class Concept:
                 "probes": [p.to_dict() for p in self.probes],
                 "paraphrases": [p.to_dict() for p in self.paraphrases],
                 "controls": [p.to_dict() for p in self.controls], "text": self.text,
-                "near_controls": [p.to_dict() for p in self.near_controls]}
+                "near_controls": [p.to_dict() for p in self.near_controls],
+                "kind": [p.to_dict() for p in self.kind]}
 
 
 def _bundled_path(name: str = BUNDLED) -> Path:

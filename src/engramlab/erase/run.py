@@ -52,7 +52,8 @@ def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequ
     controls no eraser tuned on (:func:`~engramlab.data.concepts.unseen_controls_for`), and
     ``near_control_accuracy`` (None without them) on the evaluation half of the concept's near
     controls: the same kind of fact about its neighbours, never tuned on. The tuning half,
-    which the tuners keep inside their budget, is ``near_control_tune_accuracy``.
+    which the tuners keep inside their budget, is ``near_control_tune_accuracy``;
+    ``kind_accuracy`` (None without them) is on the concept's category probes.
     ``paragraph_perplexity`` lists each neutral paragraph's own perplexity, so damage to one
     topic is not averaged away."""
     nlls = E.text_nlls(lm, neutral)
@@ -63,6 +64,7 @@ def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequ
             "unseen_control_accuracy": E.accuracy(lm, unseen) if unseen else None,
             "near_control_accuracy": E.accuracy(lm, near_eval) if near_eval else None,
             "near_control_tune_accuracy": E.accuracy(lm, near_tune) if near_tune else None,
+            "kind_accuracy": E.accuracy(lm, concept.kind) if concept.kind else None,
             "perplexity": E.pooled_perplexity(nlls),
             "paragraph_perplexity": [math.exp(n / c) for n, c in nlls if c]}
 
