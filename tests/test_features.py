@@ -6,15 +6,23 @@ import pytest
 import torch
 
 from engramlab.data import Concept
+from engramlab.data.corpus import TextCorpus
 from engramlab.erase.dictionary import (
     ValueDictionary,
     explained_variance,
     fit_dictionary,
     train_dictionary,
 )
-from engramlab.erase.features import FeatureEraser, features_delta
+from engramlab.erase.features import (
+    FeatureEraser,
+    OutputFeature,
+    _Firing,
+    features_delta,
+    output_features_delta,
+)
+from engramlab.erase.sae import train_output_saes
 from engramlab.errors import CacheError, ConceptError
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, tiny_text
 
 
 def test_dictionary_recovers_sparse_structure():
@@ -54,7 +62,7 @@ def test_dictionary_cache_round_trip_and_refusals(isolated_cache):
     with pytest.raises(ConceptError, match="trained for model"):
         d.check_model(other)
     with pytest.raises(ConceptError, match="trained for model"):
-        FeatureEraser(dictionary=d).erase(other, _a_concept())
+        FeatureEraser(disentangler="values", dictionary=d).erase(other, _a_concept())
 
 
 def _a_concept() -> Concept:
@@ -131,3 +139,106 @@ def test_codes_decide_which_vectors_lose_a_feature():
         assert 0 < n_hit < len(layers) * lm.layout.d_mlp
     with pytest.raises(ConceptError, match="codes lack layers"):
         features_delta(lm, d.decoder[feats], [0, 1], codes={0: codes[0]})
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_output_feature_edit_sets_the_driving_vectors_component(family):
+    """PISCES on MLP-output features: every value vector that drives the feature on the
+    concept ends with exactly −μ·M·s_j along its decoder direction (μ = 0: none of it); every
+    other vector is untouched, and the delta reverts exactly."""
+    lm = make_tiny(family)
+    layer, f = 1, 3
+    g = torch.Generator().manual_seed(0)
+    d_model, d_mlp = lm.layout.d_model, lm.layout.d_mlp
+    sae = ValueDictionary(_unit_rows(torch.randn(8, d_model, generator=g)),
+                          torch.randn(d_model, 8, generator=g), torch.zeros(8), 2)
+    on = _Firing({layer: torch.rand(8, generator=g)}, {layer: torch.randn(d_mlp, generator=g)})
+    off = _Firing({layer: torch.zeros(8)}, {layer: 0.1 * torch.randn(d_mlp, generator=g)})
+    feature = OutputFeature(layer, f, on=0.5, off=0.0, near=0.0, score=0.5)
+    w0 = lm.layout.value_weight(layer).detach().clone().double()
+    d = sae.decoder[f].double()
+    push = (on.keys[layer] - off.keys[layer]).double() * (sae.encoder[:, f].double() @ w0)
+    driving = push > 0.3 * push.max()
+    assert 0 < int(driving.sum()) < d_mlp
+    sign = torch.where(on.keys[layer] < 0, -1.0, 1.0).double()
+    biggest = (d @ w0)[driving].abs().max()
+    for mu in (0.0, 2.0):
+        delta = output_features_delta(lm, {layer: sae}, [feature], on, off, tau=0.3, mu=mu)
+        assert delta.meta["affected"] == {layer: int(driving.sum())}
+        with delta.applied(lm):
+            w = lm.layout.value_weight(layer).detach().double()
+            assert torch.allclose((d @ w)[driving], -mu * biggest * sign[driving], atol=1e-4)
+            assert torch.allclose(w[:, ~driving], w0[:, ~driving], atol=1e-6)
+        assert torch.equal(lm.layout.value_weight(layer).detach().double(), w0)
+    with pytest.raises(ConceptError, match="tau"):
+        output_features_delta(lm, {layer: sae}, [feature], on, off, tau=1.0)
+    with pytest.raises(ConceptError, match="mu"):
+        output_features_delta(lm, {layer: sae}, [feature], on, off, mu=-1.0)
+    with pytest.raises(ConceptError, match="no SAE for layer 0"):
+        output_features_delta(lm, {layer: sae}, [OutputFeature(0, f, 0.5, 0, 0, 0.5)], on, off)
+    with pytest.raises(ConceptError, match="unknown disentangler"):
+        FeatureEraser(disentangler="pca").erase(lm, _a_concept())
+
+
+def _tiny_saes(lm, layers=(0, 1)):
+    corpus = TextCorpus([tiny_text(40, seed=s) for s in range(60)])
+    return train_output_saes(lm, corpus, list(layers), n_features=32, k=4, steps=60,
+                             n_tokens=2000, progress=False)
+
+
+def test_output_saes_cache_per_layer_and_refuse_another_model(isolated_cache):
+    lm = make_tiny("llama")
+    saes = _tiny_saes(lm)
+    assert list(saes) == [0, 1] and all(s.key["kind"] == "mlp_out" for s in saes.values())
+    files = sorted((isolated_cache / "dictionaries").iterdir())
+    assert len(files) == 2
+    again = _tiny_saes(lm)
+    assert all(torch.equal(again[i].decoder, saes[i].decoder) for i in saes)
+    # a different corpus is a different key: trained anew, not read from the cache
+    other_corpus = TextCorpus([tiny_text(40, seed=s + 100) for s in range(60)])
+    train_output_saes(lm, other_corpus, [0], n_features=32, k=4, steps=60, n_tokens=2000,
+                      progress=False)
+    assert len(list((isolated_cache / "dictionaries").iterdir())) == 3
+    other = make_tiny("llama", seed=1)
+    with pytest.raises(ConceptError, match="trained for model"):
+        FeatureEraser(saes=saes).erase(other, _a_concept())
+
+
+def test_feature_tuner_keeps_the_budget_and_picks_the_lowest_target(isolated_cache):
+    from engramlab.data import Probe
+    from engramlab.evaluate.erasure import _encode_prompts, accuracy, last_logits
+
+    lm = make_tiny("llama")
+    saes = _tiny_saes(lm)
+    prompts = [" ".join(tiny_text(3, seed=s).split()) for s in range(14)]
+    ids, lengths = _encode_prompts(lm, prompts)
+    # the tiny model's own greedy answers: "facts" it knows
+    answers = [lm.decode(int(t)).strip() for t in last_logits(lm, ids, lengths).argmax(-1)]
+    probes = [Probe(p, a) for p, a in zip(prompts, answers, strict=True)]
+    concept = Concept("tiny", probes=probes[:6], text=tiny_text(30, seed=7))
+    controls = probes[6:14]
+    assert accuracy(lm, concept.probes) == 1.0 and accuracy(lm, controls) == 1.0
+    eraser = FeatureEraser(saes=saes, contrast=1.0, n_features_grid=(1, 2),
+                           taus=(0.3, 0.03), mus=(0.0, 2.0, 8.0), max_control_drop=0.5,
+                           max_perplexity_rise=10.0)
+    delta = eraser.erase(lm, concept, controls)
+    assert eraser.ranked and all(r.on > r.off for r in eraser.ranked)
+    assert [r.score for r in eraser.ranked] == sorted((r.score for r in eraser.ranked),
+                                                      reverse=True)
+    rows_by: dict[tuple[int, float], list[dict]] = {}
+    for t in eraser.trials:
+        rows_by.setdefault((t["n_features"], t["tau"]), []).append(t)
+    for row in rows_by.values():  # mildest push first; a row stops at its first failure
+        assert [t["mu"] for t in row] == [0.0, 2.0, 8.0][:len(row)]
+        assert all(t["ok"] for t in row[:-1]) and (len(row) == 3 or not row[-1]["ok"])
+    ok = [t for t in eraser.trials if t["ok"]]
+    chosen = [t for t in ok if t["n_features"] == delta.meta["n_features"]
+              and t["tau"] == delta.meta["tau"] and t["mu"] == delta.meta["mu"]]
+    assert chosen and chosen[0]["target_accuracy"] == min(t["target_accuracy"] for t in ok)
+    with delta.applied(lm):
+        assert accuracy(lm, concept.probes) == chosen[0]["target_accuracy"]
+        assert accuracy(lm, controls) == chosen[0]["control_accuracy"]

@@ -1,61 +1,54 @@
 """Sparse-feature concept erasure in the parameters (PISCES).
 
 Follows Gur-Arieh et al. 2025, "Precise In-Parameter Concept Erasure in Large Language Models"
-(PISCES): a disentangler decomposes MLP vectors into features; the features of the concept are
-found automatically (vocabulary projection and activation on concept text); every MLP vector
-that carries one of them strongly is rewritten without it. Because the change is made in the
-features' basis, vectors keep everything else they encode — more specific than zeroing them
-(ConceptVectors) and deeper than fine-tuning.
+(PISCES): a disentangler decomposes MLP vectors into features, the concept's features are found
+automatically, and each MLP value vector that carries one of them strongly is rewritten in the
+feature's basis. Everything else the vector encodes is kept, so this is more specific than
+zeroing whole vectors (ConceptVectors) and deeper than fine-tuning.
 
-Recipe, per layer of the dictionary:
+The default disentangler, ``mlp-out``, is the paper's: one SAE of the MLP output per layer
+(:mod:`.sae`, trained here because GemmaScope-like SAEs exist for few models). Recipe:
 
-1. **Label** each dictionary feature by the largest keyword z-score of its decoder direction's
-   vocabulary projection (final norm + unembedding), and by how much more the model writes that
-   direction (sum of the MLP outputs of all dictionary layers) on the concept's probes and text
-   than on control probes and neutral text, in units of the control spread.
-2. **Select** the ``n_features`` features with the highest vocabulary score among those whose
-   score is at least ``min_vocab_z`` and whose activation is positive.
-3. **Erase**: a value vector v_j is *affected* by feature f when the dictionary's code of
-   v_j for f exceeds ``tau · max_i code_f(v_i)`` over all dictionary layers (the paper's τ).
-   (A first version compared dense projections ``|d_f · v_j|`` instead: in 576 dimensions
-   every vector projects a little on every direction, and τ = 0.2 touched 37k of SmolLM2's 46k
-   vectors for 4 features, destroying the model.) Each affected
-   vector loses its component in the span of the selected directions:
-   ``v_j ← v_j − strength · Q Qᵀ v_j`` with Q an orthonormal basis of that span; with
-   ``strength = 1`` the vector is left exactly orthogonal to every selected feature. Per layer
-   this is a rank-|S| ``WeightDelta``.
+1. **Find** the concept's features by how often they fire: the share of the concept's tokens
+   (probe prompts and text) on which a feature is active, against the larger of its share on the
+   controls plus neutral text and on the near controls' tuning half. A feature scores
+   ``on − contrast · other`` (``contrast`` = 3: it must fire at least three times as often on the
+   concept as anywhere else); the best ``n_features`` are taken.
+2. **Affected vectors**: vector j of layer ℓ drives feature f on the concept when its push on f's
+   encoder, ``(mean coefficient of j on the concept − on the controls) · (enc_f · v_j)``, exceeds
+   τ × the largest push in the layer.
+3. **Edit**: each driving vector's component along f's decoder direction is set to −μ·M·s_j,
+   where M is the largest such component among them and s_j the sign of j's coefficient on the
+   concept. Where the vector fires as it does on the concept, it now writes against the feature.
+   μ = 0 removes the component. Per layer this is a rank-|features| ``WeightDelta``.
+4. **Tune** n_features × τ × μ under the specificity budget every eraser shares (:mod:`.budget`).
 
-Deviations from the paper:
+Deviations from the paper, and why:
 
-* The disentangler is a TopK sparse dictionary trained on the value vectors themselves
-  (:mod:`.dictionary`); the paper uses pretrained SAEs of the MLP *outputs*, which do not exist
-  for most models.
-* Features are labelled by keyword z-scores instead of an LLM judge reading their top tokens.
-* The paper sets a feature's coefficient to ``μ · max`` in the SAE's code and keeps the SAE's
-  reconstruction error; we project the direction out (μ = 0), which removes the feature exactly
-  rather than through an imperfect encoder, and expose ``strength`` > 1 to push past zero as the
-  paper's negative μ does.
+* **Selection by firing frequency, not by vocabulary.** The paper keeps features whose
+  vocabulary projection names the concept, checks each feature's effect, and uses an LLM judge.
+  The projections of these small SAEs' decoder directions are noise (the features that fire most
+  specifically on Harry Potter project onto " strugg", " interspers", ...). Activation is the
+  label that carries signal here.
+* **Affected vectors by their push on the concept, not by weights alone.** The paper thresholds
+  ``|enc_f · v_j|``. Measured on SmolLM2 (layers 20-26, Harry Potter): the weights-only rule took
+  1.7k-12k vectors at τ ≤ 0.2. Every setting that lowered the concept also cost the controls 16
+  points or more. With the push rule, 30-400 vectors are touched.
+* **μ is a multiple of the largest component among the driving vectors.** The paper's μ
+  multiplies the largest encoder value, and its SAE's code and error term rebuild the vector.
+  Here the component is set directly along the unit decoder direction, so with μ = 0 the feature
+  is gone exactly rather than through an imperfect encoder.
+* **The SAEs' training text includes text the model writes about each bundled concept**
+  (:func:`.sae.feature_corpus`). It never includes the probes.
 
-What it does on SmolLM2-135M (CPU, session 7; ``bench/erase.py``) — it does **not** reach the
-paper's result there, and the reason is the disentangler, not the removal:
+The older disentangler, ``values``, is a TopK dictionary trained on the value vectors themselves
+(:mod:`.dictionary`), with features selected by keyword z-scores of their vocabulary projection.
+It is kept as a baseline: on SmolLM2 its features do not name concepts, and it does not erase
+them. Details (session 7):
 
-* The value-vector dictionary (4096 features, k = 8, 1000 steps) explains 0.32 of the unit
-  vectors' variance. Its features do not name concepts: the best keyword z-score for Harry
-  Potter is 3.8 (a "both / respectively" feature); for The Beatles the two features above 6 are
-  "now / today" and "early / earlier". Erasing every feature with z ≥ 3.5 and positive
-  activation (13 for Shakespeare, τ = 0, strength 3) leaves 0.86 of its probes answered.
-* Labelling the dictionary's features by activation instead (each vector's activation on the
-  concept's text, summed through its code) finds no specific feature either (best
-  specificity z 1.8 for Harry Potter, generic top tokens).
-* An activation SAE of the MLP outputs, as in the paper but trained here (13k tokens of
-  sampled text plus every bundled concept's text, 30 layers pooled, 4096 features, k = 16,
-  explained variance 0.49, 800 s on 2 cores), has no Harry Potter feature either: the most
-  specific fires 4.2x more on it than on any other concept, at a mean code of 0.003.
-
-PISCES relies on SAEs trained on billions of tokens of large models (Gemma Scope, Llama
-Scope). The removal step, :func:`features_delta`, takes any directions and per-vector codes, so
-such an SAE's decoder rows and its encoding of the value vectors can be passed to it directly;
-for the embedded model, ``concept-vectors`` is the in-parameter eraser that meets the bar.
+* Harry Potter's best keyword z-score is 3.8, on a "both / respectively" feature.
+* Erasing all 13 features with z ≥ 3.5 for Shakespeare leaves 0.86 of its probes answered.
+* An SAE of all 30 layers pooled, trained on 13k generic tokens, had no concept feature either.
 """
 
 from __future__ import annotations
@@ -66,13 +59,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.concepts import Concept, Probe, controls_for, general_text
+from ..data.concepts import Concept, Probe, bundled_concepts, controls_for, general_text
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..evaluate.erasure import _encode_prompts
 from ..models.lm import LM
 from ..trace import Trace
-from .dictionary import ValueDictionary, train_dictionary
+from .budget import NEAR_DROP, BudgetSearch, budget_of
+from .dictionary import ValueDictionary, _unit, train_dictionary
+from .sae import feature_corpus, train_output_saes
 from .vectors import KeywordZ, keyword_tokens
 
 log = logging.getLogger(__name__)
@@ -195,29 +190,238 @@ def features_delta(lm: LM, directions: torch.Tensor, layers: Sequence[int], *, t
 
 
 @dataclass
-class FeatureEraser:
-    """PISCES-style erasure through a sparse dictionary of the value vectors."""
+class OutputFeature:
+    """A feature of one layer's MLP-output SAE and how often it fires (share of tokens) on
+    the concept's text, on controls and neutral text, and on the near controls' tuning half."""
 
+    layer: int
+    feature: int
+    on: float
+    off: float
+    near: float
+    score: float
+    top_tokens: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Firing:
+    rates: dict[int, torch.Tensor]  # per layer, share of tokens each feature fires on
+    keys: dict[int, torch.Tensor]  # per layer, each value vector's mean coefficient
+
+
+@torch.no_grad()
+def _firing(lm: LM, saes: dict[int, ValueDictionary], texts: Sequence[str],
+            batch_size: int = 16) -> _Firing:
+    layers = list(saes)
+    points = [f"mlp_out.{i}" for i in layers] + [f"mlp_key.{i}" for i in layers]
+    fired = {i: torch.zeros(saes[i].n_features) for i in layers}
+    keys = {i: torch.zeros(lm.layout.d_mlp) for i in layers}
+    n = 0
+    for s in range(0, len(texts), batch_size):
+        ids, lengths = _encode_prompts(lm, list(texts[s:s + batch_size]))
+        mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+        with Trace(lm).capture(*points) as tr:
+            lm.model(input_ids=ids, attention_mask=mask.long())
+        for i in layers:
+            out = tr[f"mlp_out.{i}"][mask].float().cpu()  # type: ignore[index]
+            fired[i] += (saes[i].encode(_unit(out)) > 0).sum(0)
+            keys[i] += tr[f"mlp_key.{i}"][mask].float().sum(0).cpu()  # type: ignore[index]
+        n += int(mask.sum())
+    return _Firing({i: f / max(n, 1) for i, f in fired.items()},
+                   {i: k / max(n, 1) for i, k in keys.items()})
+
+
+def rank_output_features(lm: LM, saes: dict[int, ValueDictionary], concept: Concept,
+                         controls: Sequence[Probe], neutral: Sequence[str], *,
+                         contrast: float = 3.0,
+                         top: int = 64) -> tuple[list[OutputFeature], _Firing, _Firing]:
+    """The features that fire on the concept's probes and text more than ``contrast`` times
+    as often as on the controls and neutral text and on the near controls' tuning half, best
+    first (score = rate on the concept − contrast × the larger other rate), with the firing
+    evidence the removal needs."""
+    on = _firing(lm, saes, [p.prompt for p in concept.probes] + concept.forget_text)
+    off = _firing(lm, saes, [p.prompt for p in controls] + list(neutral))
+    near_probes = concept.near("tune")
+    near = _firing(lm, saes, [p.prompt for p in near_probes]) if near_probes else None
+    rows = []
+    for layer, sae in saes.items():
+        other = off.rates[layer] if near is None else torch.maximum(off.rates[layer],
+                                                                    near.rates[layer])
+        score = on.rates[layer] - contrast * other
+        best = score.topk(min(top, sae.n_features))
+        for sc, f in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+            if sc > 0:
+                rows.append(OutputFeature(
+                    layer, f, float(on.rates[layer][f]), float(off.rates[layer][f]),
+                    float(near.rates[layer][f]) if near is not None else 0.0, sc))
+    rows = sorted(rows, key=lambda r: -r.score)[:top]
+    for r in rows:
+        logits = lm.logits_from_hidden(saes[r.layer].decoder[r.feature].to(lm.device, lm.dtype))
+        r.top_tokens = [lm.decode(t) for t in logits.float().topk(8).indices.tolist()]
+    return rows, on, off
+
+
+def output_features_delta(lm: LM, saes: dict[int, ValueDictionary],
+                          features: Sequence[OutputFeature], on: _Firing, off: _Firing, *,
+                          tau: float = 0.1, mu: float = 1.0, **meta: object) -> WeightDelta:
+    """Rewrite each value vector that drives a chosen feature on the concept's text.
+
+    Vector j of layer ℓ *drives* feature f when its push on f's encoder, (mean coefficient
+    on the concept − on the controls) × ``enc_f · v_j``, exceeds τ × the largest push in the
+    layer. Its component along f's (unit) decoder direction d_f is then set to
+    ``−μ · M · s_j``: M is the largest |d_f · v| among the driving vectors and s_j the sign of
+    j's mean coefficient on the concept, so that where it fires as it does on the concept it
+    now writes *against* the feature. μ = 0 removes the component exactly.
+    """
+    if not 0.0 <= tau < 1.0:
+        raise ConceptError(f"tau={tau} must lie in [0, 1): the share of the strongest push a "
+                           "vector needs to count as driving the feature")
+    if mu < 0:
+        raise ConceptError(f"mu={mu} must be ≥ 0: 0 removes the feature, larger values write "
+                           "against it")
+    entries = {}
+    n_affected: dict[int, int] = {}
+    for layer in sorted({f.layer for f in features}):
+        lm.layout.check_layer(layer)
+        if layer not in saes:
+            raise ConceptError(f"no SAE for layer {layer}: train one for every layer to edit")
+        w = lm.layout.value_weight(layer).detach().double().cpu()  # [d_model, d_mlp]
+        k_on, k_off = on.keys[layer].double(), off.keys[layer].double()
+        sign = torch.where(k_on < 0, -1.0, 1.0).double()
+        us, vs = [], []
+        hit = torch.zeros(w.shape[1], dtype=torch.bool)
+        for feat in (f for f in features if f.layer == layer):
+            sae = saes[layer]
+            push = (k_on - k_off) * (sae.encoder[:, feat.feature].double() @ w)
+            if push.max() <= 0:
+                continue
+            driving = push > tau * push.max()
+            d = sae.decoder[feat.feature].double()
+            d = d / d.norm()
+            c = d @ w
+            coef = torch.zeros_like(c)
+            coef[driving] = -mu * c[driving].abs().max() * sign[driving] - c[driving]
+            us.append(d)
+            vs.append(coef)
+            hit |= driving
+        if not us:
+            continue
+        n_affected[layer] = int(hit.sum())
+        a, b = lm.layout.to_storage(layer, torch.stack(us, 1).float(),
+                                    torch.stack(vs, 1).float())
+        entries[lm.layout.value_param_name(layer)] = ParamDelta(u=a, v=b)
+    return WeightDelta.for_model(lm, entries, affected=n_affected, tau=tau, mu=mu, **meta)
+
+
+DISENTANGLERS = ("mlp-out", "values")
+
+
+@dataclass
+class FeatureEraser:
+    """PISCES-style erasure through sparse features of the MLP outputs (``mlp-out``, the
+    default: per-layer SAEs, :mod:`.sae`) or of the value vectors (``values``).
+
+    With ``mlp-out`` and ``tune`` the number of features, τ and μ are chosen like every other
+    eraser's setting: the grid point that lowers the concept's accuracy most inside the
+    specificity budget (:mod:`.budget`); μ grows along each row until it leaves the budget."""
+
+    disentangler: str = "mlp-out"
     n_features: int = 16
     tau: float = 0.2
     strength: float = 1.0
+    mu: float = 1.0
     min_vocab_z: float = 4.0
     layers: list[int] | None = None
+    tune: bool = True
+    n_features_grid: tuple[int, ...] = (1, 2, 4, 8)
+    taus: tuple[float, ...] = (0.3, 0.1, 0.03)
+    mus: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
+    contrast: float = 3.0
+    max_control_drop: float = 0.10
+    max_perplexity_rise: float = 0.10
+    max_near_drop: float | None = NEAR_DROP
     dictionary_features: int = 4096
     dictionary_k: int = 8
     dictionary_steps: int = 1000
     dictionary: ValueDictionary | None = None
-    chosen: list[FeatureLabel] = field(default_factory=list, init=False)
+    saes: dict[int, ValueDictionary] | None = None
+    sae_features: int = 2048
+    sae_k: int = 16
+    sae_steps: int = 1500
+    sae_tokens: int = 100_000
+    chosen: list[FeatureLabel] | list[OutputFeature] = field(default_factory=list, init=False)
+    ranked: list[OutputFeature] = field(default_factory=list, init=False)
+    trials: list[dict[str, object]] = field(default_factory=list, init=False)
 
     def erase(self, lm: LM, concept: Concept,
               controls: Sequence[Probe] | None = None) -> WeightDelta:
+        if self.disentangler not in DISENTANGLERS:
+            raise ConceptError(f"unknown disentangler {self.disentangler!r}; choose from "
+                               f"{DISENTANGLERS}")
+        controls = list(controls_for(concept) if controls is None else controls)
+        if self.disentangler == "values":
+            return self._erase_values(lm, concept, controls)
+        saes = self.saes
+        if saes is None:
+            names = [c.name for c in bundled_concepts()]
+            corpus = feature_corpus(lm, names if concept.name in names
+                                    else [*names, concept.name])
+            saes = self.saes = train_output_saes(
+                lm, corpus, self.layers, n_features=self.sae_features, k=self.sae_k,
+                steps=self.sae_steps, n_tokens=self.sae_tokens)
+        for sae in saes.values():
+            sae.check_model(lm)
+        neutral = general_text(split="tune")
+        self.ranked, on, off = rank_output_features(lm, saes, concept, controls, neutral,
+                                                    contrast=self.contrast)
+        if not self.ranked:
+            raise ConceptError(f"no SAE feature fires {self.contrast}x as often on "
+                               f"{concept.name!r}'s text as on its controls: train the SAEs "
+                               "on text about it, or lower contrast")
+        n, tau, mu = self.n_features, self.tau, self.mu
+        if self.tune:
+            n, tau, mu = self._tune(lm, concept, controls, saes, on, off)
+        self.chosen = self.ranked[:n]
+        log.info("erasing %d MLP-output features of %r (tau %g, mu %g)", len(self.chosen),
+                 concept.name, tau, mu)
+        return output_features_delta(lm, saes, self.chosen, on, off, tau=tau, mu=mu,
+                                     method="features", concept=concept.name,
+                                     disentangler="mlp-out", n_features=len(self.chosen),
+                                     chosen=[[f.layer, f.feature] for f in self.chosen])
+
+    def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
+              saes: dict[int, ValueDictionary], on: _Firing,
+              off: _Firing) -> tuple[int, float, float]:
+        search = BudgetSearch(budget_of(self), lm, concept, controls, general_text(split="tune"))
+        self.trials = search.trials
+        for n in sorted(set(self.n_features_grid)):
+            if n > len(self.ranked) and n != min(self.n_features_grid):
+                continue  # fewer features than asked: a smaller n already covers them
+            for tau in sorted(set(self.taus), reverse=True):
+                for mu in sorted(set(self.mus)):
+                    delta = output_features_delta(lm, saes, self.ranked[:n], on, off,
+                                                  tau=tau, mu=mu)
+                    with delta.applied(lm):
+                        ok, _ = search.score({"n_features": n, "tau": tau, "mu": mu})
+                    if not ok:
+                        break  # a stronger push would leave the budget too
+        if search.best is None:
+            raise ConceptError(f"no setting of n_features {list(self.n_features_grid)} × tau "
+                               f"{list(self.taus)} × mu {list(self.mus)} keeps "
+                               f"{search.budget.describe(concept)}: loosen the budget")
+        best = search.best[0]
+        return best["n_features"], best["tau"], best["mu"]
+
+    def _erase_values(self, lm: LM, concept: Concept, controls: list[Probe]) -> WeightDelta:
         d = self.dictionary
         if d is None:
             d = train_dictionary(lm, n_features=self.dictionary_features, k=self.dictionary_k,
                                  steps=self.dictionary_steps)
             self.dictionary = d
         d.check_model(lm)
-        controls = list(controls_for(concept) if controls is None else controls)
         labels = label_features(lm, d, concept, controls, general_text(split="tune"),
                                 min_vocab_z=self.min_vocab_z)
         self.chosen = select_features(labels, self.n_features)
@@ -230,5 +434,5 @@ class FeatureEraser:
         log.info("erasing %d features of %r", len(self.chosen), concept.name)
         return features_delta(lm, d.decoder[feats], layers, tau=self.tau,
                               strength=self.strength, codes=feature_codes(lm, d, feats, layers),
-                              method="features", concept=concept.name,
+                              method="features", concept=concept.name, disentangler="values",
                               features=[lab.feature for lab in self.chosen])
