@@ -242,3 +242,33 @@ def test_feature_tuner_keeps_the_budget_and_picks_the_lowest_target(isolated_cac
     with delta.applied(lm):
         assert accuracy(lm, concept.probes) == chosen[0]["target_accuracy"]
         assert accuracy(lm, controls) == chosen[0]["control_accuracy"]
+
+
+def test_features_halve_harry_potter_on_the_embedded_model(smol, isolated_cache):
+    """PISCES's result on one concept, with SAEs small enough for a test: trained on the
+    bundled paragraphs alone (1.6k tokens; the probes are never in it), layers 24-25, 256
+    features. One feature fires on Harry Potter's text many times as often as anywhere else,
+    and pushing the vectors that drive it against it at least halves the concept's accuracy.
+    Other concepts lose under 10 points, general perplexity rises under 10 %, and the
+    paraphrases fall too, although nothing was chosen on them."""
+    from engramlab.data import bundled_concepts, get_concept
+    from engramlab.data.concepts import controls_for, general_text
+    from engramlab.erase.run import behaviour
+
+    docs = [c.text for c in bundled_concepts()] + general_text()
+    saes = train_output_saes(smol, TextCorpus(docs), [24, 25], n_features=256, k=8, steps=400,
+                             n_tokens=20_000, progress=False)
+    concept = get_concept("Harry Potter")
+    controls, neutral = controls_for(concept), general_text(split="eval")
+    pre = behaviour(smol, concept, controls, neutral)
+    eraser = FeatureEraser(saes=saes, tune=False, n_features=1, tau=0.03, mu=1.25)
+    delta = eraser.erase(smol, concept, controls)
+    top = eraser.ranked[0]
+    assert top.on > 5 * max(top.off, top.near)
+    assert 0 < sum(delta.meta["affected"].values()) < 200  # tens of vectors, not thousands
+    with delta.applied(smol):
+        post = behaviour(smol, concept, controls, neutral)
+    assert post["target_accuracy"] <= 0.5 * pre["target_accuracy"]
+    assert pre["control_accuracy"] - post["control_accuracy"] < 0.10
+    assert post["perplexity"] < 1.10 * pre["perplexity"]
+    assert post["paraphrase_accuracy"] < pre["paraphrase_accuracy"]

@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=ERASE_METHODS, default="concept-vectors")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="method settings, e.g. top_k=64, or steps=40 lrs=[1e-5,2e-5] (every "
-                   "method but features is tuned under the 10-point / 10 %% budget; tune=false "
+                   "method is tuned under the specificity budget; tune=false "
                    "runs the given setting as is)")
     p.add_argument("--relearn-steps", type=int, default=10)
     p.add_argument("--out", default=None, help="folder for the delta and report.json")
