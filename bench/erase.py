@@ -3,8 +3,9 @@
 Prints one JSON object: per concept and method the ``run_erasure`` report (accuracies before and
 after, paraphrases, controls, perplexity, adversarial framings, relearning, concept-vector
 cosine, coefficient patching, value restoration), seconds per concept, per-method means over
-the concepts (``summary``), the dictionary's training time (trained once per model, cached,
-shared by all concepts) and peak RSS. With ``--png`` it also draws the concept-vectors
+the concepts (``summary``), the time to sample the ``features`` method's SAE corpus and to train
+its per-layer MLP-output SAEs (once per model, cached, shared by all concepts; an empty
+``ENGRAMLAB_CACHE`` measures it cold) and peak RSS. With ``--png`` it also draws the concept-vectors
 trade-off curve (concept accuracy against control accuracy and perplexity over its tuning grid).
 
     .venv/bin/python bench/erase.py [--concepts "Harry Potter"] [--methods concept-vectors,ga]

@@ -372,18 +372,22 @@ def test_budget_near_check_is_strict_and_optional():
 
 
 def test_concept_vectors_halve_harry_potter_on_the_embedded_model(smol):
-    """The issue's bar on one concept: reversing the 12 value vectors that fire most on Harry
-    Potter text at least halves its accuracy while other concepts lose under 10 points and
-    general perplexity rises under 10 %; the paraphrases (never used to choose) fall too; and
-    patching the unedited MLP coefficients back brings less than half of it back."""
+    """The issue's bar on one concept: reversing (×−3) the 8 value vectors that fire most on
+    Harry Potter text and not on its near controls (``distinct``, the tuner's choice here) at
+    least halves its accuracy while other concepts lose under 10 points and general perplexity
+    rises under 10 %; the paraphrases (never used to choose) fall too; and patching the
+    unedited MLP coefficients back brings less than half of it back. (Since the category probe
+    "a young → wizard" moved to ``kind``, the activation ranking's 12 vectors at ×−2 leave 9 of
+    16 probes.)"""
     from engramlab.data.concepts import controls_for, general_text
     from engramlab.erase.run import behaviour
 
     concept = get_concept("Harry Potter")
     controls, neutral = controls_for(concept), general_text(split="eval")
     pre = behaviour(smol, concept, controls, neutral)
-    delta = ConceptVectors(tune=False, top_k=12, damping=-2.0).erase(smol, concept, controls)
-    assert delta.meta["top_k"] == 12 and all(e.is_low_rank for e in delta.entries.values())
+    delta = ConceptVectors(tune=False, top_k=8, damping=-3.0, selection="distinct").erase(
+        smol, concept, controls)
+    assert delta.meta["top_k"] == 8 and all(e.is_low_rank for e in delta.entries.values())
     with delta.applied(smol):
         post = behaviour(smol, concept, controls, neutral)
     assert post["target_accuracy"] <= 0.5 * pre["target_accuracy"]

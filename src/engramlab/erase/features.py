@@ -41,6 +41,24 @@ Deviations from the paper, and why:
 * **The SAEs' training text includes text the model writes about each bundled concept**
   (:func:`.sae.feature_corpus`). It never includes the probes.
 
+Measured on SmolLM2-135M (CPU, ``bench/erase.py --methods features``), on six bundled
+concepts under the near budget. Per concept, accuracy after erasure, and then the unseen near
+half:
+
+* Harry Potter 0.44 (0.78)
+* The Beatles 0.54 (0.70)
+* Albert Einstein 0.50 (0.90)
+* Paris 0.18 (0.80); concept vectors: 0.91
+* Sherlock Holmes 0.00 (0.88)
+* Star Wars 0.40 (0.62)
+
+Across them, controls lose 6-9 points and perplexity rises 0.1-7.6 %. The mean is 0.34, against
+0.56 for concept vectors and 0.51 for gradient ascent. Coefficient patching brings back only
+0.37 (trace removed), but relearning on the paragraph brings back 0.81, as much as for the
+fine-tuning baselines. Each concept takes about 4 minutes (the tuning grid). The SAEs take
+about 24 minutes once per model, cold on 2 cores: sampling the corpus 4 minutes, the MLP
+outputs of 100k tokens 3 minutes, and 2.4 minutes per layer.
+
 The older disentangler, ``values``, is a TopK dictionary trained on the value vectors themselves
 (:mod:`.dictionary`), with features selected by keyword z-scores of their vocabulary projection.
 It is kept as a baseline: on SmolLM2 its features do not name concepts, and it does not erase
