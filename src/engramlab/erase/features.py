@@ -80,13 +80,11 @@ import torch
 from ..data.concepts import Concept, Probe, bundled_concepts, controls_for, general_text
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
-from ..evaluate.erasure import _encode_prompts
 from ..models.lm import LM
-from ..trace import Trace
 from .budget import NEAR_DROP, BudgetSearch, budget_of
 from .dictionary import ValueDictionary, _unit, train_dictionary
 from .sae import feature_corpus, train_output_saes
-from .vectors import KeywordZ, keyword_tokens
+from .vectors import KeywordZ, keyword_tokens, token_activations
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +106,9 @@ def _written(lm: LM, texts: Sequence[str], layers: Sequence[int], directions: to
     """Per token, how much the MLPs of ``layers`` together write along each direction,
     ``[tokens, n_directions]``."""
     points = [f"mlp_out.{layer}" for layer in layers]
-    dirs = directions.to(lm.device, torch.float32)
-    out = []
-    for s in range(0, len(texts), batch_size):
-        ids, lengths = _encode_prompts(lm, list(texts[s:s + batch_size]))
-        mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
-        with Trace(lm).capture(*points) as tr:
-            lm.model(input_ids=ids, attention_mask=mask.long())
-        total = sum(tr[p].float() for p in points)
-        out.append((total[mask] @ dirs.T).cpu())  # type: ignore[union-attr]
-    return torch.cat(out)
+    dirs = directions.float().cpu()
+    return torch.cat([sum(acts[p] for p in points) @ dirs.T  # type: ignore[operator]
+                      for acts in token_activations(lm, texts, points, batch_size)])
 
 
 def label_features(lm: LM, dictionary: ValueDictionary, concept: Concept,
@@ -238,16 +229,11 @@ def _firing(lm: LM, saes: dict[int, ValueDictionary], texts: Sequence[str],
     fired = {i: torch.zeros(saes[i].n_features) for i in layers}
     keys = {i: torch.zeros(lm.layout.d_mlp) for i in layers}
     n = 0
-    for s in range(0, len(texts), batch_size):
-        ids, lengths = _encode_prompts(lm, list(texts[s:s + batch_size]))
-        mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
-        with Trace(lm).capture(*points) as tr:
-            lm.model(input_ids=ids, attention_mask=mask.long())
+    for acts in token_activations(lm, texts, points, batch_size):
         for i in layers:
-            out = tr[f"mlp_out.{i}"][mask].float().cpu()  # type: ignore[index]
-            fired[i] += (saes[i].encode(_unit(out)) > 0).sum(0)
-            keys[i] += tr[f"mlp_key.{i}"][mask].float().sum(0).cpu()  # type: ignore[index]
-        n += int(mask.sum())
+            fired[i] += (saes[i].encode(_unit(acts[f"mlp_out.{i}"])) > 0).sum(0)
+            keys[i] += acts[f"mlp_key.{i}"].sum(0)
+        n += acts[points[0]].shape[0]
     return _Firing({i: f / max(n, 1) for i, f in fired.items()},
                    {i: k / max(n, 1) for i, k in keys.items()})
 

@@ -25,7 +25,7 @@ Four kinds of evidence, each a ``[layers, d_mlp]`` tensor:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +155,19 @@ def _coefficients_and_effects(lm: LM, probes: Sequence[Probe], layers: Sequence[
 
 
 @torch.no_grad()
+def token_activations(lm: LM, texts: Sequence[str], points: Sequence[str],
+                      batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
+    """Per batch of ``texts``, each point's activations at the real (unpadded) tokens,
+    ``{point: [tokens, width]}``, float32 on CPU."""
+    for s in range(0, len(texts), batch_size):
+        ids, lengths = _encode_prompts(lm, list(texts[s:s + batch_size]))
+        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None])
+        with Trace(lm).capture(*points) as tr:
+            lm.model(input_ids=ids, attention_mask=mask.long())
+        yield {pt: tr[pt][mask].float().cpu() for pt in points}  # type: ignore[index]
+
+
+@torch.no_grad()
 def mean_coefficients(lm: LM, texts: Sequence[str], layers: Sequence[int],
                       batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation over every token of ``texts`` of each vector's coefficient."""
@@ -162,16 +175,12 @@ def mean_coefficients(lm: LM, texts: Sequence[str], layers: Sequence[int],
     total = torch.zeros(len(layers), lm.layout.d_mlp, dtype=torch.float64)
     sq = torch.zeros_like(total)
     count = 0
-    for s in range(0, len(texts), batch_size):
-        ids, lengths = _encode_prompts(lm, list(texts[s:s + batch_size]))
-        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None])
-        with Trace(lm).capture(*points) as tr:
-            lm.model(input_ids=ids, attention_mask=mask.long())
+    for acts in token_activations(lm, texts, points, batch_size):
         for i, pt in enumerate(points):
-            k = tr[pt][mask].double().cpu()
+            k = acts[pt].double()
             total[i] += k.sum(0)
             sq[i] += (k * k).sum(0)
-        count += int(mask.sum())
+        count += acts[points[0]].shape[0]
     mean = total / count
     return mean.float(), (sq / count - mean * mean).clamp_min(0).sqrt().float()
 
