@@ -26,7 +26,7 @@ from engramlab.data import bundled_concepts, get_concept
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.features import FeatureEraser
 from engramlab.erase.run import METHODS, make_eraser, run_erasure
-from engramlab.erase.sae import feature_corpus, train_output_saes
+from engramlab.erase.sae import feature_corpus
 
 
 def peak_rss_mb() -> float:
@@ -122,7 +122,7 @@ def main() -> None:
         t = time.perf_counter()
         corpus = feature_corpus(lm, [c.name for c in bundled_concepts()], progress=False)
         result["corpus_seconds"] = time.perf_counter() - t
-        saes = train_output_saes(lm, corpus, n_tokens=FeatureEraser.sae_tokens, progress=False)
+        saes = FeatureEraser().fit_saes(lm, corpus, progress=False)
         result["dictionary_seconds"] = time.perf_counter() - t - result["corpus_seconds"]
     trials: dict[str, list[dict]] = {}
     for name in args.concepts.split(","):

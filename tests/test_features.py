@@ -186,14 +186,20 @@ def test_output_feature_edit_sets_the_driving_vectors_component(family):
 
 def _tiny_saes(lm, layers=(0, 1)):
     corpus = TextCorpus([tiny_text(40, seed=s) for s in range(60)])
-    return train_output_saes(lm, corpus, list(layers), n_features=32, k=4, steps=60,
-                             n_tokens=2000, progress=False)
+    eraser = FeatureEraser(layers=list(layers), sae_features=32, sae_k=4, sae_steps=60,
+                           sae_tokens=2000)
+    saes = eraser.fit_saes(lm, corpus, progress=False)
+    assert eraser.saes is saes  # kept for every later erase
+    return saes
 
 
 def test_output_saes_cache_per_layer_and_refuse_another_model(isolated_cache):
     lm = make_tiny("llama")
     saes = _tiny_saes(lm)
     assert list(saes) == [0, 1] and all(s.key["kind"] == "mlp_out" for s in saes.values())
+    # the eraser's own settings, not train_output_saes's defaults, made them
+    assert all((s.n_features, s.key["k"], s.key["steps"], s.key["n_tokens"]) == (32, 4, 60, 2000)
+               for s in saes.values())
     files = sorted((isolated_cache / "dictionaries").iterdir())
     assert len(files) == 2
     again = _tiny_saes(lm)
@@ -245,32 +251,35 @@ def test_feature_tuner_keeps_the_budget_and_picks_the_lowest_target(isolated_cac
 
 
 def test_features_halve_harry_potter_on_the_embedded_model(smol, isolated_cache):
-    """PISCES's result on one concept, with SAEs small enough for a test: trained on the
-    bundled paragraphs alone (1.6k tokens; the probes are never in it), layers 24-25, 256
-    features. One feature fires on Harry Potter's text many times as often as anywhere else,
-    and pushing the vectors that drive it against it takes at least a quarter of the concept's
-    accuracy. Other concepts lose under 10 points, general perplexity rises under 10 %, and
-    the paraphrases fall too, although nothing was chosen on them. The halving itself is the
-    tuned run on the full SAEs (``bench/erase.py``: 0.44). This small SAE is sensitive to
-    numerics: alone it leaves 0.44, and after the rest of the suite 0.69."""
+    """PISCES's result on one concept, with an SAE small enough for a test: layer 24's MLP
+    output, 256 features, trained on the bundled paragraphs alone (1.6k tokens; the probes are
+    never in it). One feature fires on Harry Potter's text many times as often as anywhere
+    else, and pushing the vectors that drive it against it halves the concept's accuracy
+    (1.0 → 0.44). Other concepts lose under 10 points (7), general perplexity rises under
+    10 % (0.4 %), and the paraphrases fall too, although nothing was chosen on them.
+
+    One layer, not two: with layers 24 and 25 the top feature of each fired on nearly the
+    same share of the concept's tokens (0.40 and 0.35), which came first depended on the
+    thread count's rounding, and n = 1 then erased 0.44 or 0.69. Layer 24's top feature leads
+    its next by 6×, and the result is the same with one thread or two."""
     from engramlab.data import bundled_concepts, get_concept
     from engramlab.data.concepts import controls_for, general_text
     from engramlab.erase.run import behaviour
 
     docs = [c.text for c in bundled_concepts()] + general_text()
-    saes = train_output_saes(smol, TextCorpus(docs), [24, 25], n_features=256, k=8, steps=400,
-                             n_tokens=20_000, progress=False)
+    eraser = FeatureEraser(layers=[24], sae_features=256, sae_k=8, sae_steps=400,
+                           sae_tokens=20_000, tune=False, n_features=1, tau=0.03, mu=1.25)
+    eraser.fit_saes(smol, TextCorpus(docs), progress=False)
     concept = get_concept("Harry Potter")
     controls, neutral = controls_for(concept), general_text(split="eval")
     pre = behaviour(smol, concept, controls, neutral)
-    eraser = FeatureEraser(saes=saes, tune=False, n_features=1, tau=0.03, mu=1.25)
     delta = eraser.erase(smol, concept, controls)
     top = eraser.ranked[0]
     assert top.on > 5 * max(top.off, top.near)
     assert 0 < sum(delta.meta["affected"].values()) < 200  # tens of vectors, not thousands
     with delta.applied(smol):
         post = behaviour(smol, concept, controls, neutral)
-    assert post["target_accuracy"] <= 0.75 * pre["target_accuracy"]
+    assert post["target_accuracy"] <= 0.5 * pre["target_accuracy"]
     assert pre["control_accuracy"] - post["control_accuracy"] < 0.10
     assert post["perplexity"] < 1.10 * pre["perplexity"]
     assert post["paraphrase_accuracy"] < pre["paraphrase_accuracy"]

@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.concepts import Concept, Probe, bundled_concepts, controls_for, general_text
+from ..data.corpus import TextCorpus
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
@@ -262,9 +263,11 @@ def rank_output_features(lm: LM, saes: dict[int, ValueDictionary], concept: Conc
                     layer, f, float(on.rates[layer][f]), float(off.rates[layer][f]),
                     float(near.rates[layer][f]) if near is not None else 0.0, sc))
     rows = sorted(rows, key=lambda r: -r.score)[:top]
-    for r in rows:
-        logits = lm.logits_from_hidden(saes[r.layer].decoder[r.feature].to(lm.device, lm.dtype))
-        r.top_tokens = [lm.decode(t) for t in logits.float().topk(8).indices.tolist()]
+    if rows:  # reported, not used: these SAEs' decoder directions project onto noise tokens
+        directions = torch.stack([saes[r.layer].decoder[r.feature] for r in rows])
+        top_ids = lm.logits_from_hidden(directions.to(lm.device, lm.dtype)).float().topk(8)
+        for r, ids in zip(rows, top_ids.indices.tolist(), strict=True):
+            r.top_tokens = [lm.decode(t) for t in ids]
     return rows, on, off
 
 
@@ -368,14 +371,7 @@ class FeatureEraser:
         controls = list(controls_for(concept) if controls is None else controls)
         if self.disentangler == "values":
             return self._erase_values(lm, concept, controls)
-        saes = self.saes
-        if saes is None:
-            names = [c.name for c in bundled_concepts()]
-            corpus = feature_corpus(lm, names if concept.name in names
-                                    else [*names, concept.name])
-            saes = self.saes = train_output_saes(
-                lm, corpus, self.layers, n_features=self.sae_features, k=self.sae_k,
-                steps=self.sae_steps, n_tokens=self.sae_tokens)
+        saes = self.saes if self.saes is not None else self.fit_saes(lm, names=[concept.name])
         for sae in saes.values():
             sae.check_model(lm)
         neutral = general_text(split="tune")
@@ -395,6 +391,24 @@ class FeatureEraser:
                                      method="features", concept=concept.name,
                                      disentangler="mlp-out", n_features=len(self.chosen),
                                      chosen=[[f.layer, f.feature] for f in self.chosen])
+
+    def fit_saes(self, lm: LM, corpus: TextCorpus | None = None, *, names: Sequence[str] = (),
+                 progress: bool = True) -> dict[int, ValueDictionary]:
+        """Train (or load from the cache) the per-layer MLP-output SAEs with this eraser's
+        settings, and keep them for every later :meth:`erase`.
+
+        The one place the SAE settings are read, so a benchmark that times the training apart
+        gets exactly the SAEs :meth:`erase` would have trained. Without ``corpus`` the text is
+        :func:`.sae.feature_corpus` on the bundled concepts plus ``names`` (a concept outside
+        the bundle needs its own topical text, and so new SAEs)."""
+        if corpus is None:
+            bundled = [c.name for c in bundled_concepts()]
+            corpus = feature_corpus(lm, [*bundled, *(n for n in names if n not in bundled)],
+                                    progress=progress)
+        self.saes = train_output_saes(lm, corpus, self.layers, n_features=self.sae_features,
+                                      k=self.sae_k, steps=self.sae_steps,
+                                      n_tokens=self.sae_tokens, progress=progress)
+        return self.saes
 
     def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
               saes: dict[int, ValueDictionary], on: _Firing,
