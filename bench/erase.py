@@ -73,6 +73,9 @@ def summary(result: dict) -> dict:
         is None else r["pre"]["unseen_control_accuracy"] - r["post"]["unseen_control_accuracy"],
         "near_control_drop": lambda r: None if r["post"].get("near_control_accuracy")
         is None else r["pre"]["near_control_accuracy"] - r["post"]["near_control_accuracy"],
+        "near_tune_drop": lambda r: None if r["post"].get("near_control_tune_accuracy")
+        is None else r["pre"]["near_control_tune_accuracy"]
+        - r["post"]["near_control_tune_accuracy"],
         "kind_drop": lambda r: None if r["post"].get("kind_accuracy") is None
         else r["pre"]["kind_accuracy"] - r["post"]["kind_accuracy"],
         "worst_paragraph_rise": lambda r: r.get("perplexity_worst_rise"),

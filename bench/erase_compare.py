@@ -20,7 +20,8 @@ from pathlib import Path
 from erase import summary  # bench/erase.py: the same means as every bench run prints
 
 SHOWN = {"post_target": "post", "post_paraphrase": "para", "control_drop": "ctrl drop",
-         "unseen_control_drop": "unseen drop", "near_control_drop": "near drop",
+         "unseen_control_drop": "unseen drop", "near_tune_drop": "near drop (tuned half)",
+         "near_control_drop": "near drop (unseen half)",
          "kind_drop": "kind drop",
          "perplexity_rise": "ppl rise", "worst_paragraph_rise": "worst ¶ ppl",
          "adversarial": "adversarial", "relearn_paragraph": "relearn",
