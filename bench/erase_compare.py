@@ -84,10 +84,78 @@ def recovery_png(means: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def tradeoff_png(concepts: dict, path: str) -> None:
+    """Every setting each tuner tried, on every concept: concept accuracy against what it
+    cost (control accuracy and near-control accuracy on the tuned half, each lost against the
+    unedited model, and perplexity on the tuner's half of the neutral text). Open
+    markers left the budget; the filled ones were inside it. The lines are the trade-off
+    curves: the mean over concepts of the lowest concept accuracy reached at no more than x
+    of that cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = [("control accuracy lost", lambda t, pre: pre["control_accuracy"]
+              - t["control_accuracy"]),
+             ("near-control accuracy lost (tuned half)", lambda t, pre: None
+              if t.get("near_control_accuracy") is None
+              else pre["near_control_tune_accuracy"] - t["near_control_accuracy"]),
+             # the tuning half of the neutral text is the same for every concept: raw values
+             ("perplexity on neutral text (tuning half)", lambda t, pre: t["perplexity"])]
+    fig, axes = plt.subplots(1, len(costs), figsize=(5 * len(costs), 4.2), sharey=True)
+    methods = sorted({m for per in concepts.values() for m in per})
+    colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                       strict=False))
+    for method in methods:
+        for per in concepts.values():
+            r = per.get(method, {})
+            trials = r.get("tuning") or []
+            if not trials:
+                continue
+            pre = r["pre"]
+            for ax, (_, cost) in zip(axes, costs, strict=True):
+                pts = [(cost(t, pre), t["target_accuracy"], t["ok"]) for t in trials]
+                pts = [p for p in pts if p[0] is not None]
+                for ok in (True, False):
+                    xs = [x for x, _, o in pts if o is ok]
+                    ys = [y for _, y, o in pts if o is ok]
+                    ax.scatter(xs, ys, s=12, alpha=0.5, color=colours[method],
+                               facecolors=colours[method] if ok else "none")
+    # the trade-off curve: per concept the lowest concept accuracy any setting reached at
+    # no more than x of this cost alone (the unedited 1.0 where none did), averaged
+    for method in methods:
+        runs = [r for per in concepts.values() if (r := per.get(method, {})).get("tuning")]
+        for ax, (_, cost) in zip(axes[:2], costs[:2], strict=True):
+            xs = [i / 100 for i in range(0, 31)]
+            curves = []
+            for r in runs:
+                pts = [(cost(t, r["pre"]), t["target_accuracy"]) for t in r["tuning"]]
+                pts = [p for p in pts if p[0] is not None]
+                if pts:
+                    curves.append([min([y for c, y in pts if c <= x + 1e-9],
+                                       default=r["pre"]["target_accuracy"]) for x in xs])
+            if curves:
+                ax.plot(xs, [sum(c[i] for c in curves) / len(curves) for i in range(len(xs))],
+                        color=colours[method], lw=2)
+    for ax, (label, _) in zip(axes, costs, strict=True):
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("concept accuracy after erasure")
+    for method in methods:
+        axes[0].scatter([], [], color=colours[method], label=method)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("every tuner's settings on every concept (filled: inside the budget); "
+                 "lines: mean over concepts of the best concept accuracy at ≤ x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--png", default=None)
+    ap.add_argument("--tradeoff-png", default=None)
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     merged = merge(args.files)
@@ -113,6 +181,8 @@ def main() -> None:
         print(markdown(means, merged["failed"]))
     if args.png:
         recovery_png(means, args.png)
+    if args.tradeoff_png:
+        tradeoff_png(merged["concepts"], args.tradeoff_png)
 
 
 if __name__ == "__main__":
