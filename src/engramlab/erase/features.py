@@ -22,6 +22,8 @@ The default disentangler, ``mlp-out``, is the paper's: one SAE of the MLP output
    concept. Where the vector fires as it does on the concept, it now writes against the feature.
    μ = 0 removes the component. Per layer this is a rank-|features| ``WeightDelta``.
 4. **Tune** n_features × τ × μ under the specificity budget every eraser shares (:mod:`.budget`).
+   μ runs up to 12: with the grid ending at 6, The Moon's and Japan's best settings sat on its
+   edge with the controls barely touched.
 
 Deviations from the paper, and why:
 
@@ -345,7 +347,7 @@ class FeatureEraser:
     tune: bool = True
     n_features_grid: tuple[int, ...] = (1, 2, 4, 8)
     taus: tuple[float, ...] = (0.3, 0.1, 0.03)
-    mus: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
+    mus: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
     contrast: float = 3.0
     max_control_drop: float = 0.10
     max_perplexity_rise: float = 0.10
