@@ -158,7 +158,11 @@ def _coefficients_and_effects(lm: LM, probes: Sequence[Probe], layers: Sequence[
 def token_activations(lm: LM, texts: Sequence[str], points: Sequence[str],
                       batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
     """Per batch of ``texts``, each point's activations at the real (unpadded) tokens,
-    ``{point: [tokens, width]}``, float32 on CPU."""
+    ``{point: [tokens, width]}``, float32 on CPU.
+
+    Texts are batched shortest first, so short prompts are not padded to a paragraph's length:
+    the tokens come back grouped by batch, not in the order of ``texts``."""
+    texts = sorted(texts, key=len)
     for s in range(0, len(texts), batch_size):
         ids, lengths = _encode_prompts(lm, list(texts[s:s + batch_size]))
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None])
@@ -167,10 +171,27 @@ def token_activations(lm: LM, texts: Sequence[str], points: Sequence[str],
         yield {pt: tr[pt][mask].float().cpu() for pt in points}  # type: ignore[index]
 
 
+@dataclass
+class Moments:
+    """Running sums of each vector's coefficient over tokens: texts scored apart (short probe
+    prompts, a long paragraph: no padding to the longest) combine exactly with ``+``."""
+
+    total: torch.Tensor  # [layers, d_mlp] float64
+    sq: torch.Tensor
+    count: int
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.total + other.total, self.sq + other.sq, self.count + other.count)
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / max(self.count, 1)
+        std = (self.sq / max(self.count, 1) - mean * mean).clamp_min(0).sqrt()
+        return mean.float(), std.float()
+
+
 @torch.no_grad()
-def mean_coefficients(lm: LM, texts: Sequence[str], layers: Sequence[int],
-                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation over every token of ``texts`` of each vector's coefficient."""
+def coefficient_moments(lm: LM, texts: Sequence[str], layers: Sequence[int],
+                        batch_size: int = 16) -> Moments:
     points = [f"mlp_key.{layer}" for layer in layers]
     total = torch.zeros(len(layers), lm.layout.d_mlp, dtype=torch.float64)
     sq = torch.zeros_like(total)
@@ -181,8 +202,13 @@ def mean_coefficients(lm: LM, texts: Sequence[str], layers: Sequence[int],
             total[i] += k.sum(0)
             sq[i] += (k * k).sum(0)
         count += acts[points[0]].shape[0]
-    mean = total / count
-    return mean.float(), (sq / count - mean * mean).clamp_min(0).sqrt().float()
+    return Moments(total, sq, count)
+
+
+def mean_coefficients(lm: LM, texts: Sequence[str], layers: Sequence[int],
+                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation over every token of ``texts`` of each vector's coefficient."""
+    return coefficient_moments(lm, texts, layers, batch_size).mean_std()
 
 
 @torch.no_grad()
@@ -220,15 +246,15 @@ def vector_evidence(lm: LM, concept: Concept, controls: Sequence[Probe],
     ``max_controls``."""
     layers = [lm.layout.check_layer(i) for i in (layers or range(lm.layout.n_layers))]
     vocab = vocab_scores(lm, layers, keyword_tokens(lm, [*concept.keywords, concept.name]))
-    concept_texts = [p.prompt for p in concept.probes] + concept.forget_text
-    control_texts = [p.prompt for p in controls] + list(neutral)
-    mean_c, _ = mean_coefficients(lm, concept_texts, layers)
-    mean_o, std_o = mean_coefficients(lm, control_texts, layers)
+    # the probe prompts once: their moments serve the concept's activation and the near one
+    probes = coefficient_moments(lm, [p.prompt for p in concept.probes], layers)
+    mean_c, _ = (probes + coefficient_moments(lm, concept.forget_text, layers)).mean_std()
+    mean_o, std_o = mean_coefficients(lm, [p.prompt for p in controls] + list(neutral), layers)
     activation = (mean_c - mean_o) / (std_o + 1e-6)
     near = concept.near("tune")
     near_activation = None
     if near:  # like with like: probe prompts against prompts of the same kind and length
-        mean_p, _ = mean_coefficients(lm, [p.prompt for p in concept.probes], layers)
+        mean_p, _ = probes.mean_std()
         mean_n, _ = mean_coefficients(lm, [p.prompt for p in near], layers)
         near_activation = (mean_p - mean_n) / (std_o + 1e-6)
     sample = list(controls)[:: max(1, len(controls) // max_controls)][:max_controls]
