@@ -28,12 +28,12 @@ MEMIT, batch of 50   2.37x, 2.21 s   1.46x, 3.2-4.1 s
 ===================  ==============  ======================
 
 The estimate counts what autograd saves and is multiplied by ``SAFETY``; even so the measured
-working set was 1.25-1.9x the budget (backward gradients, allocator slack, the KL rows'
-vocabulary-sized tensors), so treat the budget as a target, not a cap. Between chunks the
-freed heap is handed back to the OS (:func:`release_freed_memory`); without it glibc kept
-~150 MB of one chunk's working set under the next one's. The budget is off by default: on a
-model this small it costs 1.4-1.8x in speed, while at GPT-2 XL's shape 0.35 already holds
-every phase at 1.40x of the weights on a GPU.
+working set was 1.25-1.9x the budget (backward gradients, allocator slack, and the KL rows'
+vocabulary-sized tensors, which then counted as one label each and now as ``KL_SCORED``), so
+treat the budget as a target, not a cap. Between chunks the freed heap is handed back to the OS
+(:func:`release_freed_memory`); without it glibc kept ~150 MB of one chunk's working set under
+the next one's. The budget is off by default: on a model this small it costs 1.4-1.8x in speed,
+while at GPT-2 XL's shape 0.35 already holds every phase at 1.40x of the weights on a GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ from ..models.lm import LM
 # was 1.25-1.9x the budget (bench/edit_speed.py; see the module docstring).
 SAFETY = 1.5
 _PROBE_PREFIX, _PROBE_SUFFIX = 8, 8
+# scored positions a KL row counts for: its essence-drift term keeps about six vocabulary-sized
+# float32 tensors against a label's three (``Costs.per_label``)
+KL_SCORED = 2
 
 
 @dataclass(frozen=True)

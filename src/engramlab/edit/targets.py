@@ -41,6 +41,7 @@ from ..data.records import EditRequest
 from ..models.lm import LM
 from ..trace import Trace, parse_point
 from .memory import (
+    KL_SCORED,
     Costs,
     budget_bytes,
     costs,
@@ -206,7 +207,9 @@ def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float],
     if cap < 1:
         raise ValueError(f"group_rows must be at least 1, got {config.group_rows}")
     kl_rows = set(rows.kl_row)
-    scored = [len(lab) + (i in kl_rows) for i, lab in enumerate(rows.labels)]
+    # a KL row's position keeps twice a label's vocabulary-sized tensors: its logits and
+    # log-softmax, the reference's probabilities, their difference and product, the gradient
+    scored = [len(lab) + KL_SCORED * (i in kl_rows) for i, lab in enumerate(rows.labels)]
     pieces = [piece for idx in length_groups(suffix_len, n_groups)
               for piece in split_rows(idx, suffix_len, scored, cap, cost, act_budget)]
     for idx in pieces:
