@@ -283,3 +283,31 @@ def test_features_halve_harry_potter_on_the_embedded_model(smol, isolated_cache)
     assert pre["control_accuracy"] - post["control_accuracy"] < 0.10
     assert post["perplexity"] < 1.10 * pre["perplexity"]
     assert post["paraphrase_accuracy"] < pre["paraphrase_accuracy"]
+
+
+def test_sae_text_comes_first_and_makes_new_saes(tmp_path, isolated_cache, monkeypatch):
+    """A user's own text about a concept leads the SAEs' training text (so the token cap
+    never cuts it), and it is a new corpus: new SAEs, not the cached ones."""
+    import engramlab.erase.features as F
+
+    generated = TextCorpus([tiny_text(40, seed=s) for s in range(60)])
+    seen: list[list[str]] = []
+    monkeypatch.setattr(F, "feature_corpus", lambda lm, names, progress=True: (
+        seen.append(list(names)) or generated))
+    own = tmp_path / "about.txt"
+    own.write_text("w1 w2 w3 w4\n\nw5 w6 w7 w8\n")
+    lm = make_tiny("llama")
+    settings = dict(layers=[0], sae_features=32, sae_k=4, sae_steps=20, sae_tokens=2000)
+    plain = FeatureEraser(**settings)
+    corpus = plain.corpus(lm, ["Not Bundled"])
+    assert corpus is generated and "Not Bundled" in seen[-1]
+    with_text = FeatureEraser(**settings, sae_text=str(own))
+    corpus = with_text.corpus(lm)
+    assert corpus.documents[:2] == ["w1 w2 w3 w4", "w5 w6 w7 w8"]
+    assert corpus.documents[2:] == generated.documents
+    a = plain.fit_saes(lm, progress=False)[0]
+    b = with_text.fit_saes(lm, progress=False)[0]
+    assert a.key["corpus"] != b.key["corpus"]
+    assert len(list((isolated_cache / "dictionaries").iterdir())) == 2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FeatureEraser(**settings, sae_text=str(tmp_path / "missing.txt")).corpus(lm)

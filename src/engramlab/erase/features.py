@@ -361,6 +361,7 @@ class FeatureEraser:
     sae_k: int = 16
     sae_steps: int = 1500
     sae_tokens: int = 100_000
+    sae_text: str | None = None
     chosen: list[FeatureLabel] | list[OutputFeature] = field(default_factory=list, init=False)
     ranked: list[OutputFeature] = field(default_factory=list, init=False)
     trials: list[dict[str, object]] = field(default_factory=list, init=False)
@@ -401,16 +402,30 @@ class FeatureEraser:
 
         The one place the SAE settings are read, so a benchmark that times the training apart
         gets exactly the SAEs :meth:`erase` would have trained. Without ``corpus`` the text is
-        :func:`.sae.feature_corpus` on the bundled concepts plus ``names`` (a concept outside
-        the bundle needs its own topical text, and so new SAEs)."""
+        :meth:`corpus`."""
         if corpus is None:
-            bundled = [c.name for c in bundled_concepts()]
-            corpus = feature_corpus(lm, [*bundled, *(n for n in names if n not in bundled)],
-                                    progress=progress)
+            corpus = self.corpus(lm, names, progress=progress)
         self.saes = train_output_saes(lm, corpus, self.layers, n_features=self.sae_features,
                                       k=self.sae_k, steps=self.sae_steps,
                                       n_tokens=self.sae_tokens, progress=progress)
         return self.saes
+
+    def corpus(self, lm: LM, names: Sequence[str] = (), *,
+               progress: bool = True) -> TextCorpus:
+        """The SAEs' training text: ``sae_text`` first when given (a .txt file of blank-line
+        separated documents, a .jsonl of ``text`` fields, or a folder of them: real text about
+        a concept the model writes little about), then :func:`.sae.feature_corpus` on the
+        bundled concepts plus ``names`` (a concept outside the bundle needs its own topical
+        text, and so new SAEs). The SAEs see its first ``sae_tokens`` tokens."""
+        bundled = [c.name for c in bundled_concepts()]
+        corpus = feature_corpus(lm, [*bundled, *(n for n in names if n not in bundled)],
+                                progress=progress)
+        if self.sae_text is None:
+            return corpus
+        own = TextCorpus.from_path(self.sae_text)
+        corpus = TextCorpus(own.documents + corpus.documents)
+        corpus.name = f"features-{corpus.fingerprint()}"
+        return corpus
 
     def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
               saes: dict[int, ValueDictionary], on: _Firing,
