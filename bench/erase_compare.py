@@ -78,8 +78,8 @@ def recovery_png(means: dict, path: str) -> None:
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("what comes back: every method tuned to the same budget (the files' "
-                 "max_control_drop, max_near_drop, max_perplexity_rise)", fontsize=10)
+    ax.set_title("what comes back: every method tuned to the same specificity budget",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
