@@ -309,5 +309,7 @@ def test_sae_text_comes_first_and_makes_new_saes(tmp_path, isolated_cache, monke
     b = with_text.fit_saes(lm, progress=False)[0]
     assert a.key["corpus"] != b.key["corpus"]
     assert len(list((isolated_cache / "dictionaries").iterdir())) == 2
+    sampled = len(seen)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FeatureEraser(**settings, sae_text=str(tmp_path / "missing.txt")).corpus(lm)
+    assert len(seen) == sampled  # refused before any text was sampled

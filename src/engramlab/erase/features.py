@@ -416,12 +416,13 @@ class FeatureEraser:
         a concept the model writes little about), then :func:`.sae.feature_corpus` on the
         bundled concepts plus ``names`` (a concept outside the bundle needs its own topical
         text, and so new SAEs). The SAEs see its first ``sae_tokens`` tokens."""
+        # read first: a bad path fails before minutes of sampling, not after
+        own = TextCorpus.from_path(self.sae_text) if self.sae_text is not None else None
         bundled = [c.name for c in bundled_concepts()]
         corpus = feature_corpus(lm, [*bundled, *(n for n in names if n not in bundled)],
                                 progress=progress)
-        if self.sae_text is None:
+        if own is None:
             return corpus
-        own = TextCorpus.from_path(self.sae_text)
         corpus = TextCorpus(own.documents + corpus.documents)
         corpus.name = f"features-{corpus.fingerprint()}"
         return corpus
