@@ -229,8 +229,8 @@ def test_feature_tuner_keeps_the_budget_and_picks_the_lowest_target(isolated_cac
     controls = probes[6:14]
     assert accuracy(lm, concept.probes) == 1.0 and accuracy(lm, controls) == 1.0
     eraser = FeatureEraser(saes=saes, contrast=1.0, n_features_grid=(1, 2),
-                           taus=(0.3, 0.03), mus=(0.0, 2.0, 8.0), max_control_drop=0.5,
-                           max_perplexity_rise=10.0)
+                           taus=(0.3, 0.03), mus=(0.0, 2.0, 8.0), mu_max=32.0,
+                           max_control_drop=0.5, max_perplexity_rise=10.0)
     delta = eraser.erase(lm, concept, controls)
     assert eraser.ranked and all(r.on > r.off for r in eraser.ranked)
     assert [r.score for r in eraser.ranked] == sorted((r.score for r in eraser.ranked),
@@ -238,9 +238,11 @@ def test_feature_tuner_keeps_the_budget_and_picks_the_lowest_target(isolated_cac
     rows_by: dict[tuple[int, float], list[dict]] = {}
     for t in eraser.trials:
         rows_by.setdefault((t["n_features"], t["tau"]), []).append(t)
-    for row in rows_by.values():  # mildest push first; a row stops at its first failure
-        assert [t["mu"] for t in row] == [0.0, 2.0, 8.0][:len(row)]
-        assert all(t["ok"] for t in row[:-1]) and (len(row) == 3 or not row[-1]["ok"])
+    # mildest push first; a row stops at its first failure, or goes on doubling μ past the
+    # grid (8) up to mu_max (32) while it stays inside the budget
+    for row in rows_by.values():
+        assert [t["mu"] for t in row] == [0.0, 2.0, 8.0, 16.0, 32.0][:len(row)]
+        assert all(t["ok"] for t in row[:-1]) and (len(row) == 5 or not row[-1]["ok"])
     ok = [t for t in eraser.trials if t["ok"]]
     chosen = [t for t in ok if t["n_features"] == delta.meta["n_features"]
               and t["tau"] == delta.meta["tau"] and t["mu"] == delta.meta["mu"]]

@@ -22,8 +22,9 @@ The default disentangler, ``mlp-out``, is the paper's: one SAE of the MLP output
    concept. Where the vector fires as it does on the concept, it now writes against the feature.
    μ = 0 removes the component. Per layer this is a rank-|features| ``WeightDelta``.
 4. **Tune** n_features × τ × μ under the specificity budget every eraser shares (:mod:`.budget`).
-   μ runs up to 12: with the grid ending at 6, The Moon's and Japan's best settings sat on its
-   edge with the controls barely touched.
+   μ runs through the grid (up to 12), then doubles while the row stays inside the budget, up
+   to ``mu_max`` = 48: with a grid ending at 6, The Moon's and Japan's best settings sat on its
+   edge with the controls barely touched, and at 12 Einstein's did.
 
 Deviations from the paper, and why:
 
@@ -73,7 +74,7 @@ them. Details (session 7):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -347,6 +348,7 @@ class FeatureEraser:
     n_features_grid: tuple[int, ...] = (1, 2, 4, 8)
     taus: tuple[float, ...] = (0.3, 0.1, 0.03)
     mus: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+    mu_max: float = 48.0
     contrast: float = 3.0
     max_control_drop: float = 0.10
     max_perplexity_rise: float = 0.10
@@ -427,6 +429,17 @@ class FeatureEraser:
         corpus.name = f"features-{corpus.fingerprint()}"
         return corpus
 
+    def _mu_row(self) -> Iterator[float]:
+        """The grid's μ values, then doubling past its end up to ``mu_max``: a row that is
+        still inside the budget at the grid's last μ goes on (the caller stops a row at its
+        first failure), so the chosen setting never sits on the grid's edge by accident."""
+        grid = sorted(set(self.mus))
+        yield from grid
+        mu = 2 * grid[-1] if grid and grid[-1] > 0 else 1.0
+        while mu <= self.mu_max:
+            yield mu
+            mu *= 2
+
     def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
               saes: dict[int, ValueDictionary], on: _Firing,
               off: _Firing) -> tuple[int, float, float]:
@@ -436,7 +449,7 @@ class FeatureEraser:
             if n > len(self.ranked) and n != min(self.n_features_grid):
                 continue  # fewer features than asked: a smaller n already covers them
             for tau in sorted(set(self.taus), reverse=True):
-                for mu in sorted(set(self.mus)):
+                for mu in self._mu_row():
                     delta = output_features_delta(lm, saes, self.ranked[:n], on, off,
                                                   tau=tau, mu=mu)
                     with delta.applied(lm):
