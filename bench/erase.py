@@ -22,11 +22,10 @@ import time
 
 import engramlab as eg
 from engramlab._io import atomic_file
-from engramlab.data import bundled_concepts, get_concept
+from engramlab.data import get_concept
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.features import FeatureEraser
 from engramlab.erase.run import METHODS, make_eraser, run_erasure
-from engramlab.erase.sae import feature_corpus
 
 
 def peak_rss_mb() -> float:
@@ -123,9 +122,10 @@ def main() -> None:
         # apart, and counted in no concept's seconds. Cached parts (the sampled corpus, SAEs
         # of an earlier run) make this figure small; ENGRAMLAB_CACHE=<empty dir> measures it.
         t = time.perf_counter()
-        corpus = feature_corpus(lm, [c.name for c in bundled_concepts()], progress=False)
+        fitter = FeatureEraser()  # its corpus and SAE settings: exactly what erase would use
+        corpus = fitter.corpus(lm, progress=False)
         result["corpus_seconds"] = time.perf_counter() - t
-        saes = FeatureEraser().fit_saes(lm, corpus, progress=False)
+        saes = fitter.fit_saes(lm, corpus, progress=False)
         result["dictionary_seconds"] = time.perf_counter() - t - result["corpus_seconds"]
     trials: dict[str, list[dict]] = {}
     for name in args.concepts.split(","):

@@ -107,36 +107,28 @@ def tradeoff_png(concepts: dict, path: str) -> None:
     methods = sorted({m for per in concepts.values() for m in per})
     colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"],
                        strict=False))
+    xs = [i / 100 for i in range(0, 31)]
     for method in methods:
+        # per cost, per concept: the lowest concept accuracy any setting reached at no more
+        # than x of this cost alone (the unedited accuracy where none did); the line averages
+        curves: list[list[list[float]]] = [[] for _ in costs]
         for per in concepts.values():
             r = per.get(method, {})
             trials = r.get("tuning") or []
-            if not trials:
-                continue
-            pre = r["pre"]
-            for ax, (_, cost) in zip(axes, costs, strict=True):
-                pts = [(cost(t, pre), t["target_accuracy"], t["ok"]) for t in trials]
+            for k, (ax, (_, cost)) in enumerate(zip(axes, costs, strict=True)):
+                pts = [(cost(t, r["pre"]), t["target_accuracy"], t["ok"]) for t in trials]
                 pts = [p for p in pts if p[0] is not None]
                 for ok in (True, False):
-                    xs = [x for x, _, o in pts if o is ok]
-                    ys = [y for _, y, o in pts if o is ok]
-                    ax.scatter(xs, ys, s=12, alpha=0.5, color=colours[method],
+                    ax.scatter([x for x, _, o in pts if o is ok],
+                               [y for _, y, o in pts if o is ok], s=12, alpha=0.5,
+                               color=colours[method],
                                facecolors=colours[method] if ok else "none")
-    # the trade-off curve: per concept the lowest concept accuracy any setting reached at
-    # no more than x of this cost alone (the unedited 1.0 where none did), averaged
-    for method in methods:
-        runs = [r for per in concepts.values() if (r := per.get(method, {})).get("tuning")]
-        for ax, (_, cost) in zip(axes[:2], costs[:2], strict=True):
-            xs = [i / 100 for i in range(0, 31)]
-            curves = []
-            for r in runs:
-                pts = [(cost(t, r["pre"]), t["target_accuracy"]) for t in r["tuning"]]
-                pts = [p for p in pts if p[0] is not None]
-                if pts:
-                    curves.append([min([y for c, y in pts if c <= x + 1e-9],
-                                       default=r["pre"]["target_accuracy"]) for x in xs])
-            if curves:
-                ax.plot(xs, [sum(c[i] for c in curves) / len(curves) for i in range(len(xs))],
+                if pts and k < 2:  # perplexity is no cost axis to sweep
+                    curves[k].append([min([y for c, y, _ in pts if c <= x + 1e-9],
+                                          default=r["pre"]["target_accuracy"]) for x in xs])
+        for ax, cs in zip(axes, curves, strict=True):
+            if cs:
+                ax.plot(xs, [sum(c[i] for c in cs) / len(cs) for i in range(len(xs))],
                         color=colours[method], lw=2)
     for ax, (label, _) in zip(axes, costs, strict=True):
         ax.set_xlabel(label)
