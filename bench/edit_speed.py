@@ -44,7 +44,7 @@ import torch
 import transformers  # noqa: F401  (library code belongs to the runtime baseline, not the edit)
 
 import engramlab as eg
-from engramlab.data import sample_corpus
+from engramlab.data import get_corpus
 from engramlab.data.bundled import bundled_cases
 from engramlab.edit import MEMIT, ROME
 from engramlab.stats import _accumulate
@@ -206,7 +206,8 @@ def main() -> None:
 def stats_speed(lm: eg.LM, memit: MEMIT, n_tokens: int) -> dict:
     """Key-statistics collection vs plain forward passes over the same pre-tokenised rows."""
     out: dict = {}
-    corpus = sample_corpus(lm, n_tokens=n_tokens, progress=False)
+    corpus = get_corpus(lm, memit.hparams_for(lm).stats_corpus, n_tokens=n_tokens,
+                        progress=False)
     rows = list(corpus.batches(lm, n_tokens=n_tokens, batch_size=8, seq_len=256))
     n_tok = sum(r.numel() for r in rows)
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)

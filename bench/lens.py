@@ -36,7 +36,7 @@ from engramlab.lens.depth import (
 )
 from engramlab.lens.early_exit import plot_curves
 from engramlab.lens.learned_exit import exit_data, policy_curve
-from engramlab.lens.states import EVAL_SKIP, SAMPLED_TOKENS, lens_corpus
+from engramlab.lens.states import lens_corpus
 
 
 def main() -> None:
@@ -50,10 +50,12 @@ def main() -> None:
     ap.add_argument("--policy-tokens", type=int, default=3072,
                     help="ConsistentEE policy training tokens (0: skip learned exit)")
     ap.add_argument("--png-dir", default=None)
+    ap.add_argument("--corpus", default=None, help="wiki (default) or sampled")
     args = ap.parse_args()
 
     lm = eg.load_model(args.model, device=args.device, progress=False)
-    corpus = lens_corpus(lm)
+    corpus = lens_corpus(lm, args.corpus)
+    eval_start = corpus.eval_start or 0
     lenses, fit_s = {"logit": LogitLens(lm)}, {}
     for kind, rank in (("shortcut", None), ("shortcut_r", args.rank), ("onejump", args.rank),
                        ("tuned", None)):
@@ -63,7 +65,7 @@ def main() -> None:
         fit_s[kind] = time.perf_counter() - t0
 
     def held_out():
-        return corpus_batches(lm, corpus, n_tokens=args.eval_tokens, skip_tokens=EVAL_SKIP)
+        return corpus_batches(lm, corpus, n_tokens=args.eval_tokens, skip_tokens=eval_start)
 
     t0 = time.perf_counter()
     report = evaluate_lenses(lm, lenses, held_out())
@@ -76,10 +78,11 @@ def main() -> None:
     policy_s = None
     if args.policy_tokens:
         train = exit_data(lm, lenses["tuned"], corpus_batches(
-            lm, corpus, n_tokens=args.policy_tokens, skip_tokens=EVAL_SKIP - args.policy_tokens))
+            lm, corpus, n_tokens=args.policy_tokens, skip_tokens=eval_start - args.policy_tokens))
         curves["tuned+policy"] = policy_curve(train, held)
         policy_s = time.perf_counter() - t0
-    ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=SAMPLED_TOKENS), lm.vocab_size)
+    ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=min(200_000, eval_start)),
+                            lm.vocab_size)
     depth = {"guess_then_refine": guess_then_refine(
                  depth_readings(lm, lenses["tuned"], held_out()), ranks),
              "facts": fact_recall_depth(lm, lenses["tuned"], [

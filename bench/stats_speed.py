@@ -14,7 +14,7 @@ import time
 import torch
 
 import engramlab as eg
-from engramlab.data import sample_corpus
+from engramlab.data import get_corpus
 from engramlab.stats import collect_key_stats
 
 
@@ -25,10 +25,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16_384)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--corpus", default=None, help="wiki (default), sampled or a path")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     args = parser.parse_args()
     lm = eg.load_model(args.model, progress=False, dtype=args.dtype)
-    corpus = sample_corpus(lm, n_tokens=args.tokens, progress=False)
+    corpus = get_corpus(lm, args.corpus, n_tokens=args.tokens, progress=False)
     batches = list(corpus.batches(lm, n_tokens=args.tokens, batch_size=args.batch_size,
                                   seq_len=args.seq_len))
     n = sum(b.numel() for b in batches)

@@ -95,3 +95,8 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Keep CI logs quiet and deterministic.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A test that takes the embedded model is an embedded test, whether or not it says so:
+    # `-m "not embedded"` must never load SmolLM2.
+    for item in items:
+        if "smol" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.embedded)

@@ -168,3 +168,50 @@ def test_sampled_corpus_is_seeded_and_cached(isolated_cache):
     c = sample_corpus(lm, n_tokens=64, doc_tokens=16, batch_size=2, seed=3, progress=False,
                       starters=["w1", "w2 w3"])
     assert c.documents == a.documents
+
+
+def test_wiki_corpus_is_real_encyclopaedic_text_in_a_hashed_order():
+    from engramlab.data import wiki_corpus
+
+    corpus = wiki_corpus()
+    docs = corpus.documents
+    assert len(docs) > 10_000 and sum(map(len, docs)) > 4_500_000
+    assert corpus.eval_start is not None and corpus.name == "wiki"
+    # not alphabetical: the first hundred documents start with many different letters
+    assert len({d[0].upper() for d in docs[:100]}) > 10
+    assert any("Albert Einstein" in d for d in docs) and "<|im_end|>" not in "".join(docs)
+    assert wiki_corpus().fingerprint() == corpus.fingerprint()
+
+
+def test_corpus_names_are_checked_before_any_work(tmp_path, monkeypatch):
+    from engramlab.data import get_corpus
+    from engramlab.data.corpus import check_corpus_spec
+    from engramlab.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="neither 'wiki' nor 'sampled'"):
+        check_corpus_spec("wikipedia")
+    lm = make_tiny("gpt2")
+    monkeypatch.setattr(lm.model, "generate", None)  # 'wiki' and a path must not sample
+    (tmp_path / "mine.txt").write_text("w1 w2\n\nw3 w4 w5")
+    assert get_corpus(lm, str(tmp_path / "mine.txt")).documents == ["w1 w2", "w3 w4 w5"]
+    assert get_corpus(lm).name == "wiki" == get_corpus(lm, "wiki").name
+
+
+def test_edit_settings_refuse_an_unknown_statistics_corpus():
+    from engramlab.edit.base import EditHParams
+    from engramlab.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="corpus 'nowhere.txt'"):
+        EditHParams().replace(stats_corpus="nowhere.txt")
+    assert EditHParams().replace(stats_corpus="sampled").stats_corpus == "sampled"
+
+
+@pytest.mark.embedded
+def test_wiki_corpus_holds_a_million_tokens_for_the_embedded_model(smol):
+    from engramlab.data import wiki_corpus
+
+    corpus = wiki_corpus()
+    n = sum(len(ids) for ids in smol.tokenizer(corpus.documents,
+                                               add_special_tokens=False)["input_ids"])
+    assert n >= 1_000_000
+    assert n - corpus.eval_start >= 100_000  # the evaluation part

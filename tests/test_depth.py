@@ -86,7 +86,7 @@ def test_depth_cli_on_a_tiny_model(tmp_path, capsys):
 
 @pytest.mark.embedded
 def test_embedded_lenses_tuned_beats_logit_and_guesses_then_refines(smol):
-    from engramlab.data import sample_corpus
+    from engramlab.data import wiki_corpus
     from engramlab.data.bundled import bundled_cases
     from engramlab.lens import (
         TunedLens,
@@ -97,7 +97,7 @@ def test_embedded_lenses_tuned_beats_logit_and_guesses_then_refines(smol):
     )
     from engramlab.lens.depth import depth_readings
 
-    corpus = sample_corpus(smol, n_tokens=10_000, progress=False)  # the key-statistics corpus
+    corpus = wiki_corpus()
 
     def batches(n: int, skip: int = 0):
         return corpus_batches(smol, corpus, n_tokens=n, skip_tokens=skip)

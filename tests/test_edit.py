@@ -385,3 +385,18 @@ def test_memory_plans_respect_budget_cap_and_order():
                          + sum(scored[i] for i in p) * 50)
         assert len(p) == 1 or cost <= SAFETY * (3 * 3 * 100 + 2 * 50)
     assert split_rows(idx, suffix, scored, 2, None, None) == [[4, 0], [1, 2], [3]]
+
+
+def test_bootstrap_interval_has_the_binomial_width_and_is_seeded():
+    from engramlab.evaluate.bootstrap import bootstrap_interval, case_intervals
+
+    for n in (100, 400):
+        values = [1.0] * (n // 2) + [0.0] * (n // 2)
+        lo, hi = bootstrap_interval(values)
+        expected = 2 * 1.96 * (0.25 / n) ** 0.5  # the normal approximation of a proportion
+        assert lo < 0.5 < hi
+        assert abs((hi - lo) - expected) < 0.2 * expected, (n, hi - lo, expected)
+    assert bootstrap_interval([1.0, 0.0, 1.0]) == bootstrap_interval([1.0, 0.0, 1.0])
+    assert bootstrap_interval([0.7] * 5) == pytest.approx((0.7, 0.7))
+    rows = [{"a": 1.0, "b": None}, {"a": 0.0, "b": None}]
+    assert case_intervals(rows, {"x": "a", "y": "b"})["y"] is None

@@ -46,6 +46,8 @@ def test_rome_independent_on_bundled_facts_beats_the_unedited_model(smol, rome):
     assert result.post["paraphrase"] >= 0.75
     assert result.post["neighborhood"] >= 0.8 * result.pre["neighborhood"]
     assert len(result.deltas) == 12 and all(d.num_params() == 576 + 1536 for d in result.deltas)
+    for name, (lo, hi) in result.to_json()["post_ci95"].items():
+        assert lo <= result.post[name] <= hi
 
 
 @pytest.mark.parametrize("cls", [MEMIT, AlphaEdit])

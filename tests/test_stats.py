@@ -15,15 +15,32 @@ CORPUS = TextCorpus([tiny_text(40, seed=s) for s in range(6)], name="tiny")
 
 
 def _count_forwards(lm, monkeypatch):
+    """Forward passes, counted where every pass starts: the first block."""
     calls = {"n": 0}
-    original = lm.model.forward
 
-    def counted(*args, **kwargs):
+    def counted(*_):
         calls["n"] += 1
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(lm.model, "forward", counted)
+    lm.layout.block(0).register_forward_hook(counted)
     return calls
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_collection_stops_after_the_deepest_layer_it_needs(family, isolated_cache):
+    lm = make_tiny(family)
+    ran = {"later_blocks": 0, "unembed": 0}
+    lm.layout.block(2).register_forward_hook(lambda *_: ran.__setitem__(
+        "later_blocks", ran["later_blocks"] + 1))
+    lm.model.get_output_embeddings().register_forward_hook(lambda *_: ran.__setitem__(
+        "unembed", ran["unembed"] + 1))
+    stats = collect_key_stats(lm, [1, 0], CORPUS, n_tokens=64, batch_size=2, seq_len=16,
+                              progress=False)
+    assert ran == {"later_blocks": 0, "unembed": 0}
+    rows = CORPUS.token_rows(lm, seq_len=16)[:4]
+    with torch.no_grad(), Trace(lm).capture("mlp_key.1") as tr:
+        lm.model(input_ids=rows)  # the full model, for reference
+    k = tr["mlp_key.1"].reshape(-1, lm.d_mlp).double()
+    assert torch.allclose(stats[1].moment(), k.T @ k / 64, atol=1e-10)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])

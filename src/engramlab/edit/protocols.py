@@ -27,7 +27,8 @@ import torch
 from ..data.records import EditCase
 from ..delta import WeightDelta
 from ..errors import RequestError
-from ..evaluate.counterfact import CaseScores, case_scores, summarize
+from ..evaluate.bootstrap import case_intervals
+from ..evaluate.counterfact import METRICS, CaseScores, case_scores, summarize
 from ..models.lm import LM
 from .base import Editor
 
@@ -58,6 +59,8 @@ class RunResult:
                "n": self.n, "pre": {k: self.pre.get(k) for k in HEADLINE}, "post": post,
                "seconds_per_edit": self.seconds_per_edit, "stats_seconds": self.stats_seconds,
                "pre_all": self.pre, "post_all": self.post, "hparams": self.hparams}
+        if self.per_case:
+            out["post_ci95"] = case_intervals(self.per_case, {k: METRICS[k] for k in HEADLINE})
         if self.curve:
             out["curve"] = self.curve
         return out

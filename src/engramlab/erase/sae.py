@@ -34,7 +34,7 @@ from .._io import cache_dir
 from ..data.corpus import TextCorpus, sample_corpus
 from ..errors import CacheError, ConceptError
 from ..models.lm import LM
-from ..trace import Trace
+from ..trace import Trace, run_model
 from .dictionary import ValueDictionary, explained_variance, fit_dictionary
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def mlp_outputs(lm: LM, corpus: TextCorpus, layers: Sequence[int], *, n_tokens: 
                   leave=False):
         ids = rows[s:s + batch_size].to(lm.device)
         with Trace(lm).capture(*points) as tr:
-            lm.model(input_ids=ids)
+            run_model(lm, ids, stop_after=max(layers))
         for layer, point in zip(layers, points, strict=True):
             out[layer].append(tr[point].reshape(-1, lm.layout.d_model).float().cpu())
     return {layer: torch.cat(v) for layer, v in out.items()}

@@ -34,7 +34,7 @@ from ..batching import target_ids
 from ..data.concepts import Concept, Probe
 from ..evaluate.erasure import _encode_prompts, last_logits
 from ..models.lm import LM
-from ..trace import Trace
+from ..trace import Trace, deepest_block, run_model
 
 
 @dataclass
@@ -167,7 +167,7 @@ def token_activations(lm: LM, texts: Sequence[str], points: Sequence[str],
         ids, lengths = _encode_prompts(lm, list(texts[s:s + batch_size]))
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None])
         with Trace(lm).capture(*points) as tr:
-            lm.model(input_ids=ids, attention_mask=mask.long())
+            run_model(lm, ids, mask.long(), stop_after=deepest_block(lm, points))
         yield {pt: tr[pt][mask].float().cpu() for pt in points}  # type: ignore[index]
 
 

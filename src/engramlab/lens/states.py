@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.corpus import TextCorpus, sample_corpus
+from ..data.corpus import TextCorpus, get_corpus
 from ..models.lm import LM
 from ..trace import Trace, run_model
 
@@ -64,7 +64,7 @@ def corpus_batches(lm: LM, corpus: TextCorpus | None, *, n_tokens: int, seq_len:
     """Packed token rows for lens work; ``skip_tokens`` holds out a disjoint later slice (the
     evaluation split), so training and evaluation never share text."""
     if corpus is None:
-        corpus = sample_corpus(lm, n_tokens=n_tokens + skip_tokens, progress=progress)
+        corpus = get_corpus(lm, n_tokens=n_tokens + skip_tokens, progress=progress)
     rows = corpus.token_rows(lm, seq_len=seq_len, max_tokens=n_tokens + skip_tokens)
     first = skip_tokens // seq_len
     rows = rows[first:first + max(1, -(-n_tokens // seq_len))]
@@ -75,13 +75,15 @@ def corpus_batches(lm: LM, corpus: TextCorpus | None, *, n_tokens: int, seq_len:
         yield rows[start:start + batch_size]
 
 
-# the default corpus when none is given: text sampled from the model, split once and for all
+# with --corpus sampled: how much text the model writes, and where its evaluation part starts
 SAMPLED_TOKENS = 24_000
-EVAL_SKIP = 20_000  # evaluation reads the sampled corpus from here on (training stays before)
+EVAL_SKIP = 20_000
 
 
-def lens_corpus(lm: LM, path: str | None = None, *, progress: bool = False) -> TextCorpus:
-    """The user's corpus (``path``), or :data:`SAMPLED_TOKENS` tokens sampled from the model."""
-    if path is not None:
-        return TextCorpus.from_path(path)
-    return sample_corpus(lm, n_tokens=SAMPLED_TOKENS, progress=progress)
+def lens_corpus(lm: LM, spec: str | None = None, *, progress: bool = False) -> TextCorpus:
+    """The corpus named by ``spec`` (default: the Wikipedia text) with its evaluation split:
+    ``eval_start`` is where held-out text begins (``None`` for a user's path: ``--skip``)."""
+    corpus = get_corpus(lm, spec, n_tokens=SAMPLED_TOKENS, progress=progress)
+    if spec == "sampled":
+        corpus.eval_start = EVAL_SKIP
+    return corpus

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -112,8 +113,9 @@ def _write_cache(folder: Path, model: nn.Module, tokenizer, source: Path, sha: s
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def load_gguf(path: Path, *, dtype: torch.dtype):
-    """Return ``(model, tokenizer, folder)``, dequantizing only when no valid cache exists."""
+def load_gguf(path: Path, *, dtype: torch.dtype, announce: bool = False):
+    """Return ``(model, tokenizer, folder)``, dequantizing only when no valid cache exists;
+    ``announce`` says on stderr what the one-time work is and how long it takes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     folder = cache_folder_for(path)
@@ -129,6 +131,11 @@ def load_gguf(path: Path, *, dtype: torch.dtype):
             shutil.rmtree(folder, ignore_errors=True)
 
     log.info("dequantizing %s (first load only; cached in %s)", path, folder)
+    if announce:
+        mb = path.stat().st_size / 2**20
+        print(f"first load of {path.name}: dequantizing its {mb:.0f} MB to float32 (one time, "
+              f"about {max(5, round(mb / 3))} s on 2 CPU cores; cached in {folder})",
+              file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     quantized = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32

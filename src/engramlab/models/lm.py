@@ -27,6 +27,8 @@ _VOLATILE_CONFIG_KEYS = {
     "architectures", "dtype", "torch_dtype", "use_cache", "return_dict", "output_attentions",
     "output_hidden_states", "_attn_implementation", "_attn_implementation_autoset",
 }
+# End-of-turn markers of the chat templates (ChatML, Llama 3, Gemma, Phi-3).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 @dataclass
@@ -135,8 +137,18 @@ class LM:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.end_token_ids(),
         )
-        return [self.decode(row[enc["input_ids"].shape[1] :].tolist()) for row in out]
+        return [self.tokenizer.decode(row[enc["input_ids"].shape[1] :].tolist(),
+                                      skip_special_tokens=True) for row in out]
+
+    def end_token_ids(self) -> list[int]:
+        """Tokens that end a generation: EOS and the chat templates' end-of-turn markers (an
+        instruct model answers a plain prompt and then closes its turn)."""
+        vocab = self.tokenizer.get_vocab()
+        ids = [vocab[t] for t in END_OF_TURN if t in vocab]
+        eos = self.tokenizer.eos_token_id
+        return list(dict.fromkeys([*([eos] if eos is not None else []), *ids]))
 
     # identity -----------------------------------------------------------------------------
     def _config_json(self) -> str:

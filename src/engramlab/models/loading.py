@@ -122,7 +122,7 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     target = _resolve_device(device)
     with _hf_progress(progress):
-        model, tokenizer, folder, source = _load_any(spec, torch_dtype)
+        model, tokenizer, folder, source = _load_any(spec, torch_dtype, progress)
     _prepare_tokenizer(tokenizer)
     model = model.to(target)
     model.eval()
@@ -144,14 +144,15 @@ def _hf_progress(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
-def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype):
+def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype, progress: bool):
     asked = str(spec)
     folder: Path | None = None
     entry = registry_entry(asked)
     path = Path(os.path.expanduser(asked))
 
     if entry is not None and entry.embedded_package:
-        model, tokenizer, folder = load_gguf(entry.embedded_path(), dtype=torch_dtype)
+        model, tokenizer, folder = load_gguf(entry.embedded_path(), dtype=torch_dtype,
+                                             announce=progress)
         source = str(entry.embedded_path())
     elif entry is not None and entry.hub_id:
         model, tokenizer = _load_hub(entry.hub_id, torch_dtype, asked)
@@ -159,12 +160,12 @@ def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype):
     elif path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {path} does not exist")
-        model, tokenizer, folder = load_gguf(path, dtype=torch_dtype)
+        model, tokenizer, folder = load_gguf(path, dtype=torch_dtype, announce=progress)
         source = str(path)
     elif path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and len(ggufs) == 1:
-            model, tokenizer, folder = load_gguf(ggufs[0], dtype=torch_dtype)
+            model, tokenizer, folder = load_gguf(ggufs[0], dtype=torch_dtype, announce=progress)
             source = str(ggufs[0])
         elif not (path / "config.json").is_file():
             raise ModelNotFoundError(

@@ -1,0 +1,122 @@
+"""Do the tests catch wrong maths? Run the fast suite against deliberately broken methods.
+
+Each mutant is one textual change to one source file that breaks a method the way a plausible
+bug would (a random target, a missing projection, the wrong loss). For each, a copy of ``src``
+with that change is put first on ``PYTHONPATH`` and ``pytest -m "not embedded"`` runs on it; a
+mutant is *caught* when at least one test fails. The unmutated copy runs first and must pass.
+Prints one JSON object (per mutant: caught, the failing tests, seconds); exit status 1 when any
+mutant survives.
+
+    .venv/bin/python scripts/mutants.py [--only NAME ...] [--tests tests/test_edit.py ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to src/engramlab
+    old: str
+    new: str
+
+
+MUTANTS = (
+    Mutant("rome_random_value", "edit/rome.py",
+           "rome_update(keys[i], targets.delta[i], cov_k=cov_k[:, i])",
+           "rome_update(keys[i], torch.randn_like(targets.delta[i]), cov_k=cov_k[:, i])"),
+    Mutant("memit_random_residuals", "edit/memit.py",
+           "resid = (z - current) / (len(layers) - i)",
+           "resid = torch.randn_like(z - current)"),
+    Mutant("alphaedit_without_projection", "edit/alphaedit.py",
+           "alphaedit_update(keys, resid, state.projectors[layer], prev, hp.alpha)",
+           "alphaedit_update(keys, resid, torch.eye(keys.shape[0], dtype=torch.float64), prev, "
+           "hp.alpha)"),
+    Mutant("npo_computes_ga_loss", "erase/finetune.py",
+           "npo = -(2.0 / self.beta) * torch.nn.functional.logsigmoid(-self.beta * ratio).mean()",
+           "npo = -_nll(lm, f_ids, f_mask)"),
+    Mutant("rmu_steers_to_zero", "erase/finetune.py",
+           'return {"target": self.steering * scale * u,',
+           'return {"target": torch.zeros_like(u),'),
+    Mutant("logit_lens_without_final_norm", "lens/logit.py",
+           "    def translate(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:\n"
+           "        return hidden\n",
+           "    def translate(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:\n"
+           "        return hidden\n\n"
+           "    def predict(self, lm, hidden, layer):\n"
+           "        return lm.layout.unembed(hidden)\n"),
+    Mutant("tuned_lens_trained_on_next_token_ce", "lens/tuned.py",
+           "kl = kl_to_final(lm, final_logp, lens.predict(lm, st.hidden[layer][:n], layer))",
+           "kl = F.cross_entropy(lens.predict(lm, st.hidden[layer][:n], layer).float(), "
+           "st.next_ids[:n].clamp_min(0), reduction='none')"),
+)
+
+
+def run_suite(src: Path, tests: list[str]) -> tuple[bool, list[str], float]:
+    """``pytest -m "not embedded"`` with ``src`` first on the path: (passed, failed ids, s)."""
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not embedded", "-p", "no:cacheprovider",
+           "-o", "addopts=", "--no-header", "-rf", *tests]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    failed = sorted(set(re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.M)))
+    return proc.returncode == 0, failed, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=None, help="mutant names (default: all)")
+    ap.add_argument("--tests", nargs="*", default=["tests"], help="test paths to run")
+    args = ap.parse_args()
+    chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
+    unknown = set(args.only or []) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"mutants: error: unknown mutant(s) {sorted(unknown)}; known: "
+              f"{[m.name for m in MUTANTS]}", file=sys.stderr)
+        return 2
+    out: dict = {"tests": args.tests, "mutants": []}
+    with tempfile.TemporaryDirectory(prefix="engramlab-mutants-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("*.egg-info"))
+        ok, failed, seconds = run_suite(src, args.tests)
+        out["baseline"] = {"passed": ok, "failed": failed, "seconds": round(seconds, 1)}
+        print(f"baseline: {'passed' if ok else 'FAILED ' + str(failed)} ({seconds:.0f} s)",
+              file=sys.stderr, flush=True)
+        if not ok:
+            print(json.dumps(out, indent=1))
+            return 1
+        for m in chosen:
+            path = src / "engramlab" / m.file
+            text = path.read_text()
+            if text.count(m.old) != 1:
+                raise SystemExit(f"mutant {m.name}: the text to replace occurs "
+                                 f"{text.count(m.old)} times in {m.file}; update the mutant")
+            path.write_text(text.replace(m.old, m.new))
+            try:
+                ok, failed, seconds = run_suite(src, args.tests)
+            finally:
+                path.write_text(text)
+            out["mutants"].append({"name": m.name, "file": m.file, "caught": not ok,
+                                   "failed_tests": failed, "seconds": round(seconds, 1)})
+            print(f"{m.name}: {'caught by ' + str(len(failed)) + ' test(s)' if not ok else 'SURVIVED'}"
+                  f" ({seconds:.0f} s)", file=sys.stderr, flush=True)
+    print(json.dumps(out, indent=1))
+    return 0 if all(m["caught"] for m in out["mutants"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
