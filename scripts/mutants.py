@@ -112,8 +112,8 @@ def main() -> int:
                 path.write_text(text)
             out["mutants"].append({"name": m.name, "file": m.file, "caught": not ok,
                                    "failed_tests": failed, "seconds": round(seconds, 1)})
-            print(f"{m.name}: {'caught by ' + str(len(failed)) + ' test(s)' if not ok else 'SURVIVED'}"
-                  f" ({seconds:.0f} s)", file=sys.stderr, flush=True)
+            verdict = f"caught by {len(failed)} test(s)" if not ok else "SURVIVED"
+            print(f"{m.name}: {verdict} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     print(json.dumps(out, indent=1))
     return 0 if all(m["caught"] for m in out["mutants"]) else 1
 

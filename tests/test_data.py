@@ -201,7 +201,7 @@ def test_edit_settings_refuse_an_unknown_statistics_corpus():
     from engramlab.edit.base import EditHParams
     from engramlab.errors import SettingsError
 
-    with pytest.raises(SettingsError, match="corpus 'nowhere.txt'"):
+    with pytest.raises(SettingsError, match=r"corpus 'nowhere\.txt'"):
         EditHParams().replace(stats_corpus="nowhere.txt")
     assert EditHParams().replace(stats_corpus="sampled").stats_corpus == "sampled"
 
