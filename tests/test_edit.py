@@ -400,3 +400,29 @@ def test_bootstrap_interval_has_the_binomial_width_and_is_seeded():
     assert bootstrap_interval([0.7] * 5) == pytest.approx((0.7, 0.7))
     rows = [{"a": 1.0, "b": None}, {"a": 0.0, "b": None}]
     assert case_intervals(rows, {"x": "a", "y": "b"})["y"] is None
+
+
+def test_memit_spreads_the_residual_so_the_last_layer_reaches_its_target(isolated_cache,
+                                                                         monkeypatch):
+    import engramlab.edit.memit as memit_module
+
+    lm = make_tiny("llama")
+    reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4"), _req("w8", "w43", "w1 {} w2")]
+    seen = {}
+    original = memit_module.optimise_targets
+
+    def keep(*args, **kwargs):
+        seen["targets"] = original(*args, **kwargs)
+        return seen["targets"]
+
+    monkeypatch.setattr(memit_module, "optimise_targets", keep)
+    # no context templates and a negligible λ: every layer's share is written exactly
+    editor = MEMIT(layers=[0, 1], stats=_stats(lm, [0, 1]), templates=[], v_steps=3,
+                   mom2_weight=1e-6)
+    delta = editor.edit(lm, reqs)
+    z = seen["targets"].value
+    before = at_subject(lm, reqs, ["resid.1"], ["{}"])["resid.1"]
+    with delta.applied(lm):
+        after = at_subject(lm, reqs, ["resid.1"], ["{}"])["resid.1"]
+    assert (before - z).norm() > 0.1
+    assert torch.allclose(after, z, atol=1e-3), (after - z).norm()

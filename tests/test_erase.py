@@ -502,3 +502,52 @@ def test_direct_attribution_is_each_vectors_share_of_the_answer_logit():
             v = lm.layout.value_weight(layer)[:, j].double()
             drop = centred_answer_logit(x) - centred_answer_logit(x - a[j] * v)
             assert drop == pytest.approx(float(direct[li, j]) / float(scale), rel=1e-4, abs=1e-6)
+
+
+def test_npo_loss_is_the_papers_log_sigmoid_of_the_ratio_to_the_reference():
+    import math
+
+    lm = make_tiny("llama")
+    f_ids, f_mask = _rows(lm, [tiny_text(8, seed=s) for s in range(3)])
+    r_ids, r_mask = _rows(lm, [tiny_text(8, seed=9)])
+    beta = 0.5
+    npo = FineTuneUnlearner(method="npo", beta=beta, retain_weight=0.0, tune=False)
+    extra = npo._prepare(lm, f_ids, f_mask, r_ids, r_mask)
+    with torch.no_grad():
+        # at the reference (π = π_ref) every sequence scores −(2/β)·log σ(0) = (2/β)·log 2
+        start = float(npo._loss(lm, f_ids, f_mask, r_ids, r_mask, extra))
+        assert start == pytest.approx(2 / beta * math.log(2), rel=1e-5)
+        # once the forget text is 10 nats less likely than under the reference, the loss has
+        # nearly vanished (NPO's updates slow down; gradient ascent's never do)
+        shifted = {"ref": extra["ref"] + 10.0}
+        late = float(npo._loss(lm, f_ids, f_mask, r_ids, r_mask, shifted))
+        assert late == pytest.approx(-2 / beta * math.log(1 / (1 + math.exp(-beta * 10))),
+                                     rel=1e-5)
+
+
+def test_rmu_pushes_the_forget_states_towards_its_random_direction():
+    from engramlab.trace import Trace, run_model
+
+    lm = make_tiny("llama")
+    concept = Concept("tiny", probes=_known_probes(lm, 3),
+                      text=". ".join(tiny_text(8, seed=s) for s in range(4)) + ".")
+    retain = [tiny_text(10, seed=50), tiny_text(10, seed=51)]
+    eraser = FineTuneUnlearner(method="rmu", steps=30, lr=1e-2, rmu_layer=1, tune=False)
+    f_ids, f_mask = _rows(lm, sentences(concept.forget_text))
+    r_ids, r_mask = _rows(lm, sentences(retain))
+    target = eraser._prepare(lm, f_ids, f_mask, r_ids, r_mask)["target"]
+    direction = target / target.norm()
+
+    def forget_states() -> torch.Tensor:
+        with torch.no_grad(), Trace(lm).capture("resid.1") as tr:
+            run_model(lm, f_ids, f_mask, stop_after=1)
+        return tr["resid.1"][f_mask.bool()]
+
+    before = forget_states()
+    delta = eraser.erase(lm, concept, retain=retain)
+    with delta.applied(lm):
+        after = forget_states()
+    along_before = float((before @ direction).mean())
+    along_after = float((after @ direction).mean())
+    assert along_after - along_before > 0.5 * before.norm(dim=-1).mean()
+    assert (after - target).norm(dim=-1).mean() < (before - target).norm(dim=-1).mean()

