@@ -132,8 +132,8 @@ def test_finetune_tuner_returns_the_best_checkpoint_inside_the_budget():
         row = [t for t in eraser.trials if t["lr"] == lr]
         assert [t["steps"] for t in row] == [3, 6, 9, 12][:len(row)]
         assert all(t["ok"] for t in row[:-1])
+        assert len(row) == 4 or not row[-1]["ok"]  # a row ends early only at a failure
     ok = [t for t in eraser.trials if t["ok"]]
-    assert any(not t["ok"] for t in eraser.trials) or len(eraser.trials) == 8
     chosen = [t for t in ok if t["steps"] == delta.meta["steps"] and t["lr"] == delta.meta["lr"]]
     assert chosen and chosen[0]["target_accuracy"] == min(t["target_accuracy"] for t in ok)
     with delta.applied(lm):  # the delta is the checkpoint the tuner scored, not a later one
