@@ -1,8 +1,10 @@
-"""Atomic writes and the cache directory.
+"""Atomic writes, output locks, text reading and the cache directory.
 
-Edited models, deltas and caches must never be left half-written: a crash or a full disk
-leaves either the old content or the new one. Everything is written into a temporary sibling
-and moved into place with ``os.replace`` (atomic on POSIX within one file system).
+Edited models, deltas and caches must never be left half-written: a crash, a full disk or
+Ctrl-C leaves either the old content or the new one. Everything is written into a temporary
+sibling and moved into place with ``os.replace`` (atomic on POSIX within one file system); what
+lands gets the permissions any new file would (the temporary ones are private while written).
+Two runs writing the same output at once are told apart by a lock file beside it.
 """
 
 from __future__ import annotations
@@ -15,13 +17,111 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import CacheError, InputError, OutputError
+
 
 def cache_dir(*parts: str) -> Path:
     """The engramlab cache root (``$ENGRAMLAB_CACHE`` or ``~/.cache/engramlab``), created."""
     root = Path(os.environ.get("ENGRAMLAB_CACHE") or Path.home() / ".cache" / "engramlab")
     path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as exc:
+        raise CacheError(f"the cache folder {path} cannot be used ({exc.strerror or exc}); set "
+                         "ENGRAMLAB_CACHE to a writable folder") from None
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path) -> None:
+    """Give a finished temporary file or folder (tree) the permissions of a new one."""
+    mask = _umask()
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def check_writable(target: str | os.PathLike[str], what: str = "--out") -> Path:
+    """Refuse an output path whose folder cannot be created or written, before any work."""
+    target = Path(target)
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{what} {target}: its folder {parent} cannot be created "
+                          f"({exc.strerror or exc}); choose a writable location") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {target}: the folder {parent} is not writable; choose a "
+                          "writable location")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OutputError(f"{what} {target} exists and is not writable; choose another path")
+    return target
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike[str], what: str = "--out") -> Iterator[Path]:
+    """Hold ``.<name>.lock`` beside ``target`` while writing it; a second writer is refused.
+
+    A lock left by a process that no longer runs (killed with SIGKILL) is taken over.
+    """
+    target = check_writable(target, what)
+    lock = target.with_name(f".{target.name}.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                raise OutputError(f"{what} {target} is being written by another run (process "
+                                  f"{pid}); wait for it to finish or choose another path"
+                                  ) from None
+            lock.unlink(missing_ok=True)  # stale: its writer is gone
+    else:
+        raise OutputError(f"{what} {target}: could not take the lock {lock}; remove it if no "
+                          "other run is writing there")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield target
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def read_text(path: str | os.PathLike[str], what: str = "file") -> str:
+    """A UTF-8 text file, or an error that names the file and the fix."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start}: "
+                         f"{exc.reason}); save it as UTF-8") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a folder; give a file") from None
 
 
 @contextlib.contextmanager
@@ -34,6 +134,7 @@ def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        _publish(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.{os.getpid()}.old")
             os.replace(target, old)
@@ -59,6 +160,8 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        if tmp.exists():
+            _publish(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

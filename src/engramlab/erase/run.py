@@ -11,6 +11,7 @@ finder validates on the unedited model, so every method is judged against the sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -23,7 +24,7 @@ import torch
 from .._io import atomic_dir
 from ..data.concepts import Concept, Probe, controls_for, general_text, unseen_controls_for
 from ..delta import WeightDelta
-from ..errors import ConceptError
+from ..errors import ConceptError, SettingsError
 from ..evaluate import erasure as E
 from ..models.lm import LM
 from .concept_vectors import ConceptVectors, find_concept_vectors
@@ -36,14 +37,18 @@ METHODS = ("concept-vectors", "features", "ga", "npo", "rmu")
 def make_eraser(method: str, *, layers: Sequence[int] | None = None,
                 **settings: Any) -> ConceptVectors | FeatureEraser | FineTuneUnlearner:
     key = method.lower()
-    if key == "concept-vectors":
-        return ConceptVectors(layers=list(layers) if layers else None, **settings)
-    if key == "features":
-        return FeatureEraser(layers=list(layers) if layers else None, **settings)
-    if key in ("ga", "npo", "rmu"):
-        return FineTuneUnlearner(method=key, layers=list(layers) if layers else None,
-                                 **settings)
-    raise ConceptError(f"unknown erasure method {method!r}; choose one of {METHODS}")
+    classes = {"concept-vectors": ConceptVectors, "features": FeatureEraser,
+               "ga": FineTuneUnlearner, "npo": FineTuneUnlearner, "rmu": FineTuneUnlearner}
+    if key not in classes:
+        raise ConceptError(f"unknown erasure method {method!r}; choose one of {METHODS}")
+    cls = classes[key]
+    known = {f.name for f in dataclasses.fields(cls) if f.init} - {"method", "layers"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {unknown} for {key}; known: {sorted(known)}")
+    if cls is FineTuneUnlearner:
+        settings = {**settings, "method": key}
+    return cls(layers=list(layers) if layers else None, **settings)
 
 
 def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequence[str],

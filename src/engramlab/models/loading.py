@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import ModelNotFoundError
+from ..errors import EngramError, ModelLoadError, ModelNotFoundError
 from .gguf import load_gguf
 from .layout import Layout
 from .lm import LM
@@ -144,6 +144,27 @@ def _hf_progress(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype):
+    """A local Hugging Face folder; missing or unreadable weights become one clear error."""
+    if not any((path / name).is_file() for name in WEIGHT_FILES) and \
+            not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"model folder {path} has a config.json but no weights "
+                             f"({' / '.join(WEIGHT_FILES[::2])}); copy them there or point at "
+                             "a complete folder")
+    try:
+        return _load_hf(str(path), torch_dtype, local_only=True)
+    except EngramError:
+        raise
+    except Exception as exc:  # transformers / safetensors / torch raise many kinds
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model folder {path} could not be read ({reason}); its weights "
+                             "may be truncated or corrupt: copy or save them again") from None
+
+
 def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype, progress: bool):
     asked = str(spec)
     folder: Path | None = None
@@ -173,7 +194,7 @@ def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype, progress: 
                 f"{len(ggufs)} .gguf files; point at a model folder or at one .gguf file"
             )
         else:
-            model, tokenizer = _load_hf(str(path), torch_dtype, local_only=True)
+            model, tokenizer = _load_folder(path, torch_dtype)
             folder, source = path, str(path)
     elif asked.startswith((".", "/", "~")) or asked.count("/") > 1:
         raise ModelNotFoundError(f"model folder {asked!r} does not exist")
