@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +26,6 @@ from engramlab.lens import (
     exit_readings,
     fit_lens,
     plot_report,
-    saved_at,
     threshold_curve,
 )
 from engramlab.lens.depth import (
@@ -34,9 +35,10 @@ from engramlab.lens.depth import (
     guess_then_refine,
     plot_depth,
 )
-from engramlab.lens.early_exit import plot_curves
-from engramlab.lens.learned_exit import exit_data, policy_curve
+from engramlab.lens.early_exit import ExitCost, operating_point, plot_curves
+from engramlab.lens.learned_exit import exit_data, policy_check_flops, policy_curve
 from engramlab.lens.states import lens_corpus
+from results import run_folder, save_run
 
 
 def main() -> None:
@@ -49,7 +51,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="tuned-lens SGD steps")
     ap.add_argument("--policy-tokens", type=int, default=3072,
                     help="ConsistentEE policy training tokens (0: skip learned exit)")
-    ap.add_argument("--png-dir", default=None)
+    ap.add_argument("--png-dir", default=None, help="figures here (default: with --save, the "
+                    "run's folder)")
+    ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     ap.add_argument("--corpus", default=None, help="wiki (default) or sampled")
     args = ap.parse_args()
 
@@ -70,16 +74,35 @@ def main() -> None:
     t0 = time.perf_counter()
     report = evaluate_lenses(lm, lenses, held_out())
     eval_s = time.perf_counter() - t0
-    curves = {name: threshold_curve(exit_readings(lm, lens, held_out()))
-              for name, lens in lenses.items() if name != "tuned"}
+    # early exit: settings chosen on the first half of the held-out tokens, reported on the
+    # second; compute saved in blocks and net of every exit check (ExitCost)
+    curves, points, costs = {}, {}, {}
+
+    def add(name, dev, test, cost):
+        curves[name] = test
+        points[name] = {str(a): operating_point(dev, test, a, key="net_compute_saved")
+                        for a in (0.95, 0.99)}
+        costs[name] = cost.check / cost.block
+
+    for name, lens in lenses.items():
+        if name == "tuned":
+            continue
+        cost = ExitCost.of(lm, lens)
+        dev, test = exit_readings(lm, lens, held_out()).split()
+        add(name, threshold_curve(dev, cost=cost), threshold_curve(test, cost=cost), cost)
     t0 = time.perf_counter()
-    held = exit_data(lm, lenses["tuned"], held_out())
-    curves["tuned"] = threshold_curve(held.readings())
+    cost = ExitCost.of(lm, lenses["tuned"])
+    dev_data, test_data = exit_data(lm, lenses["tuned"], held_out()).split()
+    add("tuned", threshold_curve(dev_data.readings(), cost=cost),
+        threshold_curve(test_data.readings(), cost=cost), cost)
     policy_s = None
     if args.policy_tokens:
         train = exit_data(lm, lenses["tuned"], corpus_batches(
             lm, corpus, n_tokens=args.policy_tokens, skip_tokens=eval_start - args.policy_tokens))
-        curves["tuned+policy"] = policy_curve(train, held)
+        pcost = ExitCost.of(lm, lenses["tuned"],
+                            extra_check=policy_check_flops(16, lm.d_model))
+        dev_p, test_p = policy_curve(train, [dev_data, test_data], cost=pcost)
+        add("tuned+policy", dev_p, test_p, pcost)
         policy_s = time.perf_counter() - t0
     ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=min(200_000, eval_start)),
                             lm.vocab_size)
@@ -89,6 +112,7 @@ def main() -> None:
                  (c.request.text, c.request.target_true) for c in eg.data.bundled_cases()])}
     mid = lm.n_layers // 2
     lens_json = report.to_json()["lenses"]
+    depths = sorted({0, lm.n_layers // 3, (2 * lm.n_layers) // 3, lm.n_layers - 1})
     out = {
         "model": lm.name, "device": str(lm.device), "train_tokens": args.tokens,
         "eval_tokens": report.tokens,
@@ -101,6 +125,9 @@ def main() -> None:
         "lenses": lens_json,
         "middle_layer": mid,
         "kl_at_middle": {k: v["kl"][mid] for k, v in lens_json.items()},
+        "at_depths": {k: {str(d): {"kl": v["kl"][d], "top1": v["top1"][d]} for d in depths}
+                      for k, v in lens_json.items()},
+        "params": {k: v["params"] for k, v in lens_json.items()},
         "onejump_vs_shortcut": {
             ref: {"param_ratio": lens_json[ref]["params"] / lens_json["onejump"]["params"],
                   "mean_top1_gap": sum(a - b for a, b in zip(lens_json[ref]["top1"],
@@ -108,19 +135,31 @@ def main() -> None:
                                                              strict=True)) / lm.n_layers}
             for ref in ("shortcut", "shortcut_r")},
         "policy_seconds": policy_s,
-        "early_exit_saved_at_95": {k: saved_at(c, 0.95) for k, c in curves.items()},
+        "early_exit_split": "settings chosen on the first half of the held-out tokens, "
+                            "curves and operating points reported on the second",
+        "early_exit_check_in_blocks": costs,
+        "early_exit_operating_points": points,
         "early_exit_curves": curves,
         "onejump_choice": lenses["onejump"].config.get("chosen"),
         "depth": depth,
     }
-    if args.png_dir:
-        d, tag = Path(args.png_dir), Path(lm.name).stem
+    png_dir = args.png_dir or (str(run_folder(*args.save.split("/"))) + ".figures"
+                               if args.save else None)
+    if png_dir:
+        d, tag = Path(png_dir), Path(lm.name).stem
         out["png"] = [str(plot_report(report, d / f"lens_{tag}.png")),
                       str(plot_curves(curves, d / f"early_exit_{tag}.png",
-                                      title=f"{lm.name}: early exit")),
+                                      title=f"{lm.label}: early exit")),
                       str(plot_depth(depth, d / f"depth_{tag}.png",
-                                     title=f"{lm.name}: Guess-then-Refine (tuned lens)"))]
+                                     title=f"{lm.label}: Guess-then-Refine (tuned lens)"))]
     print(json.dumps(out))
+    if args.save:
+        area, name = args.save.split("/")
+        figures = {Path(p).name: Path(p) for p in out.get("png", [])}
+        folder = save_run(area, name, out, {k: v for k, v in vars(args).items()}, figures)
+        if png_dir and not args.png_dir:
+            shutil.rmtree(png_dir, ignore_errors=True)
+        print(f"wrote {folder}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,45 @@ def test_threshold_early_exit_picks_the_first_confident_layer():
     curve = threshold_curve(ExitReadings(conf, pred, torch.tensor([2, 3, 7])), [0.5])
     assert curve[0]["agreement"] == pytest.approx(2 / 3)
     assert saved_at(curve, 0.95) == 0.0 and saved_at(curve, 0.6) == pytest.approx(5 / 9)
+
+
+def test_net_compute_charges_every_exit_check():
+    from engramlab.lens.early_exit import ExitCost
+
+    cost = ExitCost(block=1.0, check=2.0, readout=3.0)
+    # exits at lens layers 0 and 2 of 4, one token never exits:
+    # 0·1 + 1·2, 2·1 + 3·2, 4·1 + 4·2 + 3 → mean 25/3 against 4·1 + 3 for the full model
+    assert cost.net_saved(torch.tensor([0, 2, 4]), 4) == pytest.approx(1 - (25 / 3) / 7)
+    assert ExitCost(1.0, 0.0, 0.0).net_saved(torch.tensor([1, 3]), 4) == pytest.approx(0.5)
+
+
+def test_exit_cost_counts_a_block_and_the_unembedding():
+    from engramlab.lens.early_exit import ExitCost
+
+    lm = make_tiny("llama")
+    cost = ExitCost.of(lm, LogitLens(lm))
+    block = sum(p.numel() for p in lm.layout.block(1).parameters())
+    assert cost.block == 2 * block
+    assert cost.readout == pytest.approx(2 * lm.d_model * lm.vocab_size + 4 * lm.d_model)
+    assert cost.check == cost.readout  # the logit lens adds no map
+    tuned = ExitCost.of(lm, TunedLens(lm))
+    assert tuned.check - cost.check == 2 * (lm.d_model**2 + lm.d_model)  # one layer's map
+
+
+def test_operating_points_are_chosen_on_dev_and_reported_on_test():
+    from engramlab.lens.early_exit import operating_point
+
+    dev = [{"threshold": 0.5, "agreement": 0.90, "net_compute_saved": 0.4},
+           {"threshold": 0.8, "agreement": 0.96, "net_compute_saved": 0.2},
+           {"threshold": 0.9, "agreement": 0.99, "net_compute_saved": 0.1}]
+    test = [{"threshold": 0.5, "agreement": 0.97, "compute_saved": 0.5,
+             "net_compute_saved": 0.45},
+            {"threshold": 0.8, "agreement": 0.93, "compute_saved": 0.3,
+             "net_compute_saved": 0.25},
+            {"threshold": 0.9, "agreement": 0.98, "compute_saved": 0.2,
+             "net_compute_saved": 0.15}]
+    p = operating_point(dev, test, 0.95, key="net_compute_saved")
+    assert p["threshold"] == 0.8 and p["reached_on_dev"]
+    assert p["test"] == {"agreement": 0.93, "compute_saved": 0.3, "net_compute_saved": 0.25}
+    none = operating_point(dev, test, 0.999, key="net_compute_saved")
+    assert not none["reached_on_dev"] and none["threshold"] == 0.9

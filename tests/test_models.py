@@ -93,3 +93,11 @@ def test_truncated_gguf_cache_is_detected_and_rebuilt(smol, isolated_cache, capl
                for r in caplog.records)
     assert lm.fingerprint() == smol.fingerprint()
     assert weights.stat().st_size == (src / "model.safetensors").stat().st_size
+
+
+def test_labels_name_a_model_without_its_path(tmp_path):
+    lm = make_tiny("llama")
+    lm.name = str(lm.save(tmp_path / "deep" / "my-model"))
+    assert lm.label == "my-model"
+    lm.name = "org/some-model"  # a hub id is kept whole
+    assert lm.label == "org/some-model"

@@ -35,3 +35,14 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     # every delta the blocks applied was reverted: the weights are the loaded ones
     assert lm.fingerprint() == eg.load_model("smollm2-135m", progress=False).fingerprint()
     assert namespace["result"].post["efficacy"] >= 0.8
+
+
+def test_readme_facts_example_is_a_case_the_loader_reads(tmp_path):
+    from engramlab.data import load_cases
+
+    (example,) = re.findall(r"^```json\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    path = tmp_path / "facts.jsonl"
+    path.write_text(example, encoding="utf-8")
+    (case,) = load_cases(path)
+    assert case.request.text == "The Eiffel Tower is located in the city of"
+    assert case.request.target_true == "Paris" and len(case.neighborhood_prompts) == 1

@@ -317,7 +317,7 @@ def cmd_lens_show(args: argparse.Namespace) -> int:
     view = layer_view(lm, args.prompt, lens, k=args.k)
     obj = view.to_json()
     if args.png:
-        obj["png"] = str(plot_view(view, args.png, title=f"{lm.name}: {args.prompt!r}"))
+        obj["png"] = str(plot_view(view, args.png, title=f"{lm.label}: {args.prompt!r}"))
     _emit(args, obj, view.table(args.position) + ([f"wrote {args.png}"] if args.png else []))
     return 0
 
@@ -351,9 +351,9 @@ def cmd_lens_eval(args: argparse.Namespace) -> int:
 
 def cmd_early_exit(args: argparse.Namespace) -> int:
     from .errors import SettingsError
-    from .lens import corpus_batches, exit_readings, saved_at, threshold_curve
-    from .lens.early_exit import plot_curves
-    from .lens.learned_exit import exit_data, policy_curve
+    from .lens import corpus_batches, exit_readings, threshold_curve
+    from .lens.early_exit import ExitCost, operating_point, plot_curves
+    from .lens.learned_exit import exit_data, policy_check_flops, policy_curve
     from .lens.states import lens_corpus
     from .models import load_model
 
@@ -364,28 +364,55 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
         raise SettingsError(f"--learned trains the exit policy on the {args.learned_tokens:,} "
                          f"tokens before the held-out slice, but only {skip:,} precede it; "
                          "raise --skip or lower --learned-tokens")
-    curves: dict[str, Any] = {}
+    curves: dict[str, Any] = {}  # on the test half of the held-out tokens
+    points: dict[str, Any] = {}  # chosen on the development half, reported on the test half
+    costs: dict[str, Any] = {}
+
+    def add(name: str, dev: list, test: list, cost: Any) -> None:
+        curves[name] = test
+        points[name] = {str(a): operating_point(dev, test, a, key="net_compute_saved")
+                        for a in (0.95, 0.99)}
+        costs[name] = {"block_flops": cost.block, "check_flops": cost.check,
+                       "check_in_blocks": cost.check / cost.block}
+
     for name, lens in _lenses(args, lm).items():
+        cost = ExitCost.of(lm, lens)
         held = corpus_batches(lm, corpus, n_tokens=args.tokens, skip_tokens=skip)
         if not args.learned:
-            curves[name] = threshold_curve(exit_readings(lm, lens, held))
+            dev, test = exit_readings(lm, lens, held).split()
+            add(name, threshold_curve(dev, cost=cost), threshold_curve(test, cost=cost), cost)
             continue
-        held_data = exit_data(lm, lens, held)
+        dev_data, test_data = exit_data(lm, lens, held).split()
         train = exit_data(lm, lens, corpus_batches(lm, corpus, n_tokens=args.learned_tokens,
                                                    skip_tokens=skip - args.learned_tokens))
-        curves[name] = threshold_curve(held_data.readings())
-        curves[f"{name}+policy"] = policy_curve(train, held_data, progress=not args.json)
-    obj: dict[str, Any] = {"model": lm.name, "curves": curves,
-                           "saved_at_95": {n: saved_at(c, 0.95) for n, c in curves.items()}}
-    lines = [f"{lm.name}: early exit ({args.tokens:,} held-out tokens)"]
+        add(name, threshold_curve(dev_data.readings(), cost=cost),
+            threshold_curve(test_data.readings(), cost=cost), cost)
+        policy_cost = ExitCost.of(lm, lens, extra_check=policy_check_flops(16, lm.d_model))
+        dev_p, test_p = policy_curve(train, [dev_data, test_data], cost=policy_cost,
+                                     progress=not args.json)
+        add(f"{name}+policy", dev_p, test_p, policy_cost)
+    obj: dict[str, Any] = {"model": lm.name, "held_out_tokens": args.tokens,
+                           "split": "points chosen on the first half of the held-out tokens, "
+                                    "curves and figures on the second", "curves": curves,
+                           "operating_points": points, "costs": costs}
+    lines = [f"{lm.name}: early exit on {args.tokens:,} held-out tokens (settings chosen on "
+             "the first half, reported on the second)"]
     for name, curve in curves.items():
-        lines.append(f"{name}: compute saved at ≥95% agreement: {obj['saved_at_95'][name]:.1%}")
+        lines.append(f"{name}: one exit check costs {costs[name]['check_in_blocks']:.1f} "
+                     "blocks")
+        for target, p in points[name].items():
+            knob = f"τ={p['threshold']}" if "threshold" in p else f"α={p['alpha']}"
+            lines.append(f"  for {float(target):.0%} agreement ({knob}"
+                         f"{'' if p['reached_on_dev'] else ', not reached on dev'}): test "
+                         f"agreement {p['test']['agreement']:.3f}, blocks saved "
+                         f"{p['test']['compute_saved']:.1%}, net of checks "
+                         f"{p['test']['net_compute_saved']:+.1%}")
         for p in curve:
             knob = f"τ={p['threshold']:<5}" if "threshold" in p else f"α={p['alpha']:<5}"
-            lines.append(f"  {knob} agreement {p['agreement']:.3f}  "
-                         f"saved {p['compute_saved']:.1%}")
+            lines.append(f"    {knob} agreement {p['agreement']:.3f}  blocks saved "
+                         f"{p['compute_saved']:.1%}  net {p['net_compute_saved']:+.1%}")
     if args.png:
-        obj["png"] = str(plot_curves(curves, args.png, title=f"{lm.name}: early exit"))
+        obj["png"] = str(plot_curves(curves, args.png, title=f"{lm.label}: early exit"))
         lines.append(f"wrote {args.png}")
     _emit(args, obj, lines)
     return 0
@@ -439,7 +466,7 @@ def cmd_depth(args: argparse.Namespace) -> int:
                      + (f", later tokens {f['later_token_layer']:.1f}"
                         if f["later_token_layer"] is not None else ""))
     if args.png:
-        obj["png"] = str(plot_depth(obj, args.png, title=f"{lm.name}: Guess-then-Refine "
+        obj["png"] = str(plot_depth(obj, args.png, title=f"{lm.label}: Guess-then-Refine "
                                                         f"({lens.kind} lens)"))
         lines.append(f"wrote {args.png}")
     _emit(args, obj, lines)

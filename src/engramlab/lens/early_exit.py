@@ -4,8 +4,16 @@ papers report it with their maps).
 
 A token exits at the first layer whose lens distribution has max-probability ≥ τ and takes that
 layer's top-1; a token that never gets confident runs the whole model. Reading lens layer ℓ (the
-input of block ℓ) means blocks 0 … ℓ−1 ran, so the compute share used is ℓ / L. Confidences and
-top-1 tokens are computed once per (layer, token); every threshold is then free.
+input of block ℓ) means blocks 0 … ℓ−1 ran. Confidences and top-1 tokens are computed once per
+(layer, token); every threshold is then free.
+
+Two compute figures per curve point: ``compute_saved`` counts blocks only (1 − ℓ/L), as the
+early-exit papers do; ``net_compute_saved`` also charges every exit check made (the lens map,
+the final norm and the unembedding at each layer a token passes), in FLOPs relative to the full
+model's blocks plus its one readout (:class:`ExitCost`). A check through a 49k-token
+unembedding costs about eight SmolLM2 blocks, so checking every layer costs more than it saves.
+A threshold (or a policy's α) is chosen on a development slice and reported on a test slice
+(:func:`operating_point`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,14 @@ class ExitReadings:
     pred: torch.Tensor  # [L, N]
     final: torch.Tensor  # [N]
 
+    def split(self, frac: float = 0.5) -> tuple[ExitReadings, ExitReadings]:
+        """The first ``frac`` of the tokens (development) and the rest (test)."""
+        cut = int(self.final.shape[0] * frac)
+        if not 0 < cut < self.final.shape[0]:
+            raise ValueError(f"cannot split {self.final.shape[0]} tokens at {frac}")
+        return (ExitReadings(self.conf[:, :cut], self.pred[:, :cut], self.final[:cut]),
+                ExitReadings(self.conf[:, cut:], self.pred[:, cut:], self.final[cut:]))
+
 
 @torch.no_grad()
 def exit_readings(lm: LM, lens: Lens, batches: Iterable[torch.Tensor], *,
@@ -56,6 +72,35 @@ def exit_readings(lm: LM, lens: Lens, batches: Iterable[torch.Tensor], *,
     return ExitReadings(torch.cat(confs, 1), torch.cat(preds, 1), torch.cat(finals))
 
 
+@dataclass(frozen=True)
+class ExitCost:
+    """FLOPs per token (weights only; attention over the context is not counted): one block,
+    one exit check at a layer, and the readout the full model makes once anyway."""
+
+    block: float
+    check: float
+    readout: float
+
+    @classmethod
+    def of(cls, lm: LM, lens: Lens, extra_check: float = 0.0) -> ExitCost:
+        """Costs for ``lens`` on ``lm``: a check is the lens map at one layer, the final norm
+        and the unembedding (``extra_check``: whatever else a check computes, e.g. a policy)."""
+        block = 2.0 * sum(p.numel() for p in lm.layout.block(0).parameters())
+        readout = 2.0 * lm.d_model * lm.vocab_size + 4.0 * lm.d_model
+        per_layer = sum(p.numel() // lens.n_layers if p.dim() and p.shape[0] == lens.n_layers
+                        else p.numel() for p in lens.parameters())
+        return cls(block, readout + 2.0 * per_layer + extra_check, readout)
+
+    def net_saved(self, layers: torch.Tensor, n_layers: int) -> float:
+        """1 − cost / full cost when each token exits at ``layers`` (``n_layers``: never), having
+        checked every layer up to its exit (all of them when it never exits)."""
+        depth = layers.float()
+        exited = layers < n_layers
+        checks = torch.where(exited, depth + 1, torch.full_like(depth, float(n_layers)))
+        cost = depth * self.block + checks * self.check + (~exited).float() * self.readout
+        return float(1 - cost.mean() / (n_layers * self.block + self.readout))
+
+
 def exit_layers(conf: torch.Tensor, threshold: float) -> torch.Tensor:
     """First layer whose confidence reaches ``threshold`` per token (L where none does)."""
     n_layers = conf.shape[0]
@@ -65,9 +110,10 @@ def exit_layers(conf: torch.Tensor, threshold: float) -> torch.Tensor:
     return first.long()
 
 
-def threshold_curve(r: ExitReadings, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
-                    ) -> list[dict[str, Any]]:
-    """Per threshold: agreement with the full model, compute saved, exits per layer."""
+def threshold_curve(r: ExitReadings, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                    cost: ExitCost | None = None) -> list[dict[str, Any]]:
+    """Per threshold: agreement with the full model, compute saved (blocks; with ``cost`` also
+    net of the checks), exits per layer."""
     n_layers, n = r.conf.shape
     out = []
     for tau in thresholds:
@@ -76,22 +122,46 @@ def threshold_curve(r: ExitReadings, thresholds: Sequence[float] = DEFAULT_THRES
         pred = r.final.clone()
         pred[exited] = r.pred[layer[exited], exited.nonzero().squeeze(1)]
         counts = torch.bincount(layer, minlength=n_layers + 1)
-        out.append({"threshold": float(tau),
-                    "agreement": float((pred == r.final).float().mean()),
-                    "compute_saved": float(1 - layer.float().mean() / n_layers),
-                    "exit_share": (counts.float() / n).tolist()})
+        point = {"threshold": float(tau),
+                 "agreement": float((pred == r.final).float().mean()),
+                 "compute_saved": float(1 - layer.float().mean() / n_layers),
+                 "exit_share": (counts.float() / n).tolist()}
+        if cost is not None:
+            point["net_compute_saved"] = cost.net_saved(layer, n_layers)
+        out.append(point)
     return out
 
 
-def saved_at(curve: Sequence[dict[str, Any]], agreement: float = 0.95) -> float:
-    """Most compute saved by a threshold that keeps ``agreement`` with the full model."""
-    ok = [p["compute_saved"] for p in curve if p["agreement"] >= agreement]
+def saved_at(curve: Sequence[dict[str, Any]], agreement: float = 0.95,
+             key: str = "compute_saved") -> float:
+    """Most compute saved by a point of ``curve`` that keeps ``agreement`` with the full model
+    (on the data the curve was made on: use :func:`operating_point` to report it)."""
+    ok = [p[key] for p in curve if p["agreement"] >= agreement]
     return max(ok, default=0.0)
+
+
+def operating_point(dev: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]],
+                    agreement: float = 0.95, key: str = "compute_saved") -> dict[str, Any]:
+    """The point (threshold or α) that saves most ``key`` on ``dev`` while keeping
+    ``agreement`` there, with what it does on ``test`` (the same points, other tokens).
+
+    With no dev point reaching the agreement, the most agreeing one is taken (and says so)."""
+    if len(dev) != len(test):
+        raise ValueError("dev and test curves must list the same points")
+    ok = [i for i, p in enumerate(dev) if p["agreement"] >= agreement]
+    i = max(ok, key=lambda j: dev[j][key]) if ok else \
+        max(range(len(dev)), key=lambda j: dev[j]["agreement"])
+    setting = {k: v for k, v in dev[i].items() if k in ("threshold", "alpha")}
+    return {"target_agreement": agreement, "reached_on_dev": bool(ok), **setting,
+            "dev": {"agreement": dev[i]["agreement"], key: dev[i][key]},
+            "test": {k: test[i][k] for k in ("agreement", "compute_saved",
+                                             "net_compute_saved") if k in test[i]}}
 
 
 def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], out: str | Path,
                 title: str = "") -> Path:
-    """Agreement vs compute saved, one line per lens (or exit policy)."""
+    """Agreement vs compute saved, one colour per lens (or exit policy): solid for blocks
+    saved, dashed for the saving net of the exit checks where the curve has it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,10 +169,15 @@ def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], out: str | Path,
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, curve in curves.items():
-        ax.plot([p["compute_saved"] for p in curve], [p["agreement"] for p in curve],
-                marker="o", ms=3, label=name)
+        (line,) = ax.plot([p["compute_saved"] for p in curve], [p["agreement"] for p in curve],
+                          marker="o", ms=3, label=name)
+        if all("net_compute_saved" in p for p in curve):
+            ax.plot([p["net_compute_saved"] for p in curve], [p["agreement"] for p in curve],
+                    ls="--", lw=1, color=line.get_color())
     ax.axhline(0.95, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="share of block computations saved", ylabel="agreement with full model",
+    ax.axvline(0.0, color="grey", lw=0.8)
+    ax.set(xlabel="compute saved (solid: blocks; dashed: net of the exit checks)",
+           ylabel="agreement with full model",
            title=title or "early exit trade-off", ylim=(0, 1.02))
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -73,7 +73,7 @@ def evaluate_lenses(lm: LM, lenses: Mapping[str, Lens], batches: Iterable[torch.
     bar.close()
     if tokens == 0:
         raise ValueError("no tokens to evaluate lenses on")
-    report = LensReport(lm.name, tokens, layers)
+    report = LensReport(lm.label, tokens, layers)
     for name, lens in lenses.items():
         s = sums[name]
         report.lenses[name] = {

@@ -52,7 +52,7 @@ from torch import nn
 
 from ..models.lm import LM
 from .base import Lens
-from .early_exit import ExitReadings, exit_layers
+from .early_exit import ExitCost, ExitReadings, exit_layers
 from .states import layer_states
 
 N_CONF = 3  # max probability, top-2 margin, normalised entropy
@@ -84,6 +84,18 @@ class ExitData:
     def readings(self) -> ExitReadings:
         """The same tokens as the threshold baseline of :mod:`.early_exit` reads them."""
         return ExitReadings(self.conf, self.pred, self.final)
+
+    def split(self, frac: float = 0.5) -> tuple[ExitData, ExitData]:
+        """The first ``frac`` of the tokens (development) and the rest (test)."""
+        cut = int(self.n_tokens * frac)
+        if not 0 < cut < self.n_tokens:
+            raise ValueError(f"cannot split {self.n_tokens} tokens at {frac}")
+
+        def part(sl: slice) -> ExitData:
+            return ExitData(self.feats[:, sl], self.logq[:, sl], self.conf[:, sl],
+                            self.pred[:, sl], self.final[sl], self.final_logp[sl])
+
+        return part(slice(None, cut)), part(slice(cut, None))
 
     @property
     def n_layers(self) -> int:
@@ -271,31 +283,47 @@ def train_policy(data: ExitData, *, alpha: float = 1.0, hardness: bool = True,
     return policy
 
 
-def outcome(data: ExitData, layers: torch.Tensor) -> dict[str, float]:
-    """Agreement with the full model and compute saved when each token exits at ``layers``."""
+def policy_check_flops(policy_components: int, d_model: int) -> float:
+    """What a policy adds to an exit check: the projection of the normed state and the unit."""
+    return 2.0 * d_model * policy_components + 2.0 * (policy_components + N_CONF)
+
+
+def outcome(data: ExitData, layers: torch.Tensor, cost: ExitCost | None = None
+            ) -> dict[str, float]:
+    """Agreement with the full model and compute saved (blocks; with ``cost`` also net of the
+    checks) when each token exits at ``layers``."""
     n_layers = data.n_layers
     exited = layers < n_layers
     agree = torch.ones(data.n_tokens, dtype=torch.bool)
     cols = exited.nonzero().squeeze(1)
     agree[cols] = data.agree[layers[cols], cols]
-    return {"agreement": float(agree.float().mean()),
-            "compute_saved": float(1 - layers.float().mean() / n_layers)}
-
-
-def policy_curve(train: ExitData, held_out: ExitData, *,
-                 alphas: Sequence[float] = DEFAULT_ALPHAS,
-                 progress: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
-    """One trained policy per depth price ``alpha``, judged on held-out tokens (greedy 0.5)."""
-    out = []
-    for alpha in alphas:
-        policy = train_policy(train, alpha=alpha, progress=progress, **kwargs)
-        layers = policy.exit_layers(held_out.feats)
-        out.append({"alpha": float(alpha), **outcome(held_out, layers),
-                    "mean_exit_layer": float(layers.float().mean())})
+    out = {"agreement": float(agree.float().mean()),
+           "compute_saved": float(1 - layers.float().mean() / n_layers)}
+    if cost is not None:
+        out["net_compute_saved"] = cost.net_saved(layers, n_layers)
     return out
 
 
-def threshold_baseline(data: ExitData, thresholds: Sequence[float]) -> list[dict[str, Any]]:
+def policy_curve(train: ExitData, held_out: ExitData | Sequence[ExitData], *,
+                 alphas: Sequence[float] = DEFAULT_ALPHAS, cost: ExitCost | None = None,
+                 progress: bool = False, **kwargs: Any) -> Any:
+    """One trained policy per depth price ``alpha``, judged on held-out tokens (greedy 0.5).
+
+    ``held_out`` may be several slices (e.g. development and test): each gets its own curve
+    from the same policies, returned as a list of curves."""
+    slices = [held_out] if isinstance(held_out, ExitData) else list(held_out)
+    curves: list[list[dict[str, Any]]] = [[] for _ in slices]
+    for alpha in alphas:
+        policy = train_policy(train, alpha=alpha, progress=progress, **kwargs)
+        for curve, data in zip(curves, slices, strict=True):
+            layers = policy.exit_layers(data.feats)
+            curve.append({"alpha": float(alpha), **outcome(data, layers, cost),
+                          "mean_exit_layer": float(layers.float().mean())})
+    return curves[0] if isinstance(held_out, ExitData) else curves
+
+
+def threshold_baseline(data: ExitData, thresholds: Sequence[float],
+                       cost: ExitCost | None = None) -> list[dict[str, Any]]:
     """Confidence-threshold exit on the same tokens, for the comparison curve."""
-    return [{"threshold": float(t), **outcome(data, exit_layers(data.conf, t))}
+    return [{"threshold": float(t), **outcome(data, exit_layers(data.conf, t), cost)}
             for t in thresholds]

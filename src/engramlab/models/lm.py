@@ -48,6 +48,13 @@ class LM:
     _delta_counter: int = field(default=0, repr=False)
     _fp_cache: tuple[Any, str] | None = field(default=None, repr=False)
 
+    @property
+    def label(self) -> str:
+        """A short name for titles and tables: the registry name or hub id as given, or the
+        last part of a local path (never a whole path)."""
+        path = Path(self.name).expanduser()
+        return path.resolve().name if path.exists() else self.name
+
     # sizes and placement ----------------------------------------------------------------
     @property
     def n_layers(self) -> int:

@@ -1,0 +1,48 @@
+"""Where a benchmark run lands: ``docs/results/<area>/<run>/`` with the command that made it,
+its parameters and its JSON (and any figures the benchmark draws there).
+
+Written into a temporary sibling folder and moved into place, so a run that fails or is
+interrupted leaves the previous result as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def run_folder(area: str, run: str) -> Path:
+    """``docs/results/<area>/<run>`` (not created)."""
+    return RESULTS / area / run
+
+
+def save_run(area: str, run: str, result: dict[str, Any], params: dict[str, Any],
+             files: dict[str, Path] | None = None) -> Path:
+    """Write command.txt, params.json, result.json (and copies of ``files``) for one run."""
+    target = run_folder(area, run)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run}.", dir=target.parent))
+    try:
+        argv = [Path(sys.executable).name, *sys.argv]
+        argv[1] = os.path.relpath(Path(argv[1]).resolve(), RESULTS.parents[1])
+        (tmp / "command.txt").write_text(" ".join(shlex.quote(a) for a in argv) + "\n")
+        (tmp / "params.json").write_text(json.dumps(params, indent=1, default=str) + "\n")
+        (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        for name, path in (files or {}).items():
+            shutil.copyfile(path, tmp / name)
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
