@@ -36,6 +36,7 @@ from engramlab.lens.depth import (
     plot_depth,
 )
 from engramlab.lens.early_exit import ExitCost, operating_point, plot_curves
+from engramlab.lens.exit_head import head_curve, train_head
 from engramlab.lens.learned_exit import exit_data, policy_check_flops, policy_curve
 from engramlab.lens.states import lens_corpus
 from results import run_folder, save_run
@@ -103,6 +104,11 @@ def main() -> None:
                             extra_check=policy_check_flops(16, lm.d_model))
         dev_p, test_p = policy_curve(train, [dev_data, test_data], cost=pcost)
         add("tuned+policy", dev_p, test_p, pcost)
+        head = train_head(train)
+        hcost = ExitCost.of(lm, lenses["tuned"], extra_check=head.check_flops(),
+                            check_reads_out=False)
+        add("tuned+head", head_curve(head, dev_data, cost=hcost),
+            head_curve(head, test_data, cost=hcost), hcost)
         policy_s = time.perf_counter() - t0
     ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=min(200_000, eval_start)),
                             lm.vocab_size)

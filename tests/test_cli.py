@@ -99,6 +99,12 @@ def test_lens_train_eval_show_and_early_exit_on_a_tiny_model(tmp_path, capsys):
     learned = json.loads(capsys.readouterr().out)
     # the threshold curve read from the policy's data is the same as the plain one
     assert learned["curves"]["logit"] == ee["curves"]["logit"]
+    head = learned["curves"]["logit+head"]
+    assert head[-1]["compute_saved"] == 0.0  # threshold 1.01: nothing exits
+    # a head check skips the unembedding, so it costs far less than a lens readout
+    costs = learned["costs"]
+    assert costs["logit+head"]["check_flops"] < 0.5 * costs["logit"]["check_flops"]
+    assert set(learned["operating_points"]["logit"]) == {"0.95", "0.99"}
     policy = learned["curves"]["logit+policy"]
     assert [p["alpha"] for p in policy] == sorted(p["alpha"] for p in policy)
     assert all(0 <= p["compute_saved"] <= 1 and 0 <= p["agreement"] <= 1 for p in policy)

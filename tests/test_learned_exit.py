@@ -3,6 +3,7 @@ on data whose right answer is known."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engramlab.lens.learned_exit import (
@@ -110,3 +111,30 @@ def test_policy_inputs_are_standardised_projections():
                                rtol=0)
     torch.testing.assert_close(z.std(1), torch.ones(data.n_layers, 3 + N_CONF), atol=1e-3,
                                rtol=0)
+
+
+def test_confidence_head_learns_which_tokens_are_done_and_exits_them_early():
+    from engramlab.lens.exit_head import head_curve, train_head
+
+    train, held = _synthetic(seed=0), _synthetic(seed=1)
+    head = train_head(train, n_components=4)
+    probs = head(held.feats[..., :-N_CONF])
+    easy = held.agree[-1]
+    # from layer 1 on, the head is sure about easy tokens and not about hard ones
+    assert float(probs[1:, easy].mean()) > 0.9 and float(probs[:, ~easy].mean()) < 0.1
+    curve = head_curve(head, held, thresholds=(0.5, 1.01))
+    sure, never = curve
+    assert sure["agreement"] > 0.98 and sure["compute_saved"] > 0.3  # easy half out at 1
+    assert never["compute_saved"] == 0.0 and never["agreement"] == 1.0
+
+
+def test_a_check_without_a_readout_pays_the_unembedding_once():
+    from engramlab.lens.early_exit import ExitCost
+
+    reads = ExitCost(block=1.0, check=3.0, readout=2.0)
+    head = ExitCost(block=1.0, check=0.5, readout=2.0, exit_readout=2.0)
+    layers = torch.tensor([1, 1, 5])  # two tokens out after one block of five, one never
+    # reading out at every check: (1 + 2·3), (1 + 2·3), (5 + 5·3 + 2) → 36 against 3·7
+    assert reads.net_saved(layers, 5) == pytest.approx(1 - 36 / 21)
+    # the head: (1 + 2·0.5 + 2) twice, (5 + 5·0.5 + 2) → 17.5 against 21
+    assert head.net_saved(layers, 5) == pytest.approx(1 - 17.5 / 21)

@@ -353,6 +353,7 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
     from .errors import SettingsError
     from .lens import corpus_batches, exit_readings, threshold_curve
     from .lens.early_exit import ExitCost, operating_point, plot_curves
+    from .lens.exit_head import head_curve, train_head
     from .lens.learned_exit import exit_data, policy_check_flops, policy_curve
     from .lens.states import lens_corpus
     from .models import load_model
@@ -391,6 +392,10 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
         dev_p, test_p = policy_curve(train, [dev_data, test_data], cost=policy_cost,
                                      progress=not args.json)
         add(f"{name}+policy", dev_p, test_p, policy_cost)
+        head = train_head(train)
+        head_cost = ExitCost.of(lm, lens, extra_check=head.check_flops(), check_reads_out=False)
+        add(f"{name}+head", head_curve(head, dev_data, cost=head_cost),
+            head_curve(head, test_data, cost=head_cost), head_cost)
     obj: dict[str, Any] = {"model": lm.name, "held_out_tokens": args.tokens,
                            "split": "points chosen on the first half of the held-out tokens, "
                                     "curves and figures on the second", "curves": curves,
@@ -570,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", type=nonnegative_int, default=0)
     p.add_argument("--png", default=None)
     p.add_argument("--learned", action="store_true",
-                   help="also train ConsistentEE exit policies (one per depth price) on the "
-                        "tokens just before the held-out slice")
+                   help="also train ConsistentEE exit policies (one per depth price) and a "
+                        "cheap confidence head on the tokens just before the held-out slice")
     p.add_argument("--learned-tokens", type=positive_int, default=3072,
                    help="with --learned: policy training tokens")
     p.set_defaults(func=cmd_early_exit)

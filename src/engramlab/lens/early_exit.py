@@ -80,16 +80,22 @@ class ExitCost:
     block: float
     check: float
     readout: float
+    exit_readout: float = 0.0  # paid once on exiting, when the checks do not read out
 
     @classmethod
-    def of(cls, lm: LM, lens: Lens, extra_check: float = 0.0) -> ExitCost:
-        """Costs for ``lens`` on ``lm``: a check is the lens map at one layer, the final norm
-        and the unembedding (``extra_check``: whatever else a check computes, e.g. a policy)."""
+    def of(cls, lm: LM, lens: Lens, extra_check: float = 0.0,
+           check_reads_out: bool = True) -> ExitCost:
+        """Costs for ``lens`` on ``lm``: a check is the lens map at one layer and the final
+        norm, plus the unembedding when the check reads the distribution (``check_reads_out``;
+        otherwise the unembedding is paid once, at the exit), plus ``extra_check`` (a policy's
+        or a confidence head's own work)."""
         block = 2.0 * sum(p.numel() for p in lm.layout.block(0).parameters())
-        readout = 2.0 * lm.d_model * lm.vocab_size + 4.0 * lm.d_model
+        norm = 4.0 * lm.d_model
+        unembed = 2.0 * lm.d_model * lm.vocab_size
         per_layer = sum(p.numel() // lens.n_layers if p.dim() and p.shape[0] == lens.n_layers
                         else p.numel() for p in lens.parameters())
-        return cls(block, readout + 2.0 * per_layer + extra_check, readout)
+        check = 2.0 * per_layer + norm + extra_check + (unembed if check_reads_out else 0.0)
+        return cls(block, check, unembed + norm, 0.0 if check_reads_out else unembed)
 
     def net_saved(self, layers: torch.Tensor, n_layers: int) -> float:
         """1 − cost / full cost when each token exits at ``layers`` (``n_layers``: never), having
@@ -97,7 +103,8 @@ class ExitCost:
         depth = layers.float()
         exited = layers < n_layers
         checks = torch.where(exited, depth + 1, torch.full_like(depth, float(n_layers)))
-        cost = depth * self.block + checks * self.check + (~exited).float() * self.readout
+        cost = (depth * self.block + checks * self.check
+                + torch.where(exited, self.exit_readout, self.readout))
         return float(1 - cost.mean() / (n_layers * self.block + self.readout))
 
 
