@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--fluency-tokens", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], help="overrides k=v for every method")
+    parser.add_argument("--grid", default=None,
+                        help="key=v1,v2,...: repeat every run for each value (a dev sweep)")
     parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     args = parser.parse_args()
     if args.save and args.save.count("/") != 1:
@@ -87,24 +89,28 @@ def main() -> int:
         flags = [True] * len(cases)
     cases, flags = cases[:args.n], flags[:args.n]
     overrides = dict(kv.split("=", 1) for kv in args.set)
+    grid: list[dict[str, str]] = [{}]
+    if args.grid:
+        key, _, values = args.grid.partition("=")
+        grid = [{key: v} for v in values.split(",")]
     out = {"model": args.model, "data": Path(args.data).name, "cases": len(cases),
            "known": sum(flags), "device": str(lm.device),
            "gpu": torch.cuda.get_device_name() if lm.device.type == "cuda" else None,
            "threads": torch.get_num_threads(), "runs": []}
-    for run in args.runs:
+    for run, setting in ((r, g) for r in args.runs for g in grid):
         method, _, protocol = run.partition(":")
-        editor = get_editor(method, **overrides)
+        editor = get_editor(method, **overrides, **setting)
         t0 = time.perf_counter()
         result = run_protocol(lm, editor, cases, protocol=protocol or "independent",
                               fluency_tokens=args.fluency_tokens)
-        row = {"method": method, "protocol": result.protocol, "n": result.n,
+        row = {"method": method, "protocol": result.protocol, "n": result.n, "grid": setting,
                "seconds_per_edit": result.seconds_per_edit,
                "wall_seconds": time.perf_counter() - t0, "hparams": result.hparams,
                "all": subset_summary(result.per_case, [True] * len(flags)),
                "known": subset_summary(result.per_case, flags),
                "pre_all": result.pre, "post_all": result.post}
         out["runs"].append(row)
-        print(json.dumps({"done": run, "all": row["all"]["mean"],
+        print(json.dumps({"done": run, **setting, "all": row["all"]["mean"],
                           "known": row["known"]["mean"]}), file=sys.stderr, flush=True)
     print(json.dumps(out, indent=1, default=str))
     if args.save:
