@@ -2,7 +2,7 @@
 
 Prints one JSON object: per concept and method the ``run_erasure`` report (accuracies before and
 after, paraphrases, controls, perplexity, adversarial framings, relearning, concept-vector
-cosine, coefficient patching, value restoration), seconds per concept, per-method means over
+cosine, coefficient patching), seconds per concept, per-method means over
 the concepts (``summary``), the time to sample the ``features`` method's SAE corpus and to train
 its per-layer MLP-output SAEs (once per model, cached, shared by all concepts; an empty
 ``ENGRAMLAB_CACHE`` measures it cold) and peak RSS. With ``--png`` it also draws the concept-vectors
@@ -86,7 +86,6 @@ def summary(result: dict) -> dict:
         "heldout_unedited": lambda r: r["relearn"].get("heldout", {}).get("unedited"),
         "vector_cosine": lambda r: r["trace"]["concept_vector_cosine"],
         "coefficient_patch": lambda r: r["trace"]["coefficient_patch_accuracy"],
-        "value_restore": lambda r: r["trace"]["value_restore_accuracy"],
         "erase_seconds": lambda r: r["erase_seconds"],
     }
     methods: dict[str, dict] = {}

@@ -26,7 +26,7 @@ SHOWN = {"post_target": "post", "post_paraphrase": "para", "control_drop": "ctrl
          "perplexity_rise": "ppl rise", "worst_paragraph_rise": "worst ¶ ppl",
          "adversarial": "adversarial", "relearn_paragraph": "relearn",
          "heldout_after": "held-out after relearn", "coefficient_patch": "coef. patch",
-         "value_restore": "value restore", "vector_cosine": "vector cos",
+         "vector_cosine": "vector cos",
          "erase_seconds": "erase s"}
 
 

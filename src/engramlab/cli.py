@@ -187,8 +187,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
               "{target_accuracy:.3f} (unedited model: {unedited:.3f})".format(
                   **report["relearn"]["heldout"]),
               f"inside: concept-vector cosine {'-' if cos is None else f'{cos:.3f}'}, "
-              f"coefficient patching {tr['coefficient_patch_accuracy']:.3f}, "
-              f"value restoration {tr['value_restore_accuracy']:.3f}"]
+              f"coefficient patching {tr['coefficient_patch_accuracy']:.3f}"]
     if args.out:
         lines.append(f"saved to {args.out}")
     _emit(args, report, lines)

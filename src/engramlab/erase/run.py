@@ -3,10 +3,10 @@
 ``run_erasure`` is what ``engram erase`` prints: accuracies before and after, perplexity,
 paraphrases, adversarial framings, relearning (on the concept's paragraph, and on half of its
 facts scored on the other half, with the unedited model under the same fine-tune as the
-reference), and the inside-looking probes of
-:mod:`engramlab.evaluate.erasure` (the change of the concept's vectors, coefficient patching,
-value restoration). The concept's vectors used as its trace are the ones the concept-vectors
-finder validates on the unedited model, so every method is judged against the same trace.
+reference), and the inside-looking probes of :mod:`engramlab.evaluate.erasure` (the change
+of the concept's vectors, coefficient patching; that module says which contrasts are
+structural). The concept's vectors used as its trace are the ones the concept-vectors finder
+validates on the unedited model, so every method is judged against the same trace.
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
                                          steps=relearn_steps, lr=relearn_lr)
         heldout = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
     patched = E.coefficient_patch_accuracy(lm, delta, concept.probes)
-    restored = E.value_restore_accuracy(lm, delta, concept.probes)
     report = {
         "method": method, "concept": concept.name, "pre": pre, "post": post,
         "relearn": {"target_accuracy": relearned, "steps": relearn_steps,
@@ -121,7 +120,6 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
         "adversarial": {"target_accuracy": max(adversarial.values()), **adversarial},
         "trace": {"concept_vector_cosine": sum(cosines) / len(cosines) if cosines else None,
                   "coefficient_patch_accuracy": patched,
-                  "value_restore_accuracy": restored,
                   "vectors": [list(v) for v in trace_ids]},
         # the setting the eraser chose (e.g. concept vectors' tuned selection, top_k, factor)
         "delta": {"params": len(delta.entries), "norm": delta.norm(),

@@ -1,13 +1,16 @@
 """Erasure metrics: behaviour (probe accuracy, perplexity, adversarial framings, relearning) and
-what is left inside (concept-vector cosine, coefficient patching, value restoration).
+what is left inside (concept-vector cosine, coefficient patching).
 
 The inside-looking probes follow Hong et al., "Dissecting Fine-Tuning Unlearning in Large
 Language Models" (EMNLP 2024): fine-tuning unlearning mostly changes the MLP *coefficients*
 (the keys, i.e. how knowledge is retrieved) and leaves the value vectors that store it, so
 patching the unedited model's coefficients into the unlearned model brings the knowledge back.
 For an in-parameter erasure the values themselves are gone and patching the coefficients
-cannot recover them. ``coefficient_patch_accuracy`` measures exactly that; ``value_restore_
-accuracy`` is the complementary probe (put the original value weights back, keep the rest).
+cannot recover them. ``coefficient_patch_accuracy`` measures exactly that. For a method that
+edits only value vectors the contrast is partly structural: the coefficients it leaves are the
+unedited model's at the edited layers by construction. (Restoring the original value weights,
+the mirror-image probe, undoes a value-only delta entirely and so cannot come out otherwise
+than 1.00 for such methods; it is not offered.)
 
 A probe counts as answered when the greedy next token is the first token of ``" " + answer``
 as it continues the prompt.
@@ -265,13 +268,3 @@ def coefficient_patch_accuracy(lm: LM, delta: WeightDelta, probes: Sequence[Prob
         for p, guess in zip(chunk, last.tolist(), strict=True):
             hits.append(guess == target_ids(lm, p.prompt, p.answer)[0])
     return sum(hits) / len(hits)
-
-
-def value_restore_accuracy(lm: LM, delta: WeightDelta, probes: Sequence[Probe]) -> float:
-    """Accuracy with the delta applied except on the MLP value (down-projection) weights."""
-    values = {lm.layout.value_param_name(i) for i in range(lm.layout.n_layers)}
-    rest = WeightDelta({n: e for n, e in delta.entries.items() if n not in values}, delta.meta)
-    if not rest.entries:
-        return accuracy(lm, probes)
-    with rest.applied(lm, force=True):
-        return accuracy(lm, probes)
