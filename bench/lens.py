@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16_000)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--rank", type=int, default=64, help="one-jump (and low-rank shortcut) rank")
-    ap.add_argument("--steps", type=int, default=30, help="tuned-lens SGD steps")
+    ap.add_argument("--steps", type=int, default=50, help="tuned-lens Adam steps")
+    ap.add_argument("--step-tokens", type=int, default=256, help="tuned-lens tokens per step")
     ap.add_argument("--policy-tokens", type=int, default=3072,
                     help="ConsistentEE policy training tokens (0: skip learned exit)")
     ap.add_argument("--png-dir", default=None, help="figures here (default: with --save, the "
@@ -66,7 +67,7 @@ def main() -> None:
                        ("tuned", None)):
         t0 = time.perf_counter()
         lenses[kind] = fit_lens(lm, kind.removesuffix("_r"), corpus, n_tokens=args.tokens,
-                                rank=rank, steps=args.steps)
+                                rank=rank, steps=args.steps, step_tokens=args.step_tokens)
         fit_s[kind] = time.perf_counter() - t0
 
     def held_out():
@@ -126,6 +127,8 @@ def main() -> None:
         "fit_tokens_per_s": {k: args.tokens / v for k, v in fit_s.items()
                              if k != "tuned"},
         "tuned_steps": args.steps,
+        "tuned_step_tokens": args.step_tokens,
+        "tuned_losses": lenses["tuned"].config.get("losses"),
         "eval_seconds": eval_s,
         "final_ce": lens_json.pop("_final")["ce"],
         "lenses": lens_json,

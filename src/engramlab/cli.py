@@ -278,6 +278,7 @@ def cmd_lens_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     lens = fit_lens(lm, args.kind, corpus, n_tokens=args.tokens, rank=args.rank,
                     steps=args.steps, lr=args.lr, warm_start=not args.no_warm_start,
+                    step_tokens=args.step_tokens,
                     progress=not args.json)
     seconds = time.perf_counter() - t0
     lens.save(args.out)
@@ -532,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=positive_int, default=None, help="shortcut / one-jump rank")
     p.add_argument("--tokens", type=positive_int, default=16_000, help="training tokens")
     p.add_argument("--steps", type=positive_int, default=50, help="tuned lens: Adam steps")
+    p.add_argument("--step-tokens", type=positive_int, default=256,
+                   help="tuned lens: tokens per step (time per step grows with it)")
     p.add_argument("--lr", type=positive_float, default=1e-3,
                    help="tuned lens: Adam learning rate")
     p.add_argument("--no-warm-start", action="store_true",
