@@ -102,7 +102,7 @@ def main() -> int:
         editor = get_editor(method, **overrides, **setting)
         t0 = time.perf_counter()
         result = run_protocol(lm, editor, cases, protocol=protocol or "independent",
-                              fluency_tokens=args.fluency_tokens)
+                              fluency_tokens=args.fluency_tokens, progress=True)
         row = {"method": method, "protocol": result.protocol, "n": result.n, "grid": setting,
                "seconds_per_edit": result.seconds_per_edit,
                "wall_seconds": time.perf_counter() - t0, "hparams": result.hparams,
