@@ -101,3 +101,13 @@ def test_labels_name_a_model_without_its_path(tmp_path):
     assert lm.label == "my-model"
     lm.name = "org/some-model"  # a hub id is kept whole
     assert lm.label == "org/some-model"
+
+
+def test_next_token_logits_equal_the_full_models_at_each_last_real_token(tiny):
+    prompts = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9"]
+    enc = tiny.tokenize(prompts)
+    with torch.no_grad():
+        full = tiny.model(**enc).logits
+    last = enc["attention_mask"].sum(1) - 1
+    torch.testing.assert_close(tiny.next_token_logits(prompts),
+                               full[torch.arange(3), last].float(), rtol=1e-5, atol=1e-5)

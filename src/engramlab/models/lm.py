@@ -119,11 +119,24 @@ class LM:
 
     @torch.no_grad()
     def next_token_logits(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """``[batch, vocab]`` logits after the last real token of each prompt (one forward)."""
+        """``[batch, vocab]`` logits after the last real token of each prompt (one forward of
+        the body; the unembedding only at those positions, not at every padded one)."""
         enc = self.tokenize(prompts)
-        logits = self.model(**enc).logits
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(_m: nn.Module, _a: Any, out: Any) -> None:
+            kept["h"] = out[0] if isinstance(out, tuple) else out
+
+        handle = self.layout.block(self.n_layers - 1).register_forward_hook(keep)
+        try:
+            body = getattr(self.model, "base_model", self.model)
+            body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                 use_cache=False)
+        finally:
+            handle.remove()
         last = enc["attention_mask"].sum(1) - 1
-        return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
+        rows = torch.arange(last.shape[0], device=last.device)
+        return self.logits_from_hidden(kept["h"][rows, last]).float()
 
     def top_tokens(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
         probs = self.next_token_logits(prompt)[0].softmax(-1)
