@@ -14,7 +14,8 @@ A probe counts as answered when the greedy next token is the first token of ``" 
 The bundled set (``smollm2_concepts``) holds 11 concepts — fictional series, people, places, a
 holiday — each with ≥ 10 probes that the embedded SmolLM2-135M-Instruct answers correctly. They
 were curated by writing cloze and QA prompts by hand and keeping those the model gets right
-(``tests/test_concepts.py`` re-checks this); a paraphrase is kept when the model also answers it,
+(``test_bundled_concepts_are_known_by_the_embedded_model`` in ``tests/test_erase.py``
+re-checks this); a paraphrase is kept when the model also answers it,
 so some concepts (Paris, Japan) have few paraphrases. ``text`` is a short hand-written
 encyclopedic paragraph, used by the fine-tuning baselines as forget text and for relearning;
 ``general_text`` holds neutral paragraphs about none of the concepts, for perplexity.

@@ -300,15 +300,3 @@ class FineTuneUnlearner:
         ratio = logp - extra["ref"]
         npo = -(2.0 / self.beta) * torch.nn.functional.logsigmoid(-self.beta * ratio).mean()
         return npo + self.retain_weight * retain
-
-
-def GA(**kw: object) -> FineTuneUnlearner:
-    return FineTuneUnlearner(method="ga", **kw)  # type: ignore[arg-type]
-
-
-def NPO(**kw: object) -> FineTuneUnlearner:
-    return FineTuneUnlearner(method="npo", **kw)  # type: ignore[arg-type]
-
-
-def RMU(**kw: object) -> FineTuneUnlearner:
-    return FineTuneUnlearner(method="rmu", **kw)  # type: ignore[arg-type]
