@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--concepts", default="Harry Potter")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--relearn-steps", type=int, default=10)
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="which half of each concept's probes the tuners see (the other half "
+                         "is scored)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--png", default=None)
     args = ap.parse_args()
@@ -142,7 +145,7 @@ def main() -> None:
             t = time.perf_counter()
             try:
                 report = run_erasure(lm, concept, method, relearn_steps=args.relearn_steps,
-                                     **settings)
+                                     split_seed=args.split_seed, **settings)
             except eg.EngramError as exc:  # a method that finds nothing is a result too
                 per[method] = {"error": str(exc)}
             else:

@@ -549,3 +549,43 @@ def test_rmu_pushes_the_forget_states_towards_its_random_direction():
     along_after = float((after @ direction).mean())
     assert along_after - along_before > 0.5 * before.norm(dim=-1).mean()
     assert (after - target).norm(dim=-1).mean() < (before - target).norm(dim=-1).mean()
+
+
+def test_concept_split_is_seeded_disjoint_and_complete():
+    lm = make_tiny("llama")
+    concept = Concept("tiny", probes=_known_probes(lm, 9), keywords=["w1"])
+    tuned, held = concept.split(0)
+    again, held_again = concept.split(0)
+    assert tuned.probes == again.probes and held == held_again
+    assert len(tuned.probes) == 4 or len(tuned.probes) == 5
+    assert sorted(map(str, tuned.probes + held)) == sorted(map(str, concept.probes))
+    assert not set(tuned.probes) & set(held) and tuned.keywords == ["w1"]
+    others = {tuple(concept.split(s)[1]) for s in range(1, 6)}
+    assert len(others | {tuple(held)}) > 1  # other seeds, other halves
+    with pytest.raises(ConceptError, match="at least 2"):
+        Concept("one", probes=concept.probes[:1]).split(0)
+
+
+def test_erasers_see_only_the_tuning_probes_and_the_report_scores_the_rest(tiny_llama_concept):
+    from engramlab.erase.run import run_erasure
+
+    lm, concept = tiny_llama_concept
+    seen: list[Probe] = []
+
+    class Spy:
+        def erase(self, lm, concept):
+            seen.extend(concept.probes)
+            return WeightDelta.for_model(lm, {})
+
+    report = run_erasure(lm, concept, "spy", eraser=Spy(), relearn_steps=0, trace_vectors=4,
+                         split_seed=3)
+    tuned, held = concept.split(3)
+    assert seen == tuned.probes and not set(seen) & set(held)
+    assert report["split"] == {**report["split"], "seed": 3, "tuned_probes": len(tuned.probes),
+                               "held_out_probes": len(held)}
+    assert report["pre"]["target_accuracy"] == accuracy(lm, held)
+    assert report["pre"]["target_tuned_accuracy"] == accuracy(lm, tuned.probes)
+    seen.clear()
+    unsplit = run_erasure(lm, concept, "spy", eraser=Spy(), relearn_steps=0, trace_vectors=4,
+                          split_seed=None)
+    assert seen == concept.probes and unsplit["split"]["reported_on"].startswith("every probe")

@@ -165,16 +165,22 @@ def cmd_erase(args: argparse.Namespace) -> int:
     eraser = make_eraser(args.method, layers=args.layers, **settings)  # before the model loads
     lm = load_model(args.model, progress=not args.json)
     report = run_erasure(lm, concept, args.method, layers=args.layers, out=args.out,
-                         relearn_steps=args.relearn_steps, eraser=eraser)
+                         relearn_steps=args.relearn_steps, eraser=eraser,
+                         split_seed=None if args.no_split else args.split_seed)
     pre, post = report["pre"], report["post"]
     setting = ", ".join(f"{k} {v}" for k, v in report["delta"]["setting"].items())
+    split = report["split"]
     lines = [f"{args.method} erasure of {concept.name!r} on {lm.name} "
              f"({report['erase_seconds']:.1f} s{'; ' + setting if setting else ''})",
-             f"{'':<10}{'target':>8}{'paraphr.':>10}{'controls':>10}{'unseen':>8}{'near':>8}"
-             f"{'perplexity':>12}"]
+             f"tuned on {split['tuned_probes']} probes, reported on "
+             + ("the same probes (--no-split)" if split["seed"] is None else
+                f"the other {split['held_out_probes']} (split seed {split['seed']})"),
+             f"{'':<10}{'held-out':>9}{'tuned':>7}{'paraphr.':>10}{'controls':>10}"
+             f"{'unseen':>8}{'near':>8}{'perplexity':>12}"]
     for name, r in (("before", pre), ("after", post)):
         unseen, near = r["unseen_control_accuracy"], r.get("near_control_accuracy")
-        lines.append(f"{name:<10}{r['target_accuracy']:>8.3f}{r['paraphrase_accuracy']:>10.3f}"
+        lines.append(f"{name:<10}{r['target_accuracy']:>9.3f}{r['target_tuned_accuracy']:>7.3f}"
+                     f"{r['paraphrase_accuracy']:>10.3f}"
                      f"{r['control_accuracy']:>10.3f}"
                      f"{'-' if unseen is None else f'{unseen:.3f}':>8}"
                      f"{'-' if near is None else f'{near:.3f}':>8}{r['perplexity']:>12.2f}")
@@ -616,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "method is tuned under the specificity budget; tune=false "
                    "runs the given setting as is)")
     p.add_argument("--relearn-steps", type=nonnegative_int, default=10)
+    p.add_argument("--split-seed", type=nonnegative_int, default=0,
+                   help="which random half of the probes the tuner sees (the other half is "
+                        "what the report scores)")
+    p.add_argument("--no-split", action="store_true",
+                   help="tune and report on every probe (the report then says so)")
     p.add_argument("--out", default=None, help="folder for the delta and report.json")
     p.set_defaults(func=cmd_erase)
 

@@ -34,8 +34,10 @@ vectors also took "X are a rock → band" from the other bands among its near co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -80,6 +82,24 @@ class Concept:
         if not self.probes:
             raise ConceptError(f"concept {self.name!r} has no probes: give at least one "
                                "{'prompt', 'answer'} pair the model answers before erasure")
+
+    def split(self, seed: int = 0, tune_share: float = 0.5) -> tuple[Concept, list[Probe]]:
+        """The concept as a tuner may see it and the probes kept for the report.
+
+        A seeded random ``tune_share`` of the probes stays in the returned concept (everything
+        else unchanged); the rest are returned apart and no tuner, ranking or threshold may
+        see them. The same name and seed always give the same split."""
+        n = len(self.probes)
+        if n < 2:
+            raise ConceptError(f"concept {self.name!r} has {n} probe(s); splitting it into a "
+                               "tuning and an evaluation part needs at least 2 (16 or more "
+                               "gives each part 8)")
+        order = list(range(n))
+        random.Random(f"{self.name}\x00{seed}").shuffle(order)
+        k = min(n - 1, max(1, round(n * tune_share)))
+        tune = [self.probes[i] for i in sorted(order[:k])]
+        held = [self.probes[i] for i in sorted(order[k:])]
+        return dataclasses.replace(self, probes=tune), held
 
     def near(self, split: str = "all") -> list[Probe]:
         """Near controls: ``"tune"`` (even positions) is what a tuner may keep inside its

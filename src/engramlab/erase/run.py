@@ -78,43 +78,61 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
                 layers: Sequence[int] | None = None, relearn_steps: int = 10,
                 relearn_lr: float = 3e-5, trace_vectors: int = 16,
                 out: str | Path | None = None, eraser: Any = None,
-                **settings: Any) -> dict[str, Any]:
+                split_seed: int | None = 0, **settings: Any) -> dict[str, Any]:
     """Erase ``concept`` with ``method`` (or a ready ``eraser``) and report; the model is
-    left unedited."""
+    left unedited.
+
+    The concept's probes are split (:meth:`Concept.split`, ``split_seed``): the eraser, its
+    tuner and the trace see only the tuning part; ``target_accuracy`` is on the other part,
+    as are the adversarial framings, relearning and patching figures (``target_tuned_accuracy``
+    is the tuning part, for comparison). ``split_seed=None`` tunes and reports on every probe
+    (the report says so)."""
     start = time.perf_counter()
+    if split_seed is None:
+        tuned, held = concept, list(concept.probes)
+    else:
+        tuned, held = concept.split(split_seed)
+    evaluated = dataclasses.replace(concept, probes=held)
     controls, unseen = controls_for(concept), unseen_controls_for(concept)
     neutral = general_text(split="eval")
-    pre = behaviour(lm, concept, controls, neutral, unseen)
+    pre = behaviour(lm, evaluated, controls, neutral, unseen)
+    pre["target_tuned_accuracy"] = E.accuracy(lm, tuned.probes)
     if pre["target_accuracy"] == 0:
-        raise ConceptError(f"the model answers none of {concept.name!r}'s probes before "
-                           "erasure: there is nothing to erase; check the probes")
+        raise ConceptError(f"the model answers none of {concept.name!r}'s held-out probes "
+                           "before erasure: there is nothing to erase; check the probes")
     # the unedited model under the same relearning: what "fully recovered" looks like
     reference = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
     if eraser is None:
         eraser = make_eraser(method, layers=layers, **settings)
     t = time.perf_counter()
-    delta: WeightDelta = eraser.erase(lm, concept)  # returned, not applied: weights unchanged
+    delta: WeightDelta = eraser.erase(lm, tuned)  # returned, not applied: weights unchanged
     erase_s = time.perf_counter() - t
     ranked = eraser.candidates.get("activation", []) if isinstance(eraser, ConceptVectors) \
         and eraser.layers is None and not eraser.check else []
     if len(ranked) >= trace_vectors:
         trace = ranked[:trace_vectors]  # the same ranking: no second evidence pass
     else:
-        trace = find_concept_vectors(lm, concept, controls=controls,
+        trace = find_concept_vectors(lm, tuned, controls=controls,
                                      n_candidates=trace_vectors, check=False)
     trace_ids = [(c.layer, c.index) for c in trace]
     originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
                              for i, j in trace_ids]) if trace_ids else torch.zeros(0)
     with delta.applied(lm):
-        post = behaviour(lm, concept, controls, neutral, unseen)
-        adversarial = E.adversarial_accuracies(lm, concept)
+        post = behaviour(lm, evaluated, controls, neutral, unseen)
+        post["target_tuned_accuracy"] = E.accuracy(lm, tuned.probes)
+        adversarial = E.adversarial_accuracies(lm, evaluated)
         cosines = E.value_cosines(lm, trace_ids, originals) if trace_ids else []
-        relearned = E.relearned_accuracy(lm, concept.forget_text, concept.probes,
+        relearned = E.relearned_accuracy(lm, concept.forget_text, held,
                                          steps=relearn_steps, lr=relearn_lr)
         heldout = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
-    patched = E.coefficient_patch_accuracy(lm, delta, concept.probes)
+    patched = E.coefficient_patch_accuracy(lm, delta, held)
     report = {
         "method": method, "concept": concept.name, "pre": pre, "post": post,
+        "split": {"seed": split_seed, "tuned_probes": len(tuned.probes),
+                  "held_out_probes": len(held),
+                  "reported_on": "every probe (no split)" if split_seed is None else
+                  "the held-out probes (target, adversarial, relearning, patching) and the "
+                  "paraphrases; the tuner saw only the tuning probes"},
         "relearn": {"target_accuracy": relearned, "steps": relearn_steps,
                     "heldout": {**heldout, "unedited": reference["target_accuracy"]}},
         "adversarial": {"target_accuracy": max(adversarial.values()), **adversarial},
