@@ -12,7 +12,8 @@ A concept file is JSON::
 A probe counts as answered when the greedy next token is the first token of ``" " + answer``.
 
 The bundled set (``smollm2_concepts``) holds 11 concepts — fictional series, people, places, a
-holiday — each with ≥ 10 probes that the embedded SmolLM2-135M-Instruct answers correctly. They
+holiday — each with ≥ 16 probes that the embedded SmolLM2-135M-Instruct answers correctly (so
+each half of a tuning / evaluation split keeps at least 8). They
 were curated by writing cloze and QA prompts by hand and keeping those the model gets right
 (``test_bundled_concepts_are_known_by_the_embedded_model`` in ``tests/test_erase.py``
 re-checks this); a paraphrase is kept when the model also answers it,
