@@ -79,11 +79,22 @@ def test_shortcut_fit_recovers_a_known_affine_map_and_its_rank():
     sc = Shortcut(lm).fit(m, ridge_factor=0.0)
     torch.testing.assert_close(sc.translate(x.float(), 1).double(), x @ a + c,
                                rtol=1e-3, atol=1e-3)
+    # a rank-3 shortcut is the identity plus rank 3: it recovers exactly such a map
     low = torch.randn(d, 3, dtype=torch.float64) @ torch.randn(3, d, dtype=torch.float64)
-    m3 = _moments(x, x @ low)
+    m3 = _moments(x, x + x @ low)
     m3 = Moments(m3.xx.repeat(lm.n_layers, 1, 1), m3.xy.repeat(lm.n_layers, 1, 1), m3.yy, n)
     r3 = Shortcut(lm, rank=3).fit(m3, ridge_factor=0.0)
-    torch.testing.assert_close(r3.translate(x.float(), 0).double(), x @ low, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(r3.translate(x.float(), 0).double(), x + x @ low,
+                               rtol=1e-3, atol=1e-3)
+    w, bias = r3.affine(0)  # the same map as a tuned-lens warm start
+    torch.testing.assert_close((x.float() @ w.T + bias).double(), x + x @ low,
+                               rtol=1e-3, atol=1e-3)
+    # on any data, a rank-1 fit never reads worse than the identity (the logit lens's map)
+    m1 = _moments(x, x @ a + c)
+    m1 = Moments(m1.xx.repeat(lm.n_layers, 1, 1), m1.xy.repeat(lm.n_layers, 1, 1), m1.yy, n)
+    r1 = Shortcut(lm, rank=1).fit(m1, ridge_factor=0.0)
+    err = (r1.translate(x.float(), 0).double() - (x @ a + c)).pow(2).sum()
+    assert err <= (x - (x @ a + c)).pow(2).sum()
     assert r3.n_params == lm.n_layers * 3 * (2 * d + 1)
     with pytest.raises(ValueError, match="rank"):
         Shortcut(lm, rank=d + 1)
@@ -96,7 +107,7 @@ def test_standardised_moments_equal_moments_of_standardised_data():
     xx, xy, mu, s = _standardise(_moments(x, y), 0)
     torch.testing.assert_close(mu, x.mean(0))
     z = (x - mu) / s
-    ref = _moments(z, y)
+    ref = _moments(z, y - x)  # the one jump fits the residual final − h
     torch.testing.assert_close(xx, ref.xx[0])
     torch.testing.assert_close(xy, ref.xy[0])
     torch.testing.assert_close(s, x.std(0, unbiased=False))

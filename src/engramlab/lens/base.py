@@ -26,7 +26,7 @@ from ..models.lm import LM
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: low-rank shortcuts and the one jump add to the identity
 
 
 class Lens(nn.Module):
@@ -93,6 +93,9 @@ class Lens(nn.Module):
         except (ValueError, KeyError) as exc:
             raise DeltaMismatchError(f"{meta_path} is corrupt or of an unknown kind ({exc}); "
                                      "retrain the lens") from exc
+        if meta.get("format") != FORMAT_VERSION:
+            raise DeltaMismatchError(f"lens {path} has format {meta.get('format')}; this "
+                                     f"engramlab reads format {FORMAT_VERSION}: retrain it")
         if meta["signature"] != lm.signature():
             raise DeltaMismatchError(
                 f"lens {path} was trained for another model architecture (signature "

@@ -3,18 +3,24 @@
 * :class:`Shortcut` — Din et al. 2023, "Jump to Conclusions: Short-Cutting Transformers With
   Linear Transformations": one linear map per layer, ``final ≈ A_ℓ h``, fitted by least squares
   on corpus states. We add a bias and a ridge term (λ · mean diagonal of XᵀX, default 1e-4), and
-  an optional rank r (reduced-rank regression: the full fit projected onto the top-r principal
-  directions of its own fitted values, the least-squares optimum at that rank).
+  an optional rank r. A rank-r map is the identity plus a rank-r correction (as LoRA adds a
+  low-rank change to a weight): ``final ≈ h + B_r h̃``, with B_r the reduced-rank regression of
+  the residual ``final − h`` (the full fit projected onto the top-r principal directions of its
+  own fitted values, the least-squares optimum at that rank). Without the identity path a
+  low-rank map throws away what the residual stream already carries and reads worse than the
+  logit lens at late layers; with it, the fit can only improve on the identity (the logit lens)
+  on the data it was fitted on.
 * :class:`OneJump` — Seshadri 2025, "One Jump Is All You Need: Short-Cutting Transformers for
   Early Exit Prediction with One Jump to Fit All Exit Levels": a *single* low-rank shortcut used
   from every exit layer. Following the paper's normalised narrow shortcuts, each layer's state is
   first standardised (its own per-dimension mean and standard deviation, 2·d numbers per layer,
   which also tames the few "massive activation" dimensions whose scale differs by orders of
-  magnitude between layers); candidate
-  rank-r maps are fitted — one per layer, as the paper selects among, plus one fitted on all
-  layers pooled — and the candidate with the lowest held-out error summed over all exit layers
-  is kept. Deviation: the paper selects on precision@1; we select on held-out squared error of
-  the final state, which the sufficient statistics give exactly without any vocabulary
+  magnitude between layers); candidate rank-r maps are fitted — one per layer, as the paper
+  selects among, plus one fitted on all layers pooled — and the candidate with the lowest
+  held-out error summed over all exit layers is kept. Deviations: as for the low-rank shortcut,
+  the shared map is a correction added to the identity (``final ≈ h + B_r z̃``; the paper's has
+  no identity path), and the paper selects on precision@1 where we select on held-out squared
+  error of the final state, which the sufficient statistics give exactly without any vocabulary
   projection (a selection over L+1 candidates × L layers would otherwise cost more than the fit).
 
 Both are fitted from streamed sufficient statistics (XᵀX, XᵀY per layer, float64), so the corpus
@@ -43,6 +49,14 @@ class Moments:
     xy: torch.Tensor  # [L, d+1, d]
     yy: torch.Tensor  # [] Σ‖y‖² (the same for every layer)
     count: int
+
+    def residual(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """X̃ᵀR and Σ‖R‖² for the residual R = Y − X (what a map added to the identity fits)."""
+        xx, xy = self.xx[layer], self.xy[layer]
+        d = xy.shape[1]
+        xr = xy - xx[:, :d]
+        rr = self.yy - 2 * xy[:d].diagonal().sum() + xx[:d, :d].diagonal().sum()
+        return xr, rr
 
     @classmethod
     @torch.no_grad()
@@ -117,15 +131,17 @@ class Shortcut(Lens):
             w = self.weight[layer]
             return (h @ w[:-1] + w[-1]).to(hidden.dtype)
         u, v = self.u[layer], self.v[layer]
-        return ((h @ u[:-1] + u[-1]) @ v.T).to(hidden.dtype)
+        return (h + (h @ u[:-1] + u[-1]) @ v.T).to(hidden.dtype)
 
     @torch.no_grad()
     def fit(self, moments: Moments, *, ridge_factor: float = 1e-4) -> Shortcut:
         for layer in range(self.n_layers):
-            b = ridge(moments.xx[layer], moments.xy[layer], ridge_factor)
             if self.rank is None:
-                self.weight[layer] = b.float()
-            else:
+                self.weight[layer] = ridge(moments.xx[layer], moments.xy[layer],
+                                           ridge_factor).float()
+            else:  # the identity plus the best rank-r fit of what it leaves
+                xr, _ = moments.residual(layer)
+                b = ridge(moments.xx[layer], xr, ridge_factor)
                 u, v = reduce_rank(b, moments.xx[layer], self.rank)
                 self.u[layer], self.v[layer] = u.float(), v.float()
         self.config.update(ridge=ridge_factor, fit_tokens=moments.count)
@@ -137,7 +153,8 @@ class Shortcut(Lens):
             w = self.weight[layer]
             return w[:-1].T, w[-1]
         full = self.u[layer] @ self.v[layer].T
-        return full[:-1].T, full[-1]
+        eye = torch.eye(self.d_model, device=full.device, dtype=full.dtype)
+        return eye + full[:-1].T, full[-1]
 
 
 class OneJump(Lens):
@@ -155,16 +172,19 @@ class OneJump(Lens):
         self.v = nn.Parameter(torch.zeros(d, rank, device=lm.device), requires_grad=False)
 
     def translate(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        z = (hidden.float() - self.mean[layer]) / self.scale[layer]
-        return ((z @ self.u[:-1] + self.u[-1]) @ self.v.T).to(hidden.dtype)
+        h = hidden.float()
+        z = (h - self.mean[layer]) / self.scale[layer]
+        return (h + (z @ self.u[:-1] + self.u[-1]) @ self.v.T).to(hidden.dtype)
 
     @torch.no_grad()
     def fit(self, train: Moments, held_out: Moments, *, ridge_factor: float = 1e-4) -> OneJump:
         """Fit the candidates on ``train``, keep the best on ``held_out`` (see module doc)."""
+        # every candidate fits the residual final − h on the standardised state z̃
         zs_train = [_standardise(train, layer) for layer in range(self.n_layers)]
         stats = [(m, s) for _, _, m, s in zs_train]
         zs_held = [_standardise(held_out, layer, stats[layer])
                    for layer in range(self.n_layers)]
+        rr_held = [held_out.residual(layer)[1] for layer in range(self.n_layers)]
         candidates = [ridge(xx, xy, ridge_factor) for xx, xy, _, _ in zs_train]
         pooled_xx = sum(xx for xx, _, _, _ in zs_train)
         pooled_xy = sum(xy for _, xy, _, _ in zs_train)
@@ -175,7 +195,8 @@ class OneJump(Lens):
             xx_src = pooled_xx if c == self.n_layers else zs_train[c][0]
             u, v = reduce_rank(b, xx_src, self.rank)
             low = u @ v.T
-            err = sum(float(_sse(low, xx, xy, held_out.yy)) for xx, xy, _, _ in zs_held)
+            err = sum(float(_sse(low, xx, xr, rr))
+                      for (xx, xr, _, _), rr in zip(zs_held, rr_held, strict=True))
             if err < best_err:
                 best, best_err, best_from = (u, v), err, c
             if c == self.n_layers:
@@ -185,7 +206,7 @@ class OneJump(Lens):
             self.mean[layer], self.scale[layer] = m.float(), s.float()
         self.u.copy_(best[0].float())
         self.v.copy_(best[1].float())
-        total = float(held_out.yy) * self.n_layers
+        total = float(held_out.yy) * self.n_layers  # R² of the final state, as before
         self.config.update(ridge=ridge_factor, fit_tokens=train.count,
                            chosen="pooled" if best_from == self.n_layers else f"layer {best_from}",
                            held_out_r2=1 - best_err / total,
@@ -195,13 +216,14 @@ class OneJump(Lens):
 
 def _standardise(m: Moments, layer: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Moments of z = (x − μ)/s from those of x, without revisiting the data.
+    """Moments of z = (x − μ)/s from those of x, without revisiting the data: Z̃ᵀZ̃ and Z̃ᵀR
+    for the residual R = Y − X.
 
     With x̃ = [x, 1] and z̃ = [z, 1] = x̃ T for T = [[diag(1/s), 0], [−μ/s, 1]], Z̃ᵀZ̃ =
-    Tᵀ X̃ᵀX̃ T and Z̃ᵀY = Tᵀ X̃ᵀY. μ and s (per-dimension mean and standard deviation) come from
+    Tᵀ X̃ᵀX̃ T and Z̃ᵀR = Tᵀ X̃ᵀR. μ and s (per-dimension mean and standard deviation) come from
     ``stats`` (the training split's) or from these moments.
     """
-    xx, xy = m.xx[layer], m.xy[layer]
+    xx, xy = m.xx[layer], m.residual(layer)[0]
     d = xx.shape[0] - 1
     n = xx[d, d]
     if stats is None:
