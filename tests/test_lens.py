@@ -230,3 +230,14 @@ def test_operating_points_are_chosen_on_dev_and_reported_on_test():
     assert p["test"] == {"agreement": 0.93, "compute_saved": 0.3, "net_compute_saved": 0.25}
     none = operating_point(dev, test, 0.999, key="net_compute_saved")
     assert not none["reached_on_dev"] and none["threshold"] == 0.9
+
+
+def test_first_layer_where_and_settled_from():
+    from engramlab.lens.readings import first_layer_where, settled_from
+
+    holds = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 1, 1], [1, 1, 1, 0, 1]], dtype=torch.bool)
+    assert first_layer_where(holds).tolist() == [0, 1, 2, 0, 1]
+    assert first_layer_where(torch.zeros(3, 2, dtype=torch.bool)).tolist() == [3, 3]
+    # from which layer on it holds at every deeper layer (3 = not even at the last)
+    assert settled_from(holds).tolist() == [2, 1, 2, 3, 1]
+    assert settled_from(torch.ones(3, 1, dtype=torch.bool)).tolist() == [0]

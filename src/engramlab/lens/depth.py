@@ -41,6 +41,7 @@ import torch
 from ..batching import target_ids
 from ..models.lm import LM
 from .base import Lens
+from .readings import settled_from
 from .states import layer_states
 
 BUCKETS = ((0, 10, "1-10"), (10, 100, "11-100"), (100, 1000, "101-1000"),
@@ -87,9 +88,7 @@ class DepthReadings:
 
     def settled(self) -> torch.Tensor:
         """Layer from which the final token stays the lens' top-1 (L: only at the output)."""
-        miss = self.pred != self.final[None]
-        last_miss = self.n_layers - 1 - miss.flip(0).float().argmax(0)
-        return torch.where(miss.any(0), last_miss + 1, torch.zeros_like(last_miss)).long()
+        return settled_from(self.pred == self.final[None])
 
 
 @torch.no_grad()

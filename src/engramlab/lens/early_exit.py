@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..models.lm import LM
 from .base import Lens
+from .readings import first_layer_where
 from .states import layer_states
 
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
@@ -110,11 +111,7 @@ class ExitCost:
 
 def exit_layers(conf: torch.Tensor, threshold: float) -> torch.Tensor:
     """First layer whose confidence reaches ``threshold`` per token (L where none does)."""
-    n_layers = conf.shape[0]
-    hit = conf >= threshold
-    first = torch.where(hit.any(0), hit.float().argmax(0), torch.full_like(hit[0], n_layers,
-                                                                          dtype=torch.long))
-    return first.long()
+    return first_layer_where(conf >= threshold)
 
 
 def threshold_curve(r: ExitReadings, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,

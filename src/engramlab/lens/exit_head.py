@@ -26,6 +26,7 @@ from torch import nn
 
 from .early_exit import ExitCost
 from .learned_exit import N_CONF, ExitData, outcome
+from .readings import first_layer_where
 
 DEFAULT_HEAD_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.01)
 
@@ -57,10 +58,8 @@ class ExitHead(nn.Module):
         return torch.sigmoid((z * self.weight[:, None]).sum(-1) + self.bias[:, None])
 
     def exit_layers(self, states: torch.Tensor, threshold: float) -> torch.Tensor:
-        hit = self(states) >= threshold
-        n_layers = hit.shape[0]
-        return torch.where(hit.any(0), hit.float().argmax(0),
-                           torch.full_like(hit[0], n_layers, dtype=torch.long)).long()
+        """First layer whose head probability reaches ``threshold`` (L: never exit)."""
+        return first_layer_where(self(states) >= threshold)
 
 
 def states_of(data: ExitData) -> torch.Tensor:

@@ -53,6 +53,7 @@ from torch import nn
 from ..models.lm import LM
 from .base import Lens
 from .early_exit import ExitCost, ExitReadings, exit_layers
+from .readings import first_layer_where, settled_from
 from .states import layer_states
 
 N_CONF = 3  # max probability, top-2 margin, normalised entropy
@@ -107,12 +108,7 @@ class ExitData:
 
     def memorized_layer(self) -> torch.Tensor:
         """Shallowest layer from which every deeper lens agrees with the full model (L: none)."""
-        wrong = ~self.agree  # [L, N]
-        # the last layer that disagrees, + 1; L - (index of first wrong from the end)
-        flipped = wrong.flip(0)
-        any_wrong = wrong.any(0)
-        last_wrong = self.n_layers - 1 - flipped.float().argmax(0)
-        return torch.where(any_wrong, last_wrong + 1, torch.zeros_like(last_wrong)).long()
+        return settled_from(self.agree)
 
     def rewards(self, alpha: float, *, hardness: bool = True,
                 quality: str = "agreement") -> torch.Tensor:
@@ -216,10 +212,7 @@ class ExitPolicy(nn.Module):
     @torch.no_grad()
     def exit_layers(self, feats: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
         """First layer whose exit probability reaches ``threshold`` (L: run the whole model)."""
-        hit = torch.sigmoid(self(feats)) >= threshold
-        n_layers = hit.shape[0]
-        return torch.where(hit.any(0), hit.float().argmax(0),
-                           torch.full_like(hit[0], n_layers, dtype=torch.long)).long()
+        return first_layer_where(torch.sigmoid(self(feats)) >= threshold)
 
 
 def exit_distribution(logits: torch.Tensor) -> torch.Tensor:
