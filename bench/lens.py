@@ -23,10 +23,8 @@ from engramlab.lens import (
     LogitLens,
     corpus_batches,
     evaluate_lenses,
-    exit_readings,
     fit_lens,
     plot_report,
-    threshold_curve,
 )
 from engramlab.lens.depth import (
     depth_readings,
@@ -35,9 +33,8 @@ from engramlab.lens.depth import (
     guess_then_refine,
     plot_depth,
 )
-from engramlab.lens.early_exit import ExitCost, operating_point, plot_curves
-from engramlab.lens.exit_head import head_curve, train_head
-from engramlab.lens.learned_exit import exit_data, policy_check_flops, policy_curve
+from engramlab.lens.early_exit import plot_curves
+from engramlab.lens.exits import exit_report
 from engramlab.lens.states import lens_corpus
 from results import run_folder, save_run
 
@@ -78,39 +75,18 @@ def main() -> None:
     eval_s = time.perf_counter() - t0
     # early exit: settings chosen on the first half of the held-out tokens, reported on the
     # second; compute saved in blocks and net of every exit check (ExitCost)
-    curves, points, costs = {}, {}, {}
-
-    def add(name, dev, test, cost):
-        curves[name] = test
-        points[name] = {str(a): operating_point(dev, test, a, key="net_compute_saved")
-                        for a in (0.95, 0.99)}
-        costs[name] = cost.check / cost.block
-
+    rules, policy_s = {}, None
     for name, lens in lenses.items():
-        if name == "tuned":
-            continue
-        cost = ExitCost.of(lm, lens)
-        dev, test = exit_readings(lm, lens, held_out()).split()
-        add(name, threshold_curve(dev, cost=cost), threshold_curve(test, cost=cost), cost)
-    t0 = time.perf_counter()
-    cost = ExitCost.of(lm, lenses["tuned"])
-    dev_data, test_data = exit_data(lm, lenses["tuned"], held_out()).split()
-    add("tuned", threshold_curve(dev_data.readings(), cost=cost),
-        threshold_curve(test_data.readings(), cost=cost), cost)
-    policy_s = None
-    if args.policy_tokens:
-        train = exit_data(lm, lenses["tuned"], corpus_batches(
-            lm, corpus, n_tokens=args.policy_tokens, skip_tokens=eval_start - args.policy_tokens))
-        pcost = ExitCost.of(lm, lenses["tuned"],
-                            extra_check=policy_check_flops(16, lm.d_model))
-        dev_p, test_p = policy_curve(train, [dev_data, test_data], cost=pcost)
-        add("tuned+policy", dev_p, test_p, pcost)
-        head = train_head(train)
-        hcost = ExitCost.of(lm, lenses["tuned"], extra_check=head.check_flops(),
-                            check_reads_out=False)
-        add("tuned+head", head_curve(head, dev_data, cost=hcost),
-            head_curve(head, test_data, cost=hcost), hcost)
-        policy_s = time.perf_counter() - t0
+        learned = name == "tuned" and args.policy_tokens
+        t0 = time.perf_counter()
+        rules.update(exit_report(lm, lens, name, held_out(), corpus_batches(
+            lm, corpus, n_tokens=args.policy_tokens,
+            skip_tokens=eval_start - args.policy_tokens) if learned else None))
+        if learned:
+            policy_s = time.perf_counter() - t0
+    curves = {n: r["curve"] for n, r in rules.items()}
+    points = {n: r["operating_points"] for n, r in rules.items()}
+    costs = {n: r["cost"]["check_in_blocks"] for n, r in rules.items()}
     ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=min(200_000, eval_start)),
                             lm.vocab_size)
     depth = {"guess_then_refine": guess_then_refine(

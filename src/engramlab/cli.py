@@ -335,8 +335,8 @@ def cmd_lens_eval(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model, progress=not args.json)
     lenses = _lenses(args, lm)
-    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
-    skip = corpus.eval_start if corpus.eval_start is not None else args.skip
+    corpus = lens_corpus(lm, args.corpus, skip=args.skip, progress=not args.json)
+    skip = corpus.eval_start
     report = evaluate_lenses(lm, lenses, corpus_batches(lm, corpus, n_tokens=args.tokens,
                                                         skip_tokens=skip),
                              layers=args.layers, progress=not args.json)
@@ -357,51 +357,28 @@ def cmd_lens_eval(args: argparse.Namespace) -> int:
 
 def cmd_early_exit(args: argparse.Namespace) -> int:
     from .errors import SettingsError
-    from .lens import corpus_batches, exit_readings, threshold_curve
-    from .lens.early_exit import ExitCost, operating_point, plot_curves
-    from .lens.exit_head import head_curve, train_head
-    from .lens.learned_exit import exit_data, policy_check_flops, policy_curve
+    from .lens import corpus_batches
+    from .lens.early_exit import plot_curves
+    from .lens.exits import exit_report
     from .lens.states import lens_corpus
     from .models import load_model
 
     lm = load_model(args.model, progress=not args.json)
-    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
-    skip = corpus.eval_start if corpus.eval_start is not None else args.skip
+    corpus = lens_corpus(lm, args.corpus, skip=args.skip, progress=not args.json)
+    skip = corpus.eval_start
     if args.learned and skip < args.learned_tokens:
         raise SettingsError(f"--learned trains the exit policy on the {args.learned_tokens:,} "
                          f"tokens before the held-out slice, but only {skip:,} precede it; "
                          "raise --skip or lower --learned-tokens")
-    curves: dict[str, Any] = {}  # on the test half of the held-out tokens
-    points: dict[str, Any] = {}  # chosen on the development half, reported on the test half
-    costs: dict[str, Any] = {}
-
-    def add(name: str, dev: list, test: list, cost: Any) -> None:
-        curves[name] = test
-        points[name] = {str(a): operating_point(dev, test, a, key="net_compute_saved")
-                        for a in (0.95, 0.99)}
-        costs[name] = {"block_flops": cost.block, "check_flops": cost.check,
-                       "check_in_blocks": cost.check / cost.block}
-
+    rules: dict[str, Any] = {}
     for name, lens in _lenses(args, lm).items():
-        cost = ExitCost.of(lm, lens)
         held = corpus_batches(lm, corpus, n_tokens=args.tokens, skip_tokens=skip)
-        if not args.learned:
-            dev, test = exit_readings(lm, lens, held).split()
-            add(name, threshold_curve(dev, cost=cost), threshold_curve(test, cost=cost), cost)
-            continue
-        dev_data, test_data = exit_data(lm, lens, held).split()
-        train = exit_data(lm, lens, corpus_batches(lm, corpus, n_tokens=args.learned_tokens,
-                                                   skip_tokens=skip - args.learned_tokens))
-        add(name, threshold_curve(dev_data.readings(), cost=cost),
-            threshold_curve(test_data.readings(), cost=cost), cost)
-        policy_cost = ExitCost.of(lm, lens, extra_check=policy_check_flops(16, lm.d_model))
-        dev_p, test_p = policy_curve(train, [dev_data, test_data], cost=policy_cost,
-                                     progress=not args.json)
-        add(f"{name}+policy", dev_p, test_p, policy_cost)
-        head = train_head(train)
-        head_cost = ExitCost.of(lm, lens, extra_check=head.check_flops(), check_reads_out=False)
-        add(f"{name}+head", head_curve(head, dev_data, cost=head_cost),
-            head_curve(head, test_data, cost=head_cost), head_cost)
+        train = corpus_batches(lm, corpus, n_tokens=args.learned_tokens,
+                               skip_tokens=skip - args.learned_tokens) if args.learned else None
+        rules.update(exit_report(lm, lens, name, held, train, progress=not args.json))
+    curves = {n: r["curve"] for n, r in rules.items()}  # on the test half of the tokens
+    points = {n: r["operating_points"] for n, r in rules.items()}  # chosen on the dev half
+    costs = {n: r["cost"] for n, r in rules.items()}
     obj: dict[str, Any] = {"model": lm.name, "held_out_tokens": args.tokens,
                            "split": "points chosen on the first half of the held-out tokens, "
                                     "curves and figures on the second", "curves": curves,

@@ -80,10 +80,14 @@ SAMPLED_TOKENS = 24_000
 EVAL_SKIP = 20_000
 
 
-def lens_corpus(lm: LM, spec: str | None = None, *, progress: bool = False) -> TextCorpus:
+def lens_corpus(lm: LM, spec: str | None = None, *, skip: int | None = None,
+                progress: bool = False) -> TextCorpus:
     """The corpus named by ``spec`` (default: the Wikipedia text) with its evaluation split:
-    ``eval_start`` is where held-out text begins (``None`` for a user's path: ``--skip``)."""
+    ``eval_start`` is where held-out text begins — the named corpora's own split, or ``skip``
+    for a user's path (``None``: the path has no split)."""
     corpus = get_corpus(lm, spec, n_tokens=SAMPLED_TOKENS, progress=progress)
     if spec == "sampled":
         corpus.eval_start = EVAL_SKIP
+    elif corpus.eval_start is None:
+        corpus.eval_start = skip
     return corpus
