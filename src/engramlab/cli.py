@@ -69,18 +69,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models import load_model
 
     def say(line: str) -> None:  # text mode: each line as soon as it is known
-        if not args.json:
-            print(line, flush=True)
+        print(line, flush=True)
 
     t0 = time.perf_counter()
     lm = load_model(args.model, progress=not args.json)
     load_s = time.perf_counter() - t0
     top = lm.top_tokens(args.prompt, k=5)
-    for line in [f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, d_mlp "
-                 f"{lm.d_mlp} (loaded in {load_s:.1f} s, fingerprint {lm.fingerprint()})",
-                 f"prompt: {args.prompt!r}", "top-5 next tokens:",
-                 *(f"  {tok!r:<16} {p:.3f}" for tok, p in top)]:
-        say(line)
+    if not args.json:
+        for line in [f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, d_mlp "
+                     f"{lm.d_mlp} (loaded in {load_s:.1f} s, fingerprint {lm.fingerprint()})",
+                     f"prompt: {args.prompt!r}", "top-5 next tokens:",
+                     *(f"  {tok!r:<16} {p:.3f}" for tok, p in top)]:
+            say(line)
     result: dict[str, Any] = {"model": lm.name, "load_seconds": load_s, "prompt": args.prompt,
                               "top5": [{"token": t, "prob": p} for t, p in top]}
     if args.no_edit:
