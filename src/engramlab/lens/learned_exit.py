@@ -166,9 +166,11 @@ def exit_data(lm: LM, lens: Lens, batches: Iterable[torch.Tensor], *,
 class ExitPolicy(nn.Module):
     """One logistic exit unit per lens layer on a few standardised features of its state."""
 
-    def __init__(self, n_layers: int, d_state: int, n_components: int = 16) -> None:
+    def __init__(self, n_layers: int, d_state: int, n_components: int = 16,
+                 confidence: bool = True) -> None:
         super().__init__()
-        k = n_components + N_CONF
+        self.n_conf = N_CONF if confidence else 0  # read the lens's confidence features too
+        k = n_components + self.n_conf
         self.n_components = n_components
         self.weight = nn.Parameter(torch.zeros(n_layers, k))
         # start cautious: exit probability sigmoid(-4) ≈ 0.02 per layer
@@ -196,7 +198,9 @@ class ExitPolicy(nn.Module):
     def _raw(self, feats: torch.Tensor) -> torch.Tensor:
         state = feats[..., :-N_CONF] - self.center[:, None]
         parts = [torch.einsum("lnd,ldk->lnk", state, self.basis)] if self.n_components else []
-        return torch.cat([*parts, feats[..., -N_CONF:]], -1)
+        if self.n_conf:
+            parts.append(feats[..., -N_CONF:])
+        return torch.cat(parts, -1)
 
     def inputs(self, feats: torch.Tensor) -> torch.Tensor:
         """[L, N, k] standardised policy inputs from exit features [L, N, F]."""
@@ -276,9 +280,9 @@ def train_policy(data: ExitData, *, alpha: float = 1.0, hardness: bool = True,
     return policy
 
 
-def policy_check_flops(policy_components: int, d_model: int) -> float:
+def policy_check_flops(policy_components: int, d_model: int, n_conf: int = N_CONF) -> float:
     """What a policy adds to an exit check: the projection of the normed state and the unit."""
-    return 2.0 * d_model * policy_components + 2.0 * (policy_components + N_CONF)
+    return 2.0 * d_model * policy_components + 2.0 * (policy_components + n_conf)
 
 
 def outcome(data: ExitData, layers: torch.Tensor, cost: ExitCost | None = None
