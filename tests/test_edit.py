@@ -426,3 +426,44 @@ def test_memit_spreads_the_residual_so_the_last_layer_reaches_its_target(isolate
         after = at_subject(lm, reqs, ["resid.1"], ["{}"])["resid.1"]
     assert (before - z).norm() > 0.1
     assert torch.allclose(after, z, atol=1e-3), (after - z).norm()
+
+
+def test_a_target_memo_reuses_targets_across_lambda_but_not_across_weights(isolated_cache,
+                                                                           monkeypatch):
+    import engramlab.edit.memit as memit_module
+    from engramlab.edit.targets import TargetMemo
+
+    lm = make_tiny("llama")
+    reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4")]
+    calls = []
+    original = memit_module.optimise_targets
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(memit_module, "optimise_targets", count)
+    memo = TargetMemo()
+    stats = _stats(lm, [0, 1])
+    deltas = []
+    for lam in (1e-3, 10.0):
+        editor = MEMIT(layers=[0, 1], stats=stats, templates=[], v_steps=3, mom2_weight=lam)
+        editor.target_memo = memo
+        deltas.append(editor.edit(lm, reqs))
+    fresh = MEMIT(layers=[0, 1], stats=stats, templates=[], v_steps=3, mom2_weight=10.0)
+    assert len(calls) == 1 and memo.hits == 1
+    # the memoised targets give the delta a fresh optimisation gives
+    for name, entry in fresh.edit(lm, reqs).entries.items():
+        assert torch.allclose(entry.to_dense(), deltas[1].entries[name].to_dense(), atol=1e-5)
+    first = next(iter(deltas[0].entries))
+    assert not torch.allclose(deltas[0].entries[first].to_dense(),
+                              deltas[1].entries[first].to_dense(), atol=1e-5)
+    # other settings of the optimisation, or other weights, are optimised again
+    other = MEMIT(layers=[0, 1], stats=stats, templates=[], v_steps=2, mom2_weight=10.0)
+    other.target_memo = memo
+    other.edit(lm, reqs)
+    with deltas[0].applied(lm):
+        again = MEMIT(layers=[0, 1], stats=stats, templates=[], v_steps=3, mom2_weight=10.0)
+        again.target_memo = memo
+        again.edit(lm, reqs)
+    assert len(calls) == 4 and memo.hits == 1  # the fresh editor, other settings, weights

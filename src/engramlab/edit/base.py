@@ -31,7 +31,7 @@ from ..errors import RequestError
 from ..models.lm import LM
 from ..stats import KeyStats, collect_key_stats
 from .prompts import SUBJECT_POSITIONS, context_templates
-from .targets import TargetConfig
+from .targets import TargetConfig, TargetMemo
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ class Editor:
         self._templates: list[str] | None = None
         self._signature: str | None = None
         self.stats_seconds = 0.0
+        # shared by a sweep's editors to optimise each request's target once (see TargetMemo)
+        self.target_memo: TargetMemo | None = None
 
     # configuration ------------------------------------------------------------------------
     def hparams_for(self, lm: LM) -> EditHParams:

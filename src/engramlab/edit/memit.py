@@ -23,7 +23,7 @@ from ..models.lm import LM
 from .base import EditHParams, Editor
 from .keys import at_subject
 from .solve import memit_update
-from .targets import optimise_targets
+from .targets import Targets, optimise_targets
 
 
 class MEMIT(Editor):
@@ -50,8 +50,14 @@ class MEMIT(Editor):
         templates = self.templates(lm, hp)
         z_layer = layers[-1]
         z_point = f"resid.{z_layer}"
-        targets = optimise_targets(lm, requests, z_point, templates, hp.target_config(),
-                                   progress=self.progress)
+        config = hp.target_config()
+
+        def compute() -> Targets:
+            return optimise_targets(lm, requests, z_point, templates, config,
+                                    progress=self.progress)
+
+        targets = (compute() if self.target_memo is None else
+                   self.target_memo.get(lm, requests, z_point, templates, config, compute))
         z = targets.value  # [n, d_model]
         factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         applied: list[WeightDelta] = []

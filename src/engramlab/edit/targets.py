@@ -29,7 +29,8 @@ which matters for SentencePiece models.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -91,6 +92,33 @@ class Targets:
     @property
     def value(self) -> torch.Tensor:
         return self.init + self.delta
+
+
+class TargetMemo:
+    """Optimised targets kept under everything that determines them: the weights (their
+    fingerprint), the point, the templates, the optimisation's settings and the requests.
+
+    Shared by the editors of a sweep over a setting that does not enter the optimisation
+    (MEMIT's λ, AlphaEdit's null-space threshold), it lets each request be optimised once.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple, Targets] = {}
+        self.hits = 0
+
+    def get(self, lm: LM, requests: Sequence[EditRequest], point: str,
+            templates: Sequence[str], config: TargetConfig,
+            compute: Callable[[], Targets]) -> Targets:
+        key = (lm.fingerprint(), point, tuple(templates), dataclasses.astuple(config),
+               tuple(requests))
+        if key in self._store:
+            self.hits += 1
+        else:
+            self._store[key] = compute()
+        return self._store[key]
+
+    def __len__(self) -> int:
+        return len(self._store)
 
 
 @dataclass
