@@ -99,13 +99,16 @@ def main() -> int:
            "gpu": torch.cuda.get_device_name() if lm.device.type == "cuda" else None,
            "threads": torch.get_num_threads(), "runs": []}
     memos = {run: TargetMemo() for run in args.runs}  # a sweep optimises each target once
+    pres: dict[str, dict] = {}
     for run, setting in ((r, g) for r in args.runs for g in grid):
         method, _, protocol = run.partition(":")
         editor = get_editor(method, **overrides, **setting)
-        editor.target_memo = memos[run]
+        editor.target_memo, editor.progress = memos[run], True
         hits, t0 = editor.target_memo.hits, time.perf_counter()
         result = run_protocol(lm, editor, cases, protocol=protocol or "independent",
-                              fluency_tokens=args.fluency_tokens, progress=True)
+                              fluency_tokens=args.fluency_tokens, progress=True,
+                              pre=pres.get(run))
+        pres[run] = result.pre  # the unedited scores are the same for every grid value
         row = {"method": method, "protocol": result.protocol, "n": result.n, "grid": setting,
                "seconds_per_edit": result.seconds_per_edit,
                "targets_reused": editor.target_memo.hits > hits,  # then the time excludes them

@@ -467,3 +467,18 @@ def test_a_target_memo_reuses_targets_across_lambda_but_not_across_weights(isola
         again.target_memo = memo
         again.edit(lm, reqs)
     assert len(calls) == 4 and memo.hits == 1  # the fresh editor, other settings, weights
+
+
+def test_scores_read_off_a_shared_row_equal_scores_of_each_row_alone():
+    from engramlab.evaluate.scoring import score_targets
+
+    lm = make_tiny("llama")
+    # one prompt with two one-token targets (one row), a two-token target, a second prompt
+    prompts = ["w1 w2 w3", "w1 w2 w3", "w1 w2 w3", "w4 w5"]
+    targets = [" w7", " w9", " w8 w10", " w7"]
+    together = score_targets(lm, prompts, targets, batch_size=3)
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        alone = score_targets(lm, [p], [t])[0]
+        assert alone.correct == together[i].correct
+        assert alone.logprob == pytest.approx(together[i].logprob, abs=1e-5)
+    assert together[0].logprob != pytest.approx(together[1].logprob, abs=1e-4)

@@ -551,6 +551,35 @@ def test_rmu_pushes_the_forget_states_towards_its_random_direction():
     assert (after - target).norm(dim=-1).mean() < (before - target).norm(dim=-1).mean()
 
 
+def test_rmu_on_down_projections_trains_only_them_and_still_steers():
+    from engramlab.trace import Trace, run_model
+
+    lm = make_tiny("llama")
+    concept = Concept("tiny", probes=_known_probes(lm, 3),
+                      text=". ".join(tiny_text(8, seed=s) for s in range(4)) + ".")
+    retain = [tiny_text(10, seed=50), tiny_text(10, seed=51)]
+    eraser = FineTuneUnlearner(method="rmu", steps=60, lr=3e-2, rmu_layer=1, tune=False,
+                               weights="down")
+    f_ids, f_mask = _rows(lm, sentences(concept.forget_text))
+    r_ids, r_mask = _rows(lm, sentences(retain))
+    target = eraser._prepare(lm, f_ids, f_mask, r_ids, r_mask)["target"]
+    direction = target / target.norm()
+    names = {id(p): n for n, p in lm.model.named_parameters()}
+    down = {names[id(lm.layout.value_module(i).weight)] for i in (0, 1)}
+
+    def along() -> float:
+        with torch.no_grad(), Trace(lm).capture("resid.1") as tr:
+            run_model(lm, f_ids, f_mask, stop_after=1)
+        return float((tr["resid.1"][f_mask.bool()] @ direction).mean())
+
+    before = along()
+    delta = eraser.erase(lm, concept, retain=retain)
+    assert set(delta.entries) == down
+    assert all(delta.entries[n].to_dense().norm() > 0 for n in down)
+    with delta.applied(lm):
+        assert along() > before + 0.1
+
+
 def test_concept_split_is_seeded_disjoint_and_complete():
     lm = make_tiny("llama")
     concept = Concept("tiny", probes=_known_probes(lm, 9), keywords=["w1"])

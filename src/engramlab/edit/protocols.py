@@ -94,7 +94,11 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
                  protocol: str = "independent", batch_size: int = 10,
                  eval_every: int | None = None, fluency_tokens: int = 0,
                  progress: bool = False,
-                 on_point: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+                 on_point: Callable[[dict[str, Any]], None] | None = None,
+                 pre: dict[str, Any] | None = None) -> RunResult:
+    """Edit ``cases`` under ``protocol`` and score them; ``pre``, the unedited model's summary
+    of these cases under this protocol (``RunResult.pre`` of an earlier run), skips scoring
+    them again."""
     if protocol not in PROTOCOLS:
         raise RequestError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     if not cases:
@@ -102,7 +106,8 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
     from tqdm.auto import tqdm
 
     cases = list(cases) if protocol == "independent" else without_edited_neighbours(cases)
-    pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens))
+    if pre is None:
+        pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress))
     editor.prepare(lm)
     hp = editor.hparams_for(lm).to_dict()
     stats_seconds = editor.stats_seconds
@@ -131,7 +136,7 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
         delta = editor.edit(lm, [c.request for c in cases])
         times = [(time.perf_counter() - t0) / len(cases)] * len(cases)
         with delta.applied(lm):
-            results = case_scores(lm, cases, fluency_tokens=fluency_tokens)
+            results = case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress)
     else:
         results, delta, curve, times = _sequential(
             lm, editor, cases, batch_size, eval_every, fluency_tokens, progress, on_point)

@@ -10,21 +10,22 @@
 * **RMU** — Representation Misdirection for Unlearning (Li et al. 2024, "The WMDP Benchmark"):
   push the forget text's hidden states at one layer toward a fixed random direction scaled by
   ``steering`` and keep the retain text's hidden states where they were, updating only the MLPs
-  of that layer and the two before it.
+  of that layer and the two before it. The reference code trains only their down projections;
+  ``weights="down"`` does the same, the default trains all three matrices like GA and NPO.
 
-All three train the MLP weights (up/gate/down) of their layers with Adam on the concept's
-``forget_text`` against the bundled neutral paragraphs as retain set, then return the change
-as a dense delta and leave the model as it was. By default the run is *tuned* under the same
-budget as concept vectors (:mod:`.budget`: controls lose < 10 points, perplexity rises < 10 %):
-checkpoints every few steps along each learning rate's run, keeping the one that erases most
-inside the budget, so the methods are compared at equal collateral damage rather than at
-whatever a fixed schedule happens to cost. (Papers tune the baselines too, usually on a
+All three train the MLP weights (up/gate/down, or ``weights="down"``) of their layers with Adam
+on the concept's ``forget_text`` against the bundled neutral paragraphs as retain set, then
+return the change as a dense delta and leave the model as it was. By default the run is *tuned*
+under the same budget as concept vectors (:mod:`.budget`: controls lose < 10 points, perplexity
+rises < 10 %): checkpoints every few steps along each learning rate's run, keeping the one that
+erases most inside the budget, so the methods are compared at equal collateral damage rather
+than at whatever a fixed schedule happens to cost. (Papers tune the baselines too, usually on a
 utility benchmark; ours is the project's budget.) Perplexity for the check is measured on
 neutral text the retain term does not train on. Deviations: the texts are a paragraph, not a
 corpus (the bundled concepts are small); RMU's steering coefficient is relative to the mean
 hidden-state norm at the layer (the paper's absolute 6.5 was tuned for Zephyr-7B's scale), and
-its forward passes stop after the steered layer (the later blocks play no part in its loss),
-so a step runs a third of SmolLM2's blocks and no unembedding (20 steps: 13 s on 2 cores).
+its forward passes stop after the steered layer (the later blocks play no part in its loss), so
+a step runs a third of SmolLM2's blocks and no unembedding (20 steps: 13 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -76,12 +77,21 @@ def _nll(lm: LM, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -_seq_logprob(lm, ids, mask).sum() / mask[:, 1:].sum()
 
 
-def mlp_params(lm: LM, layers: Sequence[int]) -> dict[str, torch.nn.Parameter]:
-    """The MLP weight matrices of ``layers``, by their names in the model."""
+WEIGHTS = ("mlp", "down")
+
+
+def mlp_params(lm: LM, layers: Sequence[int], weights: str = "mlp"
+               ) -> dict[str, torch.nn.Parameter]:
+    """The MLP weight matrices of ``layers`` (``"mlp"``: all of them; ``"down"``: the down
+    projection only), by their names in the model."""
+    if weights not in WEIGHTS:
+        raise ConceptError(f"unknown weights {weights!r}; choose one of {WEIGHTS}")
     names = {id(p): n for n, p in lm.model.named_parameters()}
     out = {}
     for layer in layers:
-        for p in lm.layout.mlp(lm.layout.check_layer(layer)).parameters():
+        layer = lm.layout.check_layer(layer)
+        module = lm.layout.mlp(layer) if weights == "mlp" else lm.layout.value_module(layer)
+        for p in module.parameters():
             if p.dim() == 2:
                 out[names[id(p)]] = p
     return out
@@ -145,6 +155,7 @@ class FineTuneUnlearner:
     rmu_layer: int | None = None  # RMU: default one third of the depth
     steering: float = 4.0  # RMU: target norm, in units of the mean hidden-state norm
     rmu_alpha: float = 1000.0  # RMU: weight of the retain term
+    weights: str = "mlp"  # which MLP matrices train: "mlp" (all) or "down" (RMU's reference)
     seed: int = 0
     tune: bool = True
     lrs: tuple[float, ...] | None = None
@@ -203,7 +214,7 @@ class FineTuneUnlearner:
             raise ConceptError(f"concept {concept.name!r} has no text to unlearn on")
         f_ids, f_mask = _rows(lm, forget)
         r_ids, r_mask = _rows(lm, retain_rows)
-        params = mlp_params(lm, self._layers(lm))
+        params = mlp_params(lm, self._layers(lm), self.weights)
         backup = {n: p.detach().clone() for n, p in params.items()}
         flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
         try:

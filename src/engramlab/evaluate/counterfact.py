@@ -70,7 +70,7 @@ METRICS = {
 
 
 def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,
-                batch_size: int = 64) -> list[CaseScores]:
+                batch_size: int = 64, progress: bool = False) -> list[CaseScores]:
     """Per-case scores of the model as it is now (one batched scoring pass for all cases)."""
     prompts: list[str] = []
     targets: list[str] = []
@@ -91,7 +91,7 @@ def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,
                 prompts.append(text)
                 targets.append(target)
                 where.append((c, "neighborhood", which))
-    scores = score_targets(lm, prompts, targets, batch_size=batch_size)
+    scores = score_targets(lm, prompts, targets, batch_size=batch_size, progress=progress)
     out = [CaseScores(case.case_id) for case in cases]
     pending: dict[tuple[int, str, int], dict[str, Any]] = {}
     counters: dict[tuple[int, str, str], int] = {}

@@ -36,8 +36,11 @@ class TargetScore:
 
 @torch.no_grad()
 def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *,
-                  batch_size: int = 64) -> list[TargetScore]:
-    """Score ``targets[i]`` after ``prompts[i]`` for every i."""
+                  batch_size: int = 64, progress: bool = False) -> list[TargetScore]:
+    """Score ``targets[i]`` after ``prompts[i]`` for every i.
+
+    Rows that are the same tokens (one prompt with several one-token targets, as CounterFact's
+    true and new objects often are) run one forward and are read off it together."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     rows, labels = [], []
@@ -49,17 +52,24 @@ def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *,
         head, tids = cache[(prompt, target)]
         rows.append(head + tids[:-1])
         labels.append([(len(head) - 1 + j, t) for j, t in enumerate(tids)])
+    readers: dict[tuple[int, ...], list[int]] = {}  # a distinct row -> the scores it serves
+    for i, row in enumerate(rows):
+        readers.setdefault(tuple(row), []).append(i)
     # longest first: similar lengths share a batch, less padding
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    order = sorted(readers, key=lambda r: -len(r))
     out: list[TargetScore | None] = [None] * len(rows)
     last = f"resid.{lm.n_layers - 1}"
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = make_batch(lm, [rows[i] for i in idx], list(range(len(idx))),
-                           [[0]] * len(idx), [labels[i] for i in idx])
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch",
+                      disable=not progress, leave=False):
+        part = order[start:start + batch_size]
+        batch = make_batch(lm, [list(r) for r in part], list(range(len(part))),
+                           [[0]] * len(part))
         with Trace(lm).capture(last) as tr:
             run_model(lm, batch.input_ids, batch.attention_mask)
-        flat = [(r, p, t) for r, items in enumerate(batch.labels) for p, t in items]
+        flat = [(r, p, t) for r, row in enumerate(part) for i in readers[row]
+                for p, t in labels[i]]
         rr = torch.tensor([f[0] for f in flat], device=lm.device)
         pp = torch.tensor([f[1] for f in flat], device=lm.device)
         tt = torch.tensor([f[2] for f in flat], device=lm.device)
@@ -67,9 +77,10 @@ def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *,
         tok_lp = logp.gather(1, tt[:, None]).squeeze(1).cpu()
         hit = (logp.argmax(-1) == tt).cpu()
         k = 0
-        for r, i in enumerate(idx):
-            n = len(batch.labels[r])
-            out[i] = TargetScore(float(tok_lp[k:k + n].mean()),
-                                 tuple(bool(x) for x in hit[k:k + n]))
-            k += n
+        for row in part:
+            for i in readers[row]:
+                n = len(labels[i])
+                out[i] = TargetScore(float(tok_lp[k:k + n].mean()),
+                                     tuple(bool(x) for x in hit[k:k + n]))
+                k += n
     return out  # type: ignore[return-value]
