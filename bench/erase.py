@@ -1,15 +1,25 @@
-"""Concept erasure, every method on the same concepts: behaviour, what is left inside, cost.
+"""Concept erasure, every method on the same concepts and the same probe splits.
 
-Prints one JSON object: per concept and method the ``run_erasure`` report (accuracies before and
-after, paraphrases, controls, perplexity, adversarial framings, relearning, concept-vector
-cosine, coefficient patching), seconds per concept, per-method means over
-the concepts (``summary``), the time to sample the ``features`` method's SAE corpus and to train
-its per-layer MLP-output SAEs (once per model, cached, shared by all concepts; an empty
-``ENGRAMLAB_CACHE`` measures it cold) and peak RSS. With ``--png`` it also draws the concept-vectors
-trade-off curve (concept accuracy against control accuracy and perplexity over its tuning grid).
+For each concept, method and split seed, ``run_erasure`` tunes on one half of the concept's
+probes and reports the other half (and the paraphrases, which no tuner sees). The run folder's
+``result.json`` holds every report (``parts``), per method the mean over concepts with its
+spread over the split seeds (``summary``: mean, sd over seeds of the per-seed mean, and the
+range over concepts), and per concept the mean and sd over seeds (``per_concept``). Means are
+over the concepts on which every method of the run finished for that seed, so no method is
+averaged over easier concepts than another.
 
-    .venv/bin/python bench/erase.py [--concepts "Harry Potter"] [--methods concept-vectors,ga]
-        [--out docs/results/erase_smollm2_cpu.json] [--png docs/results/erase_tradeoff.png]
+Methods: ``concept-vectors`` (its tuner picks among the activation, answer and distinct
+rankings), ``concept-vectors:vocab`` (Hong et al.'s own selection: vocabulary projection of the
+value vectors onto the concept's tokens), ``features``, ``ga``, ``npo``, ``rmu`` (all three MLP
+matrices) and ``rmu:down`` (down projections only, as the WMDP reference code).
+``--concepts`` takes bundled names, ``all``, or paths to concept files of your own.
+
+The run is saved after every part and resumes: parts already in the run folder are kept (a
+changed setting needs ``--fresh``). Long: about 10-15 minutes per concept and seed for all
+methods on 2 CPU cores; the SAEs of ``features`` take about 25 minutes once per model.
+
+    .venv/bin/python bench/erase.py --concepts all --seeds 0,1,2 --save erase/smollm2_cpu
+        [--methods concept-vectors,ga] [--markdown]
 """
 
 from __future__ import annotations
@@ -17,15 +27,60 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import engramlab as eg
-from engramlab._io import atomic_file
-from engramlab.data import get_concept
+from engramlab.data import get_concept, load_concept
+from engramlab.data.concepts import Concept, bundled_concepts
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.features import FeatureEraser
-from engramlab.erase.run import METHODS, make_eraser, run_erasure
+from engramlab.erase.run import make_eraser, run_erasure
+from results import run_folder, save_run
+
+METHODS = ("concept-vectors", "concept-vectors:vocab", "features", "ga", "npo", "rmu",
+           "rmu:down")
+
+
+def _drop(key: str) -> Callable[[dict], float | None]:
+    def f(r: dict) -> float | None:
+        if r["pre"].get(key) is None or r["post"].get(key) is None:
+            return None
+        return r["pre"][key] - r["post"][key]
+    return f
+
+
+# what each report contributes to the summary (held-out figures unless the name says tuned)
+FIGURES: dict[str, Callable[[dict], float | None]] = {
+    "pre_target": lambda r: r["pre"]["target_accuracy"],
+    "post_target": lambda r: r["post"]["target_accuracy"],
+    "post_target_tuned": lambda r: r["post"].get("target_tuned_accuracy"),
+    "pre_paraphrase": lambda r: r["pre"]["paraphrase_accuracy"],
+    "post_paraphrase": lambda r: r["post"]["paraphrase_accuracy"],
+    "control_drop": _drop("control_accuracy"),
+    "unseen_control_drop": _drop("unseen_control_accuracy"),
+    "near_control_drop": _drop("near_control_accuracy"),
+    "near_tune_drop": _drop("near_control_tune_accuracy"),
+    "kind_drop": _drop("kind_accuracy"),
+    "perplexity_rise": lambda r: r["post"]["perplexity"] / r["pre"]["perplexity"] - 1,
+    "worst_paragraph_rise": lambda r: r.get("perplexity_worst_rise"),
+    "adversarial": lambda r: r["adversarial"]["target_accuracy"],
+    "relearn_paragraph": lambda r: r["relearn"]["target_accuracy"],
+    "heldout_after_relearn": lambda r: r["relearn"]["heldout"].get("target_accuracy"),
+    "vector_cosine": lambda r: r["trace"]["concept_vector_cosine"],
+    "coefficient_patch": lambda r: r["trace"]["coefficient_patch_accuracy"],
+    "erase_seconds": lambda r: r["erase_seconds"],
+}
+
+# the columns of the markdown table, in order
+SHOWN = {"post_target": "held-out probes", "post_paraphrase": "paraphrases",
+         "post_target_tuned": "tuned probes", "control_drop": "control drop",
+         "near_control_drop": "near drop (unseen half)", "perplexity_rise": "ppl rise",
+         "adversarial": "adversarial", "relearn_paragraph": "relearn",
+         "coefficient_patch": "coef. patch", "erase_seconds": "erase s"}
 
 
 def peak_rss_mb() -> float:
@@ -33,139 +88,164 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def tradeoff_png(trials: dict[str, list[dict]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, rows in trials.items():
-        t = [r["target_accuracy"] for r in rows]
-        axes[0].scatter([r["control_accuracy"] for r in rows], t, label=name)
-        axes[1].scatter([r["perplexity"] for r in rows], t, label=name)
-    axes[0].set_xlabel("control accuracy")
-    axes[1].set_xlabel("perplexity on neutral text (tuning half)")
-    for ax in axes:
-        ax.set_ylabel("concept accuracy")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("concept vectors: top_k × damping grid")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
+def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summary(result: dict) -> dict:
-    """Per method, the mean over concepts of each headline figure (concepts where the method
-    raised are counted in ``failed``)."""
-    keys = {
-        "pre_target": lambda r: r["pre"]["target_accuracy"],
-        "post_target": lambda r: r["post"]["target_accuracy"],
-        "post_paraphrase": lambda r: r["post"]["paraphrase_accuracy"],
-        "control_drop": lambda r: r["pre"]["control_accuracy"] - r["post"]["control_accuracy"],
-        "unseen_control_drop": lambda r: None if r["post"].get("unseen_control_accuracy")
-        is None else r["pre"]["unseen_control_accuracy"] - r["post"]["unseen_control_accuracy"],
-        "near_control_drop": lambda r: None if r["post"].get("near_control_accuracy")
-        is None else r["pre"]["near_control_accuracy"] - r["post"]["near_control_accuracy"],
-        "near_tune_drop": lambda r: None if r["post"].get("near_control_tune_accuracy")
-        is None else r["pre"]["near_control_tune_accuracy"]
-        - r["post"]["near_control_tune_accuracy"],
-        "kind_drop": lambda r: None if r["post"].get("kind_accuracy") is None
-        else r["pre"]["kind_accuracy"] - r["post"]["kind_accuracy"],
-        "worst_paragraph_rise": lambda r: r.get("perplexity_worst_rise"),
-        "perplexity_rise": lambda r: r["post"]["perplexity"] / r["pre"]["perplexity"] - 1,
-        "adversarial": lambda r: r["adversarial"]["target_accuracy"],
-        "relearn_paragraph": lambda r: r["relearn"]["target_accuracy"],
-        "heldout_before": lambda r: r["relearn"].get("heldout", {}).get("before"),
-        "heldout_after": lambda r: r["relearn"].get("heldout", {}).get("target_accuracy"),
-        "heldout_unedited": lambda r: r["relearn"].get("heldout", {}).get("unedited"),
-        "vector_cosine": lambda r: r["trace"]["concept_vector_cosine"],
-        "coefficient_patch": lambda r: r["trace"]["coefficient_patch_accuracy"],
-        "erase_seconds": lambda r: r["erase_seconds"],
-    }
-    methods: dict[str, dict] = {}
-    for per in result["concepts"].values():
-        for method, r in per.items():
-            m = methods.setdefault(method, {"concepts": 0, "failed": 0,
-                                            **{k: [] for k in keys}})
-            if "error" in r:
-                m["failed"] += 1
-                continue
-            m["concepts"] += 1
-            for k, f in keys.items():
-                m[k].append(f(r))
-    return {method: {k: (_mean(v) if isinstance(v, list) else v) for k, v in m.items()}
-            for method, m in methods.items()}
+def summarise(parts: dict, methods: list[str], seeds: list[int]) -> tuple[dict, dict]:
+    """Per method: each figure's mean over seeds of the mean over the concepts every method
+    finished for that seed, the sd of those per-seed means, and the range over (concept,
+    seed); per concept and method: mean and sd over seeds."""
+    summary: dict = {}
+    for method in methods:
+        row: dict = {}
+        for name, f in FIGURES.items():
+            per_seed, values = [], []
+            for seed in seeds:
+                shared = [c for c, per in parts.items()
+                          if all("error" not in per.get(m, {}).get(str(seed), {"error": 1})
+                                 for m in methods)]
+                got = [v for c in shared
+                       if (v := f(parts[c][method][str(seed)])) is not None]
+                values += got
+                if got:
+                    per_seed.append(sum(got) / len(got))
+            row[name] = {"mean": _mean(per_seed),
+                         "seed_sd": statistics.stdev(per_seed) if len(per_seed) > 1 else None,
+                         "min": min(values) if values else None,
+                         "max": max(values) if values else None}
+        row["seeds"] = len([s for s in seeds if any(
+            str(s) in per.get(method, {}) for per in parts.values())])
+        row["failed"] = sum("error" in r for per in parts.values()
+                            for r in per.get(method, {}).values())
+        summary[method] = row
+    per_concept: dict = {}
+    for concept, per in parts.items():
+        per_concept[concept] = {}
+        for method, by_seed in per.items():
+            ok = [r for r in by_seed.values() if "error" not in r]
+            figures = {}
+            for name in ("post_target", "post_paraphrase", "control_drop",
+                         "near_control_drop", "perplexity_rise"):
+                vs = [v for r in ok if (v := FIGURES[name](r)) is not None]
+                figures[name] = {"mean": _mean(vs),
+                                 "sd": statistics.stdev(vs) if len(vs) > 1 else None}
+            per_concept[concept][method] = {"seeds": len(ok), **figures}
+    return summary, per_concept
 
 
-def main() -> None:
+def markdown(summary: dict) -> str:
+    """The summary as a table: mean ± sd over split seeds."""
+    def cell(v: dict) -> str:
+        if v["mean"] is None:
+            return "–"
+        sd = f" ± {v['seed_sd']:.2f}" if v["seed_sd"] is not None else ""
+        fmt = ".0f" if abs(v["mean"]) >= 10 else ".2f"
+        return f"{v['mean']:{fmt}}{sd}"
+
+    lines = ["| method | seeds | " + " | ".join(SHOWN.values()) + " |",
+             "|---|---|" + "---|" * len(SHOWN)]
+    for method, row in summary.items():
+        lines.append(f"| {method} | {row['seeds']} | "
+                     + " | ".join(cell(row[k]) for k in SHOWN) + " |")
+    return "\n".join(lines)
+
+
+def eraser_for(method: str, saes: dict | None):
+    name, _, variant = method.partition(":")
+    if name == "concept-vectors":
+        return ConceptVectors(selections=("vocab",)) if variant == "vocab" else ConceptVectors()
+    if name == "features":
+        return FeatureEraser(saes=saes)
+    return make_eraser(name, **({"weights": "down"} if variant == "down" else {}))
+
+
+def concepts_of(spec: str) -> list[Concept]:
+    if spec == "all":
+        return bundled_concepts()
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        out.append(load_concept(item) if Path(item).suffix == ".json" else get_concept(item))
+    return out
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--concepts", default="Harry Potter")
+    ap.add_argument("--concepts", default="all",
+                    help="'all' (the bundled concepts), names, or concept .json files")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2", help="split seeds: which probes tune")
     ap.add_argument("--relearn-steps", type=int, default=10)
-    ap.add_argument("--split-seed", type=int, default=0,
-                    help="which half of each concept's probes the tuners see (the other half "
-                         "is scored)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--png", default=None)
+    ap.add_argument("--save", required=True, help="AREA/RUN under docs/results/")
+    ap.add_argument("--fresh", action="store_true", help="drop the parts already saved")
+    ap.add_argument("--markdown", action="store_true", help="print the summary as a table")
     args = ap.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or args.save.count("/") != 1:
+        print(f"erase: error: unknown methods {unknown}; choose from {METHODS}" if unknown
+              else "erase: error: --save takes AREA/RUN, e.g. erase/smollm2_cpu",
+              file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
+    concepts = concepts_of(args.concepts)
+    area, run = args.save.split("/")
+    params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh", "markdown")}
 
+    parts: dict = {}
+    previous = run_folder(area, run) / "result.json"
+    if previous.exists() and not args.fresh:
+        old = json.loads(previous.read_text())
+        same = {k: old["params"].get(k) for k in ("model", "relearn_steps")}
+        if same != {"model": args.model, "relearn_steps": args.relearn_steps}:
+            print(f"erase: error: {previous} was made with {same}; pass --fresh to start over",
+                  file=sys.stderr)
+            return 2
+        parts = old["parts"]
+    result: dict = {"model": args.model, "params": params, "methods": methods, "seeds": seeds,
+                    "parts": parts, "timing": {}}
     lm = eg.load_model(args.model, progress=False)
-    result: dict = {"model": lm.name, "concepts": {}}
     saes = None
-    if "features" in args.methods.split(","):
-        # the disentangler is trained once per model (and cached): its time is reported
-        # apart, and counted in no concept's seconds. Cached parts (the sampled corpus, SAEs
-        # of an earlier run) make this figure small; ENGRAMLAB_CACHE=<empty dir> measures it.
+    if "features" in methods:
+        # the SAEs are trained once per model (and cached): their time is reported apart
         t = time.perf_counter()
-        fitter = FeatureEraser()  # its corpus and SAE settings: exactly what erase would use
-        corpus = fitter.corpus(lm, progress=False)
-        result["corpus_seconds"] = time.perf_counter() - t
-        saes = fitter.fit_saes(lm, corpus, progress=False)
-        result["dictionary_seconds"] = time.perf_counter() - t - result["corpus_seconds"]
-    trials: dict[str, list[dict]] = {}
-    for name in args.concepts.split(","):
-        concept = get_concept(name.strip())
-        per: dict = {}
-        for method in args.methods.split(","):
-            settings = {}
-            if method == "concept-vectors":
-                eraser = ConceptVectors()
-                settings["eraser"] = eraser
-            elif method == "features":
-                settings["eraser"] = FeatureEraser(saes=saes)
-            else:  # the fine-tuning baselines, tuned under the same budget
-                settings["eraser"] = make_eraser(method)
-            t = time.perf_counter()
-            try:
-                report = run_erasure(lm, concept, method, relearn_steps=args.relearn_steps,
-                                     split_seed=args.split_seed, **settings)
-            except eg.EngramError as exc:  # a method that finds nothing is a result too
-                per[method] = {"error": str(exc)}
-            else:
-                report["wall_seconds"] = time.perf_counter() - t
-                report["tuning"] = getattr(settings["eraser"], "trials", [])
-                if method == "concept-vectors":
-                    trials[concept.name] = eraser.trials
-                per[method] = report
-                print(f"{concept.name} {method}: post {report['post']} "
-                      f"({report['erase_seconds']:.1f} s)", file=sys.stderr, flush=True)
-            result["concepts"][concept.name] = per
-            result["summary"] = summary(result)
-            result["peak_rss_mb"] = peak_rss_mb()
-            if args.out:  # after every method: a long run cut short keeps what it finished
-                with atomic_file(args.out) as tmp:
-                    tmp.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    if args.png and trials:
-        tradeoff_png(trials, args.png)
+        fitter = FeatureEraser()
+        # a concept outside the bundle brings its own topical text, and so its own SAEs
+        corpus = fitter.corpus(lm, [c.name for c in concepts], progress=True)
+        saes = fitter.fit_saes(lm, corpus, progress=True)
+        result["timing"]["dictionary_seconds"] = time.perf_counter() - t
+
+    todo = [(c, m, s) for s in seeds for c in concepts for m in methods
+            if str(s) not in parts.get(c.name, {}).get(m, {})]
+    print(f"erase: {len(todo)} runs to do ({len(concepts)} concepts × {len(methods)} methods × "
+          f"{len(seeds)} seeds, {sum(len(b) for p in parts.values() for b in p.values())} "
+          "saved)", file=sys.stderr, flush=True)
+    unedited: dict = {}  # the unedited model's figures, measured once per concept and split
+    for i, (concept, method, seed) in enumerate(todo, 1):
+        t = time.perf_counter()
+        try:
+            report = run_erasure(lm, concept, method.partition(":")[0],
+                                 eraser=eraser_for(method, saes), split_seed=seed,
+                                 relearn_steps=args.relearn_steps, unedited=unedited)
+            report["method"] = method
+            line = (f"held-out {report['post']['target_accuracy']:.2f}, paraphrases "
+                    f"{report['post']['paraphrase_accuracy']:.2f}")
+        except eg.EngramError as exc:  # a method that finds nothing is a result too
+            report, line = {"error": str(exc)}, f"failed: {exc}"
+        report["wall_seconds"] = time.perf_counter() - t
+        parts.setdefault(concept.name, {}).setdefault(method, {})[str(seed)] = report
+        result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
+        result["peak_rss_mb"] = peak_rss_mb()
+        save_run(area, run, result, params)
+        print(f"[{i}/{len(todo)}] {concept.name} · {method} · seed {seed}: {line} "
+              f"({report['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
+    save_run(area, run, result, params)
+    print(markdown(result["summary"]) if args.markdown else json.dumps(result["summary"],
+                                                                       indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,6 @@
-"""Compare erasure methods across ``bench/erase.py`` result files, on the concepts they share.
+"""Compare erasure methods across result files of the older, single-split ``bench/erase.py``
+(``--out FILE``), on the concepts they share; ``bench/erase.py --save`` now summarises its own
+runs over split seeds.
 
 Each file may hold different methods (concept vectors in one run, the fine-tuning baselines in
 another); the per-method means are recomputed over the concepts *every* method finished, so no
@@ -17,7 +19,54 @@ import argparse
 import json
 from pathlib import Path
 
-from erase import summary  # bench/erase.py: the same means as every bench run prints
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summary(result: dict) -> dict:
+    """Per method, the mean over concepts of each headline figure (concepts where the method
+    raised are counted in ``failed``)."""
+    keys = {
+        "pre_target": lambda r: r["pre"]["target_accuracy"],
+        "post_target": lambda r: r["post"]["target_accuracy"],
+        "post_paraphrase": lambda r: r["post"]["paraphrase_accuracy"],
+        "control_drop": lambda r: r["pre"]["control_accuracy"] - r["post"]["control_accuracy"],
+        "unseen_control_drop": lambda r: None if r["post"].get("unseen_control_accuracy")
+        is None else r["pre"]["unseen_control_accuracy"] - r["post"]["unseen_control_accuracy"],
+        "near_control_drop": lambda r: None if r["post"].get("near_control_accuracy")
+        is None else r["pre"]["near_control_accuracy"] - r["post"]["near_control_accuracy"],
+        "near_tune_drop": lambda r: None if r["post"].get("near_control_tune_accuracy")
+        is None else r["pre"]["near_control_tune_accuracy"]
+        - r["post"]["near_control_tune_accuracy"],
+        "kind_drop": lambda r: None if r["post"].get("kind_accuracy") is None
+        else r["pre"]["kind_accuracy"] - r["post"]["kind_accuracy"],
+        "worst_paragraph_rise": lambda r: r.get("perplexity_worst_rise"),
+        "perplexity_rise": lambda r: r["post"]["perplexity"] / r["pre"]["perplexity"] - 1,
+        "adversarial": lambda r: r["adversarial"]["target_accuracy"],
+        "relearn_paragraph": lambda r: r["relearn"]["target_accuracy"],
+        "heldout_before": lambda r: r["relearn"].get("heldout", {}).get("before"),
+        "heldout_after": lambda r: r["relearn"].get("heldout", {}).get("target_accuracy"),
+        "heldout_unedited": lambda r: r["relearn"].get("heldout", {}).get("unedited"),
+        "vector_cosine": lambda r: r["trace"]["concept_vector_cosine"],
+        "coefficient_patch": lambda r: r["trace"]["coefficient_patch_accuracy"],
+        "erase_seconds": lambda r: r["erase_seconds"],
+    }
+    methods: dict[str, dict] = {}
+    for per in result["concepts"].values():
+        for method, r in per.items():
+            m = methods.setdefault(method, {"concepts": 0, "failed": 0,
+                                            **{k: [] for k in keys}})
+            if "error" in r:
+                m["failed"] += 1
+                continue
+            m["concepts"] += 1
+            for k, f in keys.items():
+                m[k].append(f(r))
+    return {method: {k: (_mean(v) if isinstance(v, list) else v) for k, v in m.items()}
+            for method, m in methods.items()}
+
 
 SHOWN = {"post_target": "post", "post_paraphrase": "para", "control_drop": "ctrl drop",
          "unseen_control_drop": "unseen drop", "near_tune_drop": "near drop (tuned half)",

@@ -19,7 +19,7 @@ from engramlab.erase.finetune import (
     mlp_params,
     sentences,
 )
-from engramlab.erase.run import make_eraser
+from engramlab.erase.run import make_eraser, run_erasure
 from engramlab.erase.vectors import vocab_scores
 from engramlab.errors import ConceptError, EngramError
 from engramlab.evaluate.erasure import (
@@ -618,3 +618,39 @@ def test_erasers_see_only_the_tuning_probes_and_the_report_scores_the_rest(tiny_
     unsplit = run_erasure(lm, concept, "spy", eraser=Spy(), relearn_steps=0, trace_vectors=4,
                           split_seed=None)
     assert seen == concept.probes and unsplit["split"]["reported_on"].startswith("every probe")
+
+
+def test_unedited_figures_are_measured_once_per_concept_and_split(tiny_llama_concept,
+                                                                  monkeypatch):
+    import engramlab.erase.run as run_module
+
+    lm, concept = tiny_llama_concept
+    calls: list[str] = []
+    behaviour, relearn = run_module.behaviour, run_module.E.relearn_heldout
+    monkeypatch.setattr(run_module, "behaviour",
+                        lambda *a, **k: calls.append("behaviour") or behaviour(*a, **k))
+    monkeypatch.setattr(run_module.E, "relearn_heldout",
+                        lambda *a, **k: calls.append("relearn") or relearn(*a, **k))
+
+    class Damage:  # halves every value weight: the post figures change, the pre ones may not
+        def erase(self, lm, concept):
+            return WeightDelta.for_model(lm, {
+                lm.layout.module_name(lm.layout.value_module(i)) + ".weight":
+                ParamDelta(dense=-0.5 * lm.layout.value_module(i).weight.detach().clone())
+                for i in range(lm.layout.n_layers)})
+
+    memo: dict = {}
+    first = run_erasure(lm, concept, "a", eraser=Damage(), relearn_steps=1, trace_vectors=4,
+                        split_seed=1, unedited=memo)
+    n = len(calls)
+    again = run_erasure(lm, concept, "b", eraser=Damage(), relearn_steps=1, trace_vectors=4,
+                        split_seed=1, unedited=memo)
+    assert calls[n:] == ["behaviour", "relearn"]  # only after erasing: the rest was kept
+    fresh = run_erasure(lm, concept, "c", eraser=Damage(), relearn_steps=1, trace_vectors=4,
+                        split_seed=1)
+    assert calls.count("relearn") == 2 * 2 + 1  # each run relearns after; the reference once
+    for key in ("pre", "relearn"):  # as text: NaN (no paraphrases) equals itself there
+        assert json.dumps(again[key]) == json.dumps(fresh[key]) == json.dumps(first[key])
+    other = run_erasure(lm, concept, "d", eraser=Damage(), relearn_steps=1, trace_vectors=4,
+                        split_seed=2, unedited=memo)
+    assert other["pre"]["target_tuned_accuracy"] == accuracy(lm, concept.split(2)[0].probes)

@@ -78,7 +78,8 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
                 layers: Sequence[int] | None = None, relearn_steps: int = 10,
                 relearn_lr: float = 3e-5, trace_vectors: int = 16,
                 out: str | Path | None = None, eraser: Any = None,
-                split_seed: int | None = 0, **settings: Any) -> dict[str, Any]:
+                split_seed: int | None = 0, unedited: dict | None = None,
+                **settings: Any) -> dict[str, Any]:
     """Erase ``concept`` with ``method`` (or a ready ``eraser``) and report; the model is
     left unedited.
 
@@ -86,7 +87,9 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     tuner and the trace see only the tuning part; ``target_accuracy`` is on the other part,
     as are the adversarial framings, relearning and patching figures (``target_tuned_accuracy``
     is the tuning part, for comparison). ``split_seed=None`` tunes and reports on every probe
-    (the report says so)."""
+    (the report says so). ``unedited``, a dict kept by the caller across runs on one model,
+    holds the unedited model's figures so the methods compared on a concept and split measure
+    them once."""
     start = time.perf_counter()
     if split_seed is None:
         tuned, held = concept, list(concept.probes)
@@ -95,13 +98,22 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     evaluated = dataclasses.replace(concept, probes=held)
     controls, unseen = controls_for(concept), unseen_controls_for(concept)
     neutral = general_text(split="eval")
-    pre = behaviour(lm, evaluated, controls, neutral, unseen)
-    pre["target_tuned_accuracy"] = E.accuracy(lm, tuned.probes)
+    memo = {} if unedited is None else unedited
+    model_concept = (lm.fingerprint(), json.dumps(concept.to_dict(), sort_keys=True))
+    if (model_concept, "pre", split_seed) not in memo:
+        figures = behaviour(lm, evaluated, controls, neutral, unseen)
+        figures["target_tuned_accuracy"] = E.accuracy(lm, tuned.probes)
+        memo[model_concept, "pre", split_seed] = figures
+    pre = dict(memo[model_concept, "pre", split_seed])
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s held-out probes "
                            "before erasure: there is nothing to erase; check the probes")
     # the unedited model under the same relearning: what "fully recovered" looks like
-    reference = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
+    relearn_key = (model_concept, "relearn", relearn_steps, relearn_lr)  # all probes: no split
+    if relearn_key not in memo:
+        memo[relearn_key] = E.relearn_heldout(lm, concept.probes, steps=relearn_steps,
+                                              lr=relearn_lr)
+    reference = memo[relearn_key]
     if eraser is None:
         eraser = make_eraser(method, layers=layers, **settings)
     t = time.perf_counter()
@@ -109,12 +121,12 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     erase_s = time.perf_counter() - t
     ranked = eraser.candidates.get("activation", []) if isinstance(eraser, ConceptVectors) \
         and eraser.layers is None and not eraser.check else []
-    if len(ranked) >= trace_vectors:
-        trace = ranked[:trace_vectors]  # the same ranking: no second evidence pass
-    else:
-        trace = find_concept_vectors(lm, tuned, controls=controls,
-                                     n_candidates=trace_vectors, check=False)
-    trace_ids = [(c.layer, c.index) for c in trace]
+    trace_key = (model_concept, "trace", split_seed, trace_vectors)
+    if trace_key not in memo:
+        memo[trace_key] = (ranked[:trace_vectors] if len(ranked) >= trace_vectors  # the same
+                           else find_concept_vectors(lm, tuned, controls=controls,  # ranking
+                                                     n_candidates=trace_vectors, check=False))
+    trace_ids = [(c.layer, c.index) for c in memo[trace_key]]
     originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
                              for i, j in trace_ids]) if trace_ids else torch.zeros(0)
     with delta.applied(lm):
