@@ -98,12 +98,14 @@ def main() -> int:
            "known": sum(flags), "device": str(lm.device),
            "gpu": torch.cuda.get_device_name() if lm.device.type == "cuda" else None,
            "threads": torch.get_num_threads(), "runs": []}
-    memos = {run: TargetMemo() for run in args.runs}  # a sweep optimises each target once
+    # one memo for every run: a sweep, or MEMIT and AlphaEdit with the same target settings,
+    # optimise each request's target once
+    memo = TargetMemo()
     pres: dict[str, dict] = {}
     for run, setting in ((r, g) for r in args.runs for g in grid):
         method, _, protocol = run.partition(":")
         editor = get_editor(method, **overrides, **setting)
-        editor.target_memo, editor.progress = memos[run], True
+        editor.target_memo, editor.progress = memo, True
         hits, t0 = editor.target_memo.hits, time.perf_counter()
         result = run_protocol(lm, editor, cases, protocol=protocol or "independent",
                               fluency_tokens=args.fluency_tokens, progress=True,

