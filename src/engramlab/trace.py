@@ -219,7 +219,7 @@ def run_model(lm: LM, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     ``stop_after=i`` ends the pass after block ``i``: captures up to there are complete and the
     later blocks cost nothing.
     """
-    model = lm.model if logits else getattr(lm.model, "base_model", lm.model)
+    model = lm.model if logits else lm.body
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask

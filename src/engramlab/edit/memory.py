@@ -96,7 +96,8 @@ def costs(lm: LM, point: str) -> Costs:
 
 
 def _measure(lm: LM, point: str) -> Costs:
-    from .prefix import PrefixBatch, map_cache
+    from ..models.kv import map_cache
+    from .prefix import PrefixBatch
     from .targets import Rows, _group, _run_group
 
     n = _PROBE_PREFIX + _PROBE_SUFFIX

@@ -14,15 +14,13 @@ result equals a plain forward of each row (tested).
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..batching import Batch, make_batch
+from ..models.kv import extend, map_cache, prefill
 from ..models.lm import LM
 
 
@@ -85,11 +83,8 @@ class PrefixBatch:
         # token during the prefix pass only — the suffix pass masks that token out again
         run_mask = true_mask.clone()
         run_mask[:, 0] = 1
-        body = getattr(lm.model, "base_model", lm.model)
         pos = torch.arange(width, device=lm.device).expand(len(rows), width)
-        out = body(input_ids=pids, attention_mask=run_mask, position_ids=pos, use_cache=True)
-        cache = out.get("cache", None)  # transformers >= 5.2x names it cache
-        return cls(batch, splits, true_mask, out.past_key_values if cache is None else cache)
+        return cls(batch, splits, true_mask, prefill(lm, pids, run_mask, pos))
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (local indices), in place: the cached prefix is sliced, not
@@ -107,51 +102,21 @@ class PrefixBatch:
 
     def run(self, lm: LM) -> None:
         """One forward of the suffixes (hooks entered by the caller see it)."""
-        body = getattr(lm.model, "base_model", lm.model)
         b = self.batch
         if self.cache is None:
-            body(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            lm.body(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
             return
         width = self.prefix_mask.shape[1]  # type: ignore[union-attr]
         mask = torch.cat([self.prefix_mask, b.attention_mask], 1)  # type: ignore[list-item]
         start = torch.tensor(self.splits, device=lm.device)[:, None]
         pos = start + torch.arange(b.input_ids.shape[1], device=lm.device)[None]
         try:
-            body(input_ids=b.input_ids, attention_mask=mask, position_ids=pos,
-                 use_cache=True, **{_cache_argument(type(body)): self.cache})
+            extend(lm, self.cache, b.input_ids, mask, pos)
         finally:  # drop the suffix again (a negative count works across transformers versions)
             extra = self.cache.get_seq_length() - width
             if extra > 0:
                 self.cache.crop(-extra)
             _detach(self.cache)
-
-
-@functools.cache
-def _cache_argument(module_type: type[torch.nn.Module]) -> str:
-    """The name under which this transformers version's forward takes a KV cache: ``cache``
-    in recent versions (``past_key_values`` is deprecated there, to be removed in 5.40), and
-    ``past_key_values`` before. Looked up once per model class: ``run`` is called every
-    optimisation step."""
-    params = inspect.signature(module_type.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def map_cache(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Replace every key and value tensor of a transformers cache by ``fn(tensor)``, in the
-    cache layout of any transformers version."""
-    if cache is None:
-        return
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            if getattr(layer, "keys", None) is not None:
-                layer.keys = fn(layer.keys)
-                layer.values = fn(layer.values)
-        return
-    for name in ("key_cache", "value_cache"):  # transformers < 4.56
-        tensors = getattr(cache, name, None)
-        if tensors is not None:
-            tensors[:] = [fn(t) for t in tensors]
 
 
 def _detach(cache: Any) -> None:

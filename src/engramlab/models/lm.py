@@ -55,6 +55,12 @@ class LM:
         path = Path(self.name).expanduser()
         return path.resolve().name if path.exists() else self.name
 
+    @property
+    def body(self) -> nn.Module:
+        """The transformer without its language-modelling head: passes that only need hidden
+        states run this and skip the unembedding of every position."""
+        return getattr(self.model, "base_model", self.model)
+
     # sizes and placement ----------------------------------------------------------------
     @property
     def n_layers(self) -> int:
@@ -129,9 +135,8 @@ class LM:
 
         handle = self.layout.block(self.n_layers - 1).register_forward_hook(keep)
         try:
-            body = getattr(self.model, "base_model", self.model)
-            body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                 use_cache=False)
+            self.body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                      use_cache=False)
         finally:
             handle.remove()
         last = enc["attention_mask"].sum(1) - 1
