@@ -6,6 +6,7 @@ sits below both: neither package imports the other for these.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,3 +61,16 @@ def make_batch(lm: LM, rows: list[list[int]], owner: list[int], lookup: list[lis
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
     return Batch(ids.to(lm.device), mask.to(lm.device), owner, lookup, labels or [])
+
+
+def encode_prompts(lm: LM, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids of ``prompts`` and each one's length (its last real token is at
+    ``length - 1``)."""
+    rows = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    pad = lm.tokenizer.pad_token_id or 0
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    lengths = torch.tensor([len(r) for r in rows])
+    return ids.to(lm.device), lengths.to(lm.device)

@@ -98,7 +98,7 @@ def costs(lm: LM, point: str) -> Costs:
 def _measure(lm: LM, point: str) -> Costs:
     from ..models.kv import map_cache
     from .prefix import PrefixBatch
-    from .targets import Rows, _group, _run_group
+    from .targets import Rows, make_group, run_group
 
     n = _PROBE_PREFIX + _PROBE_SUFFIX
     ids = [1 + i % (lm.vocab_size - 1) for i in range(n)]
@@ -112,7 +112,7 @@ def _measure(lm: LM, point: str) -> Costs:
         return t
 
     map_cache(pb.cache, count)
-    group = _group(lm, rows, [0], pb, [1.0])
+    group = make_group(lm, rows, [0], pb, [1.0])
     params = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
     saved: dict[int, int] = {}
 
@@ -128,7 +128,7 @@ def _measure(lm: LM, point: str) -> Costs:
         p.requires_grad_(False)  # as during the optimisation: no weight gradients
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _run_group(lm, group, point, f"resid.{lm.n_layers - 1}", delta, None)
+            run_group(lm, group, point, f"resid.{lm.n_layers - 1}", delta, None)
     finally:
         for p, g in zip(lm.model.parameters(), grads, strict=True):
             p.requires_grad_(g)

@@ -202,7 +202,7 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
 
 
 @dataclass
-class _Group:
+class Group:
     """Rows of similar suffix length run together; indices map back to the chunk's rows."""
 
     rows: list[int]
@@ -224,7 +224,7 @@ def _flat_labels(rows: Rows) -> list[tuple[int, int, int]]:
 
 
 def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float],
-            cost: Costs | None = None, act_budget: float | None = None) -> list[_Group]:
+            cost: Costs | None = None, act_budget: float | None = None) -> list[Group]:
     """All rows in padded groups of similar suffix length, each within the budget."""
     splits = [min(look) if config.prefix_cache else 0 for look in rows.lookup]
     suffix_len = [len(ids) - s for ids, s in zip(rows.ids, splits, strict=True)]
@@ -244,12 +244,12 @@ def _groups(lm: LM, rows: Rows, config: TargetConfig, scale: list[float],
         pb = PrefixBatch.build(lm, [rows.ids[i] for i in idx], [rows.owner[i] for i in idx],
                                [rows.lookup[i] for i in idx], [rows.labels[i] for i in idx],
                                use_cache=config.prefix_cache)
-        groups.append(_group(lm, rows, idx, pb, scale))
+        groups.append(make_group(lm, rows, idx, pb, scale))
     return groups
 
 
-def _prune(lm: LM, rows: Rows, groups: list[_Group], done: torch.Tensor,
-           scale: list[float]) -> list[_Group]:
+def _prune(lm: LM, rows: Rows, groups: list[Group], done: torch.Tensor,
+           scale: list[float]) -> list[Group]:
     """Drop the rows of finished requests from every group (prefix caches sliced in place)."""
     out = []
     for g in groups:
@@ -258,12 +258,13 @@ def _prune(lm: LM, rows: Rows, groups: list[_Group], done: torch.Tensor,
             continue
         if len(local) < len(g.rows):
             g.prefix.keep(local)
-            g = _group(lm, rows, [g.rows[k] for k in local], g.prefix, scale)
+            g = make_group(lm, rows, [g.rows[k] for k in local], g.prefix, scale)
         out.append(g)
     return out
 
 
-def _group(lm: LM, rows: Rows, idx: list[int], pb: PrefixBatch, scale: list[float]) -> _Group:
+def make_group(lm: LM, rows: Rows, idx: list[int], pb: PrefixBatch,
+               scale: list[float]) -> Group:
     device = lm.device
     label_at = {(row, p): k for k, (row, p, _) in enumerate(_flat_labels(rows))}
     kl_rows = {row: r for r, row in enumerate(rows.kl_row)}
@@ -273,7 +274,7 @@ def _group(lm: LM, rows: Rows, idx: list[int], pb: PrefixBatch, scale: list[floa
            for local, i in enumerate(idx) for p, _ in b.labels[local]]
     kls = [(local, b.lookup[local][-1], kl_rows[i]) for local, i in enumerate(idx)
            if i in kl_rows]
-    return _Group(
+    return Group(
         rows=idx, prefix=pb, owner=torch.tensor(b.owner, device=device),
         scale=torch.tensor([scale[i] for i in idx], device=device)[:, None],
         lookup=b.lookup_mask().unsqueeze(-1),
@@ -342,7 +343,7 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
             tok_lp = torch.zeros(len(flat), device=device)
             kl_now = torch.zeros(n, device=device)
             for g in groups:
-                hidden = _run_group(lm, g, point, last, delta, init if it == 0 else None)
+                hidden = run_group(lm, g, point, last, delta, init if it == 0 else None)
                 part = hidden.new_zeros((), dtype=torch.float32)
                 if len(g.lab_row):
                     logp = F.log_softmax(
@@ -394,7 +395,7 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
     return Targets(point, delta.detach(), init, nll_r.detach(), steps)
 
 
-def _run_group(lm: LM, g: _Group, point: str, last: str, delta: torch.Tensor,
+def run_group(lm: LM, g: Group, point: str, last: str, delta: torch.Tensor,
                record_init: torch.Tensor | None) -> torch.Tensor:
     """Forward one group with δ added at its lookup positions; returns the last block's output.
     On the first step (``record_init``) the unmodified value at each plain row is stored."""

@@ -123,7 +123,7 @@ def value_vectors(lm: LM, layers: Sequence[int]) -> torch.Tensor:
                       for layer in layers])
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -136,9 +136,9 @@ def fit_dictionary(data: torch.Tensor, *, n_features: int = 4096, k: int = 8,
     if not 0 < k <= n_features:
         raise ConceptError(f"k={k} must lie in 1..n_features={n_features}")
     gen = torch.Generator().manual_seed(seed)
-    x = _unit(data.float())
+    x = unit_rows(data.float())
     init = torch.randint(0, x.shape[0], (n_features,), generator=gen)
-    decoder = torch.nn.Parameter(_unit(x[init] + 0.01 * torch.randn(n_features, x.shape[1],
+    decoder = torch.nn.Parameter(unit_rows(x[init] + 0.01 * torch.randn(n_features, x.shape[1],
                                                                    generator=gen)))
     encoder = torch.nn.Parameter(decoder.detach().T.clone())
     bias = torch.nn.Parameter(torch.zeros(n_features))
@@ -157,7 +157,7 @@ def fit_dictionary(data: torch.Tensor, *, n_features: int = 4096, k: int = 8,
         loss.backward()
         opt.step()
         with torch.no_grad():
-            decoder.data = _unit(decoder.data)
+            decoder.data = unit_rows(decoder.data)
         if _step % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     d = ValueDictionary(decoder.detach().clone(), encoder.detach().clone(),
@@ -170,7 +170,7 @@ def fit_dictionary(data: torch.Tensor, *, n_features: int = 4096, k: int = 8,
 @torch.no_grad()
 def explained_variance(d: ValueDictionary, x: torch.Tensor) -> float:
     """Share of the (unit-normed) vectors' squared norm the dictionary reconstructs."""
-    x = _unit(x.float())
+    x = unit_rows(x.float())
     err = 0.0
     for s in range(0, x.shape[0], 4096):
         rows = x[s:s + 4096]

@@ -85,7 +85,7 @@ from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
 from .budget import NEAR_DROP, BudgetSearch, budget_of
-from .dictionary import ValueDictionary, _unit, train_dictionary
+from .dictionary import ValueDictionary, train_dictionary, unit_rows
 from .sae import feature_corpus, train_output_saes
 from .vectors import KeywordZ, keyword_tokens, token_activations
 
@@ -234,7 +234,7 @@ def _firing(lm: LM, saes: dict[int, ValueDictionary], texts: Sequence[str],
     n = 0
     for acts in token_activations(lm, texts, points, batch_size):
         for i in layers:
-            fired[i] += (saes[i].encode(_unit(acts[f"mlp_out.{i}"])) > 0).sum(0)
+            fired[i] += (saes[i].encode(unit_rows(acts[f"mlp_out.{i}"])) > 0).sum(0)
             keys[i] += acts[f"mlp_key.{i}"].sum(0)
         n += acts[points[0]].shape[0]
     return _Firing({i: f / max(n, 1) for i, f in fired.items()},

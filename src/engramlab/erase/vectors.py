@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import target_ids
+from ..batching import encode_prompts, target_ids
 from ..data.concepts import Concept, Probe
-from ..evaluate.erasure import _encode_prompts, last_logits
+from ..evaluate.erasure import last_logits
 from ..models.lm import LM
 from ..trace import Trace, deepest_block, run_model
 
@@ -91,8 +91,7 @@ class KeywordZ:
         self.lm = lm
         self.tok = torch.tensor(list(token_ids), dtype=torch.long, device=lm.device)
         unembed = lm.layout.unembed
-        self.linear = getattr(unembed, "bias", None) is None and \
-            not getattr(lm.config, "final_logit_softcapping", None)
+        self.linear = lm.unembedding_is_linear
         if self.linear and len(self.tok):
             weight = unembed.weight.detach().double()  # type: ignore[union-attr]
             self.mu = weight.mean(0)
@@ -136,7 +135,7 @@ def _coefficients_and_effects(lm: LM, probes: Sequence[Probe], layers: Sequence[
     coeffs, effect = [], torch.zeros(len(layers), lm.layout.d_mlp)
     for s in range(0, len(probes), batch_size):
         chunk = probes[s:s + batch_size]
-        ids, lengths = _encode_prompts(lm, [p.prompt for p in chunk])
+        ids, lengths = encode_prompts(lm, [p.prompt for p in chunk])
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None])
         answers = torch.tensor([target_ids(lm, p.prompt, p.answer)[0] for p in chunk],
                                device=ids.device)
@@ -164,7 +163,7 @@ def token_activations(lm: LM, texts: Sequence[str], points: Sequence[str],
     the tokens come back grouped by batch, not in the order of ``texts``."""
     texts = sorted(texts, key=len)
     for s in range(0, len(texts), batch_size):
-        ids, lengths = _encode_prompts(lm, list(texts[s:s + batch_size]))
+        ids, lengths = encode_prompts(lm, list(texts[s:s + batch_size]))
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None])
         with Trace(lm).capture(*points) as tr:
             run_model(lm, ids, mask.long(), stop_after=deepest_block(lm, points))
@@ -272,7 +271,7 @@ def answer_logprob(lm: LM, probes: Sequence[Probe], batch_size: int = 64) -> flo
     total = 0.0
     for s in range(0, len(probes), batch_size):
         chunk = probes[s:s + batch_size]
-        ids, lengths = _encode_prompts(lm, [p.prompt for p in chunk])
+        ids, lengths = encode_prompts(lm, [p.prompt for p in chunk])
         rows = torch.arange(len(chunk), device=ids.device)
         answers = torch.tensor([target_ids(lm, p.prompt, p.answer)[0] for p in chunk],
                                device=ids.device)

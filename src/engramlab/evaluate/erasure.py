@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..batching import target_ids
+from ..batching import encode_prompts, target_ids
 from ..data.concepts import Concept, Probe
 from ..delta import WeightDelta
 from ..models.lm import LM
@@ -58,17 +58,6 @@ def last_logits(lm: LM, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
     return lm.logits_from_hidden(tr[point][rows, lengths - 1])
 
 
-def _encode_prompts(lm: LM, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [lm.tokenizer(p)["input_ids"] for p in prompts]
-    pad = lm.tokenizer.pad_token_id or 0
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    lengths = torch.tensor([len(r) for r in rows])
-    return ids.to(lm.device), lengths.to(lm.device)
-
-
 @torch.no_grad()
 def probe_hits(lm: LM, probes: Sequence[Probe], *, prefix: str | Sequence[str] = "",
                batch_size: int = 32) -> list[bool]:
@@ -80,7 +69,7 @@ def probe_hits(lm: LM, probes: Sequence[Probe], *, prefix: str | Sequence[str] =
     for start in range(0, len(probes), batch_size):
         chunk = probes[start:start + batch_size]
         texts = [pre + p.prompt for pre, p in zip(prefixes[start:], chunk, strict=False)]
-        ids, lengths = _encode_prompts(lm, texts)
+        ids, lengths = encode_prompts(lm, texts)
         pred = last_logits(lm, ids, lengths).argmax(-1).tolist()
         for t, p, guess in zip(texts, chunk, pred, strict=True):
             hits.append(guess == target_ids(lm, t, p.answer)[0])
@@ -253,7 +242,7 @@ def coefficient_patch_accuracy(lm: LM, delta: WeightDelta, probes: Sequence[Prob
     points = [f"mlp_key.{layer}" for layer in layers]
     hits: list[bool] = []
     for chunk in _batches(probes, batch_size):
-        ids, lengths = _encode_prompts(lm, [p.prompt for p in chunk])
+        ids, lengths = encode_prompts(lm, [p.prompt for p in chunk])
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
         with Trace(lm).capture(*points) as tr:
             lm.model(input_ids=ids, attention_mask=mask)

@@ -115,6 +115,13 @@ class LM:
         return str(self.tokenizer.decode([ids] if isinstance(ids, int) else list(ids)))
 
     # reading ------------------------------------------------------------------------------
+    @property
+    def unembedding_is_linear(self) -> bool:
+        """Whether logits are a bias-free linear map of the final-normed state (no logit
+        soft-cap), so statistics of the unembedding rows stand for the logits."""
+        return getattr(self.layout.unembed, "bias", None) is None and \
+            not getattr(self.config, "final_logit_softcapping", None)
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding (+ Gemma-2's logit soft-cap): the logit lens of any state."""
         logits = self.layout.unembed(self.layout.final_norm(hidden))
