@@ -96,9 +96,9 @@ def main() -> None:
     args = ap.parse_args()
     lm = eg.load_model(args.model, progress=False)
     cv = ConceptVectors()  # its grid and budget
-    budget = Budget(cv.max_control_drop, cv.max_perplexity_rise)
+    budget = Budget(cv.budget.max_control_drop, cv.budget.max_perplexity_rise)
     out: dict = {"model": lm.name, "near_keep": args.near_keep,
-                 "max_control_drop": cv.max_control_drop, "concepts": {}}
+                 "max_control_drop": cv.budget.max_control_drop, "concepts": {}}
     for name in [c.strip() for c in args.concepts.split(",") if c.strip()]:
         start = time.perf_counter()
         base, rows = grid(lm, name, cv)

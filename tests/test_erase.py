@@ -11,6 +11,7 @@ import torch
 from engramlab.data import Concept, Probe, bundled_concepts, get_concept, load_concept
 from engramlab.delta import ParamDelta, WeightDelta
 from engramlab.erase import ConceptVectors, find_concept_vectors, vectors_delta
+from engramlab.erase.budget import Budget
 from engramlab.erase.finetune import (
     FineTuneUnlearner,
     _nll,
@@ -124,7 +125,7 @@ def test_finetune_tuner_returns_the_best_checkpoint_inside_the_budget():
     controls = _known_probes(lm, 8, seed=30)
     retain = [tiny_text(10, seed=50), tiny_text(10, seed=51)]
     eraser = FineTuneUnlearner(method="ga", lrs=(1e-3, 3e-3), steps=12, every=3,
-                               max_control_drop=0.3, max_perplexity_rise=10.0)
+                               budget=Budget(0.3, 10.0))
     delta = eraser.erase(lm, concept, retain=retain, controls=controls)
     for lr in (1e-3, 3e-3):  # each run is checked every 3 steps and stops at its first failure
         row = [t for t in eraser.trials if t["lr"] == lr]
@@ -157,9 +158,9 @@ def test_finetune_tuner_returns_the_best_checkpoint_inside_the_budget():
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in params)
     assert not torch.equal(runs[0][next(iter(params))], backup[next(iter(params))])
     with pytest.raises(ConceptError, match="no ga run"):
-        FineTuneUnlearner(method="ga", lrs=(3e-3,), steps=3, every=3,
-                          max_control_drop=-1.0).erase(lm, concept, retain=retain,
-                                                       controls=controls)
+        never = FineTuneUnlearner(method="ga", lrs=(3e-3,), steps=3, every=3,
+                                  budget=Budget(max_control_drop=-1.0))
+        never.erase(lm, concept, retain=retain, controls=controls)
 
 
 def test_finetune_tuner_never_checks_perplexity_on_its_retain_set():
@@ -249,7 +250,7 @@ def test_concept_vectors_tuning_respects_the_budget():
     controls = _known_probes(lm, 8, seed=30)
     concept = Concept("tiny", probes=probes, keywords=["w3"], text=tiny_text(12, seed=7))
     eraser = ConceptVectors(top_ks=(1, 4), dampings=(0.0, -2.0, -6.0), n_candidates=8,
-                            max_control_drop=0.5, max_perplexity_rise=10.0)
+                            budget=Budget(0.5, 10.0))
     delta = eraser.erase(lm, concept, controls)
     assert set(eraser.candidates) == {"activation", "answer", "distinct"}
     # without near controls "distinct" is the activation ranking
@@ -281,14 +282,14 @@ def test_concept_vectors_tuning_respects_the_budget():
     lost = sorted({round(base - t["control_accuracy"], 12) for t in eraser.trials} - {0.0})
     if lost:
         again = ConceptVectors(top_ks=(1, 4), dampings=(0.0, -2.0, -6.0), n_candidates=8,
-                               max_control_drop=lost[0], max_perplexity_rise=10.0)
+                               budget=Budget(lost[0], 10.0))
         with contextlib.suppress(ConceptError):  # nothing inside the budget is an answer too
             again.erase(lm, concept, controls)
         assert all(not t["ok"] for t in again.trials
                    if round(base - t["control_accuracy"], 12) >= lost[0])
     with pytest.raises(ConceptError, match="no setting"):
         ConceptVectors(top_ks=(1,), dampings=(-4.0,), n_candidates=4,
-                       max_control_drop=-1.0).erase(lm, concept, controls)
+                       budget=Budget(max_control_drop=-1.0)).erase(lm, concept, controls)
     with pytest.raises(ConceptError, match="below 1"):
         ConceptVectors(damping=1.5, tune=False).erase(lm, concept, controls)
 
@@ -305,24 +306,26 @@ def test_near_controls_enter_the_budget_as_their_own_group():
     with pytest.raises(ConceptError, match="unknown split"):
         concept.near("train")
     controls = _known_probes(lm, 8, seed=30)
-    grid = dict(top_ks=(1, 4, 8), dampings=(0.0, -2.0, -6.0), n_candidates=8,
-                max_control_drop=2.0, max_perplexity_rise=100.0)
-    seen = ConceptVectors(max_near_drop=2.0, **grid)  # records near accuracy, never binds
+    grid = dict(top_ks=(1, 4, 8), dampings=(0.0, -2.0, -6.0), n_candidates=8)
+    loose = dict(max_control_drop=2.0, max_perplexity_rise=100.0)
+    # records near accuracy, never binds
+    seen = ConceptVectors(budget=Budget(**loose, max_near_drop=2.0), **grid)
     seen.erase(lm, concept, controls)
     base = accuracy(lm, concept.near("tune"))
     assert base == 1.0
     assert any(base - t["near_control_accuracy"] >= 0.25 for t in seen.trials)  # it can bind
-    strict = ConceptVectors(max_near_drop=0.25, **grid)
+    strict = ConceptVectors(budget=Budget(**loose, max_near_drop=0.25), **grid)
     with contextlib.suppress(ConceptError):
         strict.erase(lm, concept, controls)
     for t in strict.trials:
         assert t["ok"] == (base - t["near_control_accuracy"] < 0.25)
-    off = ConceptVectors(max_near_drop=None, **{**grid, "top_ks": (8,), "dampings": (-6.0,)})
+    off = ConceptVectors(budget=Budget(**loose, max_near_drop=None),
+                         **{**grid, "top_ks": (8,), "dampings": (-6.0,)})
     off.erase(lm, concept, controls)
     assert all(t["near_control_accuracy"] is None and t["ok"] for t in off.trials)
     # the fine-tuning tuner checks the same group
-    ga = FineTuneUnlearner(method="ga", lrs=(3e-3,), steps=6, every=3, max_near_drop=2.0,
-                           max_control_drop=2.0, max_perplexity_rise=100.0)
+    ga = FineTuneUnlearner(method="ga", lrs=(3e-3,), steps=6, every=3,
+                           budget=Budget(**loose, max_near_drop=2.0))
     ga.erase(lm, concept, retain=[tiny_text(10, seed=50)], controls=controls)
     assert ga.trials and all(t["near_control_accuracy"] is not None for t in ga.trials)
 
@@ -360,7 +363,6 @@ def test_distinct_selection_discounts_what_fires_on_the_near_controls_too():
 
 
 def test_budget_near_check_is_strict_and_optional():
-    from engramlab.erase.budget import Budget
 
     budget = Budget()  # on by default: one probe of a tuning half (8-11 probes), not two
     assert budget.keeps_near(1.0, 7 / 8) and not budget.keeps_near(1.0, 9 / 11)
@@ -454,7 +456,6 @@ def test_unseen_controls_are_the_other_concepts_paraphrases():
 
 
 def test_budget_check_is_strict_under_rounding():
-    from engramlab.erase.budget import Budget
 
     budget = Budget(max_control_drop=0.10, max_perplexity_rise=0.10)  # what every tuner checks
     assert 1.0 - 117 / 130 < 0.10  # the rounding a plain "<" falls for
@@ -654,3 +655,14 @@ def test_unedited_figures_are_measured_once_per_concept_and_split(tiny_llama_con
     other = run_erasure(lm, concept, "d", eraser=Damage(), relearn_steps=1, trace_vectors=4,
                         split_seed=2, unedited=memo)
     assert other["pre"]["target_tuned_accuracy"] == accuracy(lm, concept.split(2)[0].probes)
+
+
+def test_make_eraser_gathers_the_budget_numbers_into_its_budget():
+    from engramlab.errors import SettingsError
+
+    eraser = make_eraser("ga", max_control_drop=0.2, max_near_drop=None, steps=3)
+    assert eraser.budget == Budget(max_control_drop=0.2, max_near_drop=None)
+    assert eraser.steps == 3
+    assert make_eraser("concept-vectors").budget == Budget()
+    with pytest.raises(SettingsError, match="max_control_drop"):
+        make_eraser("rmu", max_control=0.2)

@@ -7,6 +7,7 @@ import torch
 
 from engramlab.data import Concept
 from engramlab.data.corpus import TextCorpus
+from engramlab.erase.budget import Budget
 from engramlab.erase.dictionary import (
     ValueDictionary,
     explained_variance,
@@ -215,13 +216,14 @@ def test_output_saes_cache_per_layer_and_refuse_another_model(isolated_cache):
 
 
 def test_feature_tuner_keeps_the_budget_and_picks_the_lowest_target(isolated_cache):
+    from engramlab.batching import encode_prompts
     from engramlab.data import Probe
-    from engramlab.evaluate.erasure import _encode_prompts, accuracy, last_logits
+    from engramlab.evaluate.erasure import accuracy, last_logits
 
     lm = make_tiny("llama")
     saes = _tiny_saes(lm)
     prompts = [" ".join(tiny_text(3, seed=s).split()) for s in range(14)]
-    ids, lengths = _encode_prompts(lm, prompts)
+    ids, lengths = encode_prompts(lm, prompts)
     # the tiny model's own greedy answers: "facts" it knows
     answers = [lm.decode(int(t)).strip() for t in last_logits(lm, ids, lengths).argmax(-1)]
     probes = [Probe(p, a) for p, a in zip(prompts, answers, strict=True)]
@@ -230,7 +232,7 @@ def test_feature_tuner_keeps_the_budget_and_picks_the_lowest_target(isolated_cac
     assert accuracy(lm, concept.probes) == 1.0 and accuracy(lm, controls) == 1.0
     eraser = FeatureEraser(saes=saes, contrast=1.0, n_features_grid=(1, 2),
                            taus=(0.3, 0.03), mus=(0.0, 2.0, 8.0), mu_max=32.0,
-                           max_control_drop=0.5, max_perplexity_rise=10.0)
+                           budget=Budget(0.5, 10.0))
     delta = eraser.erase(lm, concept, controls)
     assert eraser.ranked and all(r.on > r.off for r in eraser.ranked)
     assert [r.score for r in eraser.ranked] == sorted((r.score for r in eraser.ranked),

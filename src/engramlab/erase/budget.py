@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ..data.concepts import Concept, Probe
 from ..models.lm import LM
 
 NEAR_DROP = 0.15  # near controls: at most one probe of an 8-11 probe tuning half
+
+
+BUDGET_KEYS = ("max_control_drop", "max_perplexity_rise", "max_near_drop")
 
 
 @dataclass(frozen=True)
@@ -62,17 +65,6 @@ class Budget:
                     "leaves them out)")
         return (f"{concept.name!r}'s controls within {self.max_control_drop}{near} and "
                 f"perplexity within {self.max_perplexity_rise:.0%}")
-
-
-class Tuner(Protocol):
-    max_control_drop: float
-    max_perplexity_rise: float
-    max_near_drop: float | None
-
-
-def budget_of(tuner: Tuner) -> Budget:
-    """The budget a tuner's three knobs set (both tuners carry the same ones)."""
-    return Budget(tuner.max_control_drop, tuner.max_perplexity_rise, tuner.max_near_drop)
 
 
 def budget_scores(lm: LM, concept: Concept, controls: Sequence[Probe],

@@ -57,7 +57,7 @@ from ..data.concepts import Concept, Probe, controls_for, general_text
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
-from .budget import NEAR_DROP, BudgetSearch, budget_of
+from .budget import Budget, BudgetSearch
 from .vectors import VectorEvidence, ablation_drops, vector_evidence
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,7 @@ class ConceptVectors:
     top_ks: tuple[int, ...] = (8, 12, 16, 24, 32)
     dampings: tuple[float, ...] = (0.0, -1.0, -2.0, -3.0, -4.0, -6.0)
     selections: tuple[str, ...] = ("activation", "answer", "distinct")
-    max_control_drop: float = 0.10
-    max_perplexity_rise: float = 0.10
-    max_near_drop: float | None = NEAR_DROP
+    budget: Budget = field(default_factory=Budget)  # what a tuned setting may cost
     candidates: dict[str, list[Candidate]] = field(default_factory=dict, init=False)
     found: list[Candidate] = field(default_factory=list, init=False)
     trials: list[dict[str, object]] = field(default_factory=list, init=False)
@@ -240,7 +238,7 @@ class ConceptVectors:
         dampings are tried from mildest to strongest and the row stops at the first one over
         budget: the harm grows with the reversal, so the stronger ones would fail too (on six
         bundled concepts 37-57 of the 60 grid points ran)."""
-        search = BudgetSearch(budget_of(self), lm, concept, controls, general_text(split="tune"))
+        search = BudgetSearch(self.budget, lm, concept, controls, general_text(split="tune"))
         self.trials = search.trials
         dampings = [0.0] if self.mode == "ablate" else sorted(set(self.dampings), reverse=True)
         for sel, found in self.candidates.items():

@@ -84,7 +84,7 @@ from ..data.corpus import TextCorpus
 from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
-from .budget import NEAR_DROP, BudgetSearch, budget_of
+from .budget import Budget, BudgetSearch
 from .dictionary import ValueDictionary, train_dictionary, unit_rows
 from .sae import feature_corpus, train_output_saes
 from .vectors import KeywordZ, keyword_tokens, token_activations
@@ -350,9 +350,7 @@ class FeatureEraser:
     mus: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
     mu_max: float = 48.0
     contrast: float = 3.0
-    max_control_drop: float = 0.10
-    max_perplexity_rise: float = 0.10
-    max_near_drop: float | None = NEAR_DROP
+    budget: Budget = field(default_factory=Budget)  # what a tuned setting may cost
     dictionary_features: int = 4096
     dictionary_k: int = 8
     dictionary_steps: int = 1000
@@ -443,7 +441,7 @@ class FeatureEraser:
     def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
               saes: dict[int, ValueDictionary], on: _Firing,
               off: _Firing) -> tuple[int, float, float]:
-        search = BudgetSearch(budget_of(self), lm, concept, controls, general_text(split="tune"))
+        search = BudgetSearch(self.budget, lm, concept, controls, general_text(split="tune"))
         self.trials = search.trials
         for n in sorted(set(self.n_features_grid)):
             if n > len(self.ranked) and n != min(self.n_features_grid):

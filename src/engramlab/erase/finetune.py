@@ -42,7 +42,7 @@ from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
 from ..trace import Trace, run_model
-from .budget import NEAR_DROP, BudgetSearch, budget_of
+from .budget import Budget, BudgetSearch
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,7 @@ class FineTuneUnlearner:
     tune: bool = True
     lrs: tuple[float, ...] | None = None
     every: int = 5
-    max_control_drop: float = 0.10
-    max_perplexity_rise: float = 0.10
-    max_near_drop: float | None = NEAR_DROP
+    budget: Budget = field(default_factory=Budget)  # what a tuned setting may cost
     trials: list[dict[str, object]] = field(default_factory=list, init=False)
 
     def settings(self) -> tuple[int, float]:
@@ -248,7 +246,7 @@ class FineTuneUnlearner:
               controls: Sequence[Probe] | None,
               neutral: Sequence[str]) -> tuple[dict[str, ParamDelta], int, float]:
         controls = list(controls_for(concept) if controls is None else controls)
-        search = BudgetSearch(budget_of(self), lm, concept, controls, neutral)
+        search = BudgetSearch(self.budget, lm, concept, controls, neutral)
         self.trials = search.trials
         lrs, max_steps = self.grid()
         for lr in lrs:

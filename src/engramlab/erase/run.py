@@ -27,6 +27,7 @@ from ..delta import WeightDelta
 from ..errors import ConceptError, SettingsError
 from ..evaluate import erasure as E
 from ..models.lm import LM
+from .budget import BUDGET_KEYS, Budget
 from .concept_vectors import ConceptVectors, find_concept_vectors
 from .features import FeatureEraser
 from .finetune import FineTuneUnlearner
@@ -36,16 +37,23 @@ METHODS = ("concept-vectors", "features", "ga", "npo", "rmu")
 
 def make_eraser(method: str, *, layers: Sequence[int] | None = None,
                 **settings: Any) -> ConceptVectors | FeatureEraser | FineTuneUnlearner:
+    """An eraser by name with its settings; ``max_control_drop``, ``max_perplexity_rise`` and
+    ``max_near_drop`` set its :class:`~.budget.Budget`."""
     key = method.lower()
     classes = {"concept-vectors": ConceptVectors, "features": FeatureEraser,
                "ga": FineTuneUnlearner, "npo": FineTuneUnlearner, "rmu": FineTuneUnlearner}
     if key not in classes:
         raise ConceptError(f"unknown erasure method {method!r}; choose one of {METHODS}")
     cls = classes[key]
-    known = {f.name for f in dataclasses.fields(cls) if f.init} - {"method", "layers"}
-    unknown = sorted(set(settings) - known)
+    known = {f.name for f in dataclasses.fields(cls) if f.init} - {"method", "layers", "budget"}
+    unknown = sorted(set(settings) - known - set(BUDGET_KEYS))
     if unknown:
-        raise SettingsError(f"unknown setting(s) {unknown} for {key}; known: {sorted(known)}")
+        raise SettingsError(f"unknown setting(s) {unknown} for {key}; known: "
+                            f"{sorted(known | set(BUDGET_KEYS))}")
+    # the budget's three numbers are given as settings of their own (--set max_near_drop=null)
+    limits = {k: settings.pop(k) for k in BUDGET_KEYS if k in settings}
+    if limits:
+        settings = {**settings, "budget": Budget(**limits)}
     if cls is FineTuneUnlearner:
         settings = {**settings, "method": key}
     return cls(layers=list(layers) if layers else None, **settings)
