@@ -2,7 +2,7 @@
 read early exit through each. Prints one JSON object (figures with --png-dir).
 
     .venv/bin/python bench/lens.py [--model smollm2-135m] [--tokens 16000] [--eval-tokens 2048]
-        [--rank 64] [--steps 30] [--policy-tokens 3072] [--device cuda] [--png-dir docs/results]
+        [--ranks 16,64] [--steps 50] [--policy-tokens 3072] [--device cuda] [--png-dir docs/results]
 
 Early exit is read for every lens by confidence threshold and, for the tuned lens, also by
 ConsistentEE policies trained on the ``--policy-tokens`` before the held-out slice; the depth
@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--tokens", type=int, default=16_000)
     ap.add_argument("--eval-tokens", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=64, help="one-jump (and low-rank shortcut) rank")
+    ap.add_argument("--ranks", default="16,64",
+                    help="ranks of the one-jump map and of the low-rank shortcuts")
     ap.add_argument("--steps", type=int, default=50, help="tuned-lens Adam steps")
     ap.add_argument("--step-tokens", type=int, default=256, help="tuned-lens tokens per step")
     ap.add_argument("--policy-tokens", type=int, default=3072,
@@ -60,12 +61,16 @@ def main() -> None:
     corpus = lens_corpus(lm, args.corpus)
     eval_start = corpus.eval_start or 0
     lenses, fit_s = {"logit": LogitLens(lm)}, {}
-    for kind, rank in (("shortcut", None), ("shortcut_r", args.rank), ("onejump", args.rank),
-                       ("tuned", None)):
+    ranks = [int(r) for r in args.ranks.split(",")]
+    plan = [("shortcut", "shortcut", None),
+            *((f"shortcut_r{r}", "shortcut", r) for r in ranks),
+            *((f"onejump_r{r}", "onejump", r) for r in ranks), ("tuned", "tuned", None)]
+    for name, kind, rank in plan:
         t0 = time.perf_counter()
-        lenses[kind] = fit_lens(lm, kind.removesuffix("_r"), corpus, n_tokens=args.tokens,
-                                rank=rank, steps=args.steps, step_tokens=args.step_tokens)
-        fit_s[kind] = time.perf_counter() - t0
+        lenses[name] = fit_lens(lm, kind, corpus, n_tokens=args.tokens, rank=rank,
+                                steps=args.steps, step_tokens=args.step_tokens)
+        fit_s[name] = time.perf_counter() - t0
+        print(f"fitted {name} in {fit_s[name]:.0f} s", file=sys.stderr, flush=True)
 
     def held_out():
         return corpus_batches(lm, corpus, n_tokens=args.eval_tokens, skip_tokens=eval_start)
@@ -87,10 +92,10 @@ def main() -> None:
     curves = {n: r["curve"] for n, r in rules.items()}
     points = {n: r["operating_points"] for n, r in rules.items()}
     costs = {n: r["cost"]["check_in_blocks"] for n, r in rules.items()}
-    ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=min(200_000, eval_start)),
-                            lm.vocab_size)
+    freq = frequency_ranks(corpus_batches(lm, corpus, n_tokens=min(200_000, eval_start)),
+                           lm.vocab_size)
     depth = {"guess_then_refine": guess_then_refine(
-                 depth_readings(lm, lenses["tuned"], held_out()), ranks),
+                 depth_readings(lm, lenses["tuned"], held_out()), freq),
              "facts": fact_recall_depth(lm, lenses["tuned"], [
                  (c.request.text, c.request.target_true) for c in eg.data.bundled_cases()])}
     mid = lm.n_layers // 2
@@ -113,19 +118,22 @@ def main() -> None:
         "at_depths": {k: {str(d): {"kl": v["kl"][d], "top1": v["top1"][d]} for d in depths}
                       for k, v in lens_json.items()},
         "params": {k: v["params"] for k, v in lens_json.items()},
+        # the seed paper's claim: one shared jump, far fewer parameters, close precision
         "onejump_vs_shortcut": {
-            ref: {"param_ratio": lens_json[ref]["params"] / lens_json["onejump"]["params"],
-                  "mean_top1_gap": sum(a - b for a, b in zip(lens_json[ref]["top1"],
-                                                             lens_json["onejump"]["top1"],
-                                                             strict=True)) / lm.n_layers}
-            for ref in ("shortcut", "shortcut_r")},
+            f"onejump_r{r} vs {ref}": {
+                "param_ratio": lens_json[ref]["params"] / lens_json[f"onejump_r{r}"]["params"],
+                "mean_top1_gap": sum(a - b for a, b in zip(
+                    lens_json[ref]["top1"], lens_json[f"onejump_r{r}"]["top1"],
+                    strict=True)) / lm.n_layers}
+            for r in ranks for ref in ("shortcut", f"shortcut_r{r}")},
         "policy_seconds": policy_s,
         "early_exit_split": "settings chosen on the first half of the held-out tokens, "
                             "curves and operating points reported on the second",
         "early_exit_check_in_blocks": costs,
         "early_exit_operating_points": points,
         "early_exit_curves": curves,
-        "onejump_choice": lenses["onejump"].config.get("chosen"),
+        "onejump_choice": {f"r{r}": lenses[f"onejump_r{r}"].config.get("chosen")
+                           for r in ranks},
         "depth": depth,
     }
     png_dir = args.png_dir or (str(run_folder(*args.save.split("/"))) + ".figures"
