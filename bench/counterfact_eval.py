@@ -84,11 +84,18 @@ def main() -> int:
         return 2
     lm = eg.load_model(args.model, progress=False, device=args.device)
     cases = load_cases(args.data)
-    flags = known_flags(lm, cases)
-    if args.cases == "known":
-        cases = [c for c, k in zip(cases, flags, strict=True) if k]
+    if args.cases == "all":
+        cases = cases[:args.n]
+        flags = known_flags(lm, cases)
+    else:  # read the cases in order until n known ones are found
+        known: list = []
+        for start in range(0, len(cases), 256):
+            part = cases[start:start + 256]
+            known += [c for c, k in zip(part, known_flags(lm, part), strict=True) if k]
+            if args.n is not None and len(known) >= args.n:
+                break
+        cases = known[:args.n]
         flags = [True] * len(cases)
-    cases, flags = cases[:args.n], flags[:args.n]
     overrides = dict(kv.split("=", 1) for kv in args.set)
     grid: list[dict[str, str]] = [{}]
     if args.grid:
