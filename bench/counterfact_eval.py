@@ -71,6 +71,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=None, help="the first N of those cases")
     parser.add_argument("--runs", nargs="+",
                         default=["rome:independent", "memit:batch", "alphaedit:batch"])
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch protocol: edits per batch (default: all at once)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--fluency-tokens", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], help="overrides k=v for every method")
@@ -116,6 +118,7 @@ def main() -> int:
         hits, t0 = editor.target_memo.hits, time.perf_counter()
         result = run_protocol(lm, editor, cases, protocol=protocol or "independent",
                               fluency_tokens=args.fluency_tokens, progress=True,
+                              batch_size=args.batch_size,
                               pre=pres.get(run))
         pres[run] = result.pre  # the unedited scores are the same for every grid value
         row = {"method": method, "protocol": result.protocol, "n": result.n, "grid": setting,

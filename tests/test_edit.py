@@ -482,3 +482,25 @@ def test_scores_read_off_a_shared_row_equal_scores_of_each_row_alone():
         assert alone.correct == together[i].correct
         assert alone.logprob == pytest.approx(together[i].logprob, abs=1e-5)
     assert together[0].logprob != pytest.approx(together[1].logprob, abs=1e-4)
+
+
+def test_batch_protocol_in_batches_scores_each_case_under_its_own_batch(isolated_cache):
+    from engramlab.data.records import EditCase
+    from engramlab.edit.protocols import run_protocol
+    from engramlab.evaluate.counterfact import case_scores
+
+    lm = make_tiny("llama")
+    cases = [EditCase(_req(f"w{5 + i}", f"w{40 + i}", "{} w2 w3"),
+                      paraphrase_prompts=(f"w1 w{5 + i} w2",)) for i in range(4)]
+    editor = MEMIT(layers=[0, 1], stats=_stats(lm, [0, 1]), templates=[], v_steps=3,
+                   mom2_weight=1e-2)
+    result = run_protocol(lm, editor, cases, protocol="batch", batch_size=2)
+    assert result.delta is None and len(result.deltas) == 2
+    for k, delta in enumerate(result.deltas):  # each pair was scored under its own delta only
+        part = cases[2 * k:2 * k + 2]
+        with delta.applied(lm):
+            expected = [s.to_dict() for s in case_scores(lm, part)]
+        assert result.per_case[2 * k:2 * k + 2] == expected
+    whole = run_protocol(lm, editor, cases, protocol="batch")
+    assert whole.delta is not None and not whole.deltas
+    assert whole.per_case != result.per_case  # one batch of four is another edit

@@ -19,7 +19,9 @@ def register(sub: Any) -> None:
     p.add_argument("--facts", default=None,
                    help="CounterFact / zsRE / JSONL cases file (default: bundled facts)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="independent")
-    p.add_argument("--batch-size", type=positive_int, default=10, help="sequential batch size")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="edits per batch (sequential: default 10; batch: default all at once, "
+                        "else batches edited each into the unedited model)")
     p.add_argument("--eval-every", type=positive_int, default=None,
                    help="sequential: evaluate every K batches (the decay curve)")
     p.add_argument("--layers", type=int, nargs="+", default=None)

@@ -3,8 +3,11 @@
 * ``independent``: each request is edited into the unedited model and evaluated alone, then
   reverted (ROME's CounterFact tables). Target values of many requests are still optimised in
   one batch when the editor supports it (:meth:`ROME.edit_each`): the edits stay independent.
-* ``batch``: all requests in one edit (MEMIT's mass-editing tables).
-* ``sequential``: batches of ``batch_size`` edited one after another, each on the weights the
+* ``batch``: all requests in one edit (MEMIT's mass-editing tables); with ``batch_size``,
+  consecutive batches of that many, each edited into the unedited model and scored under its
+  own edit (so a large case set is reported at the batch size a preset was chosen for).
+* ``sequential``: batches of ``batch_size`` (default 10) edited one after another, each on the
+  weights the
   previous left, everything evaluated at the end — and every ``eval_every`` batches if asked,
   which draws the decay curve of the AlphaEdit paper (Fig. 1).
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -91,7 +95,7 @@ def without_edited_neighbours(cases: Sequence[EditCase]) -> list[EditCase]:
 
 
 def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
-                 protocol: str = "independent", batch_size: int = 10,
+                 protocol: str = "independent", batch_size: int | None = None,
                  eval_every: int | None = None, fluency_tokens: int = 0,
                  progress: bool = False,
                  on_point: Callable[[dict[str, Any]], None] | None = None,
@@ -132,14 +136,27 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
             bar.update(len(part))
         bar.close()
     elif protocol == "batch":
-        t0 = time.perf_counter()
-        delta = editor.edit(lm, [c.request for c in cases])
-        times = [(time.perf_counter() - t0) / len(cases)] * len(cases)
-        with delta.applied(lm):
-            results = case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress)
+        size = batch_size or len(cases)
+        results = []
+        for start in range(0, len(cases), size):
+            part = cases[start:start + size]
+            if size < len(cases) and progress:
+                print(f"batch {start // size + 1}/{-(-len(cases) // size)}", file=sys.stderr,
+                      flush=True)
+            t0 = time.perf_counter()
+            delta = editor.edit(lm, [c.request for c in part])
+            times += [(time.perf_counter() - t0) / len(part)] * len(part)
+            with delta.applied(lm):
+                results += case_scores(lm, part, fluency_tokens=fluency_tokens,
+                                       progress=progress)
+            if size < len(cases):
+                deltas.append(delta)
+        if size < len(cases):
+            delta = None  # one delta per batch, in ``deltas``
     else:
         results, delta, curve, times = _sequential(
-            lm, editor, cases, batch_size, eval_every, fluency_tokens, progress, on_point)
+            lm, editor, cases, batch_size or 10, eval_every, fluency_tokens, progress,
+            on_point)
     post = summarize(results)
     return RunResult(editor.method, lm.name, protocol, len(cases), pre, post,
                      statistics.median(times), stats_seconds,
