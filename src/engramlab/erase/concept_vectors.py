@@ -16,31 +16,19 @@ probes lose less than ``max_control_drop`` and general perplexity rises less tha
 — the joint causal check of the whole set. ``find_concept_vectors`` with
 ``check=True`` also validates each candidate alone by exact ablation (the paper's check).
 
-Deviations from the paper, measured on SmolLM2-135M (Harry Potter; ``bench/erase.py``):
+Deviations from the paper (the measurements behind each are in ``docs/erasure.md``):
 
-* The paper finds *one* vector per concept in 7B models (LLaMA-2, OLMo), chosen with GPT-4
-  judging the top tokens and then validated. A 135M model spreads a concept over many vectors,
-  and no single ablation halves the accuracy, so we erase ``top_k`` of them.
-* Ranking (``selection``): ``"vocab"`` is the paper's (vocabulary projection, with the
-  activation on concept text as a tie-break). In SmolLM2 only 2 of 46k value vectors reach a
-  keyword z-score of 4 for Harry Potter, and ablating the 32 best-named ones leaves 0.88 of the
-  probes answered. ``"activation"`` (the default) ranks by how much more a vector fires on the
-  concept's prompts and text than on control prompts and neutral text; ablating its top 16
-  leaves 0.71, and reversing them (damping −2) 0.47 with controls 0.905 and perplexity
-  19.1 → 19.4. ``"effect"`` (attribution patching) and ``"combined"`` pick vectors (e.g. layer 11
-  #1229) whose single ablation passes the check but whose joint ablation breaks the model
-  (controls 0.06, perplexity 160); they stay for analysis only. ``"answer"`` keeps the
-  activation ranking but only vectors whose direct logit attribution to the concept's own
-  answers is positive — vectors that fire on the concept *and* write its facts. On William
-  Shakespeare it reaches 0.29 (top 32, damping −3) where ``"activation"`` stops at 0.64 inside
-  the same budget; on Sherlock Holmes it does worse than ``"activation"``. ``"distinct"``
-  keeps the activation ranking but scores each vector by the smaller of its activation
-  against the controls and against the concept's near controls (tuning half), so a vector
-  that fires as much on other capitals as on Paris ranks low: once the near controls entered
-  the budget, the vectors the other rankings pick carried the concept's kind, and no setting
-  of them fitted The Beatles. The tuner tries all three (``selections``) and keeps whichever
-  erases most within budget. Ranking by direct
-  attribution alone finds generic answer-writing vectors (Barack Obama: controls 0.55 at top 8).
+* The paper finds *one* vector per concept in 7B models; a 135M model spreads a concept over
+  many, and no single ablation halves its accuracy, so ``top_k`` of them are erased.
+* Ranking (``selection``): ``"vocab"`` is the paper's (vocabulary projection onto the concept's
+  keyword tokens, activation as a tie-break). ``"activation"`` ranks by how much more a vector
+  fires on the concept's prompts and text than on control prompts and neutral text;
+  ``"answer"`` keeps those whose direct logit attribution to the concept's answers is positive;
+  ``"distinct"`` scores each vector by the smaller of its activation contrast against the
+  controls and against the near controls' tuning half. The tuner tries ``selections``
+  (activation, answer, distinct by default) and keeps whichever erases most within budget;
+  ``selections=("vocab",)`` is the paper's selection alone. ``"effect"`` (attribution patching)
+  and ``"combined"`` are for analysis only: their joint ablations break the model.
 * Keyword matching uses the concept's keyword list instead of an LLM judge.
 * Damping below zero and the tuning grid are ours.
 """

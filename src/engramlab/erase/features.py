@@ -44,31 +44,10 @@ Deviations from the paper, and why:
 * **The SAEs' training text includes text the model writes about each bundled concept**
   (:func:`.sae.feature_corpus`). It never includes the probes.
 
-Measured on SmolLM2-135M (CPU, ``bench/erase.py --methods features``), on all eleven bundled
-concepts under the near budget (``docs/results/erase_compare_all_smollm2_cpu.json``). Accuracy
-after erasure, then the unseen near half:
-
-* Albert Einstein 0.36 (0.90), Barack Obama 0.62 (0.73), Christmas 0.36 (0.88)
-* Harry Potter 0.44 (0.78), Japan 0.00 (1.00), Paris 0.18 (0.80; concept vectors: 0.91)
-* Sherlock Holmes 0.00 (0.88), Star Wars 0.40 (0.62), The Beatles 0.54 (0.80)
-* The Moon 0.30 (0.89), William Shakespeare 0.15 (0.91)
-
-On the ten concepts every method fitted the mean is 0.33, against 0.49 for concept vectors and
-0.56 for gradient ascent, with the controls losing 6 points and perplexity rising 2 %.
-Coefficient patching brings back only 0.40 (the trace is removed), but relearning brings the
-concept back as far as for the fine-tuning baselines (0.82 on the paragraph, 0.83 for held-out
-facts after relearning the others). Each concept takes 5-7 minutes, mostly the tuning grid. The
-SAEs take about 24 minutes once per model, cold on 2 cores: sampling the corpus 4 minutes, the
-MLP outputs of 100k tokens 3 minutes, and 2.4 minutes per layer.
-
-The older disentangler, ``values``, is a TopK dictionary trained on the value vectors themselves
-(:mod:`.dictionary`), with features selected by keyword z-scores of their vocabulary projection.
-It is kept as a baseline: on SmolLM2 its features do not name concepts, and it does not erase
-them. Details (session 7):
-
-* Harry Potter's best keyword z-score is 3.8, on a "both / respectively" feature.
-* Erasing all 13 features with z ≥ 3.5 for Shakespeare leaves 0.86 of its probes answered.
-* An SAE of all 30 layers pooled, trained on 13k generic tokens, had no concept feature either.
+SAE training costs about 24 minutes once per model, cold on 2 CPU cores (cached after). The
+measurements behind these choices are in ``docs/erasure.md``. The older disentangler, ``values``
+(a TopK dictionary of the value vectors themselves, :mod:`.dictionary`), is kept as a baseline:
+on SmolLM2 its features do not name concepts, and it does not erase them.
 """
 
 from __future__ import annotations
