@@ -119,3 +119,25 @@ def test_shards_merge_exactly():
 def test_layer_out_of_range_is_rejected():
     with pytest.raises(PointError, match="out of range"):
         collect_key_stats(make_tiny("llama"), [5], CORPUS, progress=False)
+
+
+def test_keyed_cache_entries_are_per_key_and_rejected_entries_are_rebuilt(isolated_cache):
+    from engramlab._io import keyed_path, read_cached
+    from engramlab.errors import CacheError
+
+    a = keyed_path("things", "x", {"n": 1, "m": [1, 2]}, ".txt")
+    assert a == keyed_path("things", "x", {"m": [1, 2], "n": 1}, ".txt")  # key order: same
+    assert a != keyed_path("things", "x", {"n": 2, "m": [1, 2]}, ".txt")
+    assert a.parent == isolated_cache / "things" and a.name.startswith("x-")
+
+    def load(path):
+        text = path.read_text()
+        if text != "good":
+            raise CacheError(f"{path} is bad")
+        return text
+
+    assert read_cached(a, load) is None  # absent
+    a.write_text("good")
+    assert read_cached(a, load) == "good"
+    a.write_text("bad")
+    assert read_cached(a, load) is None and not a.exists()  # rejected: deleted, rebuilt

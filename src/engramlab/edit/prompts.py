@@ -13,15 +13,15 @@ or that tokenises differently inside the prompt than alone, is still located cor
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .._io import atomic_file, cache_dir
-from ..errors import RequestError
+from .._io import atomic_file, keyed_path, read_cached
+from ..errors import CacheError, RequestError
 from ..models.lm import LM
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -37,16 +37,11 @@ def context_templates(lm: LM, spec: Sequence[Sequence[int]] = ((10, 5),), *, see
     MEMIT's setting is ``((10, 5),)`` (6 templates); ROME's paper code used ``((5, 10), (10, 10))``.
     """
     spec = [(int(length), int(n)) for length, n in spec]
-    key = hashlib.sha256(json.dumps([lm.fingerprint(), spec, seed, STARTERS]).encode())
-    path = cache_dir("templates") / f"templates-{key.hexdigest()[:16]}.json"
-    if use_cache and path.is_file():
-        try:
-            loaded = json.loads(path.read_text())["templates"]
-            if all(isinstance(t, str) and t.count("{}") == 1 for t in loaded):
-                return list(loaded)
-        except (ValueError, KeyError, TypeError):
-            pass
-        path.unlink(missing_ok=True)  # corrupt: regenerate
+    path = keyed_path("templates", "templates", [lm.fingerprint(), spec, seed, STARTERS],
+                      ".json")
+    found = read_cached(path, _load_templates) if use_cache else None
+    if found is not None:
+        return found
     templates = ["{}"]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for length, n in spec:
@@ -57,6 +52,16 @@ def context_templates(lm: LM, spec: Sequence[Sequence[int]] = ((10, 5),), *, see
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps({"model": lm.name, "spec": spec, "templates": templates}))
     return templates
+
+
+def _load_templates(path: Path) -> list[str]:
+    try:
+        loaded = json.loads(path.read_text())["templates"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CacheError(f"template cache {path} is corrupt ({exc})") from None
+    if not all(isinstance(t, str) and t.count("{}") == 1 for t in loaded):
+        raise CacheError(f"template cache {path} holds a template without one {{}}")
+    return list(loaded)
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ weights changed) is refused with a clear error instead of silently producing non
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .._io import atomic_file, cache_dir
+from .._io import atomic_file, keyed_path, read_cached
 from ..errors import CacheError, ConceptError
 from ..models.lm import LM
 
@@ -187,13 +186,11 @@ def train_dictionary(lm: LM, layers: Sequence[int] | None = None, *, n_features:
                                                   else range(lm.layout.n_layers))]
     key = {"model": lm.fingerprint(), "layers": layers, "n_features": n_features, "k": k,
            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir("dictionaries") / f"values-{digest}.safetensors"
-    if use_cache and path.exists():
-        try:
-            return ValueDictionary.load(path, expect=key)
-        except CacheError as exc:
-            log.warning("%s; retraining", exc)
+    path = keyed_path("dictionaries", "values", key, ".safetensors")
+    found = read_cached(path, lambda p: ValueDictionary.load(p, expect=key)) \
+        if use_cache else None
+    if found is not None:
+        return found
     d = fit_dictionary(value_vectors(lm, layers), n_features=n_features, k=k, steps=steps,
                        batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     d.key = key

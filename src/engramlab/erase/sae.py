@@ -22,17 +22,15 @@ carries that key, so an SAE trained for other weights is refused (as the value d
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .._io import cache_dir
+from .._io import keyed_path, read_cached
 from ..data.corpus import TextCorpus, sample_corpus
-from ..errors import CacheError, ConceptError
+from ..errors import ConceptError
 from ..models.lm import LM
 from ..trace import Trace, run_model
 from .dictionary import ValueDictionary, explained_variance, fit_dictionary
@@ -103,13 +101,11 @@ def train_output_saes(lm: LM, corpus: TextCorpus, layers: Sequence[int] | None =
     saes: dict[int, ValueDictionary] = {}
     paths = {}
     for layer, key in keys.items():
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        paths[layer] = cache_dir("dictionaries") / f"mlp-out-{digest}.safetensors"
-        if use_cache and paths[layer].exists():
-            try:
-                saes[layer] = ValueDictionary.load(paths[layer], expect=key)
-            except CacheError as exc:
-                log.warning("%s; retraining", exc)
+        paths[layer] = keyed_path("dictionaries", "mlp-out", key, ".safetensors")
+        found = read_cached(paths[layer], lambda p, k=key: ValueDictionary.load(p, expect=k)) \
+            if use_cache else None
+        if found is not None:
+            saes[layer] = found
     todo = [layer for layer in layers if layer not in saes]
     if todo:
         acts = mlp_outputs(lm, corpus, todo, n_tokens=n_tokens, progress=progress)
