@@ -32,7 +32,7 @@ from engramlab.edit import get_editor, run_protocol
 from engramlab.edit.protocols import HEADLINE
 from engramlab.edit.targets import TargetMemo
 from engramlab.evaluate.bootstrap import case_intervals
-from engramlab.evaluate.counterfact import METRICS
+from engramlab.evaluate.counterfact import METRICS, summarize
 from results import save_run
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/counterfact/counterfact-val.json"
@@ -53,12 +53,9 @@ def known_flags(lm, cases, batch_size: int = 64) -> list[bool]:
 def subset_summary(rows: list[dict], keep: list[bool]) -> dict:
     """Means and 95 % intervals of the headline metrics over the rows where ``keep``."""
     chosen = [r for r, k in zip(rows, keep, strict=True) if k]
-    fields = {k: METRICS[k] for k in HEADLINE}
-    means = {}
-    for name, key in fields.items():
-        values = [r[key] for r in chosen if r.get(key) is not None]
-        means[name] = sum(values) / len(values) if values else None
-    return {"n": len(chosen), "mean": means, "ci95": case_intervals(chosen, fields)}
+    means = summarize(chosen)
+    return {"n": len(chosen), "mean": {k: means[k] for k in HEADLINE},
+            "ci95": case_intervals(chosen, {k: METRICS[k] for k in HEADLINE})}
 
 
 def main() -> int:

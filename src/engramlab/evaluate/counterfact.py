@@ -126,9 +126,11 @@ def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,
     return out
 
 
-def summarize(results: Sequence[CaseScores]) -> dict[str, float | None]:
-    """Mean over cases of each per-case mean (ROME's aggregation), under every metric name."""
-    rows = [r.to_dict() for r in results]
+def summarize(results: Sequence[CaseScores] | Sequence[dict[str, Any]]
+              ) -> dict[str, float | None]:
+    """Mean over cases of each per-case mean (ROME's aggregation), under every metric name;
+    ``results`` are case scores or their dicts (``RunResult.per_case``)."""
+    rows = [r if isinstance(r, dict) else r.to_dict() for r in results]
     summary: dict[str, float | None] = {}
     for name, field_name in METRICS.items():
         values = [row[field_name] for row in rows if row[field_name] is not None]
