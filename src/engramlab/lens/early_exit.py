@@ -119,20 +119,30 @@ def threshold_curve(r: ExitReadings, thresholds: Sequence[float] = DEFAULT_THRES
     """Per threshold: agreement with the full model, compute saved (blocks; with ``cost`` also
     net of the checks), exits per layer."""
     n_layers, n = r.conf.shape
+    agree = r.pred == r.final[None]
     out = []
     for tau in thresholds:
         layer = exit_layers(r.conf, tau)
-        exited = layer < n_layers
-        pred = r.final.clone()
-        pred[exited] = r.pred[layer[exited], exited.nonzero().squeeze(1)]
         counts = torch.bincount(layer, minlength=n_layers + 1)
-        point = {"threshold": float(tau),
-                 "agreement": float((pred == r.final).float().mean()),
-                 "compute_saved": float(1 - layer.float().mean() / n_layers),
-                 "exit_share": (counts.float() / n).tolist()}
-        if cost is not None:
-            point["net_compute_saved"] = cost.net_saved(layer, n_layers)
-        out.append(point)
+        out.append({"threshold": float(tau), **exit_outcome(agree, layer, cost),
+                    "exit_share": (counts.float() / n).tolist()})
+    return out
+
+
+def exit_outcome(agree: torch.Tensor, layers: torch.Tensor, cost: ExitCost | None = None
+                 ) -> dict[str, float]:
+    """Agreement with the full model and compute saved (blocks; with ``cost`` also net of the
+    checks) when token ``i`` exits at ``layers[i]`` (``n_layers``: it did not exit);
+    ``agree[l, i]`` says whether layer ``l``'s prediction for it is the final one."""
+    n_layers, n = agree.shape
+    exited = layers < n_layers
+    kept = torch.ones(n, dtype=torch.bool)
+    cols = exited.nonzero().squeeze(1)
+    kept[cols] = agree[layers[cols], cols].cpu()
+    out = {"agreement": float(kept.float().mean()),
+           "compute_saved": float(1 - layers.float().mean() / n_layers)}
+    if cost is not None:
+        out["net_compute_saved"] = cost.net_saved(layers, n_layers)
     return out
 
 

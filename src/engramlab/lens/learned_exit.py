@@ -52,7 +52,7 @@ from torch import nn
 
 from ..models.lm import LM
 from .base import Lens
-from .early_exit import ExitCost, ExitReadings, exit_layers
+from .early_exit import ExitCost, ExitReadings, exit_layers, exit_outcome
 from .readings import first_layer_where, settled_from
 from .states import layer_states
 
@@ -287,18 +287,8 @@ def policy_check_flops(policy_components: int, d_model: int, n_conf: int = N_CON
 
 def outcome(data: ExitData, layers: torch.Tensor, cost: ExitCost | None = None
             ) -> dict[str, float]:
-    """Agreement with the full model and compute saved (blocks; with ``cost`` also net of the
-    checks) when each token exits at ``layers``."""
-    n_layers = data.n_layers
-    exited = layers < n_layers
-    agree = torch.ones(data.n_tokens, dtype=torch.bool)
-    cols = exited.nonzero().squeeze(1)
-    agree[cols] = data.agree[layers[cols], cols]
-    out = {"agreement": float(agree.float().mean()),
-           "compute_saved": float(1 - layers.float().mean() / n_layers)}
-    if cost is not None:
-        out["net_compute_saved"] = cost.net_saved(layers, n_layers)
-    return out
+    """:func:`~.early_exit.exit_outcome` of the tokens of ``data`` exiting at ``layers``."""
+    return exit_outcome(data.agree, layers, cost)
 
 
 def policy_curve(train: ExitData, held_out: ExitData | Sequence[ExitData], *,
