@@ -228,10 +228,10 @@ def depth(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model, progress=not args.json)
     lens = list(lenses_of(args, lm).values())[-1]
-    corpus = lens_corpus(lm, args.corpus, progress=not args.json)
-    skip = corpus.eval_start if corpus.eval_start is not None else args.skip
-    freq_tokens = args.freq_tokens if corpus.eval_start is None \
-        else min(args.freq_tokens, corpus.eval_start)
+    corpus = lens_corpus(lm, args.corpus, skip=args.skip, progress=not args.json)
+    skip = corpus.eval_start or 0
+    # frequency ranks from the text before the held-out part (all of it when there is none)
+    freq_tokens = min(args.freq_tokens, skip) if skip else args.freq_tokens
     ranks = frequency_ranks(corpus_batches(lm, corpus, n_tokens=freq_tokens),
                             lm.vocab_size)
     readings = depth_readings(lm, lens, corpus_batches(lm, corpus, n_tokens=args.tokens,
