@@ -15,7 +15,7 @@ from engramlab.data import (
     save_cases,
 )
 from engramlab.errors import RequestError
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, tiny_text
 
 NESTED = {
     "case_id": 7,
@@ -215,3 +215,14 @@ def test_wiki_corpus_holds_a_million_tokens_for_the_embedded_model(smol):
                                                add_special_tokens=False)["input_ids"])
     assert n >= 1_000_000
     assert n - corpus.eval_start >= 100_000  # the evaluation part
+
+
+def test_corpus_head_keeps_whole_documents_until_the_token_count_is_reached():
+    lm = make_tiny("llama")
+    docs = [tiny_text(5, seed=s) for s in range(10)]
+    corpus = TextCorpus(docs, name="t")
+    lengths = [len(lm.tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs]
+    head = corpus.head(lm, lengths[0] + lengths[1] + 1)  # reached inside the third document
+    assert head.documents == docs[:3]
+    assert corpus.head(lm, 1).documents == docs[:1]
+    assert corpus.head(lm, 10**6).documents == docs

@@ -89,6 +89,19 @@ class TextCorpus:
             h.update(b"\x00")
         return h.hexdigest()[:16]
 
+    def head(self, lm: LM, n_tokens: int) -> TextCorpus:
+        """The first whole documents, up to the one that reaches ``n_tokens`` tokens."""
+        kept, n = [], 0
+        for start in range(0, len(self.documents), 64):
+            docs = self.documents[start:start + 64]
+            for doc, ids in zip(docs, lm.tokenizer(docs, add_special_tokens=False)["input_ids"],
+                                strict=True):
+                if n >= n_tokens:
+                    return TextCorpus(kept, name=f"{self.name}-head{n_tokens}")
+                kept.append(doc)
+                n += len(ids) + 1
+        return TextCorpus(kept, name=f"{self.name}-head{n_tokens}")
+
     def token_rows(self, lm: LM, *, seq_len: int = 256,
                    max_tokens: int | None = None) -> torch.Tensor:
         """Documents packed into ``[rows, seq_len]`` token ids (EOS between documents).

@@ -8,13 +8,13 @@ same model as the value dictionary) per layer, on the MLP output at every token 
 
 The corpus matters more than the size. An SAE only learns features for what is frequent in its
 data, and the paper's SAEs saw billions of tokens of web text, in which Harry Potter is common.
-With 13k tokens of generic sampled text (session 7) no feature fired specifically on any
-bundled concept. :func:`feature_corpus` therefore adds text the model itself writes when
-started on each concept's name ("Harry Potter is", "Facts about Harry Potter:", ...) to the
-generic sampled text, so each concept is a few percent of the data. This is a deviation: the
-SAEs are trained knowing which concepts will be asked about, though not which tokens or probes
-(the probes and near controls are never in the corpus). A concept outside the corpus can still
-be erased, but needs the corpus rebuilt with its name (the cache key includes the corpus).
+With 13k tokens of generic sampled text (session 7) no feature fired specifically on any bundled
+concept. :func:`feature_corpus` therefore adds text the model itself writes when started on each
+concept's name ("Harry Potter is", "Facts about Harry Potter:", ...) to the general text
+(Wikipedia leads), so each concept is a few percent of the data. This is a deviation: the SAEs
+are trained knowing which concepts will be asked about, though not which tokens or probes (the
+probes and near controls are never in the corpus). A concept outside the corpus can still be
+erased, but needs the corpus rebuilt with its name (the cache key includes the corpus).
 
 Everything is cached per model fingerprint, corpus fingerprint, layer and setting, and the SAE
 carries that key, so an SAE trained for other weights is refused (as the value dictionary is).
@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import keyed_path, read_cached
-from ..data.corpus import TextCorpus, sample_corpus
+from ..data.corpus import TextCorpus, sample_corpus, wiki_corpus
 from ..errors import ConceptError
 from ..models.lm import LM
 from ..trace import Trace, run_model
@@ -44,11 +44,11 @@ TOPIC_STARTERS = ("{} is", "{} was", "The story of {}", "Facts about {}:", "{} i
 def feature_corpus(lm: LM, names: Sequence[str], *, general_tokens: int = 40_000,
                    topic_tokens_per_name: int = 3_000, seed: int = 0,
                    progress: bool = True) -> TextCorpus:
-    """Generic sampled text plus text the model writes when started on each of ``names``."""
+    """Real text (the first ``general_tokens`` of the Wikipedia corpus) plus text the model
+    writes when started on each of ``names``."""
     if not names:
         raise ConceptError("feature_corpus needs at least one concept name to write about")
-    general = sample_corpus(lm, n_tokens=general_tokens, seed=seed + 1, doc_tokens=128,
-                            progress=progress)
+    general = wiki_corpus().head(lm, general_tokens)  # the fitting part: it starts the corpus
     starters = [s.format(n) for n in sorted(set(names)) for s in TOPIC_STARTERS]
     topical = sample_corpus(lm, n_tokens=topic_tokens_per_name * len(set(names)),
                             seed=seed + 2, doc_tokens=96, starters=starters, progress=progress)
