@@ -58,6 +58,26 @@ def subset_summary(rows: list[dict], keep: list[bool]) -> dict:
             "ci95": case_intervals(chosen, {k: METRICS[k] for k in HEADLINE})}
 
 
+def one_se_choice(runs: list[dict], key: str) -> dict:
+    """The grid value a development sweep chooses, by the one-standard-error rule: the best
+    run has the highest harmonic mean of efficacy, paraphrase and neighbourhood (CounterFact's
+    score) on all cases; among the runs whose three figures are each within one standard error
+    of the best's (its 95 % interval's width / 3.92), the one with the largest ``key`` is
+    chosen (for MEMIT's λ: the most regularised setting that cannot be told from the best)."""
+    def score(r: dict) -> float:
+        return len(HEADLINE) / sum(1 / max(r["all"]["mean"][m], 1e-9) for m in HEADLINE)
+
+    best = max(runs, key=score)
+    floor = {m: best["all"]["mean"][m] - (best["all"]["ci95"][m][1]
+                                          - best["all"]["ci95"][m][0]) / 3.92
+             for m in HEADLINE}
+    ok = [r for r in runs if all(r["all"]["mean"][m] >= floor[m] for m in HEADLINE)]
+    chosen = max(ok, key=lambda r: float(r["grid"][key]))
+    return {"rule": "one standard error from the best harmonic mean, largest value",
+            "best": best["grid"][key], "chosen": chosen["grid"][key],
+            "within_one_se": [r["grid"][key] for r in ok]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -128,6 +148,11 @@ def main() -> int:
         out["runs"].append(row)
         print(json.dumps({"done": run, **setting, "all": row["all"]["mean"],
                           "known": row["known"]["mean"]}), file=sys.stderr, flush=True)
+    if grid != [{}]:
+        key = next(iter(grid[0]))
+        out["selected"] = {run: one_se_choice([r for r in out["runs"]
+                                               if f"{r['method']}:{r['protocol']}" == run], key)
+                           for run in args.runs}
     print(json.dumps(out, indent=1, default=str))
     if args.save:
         area, name = args.save.split("/")
