@@ -32,6 +32,7 @@ representative (the work per token is the architecture's); edit quality is not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -130,7 +131,8 @@ def main() -> None:
         parser.error(f"unknown phases {sorted(unknown)}")
     linux = sys.platform.startswith("linux")  # RSS is read from /proc
     runtime_mb = rss_mb() if linux else None
-    overrides: dict = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
+    overrides: dict = {} if args.memory_budget is None else {
+        "target.memory_budget": args.memory_budget}
     if args.random_arch and args.tokenizer:
         from transformers import AutoTokenizer
 
@@ -141,7 +143,7 @@ def main() -> None:
         if args.random_arch:
             lm = random_gpt2_xl(lm.tokenizer, args.device or lm.device)
     if args.random_arch:
-        overrides["stats_tokens"] = args.stats_tokens
+        overrides["stats.tokens"] = args.stats_tokens
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     rss_loaded = peak_rss_mb()
     with torch.no_grad():  # every weight page resident (safetensors maps them lazily)
@@ -161,8 +163,9 @@ def main() -> None:
     if phases & {"rome_single", "rome_batched"}:
         rome = ROME(**overrides)
         rome.prepare(lm)
-        out["rome_hparams"] = {k: rome.hparams_for(lm).to_dict()[k]
-                               for k in ("layers", "v_steps", "v_lr", "templates", "chunk")}
+        hp = rome.hparams_for(lm)
+        out["rome_hparams"] = {"layers": hp.layers, "templates": hp.templates,
+                               "target": dataclasses.asdict(hp.target)}
     if "rome_single" in phases:
         singles = []
         with track("rome_single"):
@@ -206,7 +209,7 @@ def main() -> None:
 def stats_speed(lm: eg.LM, memit: MEMIT, n_tokens: int) -> dict:
     """Key-statistics collection vs plain forward passes over the same pre-tokenised rows."""
     out: dict = {}
-    corpus = get_corpus(lm, memit.hparams_for(lm).stats_corpus, n_tokens=n_tokens,
+    corpus = get_corpus(lm, memit.hparams_for(lm).stats.corpus, n_tokens=n_tokens,
                         progress=False)
     rows = list(corpus.batches(lm, n_tokens=n_tokens, batch_size=8, seq_len=256))
     n_tok = sum(r.numel() for r in rows)

@@ -37,13 +37,13 @@ def main() -> None:
     cases = (load_cases(args.facts) if args.facts else bundled_cases())[:args.n]
     layers = args.layers or list(range(1, lm.n_layers - 1, max(1, lm.n_layers // 12)))
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides.setdefault("stats_tokens", str(args.stats_tokens))
+    overrides.setdefault("stats.tokens", str(args.stats_tokens))
     # one statistics pass for every layer of the sweep
     stats = collect_key_stats(lm, layers, n_tokens=args.stats_tokens, progress=False)
     pre = summarize(case_scores(lm, cases))
     rows = []
     for layer in layers:
-        editor = ROME(layers=[layer], stats={layer: stats[layer]}, **overrides)
+        editor = ROME(layers=[layer], key_stats={layer: stats[layer]}, **overrides)
         editor.prepare(lm)
         start = time.perf_counter()
         deltas = editor.edit_each(lm, [c.request for c in cases])

@@ -131,6 +131,10 @@ def test_settings_are_checked_before_the_model_loads(monkeypatch, capsys):
     _one_error_line(capsys, "mom2_weight")
     assert main(["edit", "--method", "rome", "--set", "layers"]) == 2
     _one_error_line(capsys, "key=value")
+    assert main(["edit", "--method", "rome", "--set", "alpha=3"]) == 2
+    _one_error_line(capsys, "alpha", "not setting of rome")
+    assert main(["edit", "--method", "rome", "--set", "v_lr=3"]) == 2
+    _one_error_line(capsys, "target.lr")
     assert main(["erase", "--concept", "Paris", "--method", "npo", "--set", "bogus=1"]) == 2
     _one_error_line(capsys, "bogus", "known")
 

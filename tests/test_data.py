@@ -202,8 +202,8 @@ def test_edit_settings_refuse_an_unknown_statistics_corpus():
     from engramlab.errors import SettingsError
 
     with pytest.raises(SettingsError, match=r"corpus 'nowhere\.txt'"):
-        EditHParams().replace(stats_corpus="nowhere.txt")
-    assert EditHParams().replace(stats_corpus="sampled").stats_corpus == "sampled"
+        EditHParams().replace(**{"stats.corpus": "nowhere.txt"})
+    assert EditHParams().replace(stats={"corpus": "sampled"}).stats.corpus == "sampled"
 
 
 @pytest.mark.embedded

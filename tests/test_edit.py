@@ -29,6 +29,11 @@ def _psd(d: int, seed: int = 0) -> torch.Tensor:
     return a @ a.T / (3 * d)
 
 
+def _steps(n: int) -> dict[str, dict[str, int]]:
+    """Editor settings for a target optimisation of ``n`` steps."""
+    return {"target": {"steps": n}}
+
+
 def _req(subject: str = "w5 w6", target: str = "w40", prompt: str = "w1 {} w2 w3") -> EditRequest:
     return EditRequest(prompt=prompt, subject=subject, target_new=target, target_true="w41")
 
@@ -112,7 +117,7 @@ def test_updates_keep_their_algebra_and_scratch_when_c_is_float32():
 
 def test_editor_holds_c0_in_float32():
     lm = make_tiny("gpt2")
-    editor = MEMIT(layers=[0, 1], stats=_stats(lm, [0, 1]))
+    editor = MEMIT(layers=[0, 1], key_stats=_stats(lm, [0, 1]))
     held = editor.moments(lm, [0, 1], editor.hparams_for(lm))
     assert all(m.dtype == torch.float32 for m in held.values())
     assert torch.allclose(held[1].double(), _stats(lm, [1])[1].moment(), rtol=1e-6)
@@ -154,7 +159,7 @@ def test_bad_requests_give_clear_errors():
         EditRequest.from_text("w1 w2 w3", subject="w9", target_new="w4")
     lm = make_tiny("gpt2")
     with pytest.raises(PointError, match="out of range"):
-        ROME(layers=[7], stats={}).edit(lm, [_req()])
+        ROME(layers=[7], key_stats={}).edit(lm, [_req()])
     with pytest.raises(RequestError, match="unknown hyper-parameter"):
         ROME(layerz=[1]).edit(lm, [_req()])
     with pytest.raises(RequestError, match="unknown editing method"):
@@ -249,7 +254,7 @@ def test_targets_lower_the_target_loss_and_respect_the_clamp():
 def test_rome_writes_the_target_value_at_the_subject(family, isolated_cache):
     lm = make_tiny(family)
     req = _req()
-    editor = ROME(layers=[1], stats=_stats(lm, [1]), templates=[[3, 2]], v_steps=5)
+    editor = ROME(layers=[1], key_stats=_stats(lm, [1]), templates=[[3, 2]], **_steps(5))
     delta = editor.edit(lm, req)
     assert delta.ranks() == {lm.layout.value_param_name(1): 1}
     templates = editor.templates(lm, editor.hparams_for(lm))
@@ -270,7 +275,7 @@ def test_rome_key_maps_exactly_to_the_optimised_value(isolated_cache):
     lm = make_tiny("llama")
     req = _req()
     stats = _stats(lm, [1])
-    editor = ROME(layers=[1], stats=stats, templates=[[3, 2]], v_steps=4,
+    editor = ROME(layers=[1], key_stats=stats, templates=[[3, 2]], **_steps(4),
                   consistent_targets=False)
     templates = editor.templates(lm, editor.hparams_for(lm))
     hp = editor.hparams_for(lm)
@@ -285,8 +290,8 @@ def test_memit_and_alphaedit_edit_every_layer_with_rank_n(isolated_cache):
     lm = make_tiny("gpt_neox")
     reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4"), _req("w8", "w43", "w1 {} w2")]
     for cls in (MEMIT, AlphaEdit):
-        editor = cls(layers=[0, 1], stats=_stats(lm, [0, 1]), templates=[[3, 2]], v_steps=3,
-                     nullspace_threshold=1.0, mom2_weight=10.0)
+        editor = cls(layers=[0, 1], key_stats=_stats(lm, [0, 1]), templates=[[3, 2]], **_steps(3),
+                     **({"mom2_weight": 10.0} if cls is MEMIT else {"nullspace_threshold": 1.0}))
         delta = editor.edit(lm, reqs)
         assert set(delta.ranks().values()) == {3}
         assert len(delta.entries) == 2
@@ -304,7 +309,7 @@ def test_alphaedit_step_threads_state_and_spares_preserved_keys(isolated_cache):
     for layer in (0, 1):
         basis[layer] = torch.randn(lm.d_mlp, 24, generator=g, dtype=torch.float64)
         stats[layer] = KeyStats(layer, basis[layer] @ basis[layer].T, 24)
-    editor = AlphaEdit(layers=[0, 1], stats=stats, templates=[[3, 1]], v_steps=3,
+    editor = AlphaEdit(layers=[0, 1], key_stats=stats, templates=[[3, 1]], **_steps(3),
                        nullspace_threshold=1e-8)
     d1, s1 = editor.step(lm, [_req()], None)
     d2, s2 = editor.step(lm, [_req("w7", "w42", "{} w2 w3 w4")], s1)
@@ -321,7 +326,8 @@ def test_alphaedit_step_threads_state_and_spares_preserved_keys(isolated_cache):
 def test_edit_in_place_trace_sees_the_new_value(isolated_cache):
     lm = make_tiny("gpt2")
     req = _req()
-    delta = ROME(layers=[1], stats=_stats(lm, [1]), templates=[[3, 1]], v_steps=3).edit(lm, req)
+    rome = ROME(layers=[1], key_stats=_stats(lm, [1]), templates=[[3, 1]], **_steps(3))
+    delta = rome.edit(lm, req)
     enc = lm.tokenize(req.text)
     with Trace(lm).capture("mlp_out.1") as tr:
         lm.model(**enc)
@@ -334,13 +340,31 @@ def test_edit_in_place_trace_sees_the_new_value(isolated_cache):
 def test_hparams_from_strings_keep_their_types_and_name_bad_values():
     from engramlab.edit.base import EditHParams
 
-    hp = EditHParams().replace(memory_budget="0.35", group_rows="16", clamp="2", layers="3,4")
-    assert (hp.memory_budget, hp.group_rows, hp.clamp, hp.layers) == (0.35, 16, 2.0, [3, 4])
-    assert hp.replace(memory_budget="none").memory_budget is None
-    with pytest.raises(RequestError, match="clamp='none': expected float"):
-        hp.replace(clamp="none")
-    with pytest.raises(RequestError, match="group_rows='many'"):
-        hp.replace(group_rows="many")
+    hp = EditHParams().replace(**{"target.memory_budget": "0.35", "target.group_rows": "16",
+                                  "target.clamp": "2"}, layers="3,4")
+    assert (hp.target.memory_budget, hp.target.group_rows, hp.target.clamp, hp.layers) == \
+        (0.35, 16, 2.0, [3, 4])
+    assert hp.replace(**{"target.memory_budget": "none"}).target.memory_budget is None
+    with pytest.raises(RequestError, match=r"target\.clamp='none': expected float"):
+        hp.replace(**{"target.clamp": "none"})
+    with pytest.raises(RequestError, match=r"target\.group_rows='many'"):
+        hp.replace(**{"target.group_rows": "many"})
+    # a group takes some of its fields as a dict; the rest keep their values
+    both = hp.replace(target={"lr": 2.0}, stats={"tokens": "1000"})
+    assert (both.target.lr, both.target.clamp, both.stats.tokens) == (2.0, 2.0, 1000)
+    assert both.target_config().subject_pos == both.subject_pos
+    with pytest.raises(RequestError, match=r"'v_lr' is now 'target\.lr'"):
+        hp.replace(v_lr=1.0)
+    with pytest.raises(RequestError, match=r"unknown hyper-parameter\(s\) \['target.lrr'\]"):
+        hp.replace(**{"target.lrr": 1.0})
+    with pytest.raises(RequestError, match="is a group"):
+        hp.replace(target="fast")
+    # each method takes only its own settings beside the shared ones
+    with pytest.raises(RequestError, match=r"\['alpha'\] is not setting of rome"):
+        ROME(alpha=3.0)
+    with pytest.raises(RequestError, match="mom2_weight"):
+        AlphaEdit(mom2_weight=3.0)
+    assert MEMIT(mom2_weight=3.0, **{"target.lr": 0.1}).overrides["mom2_weight"] == 3.0
 
 
 def test_presets_match_by_config_and_fall_back_to_relative_depth():
@@ -348,7 +372,7 @@ def test_presets_match_by_config_and_fall_back_to_relative_depth():
     assert match_preset(lm) == "default"
     hp = load_preset(lm, "memit")
     assert all(0 <= layer < lm.n_layers for layer in hp.layers)
-    assert hp.clamp == 0.75 and hp.mom2_weight == 20000
+    assert hp.target.clamp == 0.75 and hp.mom2_weight == 20000
     with pytest.raises(RequestError, match="unknown preset"):
         load_preset(lm, "rome", "gpt5")
 
@@ -417,7 +441,7 @@ def test_memit_spreads_the_residual_so_the_last_layer_reaches_its_target(isolate
 
     monkeypatch.setattr(memit_module, "optimise_targets", keep)
     # no context templates and a negligible λ: every layer's share is written exactly
-    editor = MEMIT(layers=[0, 1], stats=_stats(lm, [0, 1]), templates=[], v_steps=3,
+    editor = MEMIT(layers=[0, 1], key_stats=_stats(lm, [0, 1]), templates=[], **_steps(3),
                    mom2_weight=1e-6)
     delta = editor.edit(lm, reqs)
     z = seen["targets"].value
@@ -447,10 +471,10 @@ def test_a_target_memo_reuses_targets_across_lambda_but_not_across_weights(isola
     stats = _stats(lm, [0, 1])
     deltas = []
     for lam in (1e-3, 10.0):
-        editor = MEMIT(layers=[0, 1], stats=stats, templates=[], v_steps=3, mom2_weight=lam)
+        editor = MEMIT(layers=[0, 1], key_stats=stats, templates=[], **_steps(3), mom2_weight=lam)
         editor.target_memo = memo
         deltas.append(editor.edit(lm, reqs))
-    fresh = MEMIT(layers=[0, 1], stats=stats, templates=[], v_steps=3, mom2_weight=10.0)
+    fresh = MEMIT(layers=[0, 1], key_stats=stats, templates=[], **_steps(3), mom2_weight=10.0)
     assert len(calls) == 1 and memo.hits == 1
     # the memoised targets give the delta a fresh optimisation gives
     for name, entry in fresh.edit(lm, reqs).entries.items():
@@ -459,11 +483,11 @@ def test_a_target_memo_reuses_targets_across_lambda_but_not_across_weights(isola
     assert not torch.allclose(deltas[0].entries[first].to_dense(),
                               deltas[1].entries[first].to_dense(), atol=1e-5)
     # other settings of the optimisation, or other weights, are optimised again
-    other = MEMIT(layers=[0, 1], stats=stats, templates=[], v_steps=2, mom2_weight=10.0)
+    other = MEMIT(layers=[0, 1], key_stats=stats, templates=[], **_steps(2), mom2_weight=10.0)
     other.target_memo = memo
     other.edit(lm, reqs)
     with deltas[0].applied(lm):
-        again = MEMIT(layers=[0, 1], stats=stats, templates=[], v_steps=3, mom2_weight=10.0)
+        again = MEMIT(layers=[0, 1], key_stats=stats, templates=[], **_steps(3), mom2_weight=10.0)
         again.target_memo = memo
         again.edit(lm, reqs)
     assert len(calls) == 4 and memo.hits == 1  # the fresh editor, other settings, weights
@@ -492,7 +516,7 @@ def test_batch_protocol_in_batches_scores_each_case_under_its_own_batch(isolated
     lm = make_tiny("llama")
     cases = [EditCase(_req(f"w{5 + i}", f"w{40 + i}", "{} w2 w3"),
                       paraphrase_prompts=(f"w1 w{5 + i} w2",)) for i in range(4)]
-    editor = MEMIT(layers=[0, 1], stats=_stats(lm, [0, 1]), templates=[], v_steps=3,
+    editor = MEMIT(layers=[0, 1], key_stats=_stats(lm, [0, 1]), templates=[], **_steps(3),
                    mom2_weight=1e-2)
     result = run_protocol(lm, editor, cases, protocol="batch", batch_size=2)
     assert result.delta is None and len(result.deltas) == 2

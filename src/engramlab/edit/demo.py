@@ -41,8 +41,8 @@ def demo_edit(lm: LM, *, progress: bool = True, max_new_tokens: int = 12,
     editor = ROME(progress=progress)
     hp = editor.hparams_for(lm)
     if say is not None and progress:
-        say(f"ROME needs key statistics of layer {hp.layers[0]} over {hp.stats_tokens:,} tokens "
-            f"of the {hp.stats_corpus!r} corpus: a few seconds on 2 CPU cores the first time, "
+        say(f"ROME needs key statistics of layer {hp.layers[0]} over {hp.stats.tokens:,} tokens "
+            f"of the {hp.stats.corpus!r} corpus: a few seconds on 2 CPU cores the first time, "
             "then read from the cache")
     editor.prepare(lm)
     t0 = time.perf_counter()

@@ -121,7 +121,7 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
     delta: WeightDelta | None = None
     if protocol == "independent":
         results: list[CaseScores] = []
-        chunk = max(1, int(hp.get("chunk", 32)))
+        chunk = max(1, int(hp["target"]["chunk"]))
         bar = tqdm(total=len(cases), desc=f"{editor.method} independent", unit="edit",
                    disable=not progress)
         for start in range(0, len(cases), chunk):
