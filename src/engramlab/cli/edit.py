@@ -58,17 +58,9 @@ def edit(args: argparse.Namespace) -> int:
     if args.out:
         _save_run(Path(args.out), result, obj)
         obj["out"] = args.out
-    pre, post = result.pre, result.post
-    lines = [f"{result.method} on {result.model}, protocol {result.protocol}, {result.n} facts",
-             f"{'':<14}{'efficacy':>10}{'paraphrase':>12}{'neighbourhood':>15}{'fluency':>9}"]
-    def num(value: Any, width: int) -> str:
-        return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
-
-    for name, s in (("before", pre), ("after", post)):
-        lines.append(f"{name:<14}{num(s['efficacy'], 10)}{num(s['paraphrase'], 12)}"
-                     f"{num(s['neighborhood'], 15)}{num(s.get('fluency'), 9)}")
-    lines.append(f"{result.seconds_per_edit:.2f} s per edit (median); statistics "
-                 f"{result.stats_seconds:.1f} s" + (f"; saved to {args.out}" if args.out else ""))
+    lines = result.table()
+    if args.out:
+        lines[-1] += f"; saved to {args.out}"
     emit(args, obj, lines)
     return 0
 

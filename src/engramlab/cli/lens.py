@@ -147,13 +147,7 @@ def lens_eval(args: argparse.Namespace) -> int:
                                                         skip_tokens=skip),
                              layers=args.layers, progress=not args.json)
     obj = report.to_json()
-    lines = [f"{lm.name}: {report.tokens:,} held-out tokens; KL(final ‖ lens) / top-1 agreement",
-             f"{'layer':>5}  " + "  ".join(f"{n[:14]:>14}" for n in lenses)]
-    for j, layer in enumerate(report.layers):
-        cells = [f"{report.lenses[n]['kl'][j]:>6.2f} / {report.lenses[n]['top1'][j]:.2f}"
-                 for n in lenses]
-        lines.append(f"{layer:>5}  " + "  ".join(f"{c:>14}" for c in cells))
-    lines.append("params: " + ", ".join(f"{n} {report.lenses[n]['params']:,}" for n in lenses))
+    lines = report.table()
     if args.png:
         obj["png"] = str(plot_report(report, args.png))
         lines.append(f"wrote {args.png}")

@@ -56,6 +56,21 @@ class RunResult:
     deltas: list[WeightDelta] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
 
+    def table(self) -> list[str]:
+        """Before/after scores as text lines (what ``engram edit`` prints)."""
+        def num(value: Any, width: int) -> str:
+            return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+        lines = [f"{self.method} on {self.model}, protocol {self.protocol}, {self.n} facts",
+                 f"{'':<14}{'efficacy':>10}{'paraphrase':>12}{'neighbourhood':>15}"
+                 f"{'fluency':>9}"]
+        for name, s in (("before", self.pre), ("after", self.post)):
+            lines.append(f"{name:<14}{num(s['efficacy'], 10)}{num(s['paraphrase'], 12)}"
+                         f"{num(s['neighborhood'], 15)}{num(s.get('fluency'), 9)}")
+        lines.append(f"{self.seconds_per_edit:.2f} s per edit (median); statistics "
+                     f"{self.stats_seconds:.1f} s")
+        return lines
+
     def to_json(self) -> dict[str, Any]:
         """The object ``engram edit --json`` prints."""
         post = {k: self.post.get(k) for k in (*HEADLINE, "fluency")}

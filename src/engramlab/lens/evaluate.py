@@ -33,6 +33,18 @@ class LensReport:
         return {"model": self.model, "tokens": self.tokens, "layers": self.layers,
                 "lenses": self.lenses}
 
+    def table(self) -> list[str]:
+        """KL and top-1 agreement per layer and lens, as text lines (``engram lens eval``)."""
+        names = [n for n in self.lenses if not n.startswith("_")]
+        lines = [f"{self.model}: {self.tokens:,} held-out tokens; KL(final ‖ lens) / top-1 "
+                 "agreement", f"{'layer':>5}  " + "  ".join(f"{n[:14]:>14}" for n in names)]
+        for j, layer in enumerate(self.layers):
+            cells = [f"{self.lenses[n]['kl'][j]:>6.2f} / {self.lenses[n]['top1'][j]:.2f}"
+                     for n in names]
+            lines.append(f"{layer:>5}  " + "  ".join(f"{c:>14}" for c in cells))
+        lines.append("params: " + ", ".join(f"{n} {self.lenses[n]['params']:,}" for n in names))
+        return lines
+
 
 @torch.no_grad()
 def evaluate_lenses(lm: LM, lenses: Mapping[str, Lens], batches: Iterable[torch.Tensor], *,
