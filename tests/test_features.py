@@ -9,7 +9,7 @@ from engramlab.data import Concept
 from engramlab.data.corpus import TextCorpus
 from engramlab.erase.budget import Budget
 from engramlab.erase.dictionary import (
-    ValueDictionary,
+    TopKDictionary,
     explained_variance,
     fit_dictionary,
     train_dictionary,
@@ -53,12 +53,12 @@ def test_dictionary_cache_round_trip_and_refusals(isolated_cache):
     assert torch.equal(again.decoder, d.decoder)
     files[0].write_bytes(b"not a safetensors file")  # corrupt: detected, retrained, rewritten
     with pytest.raises(CacheError, match="unreadable"):
-        ValueDictionary.load(files[0])
+        TopKDictionary.load(files[0])
     retrained = train_dictionary(lm, n_features=32, k=2, steps=20, progress=False)
     assert torch.allclose(retrained.decoder, d.decoder, atol=1e-5)
-    assert ValueDictionary.load(files[0]).key == d.key
+    assert TopKDictionary.load(files[0]).key == d.key
     with pytest.raises(CacheError, match="another key"):
-        ValueDictionary.load(files[0], expect={**d.key, "k": 3})
+        TopKDictionary.load(files[0], expect={**d.key, "k": 3})
     other = make_tiny("llama", seed=1)
     with pytest.raises(ConceptError, match="trained for model"):
         d.check_model(other)
@@ -155,7 +155,7 @@ def test_output_feature_edit_sets_the_driving_vectors_component(family):
     layer, f = 1, 3
     g = torch.Generator().manual_seed(0)
     d_model, d_mlp = lm.layout.d_model, lm.layout.d_mlp
-    sae = ValueDictionary(_unit_rows(torch.randn(8, d_model, generator=g)),
+    sae = TopKDictionary(_unit_rows(torch.randn(8, d_model, generator=g)),
                           torch.randn(d_model, 8, generator=g), torch.zeros(8), 2)
     on = _Firing({layer: torch.rand(8, generator=g)}, {layer: torch.randn(d_mlp, generator=g)})
     off = _Firing({layer: torch.zeros(8)}, {layer: 0.1 * torch.randn(d_mlp, generator=g)})

@@ -11,8 +11,8 @@ from engramlab.errors import DeltaMismatchError
 from engramlab.lens import (
     Lens,
     LogitLens,
-    Moments,
     OneJump,
+    RegressionMoments,
     Shortcut,
     TunedLens,
     evaluate_lenses,
@@ -31,10 +31,10 @@ def _ids(n_rows: int = 4, seq: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n_rows, seq), generator=g)
 
 
-def _moments(x: torch.Tensor, y: torch.Tensor) -> Moments:
-    """Moments of explicit data, laid out as Moments.collect lays them out ([L=1, ...])."""
+def _moments(x: torch.Tensor, y: torch.Tensor) -> RegressionMoments:
+    """Moments of explicit data, laid out as RegressionMoments.collect lays them out."""
     xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    return Moments((xt.T @ xt)[None], (xt.T @ y)[None], (y * y).sum(), len(x))
+    return RegressionMoments((xt.T @ xt)[None], (xt.T @ y)[None], (y * y).sum(), len(x))
 
 
 def test_states_enter_each_block_and_the_last_layer_reads_the_model_logits(tiny):
@@ -75,14 +75,16 @@ def test_shortcut_fit_recovers_a_known_affine_map_and_its_rank():
     a = torch.randn(d, d, dtype=torch.float64)
     c = torch.randn(d, dtype=torch.float64)
     m = _moments(x, x @ a + c)
-    m = Moments(m.xx.repeat(lm.n_layers, 1, 1), m.xy.repeat(lm.n_layers, 1, 1), m.yy, m.count)
+    m = RegressionMoments(m.xx.repeat(lm.n_layers, 1, 1), m.xy.repeat(lm.n_layers, 1, 1), m.yy,
+                          m.count)
     sc = Shortcut(lm).fit(m, ridge_factor=0.0)
     torch.testing.assert_close(sc.translate(x.float(), 1).double(), x @ a + c,
                                rtol=1e-3, atol=1e-3)
     # a rank-3 shortcut is the identity plus rank 3: it recovers exactly such a map
     low = torch.randn(d, 3, dtype=torch.float64) @ torch.randn(3, d, dtype=torch.float64)
     m3 = _moments(x, x + x @ low)
-    m3 = Moments(m3.xx.repeat(lm.n_layers, 1, 1), m3.xy.repeat(lm.n_layers, 1, 1), m3.yy, n)
+    m3 = RegressionMoments(m3.xx.repeat(lm.n_layers, 1, 1), m3.xy.repeat(lm.n_layers, 1, 1),
+                           m3.yy, n)
     r3 = Shortcut(lm, rank=3).fit(m3, ridge_factor=0.0)
     torch.testing.assert_close(r3.translate(x.float(), 0).double(), x + x @ low,
                                rtol=1e-3, atol=1e-3)
@@ -91,7 +93,8 @@ def test_shortcut_fit_recovers_a_known_affine_map_and_its_rank():
                                rtol=1e-3, atol=1e-3)
     # on any data, a rank-1 fit never reads worse than the identity (the logit lens's map)
     m1 = _moments(x, x @ a + c)
-    m1 = Moments(m1.xx.repeat(lm.n_layers, 1, 1), m1.xy.repeat(lm.n_layers, 1, 1), m1.yy, n)
+    m1 = RegressionMoments(m1.xx.repeat(lm.n_layers, 1, 1), m1.xy.repeat(lm.n_layers, 1, 1),
+                           m1.yy, n)
     r1 = Shortcut(lm, rank=1).fit(m1, ridge_factor=0.0)
     err = (r1.translate(x.float(), 0).double() - (x @ a + c)).pow(2).sum()
     assert err <= (x - (x @ a + c)).pow(2).sum()
@@ -115,8 +118,8 @@ def test_standardised_moments_equal_moments_of_standardised_data():
 
 def test_one_jump_is_one_low_rank_map_for_every_layer():
     lm = make_tiny("llama")
-    train = Moments.collect(lm, [_ids(8, 16, seed=s) for s in range(3)])
-    held = Moments.collect(lm, [_ids(8, 16, seed=9)])
+    train = RegressionMoments.collect(lm, [_ids(8, 16, seed=s) for s in range(3)])
+    held = RegressionMoments.collect(lm, [_ids(8, 16, seed=9)])
     oj = OneJump(lm, rank=4).fit(train, held)
     per_layer = Shortcut(lm).fit(train)
     assert oj.n_params == lm.n_layers * 2 * lm.d_model + 4 * (2 * lm.d_model + 1)

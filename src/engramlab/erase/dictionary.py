@@ -43,7 +43,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class ValueDictionary:
+class TopKDictionary:
     """Decoder directions ``[n_features, d_model]`` (unit rows) and their TopK encoder."""
 
     decoder: torch.Tensor
@@ -92,7 +92,7 @@ class ValueDictionary:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str],
-             expect: dict[str, Any] | None = None) -> ValueDictionary:
+             expect: dict[str, Any] | None = None) -> TopKDictionary:
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -128,7 +128,7 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 def fit_dictionary(data: torch.Tensor, *, n_features: int = 4096, k: int = 8,
                    steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3,
-                   seed: int = 0, progress: bool = True) -> ValueDictionary:
+                   seed: int = 0, progress: bool = True) -> TopKDictionary:
     """Train a TopK sparse autoencoder on the rows of ``data`` (each scaled to unit norm)."""
     if data.ndim != 2 or data.shape[0] < 2:
         raise ConceptError(f"need a [n, d] matrix of vectors to train on, got {tuple(data.shape)}")
@@ -159,7 +159,7 @@ def fit_dictionary(data: torch.Tensor, *, n_features: int = 4096, k: int = 8,
             decoder.data = unit_rows(decoder.data)
         if _step % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-    d = ValueDictionary(decoder.detach().clone(), encoder.detach().clone(),
+    d = TopKDictionary(decoder.detach().clone(), encoder.detach().clone(),
                         bias.detach().clone(), k)
     log.info("dictionary: %d features, k=%d, explained %.3f", n_features, k,
              explained_variance(d, x))
@@ -167,7 +167,7 @@ def fit_dictionary(data: torch.Tensor, *, n_features: int = 4096, k: int = 8,
 
 
 @torch.no_grad()
-def explained_variance(d: ValueDictionary, x: torch.Tensor) -> float:
+def explained_variance(d: TopKDictionary, x: torch.Tensor) -> float:
     """Share of the (unit-normed) vectors' squared norm the dictionary reconstructs."""
     x = unit_rows(x.float())
     err = 0.0
@@ -180,14 +180,14 @@ def explained_variance(d: ValueDictionary, x: torch.Tensor) -> float:
 def train_dictionary(lm: LM, layers: Sequence[int] | None = None, *, n_features: int = 4096,
                      k: int = 8, steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3,
                      seed: int = 0, use_cache: bool = True,
-                     progress: bool = True) -> ValueDictionary:
+                     progress: bool = True) -> TopKDictionary:
     """The dictionary of ``lm``'s value vectors at ``layers`` (default all), cached on disk."""
     layers = [lm.layout.check_layer(i) for i in (layers if layers is not None
                                                   else range(lm.layout.n_layers))]
     key = {"model": lm.fingerprint(), "layers": layers, "n_features": n_features, "k": k,
            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
     path = keyed_path("dictionaries", "values", key, ".safetensors")
-    found = read_cached(path, lambda p: ValueDictionary.load(p, expect=key)) \
+    found = read_cached(path, lambda p: TopKDictionary.load(p, expect=key)) \
         if use_cache else None
     if found is not None:
         return found

@@ -64,7 +64,7 @@ from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
 from .budget import Budget, BudgetSearch
-from .dictionary import ValueDictionary, train_dictionary, unit_rows
+from .dictionary import TopKDictionary, train_dictionary, unit_rows
 from .sae import feature_corpus, train_output_saes
 from .vectors import KeywordZ, keyword_tokens, token_activations
 
@@ -93,7 +93,7 @@ def _written(lm: LM, texts: Sequence[str], layers: Sequence[int], directions: to
                       for acts in token_activations(lm, texts, points, batch_size)])
 
 
-def label_features(lm: LM, dictionary: ValueDictionary, concept: Concept,
+def label_features(lm: LM, dictionary: TopKDictionary, concept: Concept,
                    controls: Sequence[Probe], neutral: Sequence[str], *,
                    min_vocab_z: float = 4.0, max_candidates: int = 256) -> list[FeatureLabel]:
     """The concept's candidate features, best vocabulary score first, with their activation."""
@@ -121,7 +121,7 @@ def select_features(labels: Sequence[FeatureLabel], n_features: int,
     return [lab for lab in labels if lab.activation > min_activation][:n_features]
 
 
-def feature_codes(lm: LM, dictionary: ValueDictionary, features: Sequence[int],
+def feature_codes(lm: LM, dictionary: TopKDictionary, features: Sequence[int],
                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """How strongly each value vector of ``layers`` carries each feature: the dictionary's
     TopK code of the unit vector, ``{layer: [d_mlp, len(features)]}`` (zero where the feature
@@ -204,7 +204,7 @@ class _Firing:
 
 
 @torch.no_grad()
-def _firing(lm: LM, saes: dict[int, ValueDictionary], texts: Sequence[str],
+def _firing(lm: LM, saes: dict[int, TopKDictionary], texts: Sequence[str],
             batch_size: int = 16) -> _Firing:
     layers = list(saes)
     points = [f"mlp_out.{i}" for i in layers] + [f"mlp_key.{i}" for i in layers]
@@ -220,7 +220,7 @@ def _firing(lm: LM, saes: dict[int, ValueDictionary], texts: Sequence[str],
                    {i: k / max(n, 1) for i, k in keys.items()})
 
 
-def rank_output_features(lm: LM, saes: dict[int, ValueDictionary], concept: Concept,
+def rank_output_features(lm: LM, saes: dict[int, TopKDictionary], concept: Concept,
                          controls: Sequence[Probe], neutral: Sequence[str], *,
                          contrast: float = 3.0,
                          top: int = 64) -> tuple[list[OutputFeature], _Firing, _Firing]:
@@ -252,7 +252,7 @@ def rank_output_features(lm: LM, saes: dict[int, ValueDictionary], concept: Conc
     return rows, on, off
 
 
-def output_features_delta(lm: LM, saes: dict[int, ValueDictionary],
+def output_features_delta(lm: LM, saes: dict[int, TopKDictionary],
                           features: Sequence[OutputFeature], on: _Firing, off: _Firing, *,
                           tau: float = 0.1, mu: float = 1.0, **meta: object) -> WeightDelta:
     """Rewrite each value vector that drives a chosen feature on the concept's text.
@@ -333,8 +333,8 @@ class FeatureEraser:
     dictionary_features: int = 4096
     dictionary_k: int = 8
     dictionary_steps: int = 1000
-    dictionary: ValueDictionary | None = None
-    saes: dict[int, ValueDictionary] | None = None
+    dictionary: TopKDictionary | None = None
+    saes: dict[int, TopKDictionary] | None = None
     sae_features: int = 2048
     sae_k: int = 16
     sae_steps: int = 1500
@@ -374,7 +374,7 @@ class FeatureEraser:
                                      chosen=[[f.layer, f.feature] for f in self.chosen])
 
     def fit_saes(self, lm: LM, corpus: TextCorpus | None = None, *, names: Sequence[str] = (),
-                 progress: bool = True) -> dict[int, ValueDictionary]:
+                 progress: bool = True) -> dict[int, TopKDictionary]:
         """Train (or load from the cache) the per-layer MLP-output SAEs with this eraser's
         settings, and keep them for every later :meth:`erase`.
 
@@ -418,7 +418,7 @@ class FeatureEraser:
             mu *= 2
 
     def _tune(self, lm: LM, concept: Concept, controls: Sequence[Probe],
-              saes: dict[int, ValueDictionary], on: _Firing,
+              saes: dict[int, TopKDictionary], on: _Firing,
               off: _Firing) -> tuple[int, float, float]:
         search = BudgetSearch(self.budget, lm, concept, controls, general_text(split="tune"))
         self.trials = search.trials

@@ -3,8 +3,8 @@
 PISCES (Gur-Arieh et al. 2025) decomposes MLP vectors with pretrained per-layer SAEs of the MLP
 *outputs* (GemmaScope ``mlp`` 16k/65k, LlamaScope ``m``), encodes each value vector with the
 SAE's encoder, and edits the concept's features. None exists for most models and none can be
-downloaded here, so we train them: a TopK autoencoder (:func:`.dictionary.fit_dictionary`, the
-same model as the value dictionary) per layer, on the MLP output at every token of a corpus.
+downloaded here, so we train them: a TopK autoencoder (:class:`.dictionary.TopKDictionary`,
+as for the value vectors) per layer, on the MLP output at every token of a corpus.
 
 The corpus matters more than the size. An SAE only learns features for what is frequent in its
 data, and the paper's SAEs saw billions of tokens of web text, in which Harry Potter is common.
@@ -17,7 +17,7 @@ probes and near controls are never in the corpus). A concept outside the corpus 
 erased, but needs the corpus rebuilt with its name (the cache key includes the corpus).
 
 Everything is cached per model fingerprint, corpus fingerprint, layer and setting, and the SAE
-carries that key, so an SAE trained for other weights is refused (as the value dictionary is).
+carries that key, so an SAE trained for other weights is refused (as a value dictionary is).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ..data.corpus import TextCorpus, sample_corpus, wiki_corpus
 from ..errors import ConceptError
 from ..models.lm import LM
 from ..trace import Trace, run_model
-from .dictionary import ValueDictionary, explained_variance, fit_dictionary
+from .dictionary import TopKDictionary, explained_variance, fit_dictionary
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def train_output_saes(lm: LM, corpus: TextCorpus, layers: Sequence[int] | None =
                       n_features: int = 2048, k: int = 16, steps: int = 1500,
                       batch_size: int = 1024, lr: float = 1e-3, n_tokens: int = 100_000,
                       seed: int = 0, use_cache: bool = True,
-                      progress: bool = True) -> dict[int, ValueDictionary]:
+                      progress: bool = True) -> dict[int, TopKDictionary]:
     """One TopK SAE of the MLP output per layer (each cached on its own)."""
     layers = [lm.layout.check_layer(i) for i in (layers if layers is not None
                                                   else default_layers(lm))]
@@ -98,11 +98,11 @@ def train_output_saes(lm: LM, corpus: TextCorpus, layers: Sequence[int] | None =
                     "corpus": corpus.fingerprint(), "n_tokens": n_tokens,
                     "n_features": n_features, "k": k, "steps": steps,
                     "batch_size": batch_size, "lr": lr, "seed": seed} for layer in layers}
-    saes: dict[int, ValueDictionary] = {}
+    saes: dict[int, TopKDictionary] = {}
     paths = {}
     for layer, key in keys.items():
         paths[layer] = keyed_path("dictionaries", "mlp-out", key, ".safetensors")
-        found = read_cached(paths[layer], lambda p, k=key: ValueDictionary.load(p, expect=k)) \
+        found = read_cached(paths[layer], lambda p, k=key: TopKDictionary.load(p, expect=k)) \
             if use_cache else None
         if found is not None:
             saes[layer] = found

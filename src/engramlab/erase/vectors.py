@@ -171,7 +171,7 @@ def token_activations(lm: LM, texts: Sequence[str], points: Sequence[str],
 
 
 @dataclass
-class Moments:
+class CoefficientMoments:
     """Running sums of each vector's coefficient over tokens: texts scored apart (short probe
     prompts, a long paragraph: no padding to the longest) combine exactly with ``+``."""
 
@@ -179,8 +179,9 @@ class Moments:
     sq: torch.Tensor
     count: int
 
-    def __add__(self, other: Moments) -> Moments:
-        return Moments(self.total + other.total, self.sq + other.sq, self.count + other.count)
+    def __add__(self, other: CoefficientMoments) -> CoefficientMoments:
+        return CoefficientMoments(self.total + other.total, self.sq + other.sq,
+                                  self.count + other.count)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.total / max(self.count, 1)
@@ -190,7 +191,7 @@ class Moments:
 
 @torch.no_grad()
 def coefficient_moments(lm: LM, texts: Sequence[str], layers: Sequence[int],
-                        batch_size: int = 16) -> Moments:
+                        batch_size: int = 16) -> CoefficientMoments:
     points = [f"mlp_key.{layer}" for layer in layers]
     total = torch.zeros(len(layers), lm.layout.d_mlp, dtype=torch.float64)
     sq = torch.zeros_like(total)
@@ -201,7 +202,7 @@ def coefficient_moments(lm: LM, texts: Sequence[str], layers: Sequence[int],
             total[i] += k.sum(0)
             sq[i] += (k * k).sum(0)
         count += acts[points[0]].shape[0]
-    return Moments(total, sq, count)
+    return CoefficientMoments(total, sq, count)
 
 
 def mean_coefficients(lm: LM, texts: Sequence[str], layers: Sequence[int],

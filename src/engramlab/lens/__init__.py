@@ -7,7 +7,7 @@ from .early_exit import ExitReadings, exit_readings, saved_at, threshold_curve
 from .evaluate import LensReport, evaluate_lenses, plot_report
 from .learned_exit import ExitData, ExitPolicy, exit_data, policy_curve, train_policy
 from .logit import LogitLens
-from .shortcut import Moments, OneJump, Shortcut
+from .shortcut import OneJump, RegressionMoments, Shortcut
 from .show import LayerView, layer_view, plot_view
 from .states import LayerStates, corpus_batches, layer_states, lens_points
 from .train import KINDS, fit_lens
@@ -23,8 +23,8 @@ __all__ = [
     "Lens",
     "LensReport",
     "LogitLens",
-    "Moments",
     "OneJump",
+    "RegressionMoments",
     "Shortcut",
     "TunedLens",
     "corpus_batches",

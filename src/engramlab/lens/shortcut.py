@@ -42,7 +42,7 @@ from .states import layer_states
 
 
 @dataclass
-class Moments:
+class RegressionMoments:
     """Per-layer sums for affine least squares: X̃ = [X, 1] against the final state Y."""
 
     xx: torch.Tensor  # [L, d+1, d+1]
@@ -61,7 +61,7 @@ class Moments:
     @classmethod
     @torch.no_grad()
     def collect(cls, lm: LM, batches: Iterable[torch.Tensor], *,
-                progress: bool = False) -> Moments:
+                progress: bool = False) -> RegressionMoments:
         from tqdm.auto import tqdm
 
         d, n_layers = lm.d_model, lm.n_layers
@@ -134,7 +134,7 @@ class Shortcut(Lens):
         return (h + (h @ u[:-1] + u[-1]) @ v.T).to(hidden.dtype)
 
     @torch.no_grad()
-    def fit(self, moments: Moments, *, ridge_factor: float = 1e-4) -> Shortcut:
+    def fit(self, moments: RegressionMoments, *, ridge_factor: float = 1e-4) -> Shortcut:
         for layer in range(self.n_layers):
             if self.rank is None:
                 self.weight[layer] = ridge(moments.xx[layer], moments.xy[layer],
@@ -177,7 +177,8 @@ class OneJump(Lens):
         return (h + (z @ self.u[:-1] + self.u[-1]) @ self.v.T).to(hidden.dtype)
 
     @torch.no_grad()
-    def fit(self, train: Moments, held_out: Moments, *, ridge_factor: float = 1e-4) -> OneJump:
+    def fit(self, train: RegressionMoments, held_out: RegressionMoments, *,
+            ridge_factor: float = 1e-4) -> OneJump:
         """Fit the candidates on ``train``, keep the best on ``held_out`` (see module doc)."""
         # every candidate fits the residual final − h on the standardised state z̃
         zs_train = [_standardise(train, layer) for layer in range(self.n_layers)]
@@ -214,7 +215,8 @@ class OneJump(Lens):
         return self
 
 
-def _standardise(m: Moments, layer: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+def _standardise(m: RegressionMoments, layer: int,
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Moments of z = (x − μ)/s from those of x, without revisiting the data: Z̃ᵀZ̃ and Z̃ᵀR
     for the residual R = Y − X.

@@ -6,7 +6,7 @@ from ..data.corpus import TextCorpus
 from ..models.lm import LM
 from .base import Lens
 from .logit import LogitLens
-from .shortcut import Moments, OneJump, Shortcut
+from .shortcut import OneJump, RegressionMoments, Shortcut
 from .states import corpus_batches
 from .tuned import TunedLens, train_tuned
 
@@ -36,17 +36,17 @@ def fit_lens(lm: LM, kind: str, corpus: TextCorpus, *, n_tokens: int = 20_000,
     if kind == "logit":
         return LogitLens(lm)
     if kind == "shortcut":
-        return Shortcut(lm, rank=rank).fit(Moments.collect(lm, batches(n_tokens),
+        return Shortcut(lm, rank=rank).fit(RegressionMoments.collect(lm, batches(n_tokens),
                                                            progress=progress))
     if kind == "onejump":
         held = max(seq_len, n_tokens // 10)
-        train = Moments.collect(lm, batches(n_tokens - held), progress=progress)
-        held_out = Moments.collect(lm, batches(held, n_tokens - held))
+        train = RegressionMoments.collect(lm, batches(n_tokens - held), progress=progress)
+        held_out = RegressionMoments.collect(lm, batches(held, n_tokens - held))
         return OneJump(lm, rank=rank or 64).fit(train, held_out)
     lens = TunedLens(lm, warm_start=warm_start, lr=lr, train_tokens=n_tokens,
                      step_tokens=step_tokens, steps=steps)
     if warm_start:
-        sc = Shortcut(lm).fit(Moments.collect(lm, batches(n_tokens), progress=progress))
+        sc = Shortcut(lm).fit(RegressionMoments.collect(lm, batches(n_tokens), progress=progress))
         lens.warm_start({layer: sc.affine(layer) for layer in range(lm.n_layers)})
 
     def cycle():
