@@ -13,6 +13,7 @@ matrix whatever its storage.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -47,31 +48,19 @@ _LLAMA_LIKE = LayoutSpec(
     embed="model.embed_tokens",
 )
 
+_GPT2_LIKE = LayoutSpec(
+    blocks="transformer.h",
+    attn="attn",
+    mlp="mlp",
+    mlp_value="mlp.c_proj",
+    final_norm="transformer.ln_f",
+    embed="transformer.wte",
+)
+
 _LAYOUTS: dict[str, LayoutSpec] = {
-    "gpt2": LayoutSpec(
-        blocks="transformer.h",
-        attn="attn",
-        mlp="mlp",
-        mlp_value="mlp.c_proj",
-        final_norm="transformer.ln_f",
-        embed="transformer.wte",
-    ),
-    "gpt_neo": LayoutSpec(
-        blocks="transformer.h",
-        attn="attn",
-        mlp="mlp",
-        mlp_value="mlp.c_proj",
-        final_norm="transformer.ln_f",
-        embed="transformer.wte",
-    ),
-    "gptj": LayoutSpec(
-        blocks="transformer.h",
-        attn="attn",
-        mlp="mlp",
-        mlp_value="mlp.fc_out",
-        final_norm="transformer.ln_f",
-        embed="transformer.wte",
-    ),
+    "gpt2": _GPT2_LIKE,
+    "gpt_neo": _GPT2_LIKE,
+    "gptj": dataclasses.replace(_GPT2_LIKE, mlp_value="mlp.fc_out"),
     "gpt_neox": LayoutSpec(
         blocks="gpt_neox.layers",
         attn="attention",
