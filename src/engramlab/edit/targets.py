@@ -288,6 +288,71 @@ def make_group(lm: LM, rows: Rows, idx: list[int], pb: PrefixBatch,
                if i in plain_rows])
 
 
+class _Objective:
+    """The target loss of one chunk, read group by group: each request's mean over its rows of
+    the rows' mean target-token NLL, plus ``kl_factor`` × the KL of its "{} is a" prompt to the
+    unedited distribution (recorded on the first step, where δ = 0)."""
+
+    def __init__(self, lm: LM, rows: Rows, flat: list[tuple[int, int, int]], n: int,
+                 config: TargetConfig) -> None:
+        device = lm.device
+        self.n, self.config, self.device = n, config, device
+        self.lab_tok = torch.tensor([t for _, _, t in flat], device=device)
+        lab_row = torch.tensor([row for row, _, _ in flat], device=device)
+        self.owner = torch.tensor(rows.owner, device=device)
+        self.lab_owner = self.owner[lab_row]
+        tokens_per_row = torch.zeros(len(rows.ids), device=device).index_add_(
+            0, lab_row, torch.ones(len(flat), device=device))
+        rows_per_req = torch.zeros(n, device=device).index_add_(
+            0, self.owner, (tokens_per_row > 0).float())
+        self.weight = 1.0 / (tokens_per_row[lab_row] * rows_per_req[self.lab_owner])
+        self.kl_init: torch.Tensor | None = None
+        self.start_step()
+
+    def start_step(self) -> None:
+        self.tok_lp = torch.zeros(len(self.lab_tok), device=self.device)
+        self.kl_now = torch.zeros(self.n, device=self.device)
+
+    def group_loss(self, lm: LM, g: Group, hidden: torch.Tensor, *, first: bool
+                   ) -> torch.Tensor:
+        """This group's share of the loss (recording its token log-probs and KL terms)."""
+        part = hidden.new_zeros((), dtype=torch.float32)
+        if len(g.lab_row):
+            logp = F.log_softmax(lm.logits_from_hidden(hidden[g.lab_row, g.lab_pos]).float(), -1)
+            got = logp.gather(1, self.lab_tok[g.lab_index][:, None]).squeeze(1)
+            self.tok_lp[g.lab_index] = got.detach()
+            part = part - (got * self.weight[g.lab_index]).sum()
+        if self.config.kl_factor > 0 and len(g.kl_local):
+            lp = F.log_softmax(lm.logits_from_hidden(hidden[g.kl_local, g.kl_pos]).float(), -1)
+            if self.kl_init is None:
+                self.kl_init = torch.zeros(self.n, lp.shape[-1], device=self.device)
+            if first:  # δ = 0: the unedited distribution, the KL's reference
+                self.kl_init[g.kl_owner] = lp.detach()
+            ref = self.kl_init[g.kl_owner]
+            kl_g = (ref.exp() * (ref - lp)).sum(-1)
+            self.kl_now[g.kl_owner] = kl_g.detach()
+            part = part + self.config.kl_factor * kl_g.sum()
+        return part
+
+    def step_nll(self) -> torch.Tensor:
+        """Each request's target NLL on this step (rows not run this step count as 0)."""
+        return torch.zeros(self.n, device=self.device).index_add(
+            0, self.lab_owner, -self.tok_lp * self.weight)
+
+
+def _decay_and_step(delta: torch.Tensor, opt: torch.optim.Optimizer, done: torch.Tensor,
+                    norm0: torch.Tensor, config: TargetConfig) -> None:
+    """Add the weight decay's gradient, take the Adam step, clamp each δ to ``clamp`` × the
+    norm of its original value, and keep finished requests' δ where they were."""
+    frozen = delta.detach()[done].clone()
+    (config.weight_decay * delta.norm(dim=1) / norm0**2).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        shrink = (config.clamp * norm0 / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        delta.mul_(shrink[:, None])
+        delta[done] = frozen
+
+
 def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: Sequence[str],
                     config: TargetConfig, row_scale: torch.Tensor | None, *,
                     cost: Costs | None = None, act_budget: float | None = None,
@@ -308,16 +373,8 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
     delta = torch.zeros(n, lm.d_model, device=device, requires_grad=True)
     init = torch.zeros(n, lm.d_model, device=device)
 
-    lab_tok = torch.tensor([t for _, _, t in flat], device=device)
-    lab_row = torch.tensor([row for row, _, _ in flat], device=device)
-    owner = torch.tensor(rows.owner, device=device)
-    lab_owner = owner[lab_row]
-    # each row's NLL is a mean over its target tokens; each request's a mean over its rows
-    tokens_per_row = torch.zeros(len(rows.ids), device=device).index_add_(
-        0, lab_row, torch.ones(len(flat), device=device))
-    rows_per_req = torch.zeros(n, device=device).index_add_(
-        0, owner, (tokens_per_row > 0).float())
-    weight = 1.0 / (tokens_per_row[lab_row] * rows_per_req[lab_owner])
+    objective = _Objective(lm, rows, flat, n, config)
+    owner = objective.owner
 
     last = f"resid.{lm.n_layers - 1}"
     params = [p for p in lm.model.parameters() if p.requires_grad]
@@ -326,7 +383,6 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
     opt = torch.optim.Adam([delta], lr=config.lr)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = [config.steps] * n
-    kl_init: torch.Tensor | None = None
     nll_r = torch.zeros(n, device=device)
     bar = tqdm(total=config.steps, desc=f"targets ×{n}", unit="step", disable=not progress)
     try:
@@ -340,32 +396,14 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
             # has run and its graph freed: peak memory follows the largest group, not the
             # chunk, with the same gradient. (No backward on the last step: nothing follows.)
             backprop = it < config.steps - 1
-            tok_lp = torch.zeros(len(flat), device=device)
-            kl_now = torch.zeros(n, device=device)
+            objective.start_step()
             for g in groups:
                 hidden = run_group(lm, g, point, last, delta, init if it == 0 else None)
-                part = hidden.new_zeros((), dtype=torch.float32)
-                if len(g.lab_row):
-                    logp = F.log_softmax(
-                        lm.logits_from_hidden(hidden[g.lab_row, g.lab_pos]).float(), -1)
-                    got = logp.gather(1, lab_tok[g.lab_index][:, None]).squeeze(1)
-                    tok_lp[g.lab_index] = got.detach()
-                    part = part - (got * weight[g.lab_index]).sum()
-                if kl and len(g.kl_local):
-                    lp = F.log_softmax(
-                        lm.logits_from_hidden(hidden[g.kl_local, g.kl_pos]).float(), -1)
-                    if kl_init is None:
-                        kl_init = torch.zeros(n, lp.shape[-1], device=device)
-                    if it == 0:  # δ = 0: the unedited distribution, the KL's reference
-                        kl_init[g.kl_owner] = lp.detach()
-                    ref = kl_init[g.kl_owner]
-                    kl_g = (ref.exp() * (ref - lp)).sum(-1)
-                    kl_now[g.kl_owner] = kl_g.detach()
-                    part = part + config.kl_factor * kl_g.sum()
+                part = objective.group_loss(lm, g, hidden, first=it == 0)
                 if backprop and part.requires_grad:
                     part.backward()
                 del hidden, part
-            nll_now = torch.zeros(n, device=device).index_add(0, lab_owner, -tok_lp * weight)
+            nll_now, kl_now = objective.step_nll(), objective.kl_now
             nll_r = torch.where(done, nll_r, nll_now)  # finished rows are not rerun
             # stop on what the edit must achieve (target NLL + KL), not on the weight decay:
             # the paper's stop on the full loss never fires when |value| is small (SmolLM2)
@@ -380,14 +418,7 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
             bar.update(1)
             if bool(done.all()) or not backprop:
                 break
-            frozen = delta.detach()[done].clone()
-            (config.weight_decay * delta.norm(dim=1) / norm0**2).sum().backward()
-            opt.step()
-            with torch.no_grad():
-                limit = config.clamp * norm0
-                shrink = (limit / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-                delta.mul_(shrink[:, None])
-                delta[done] = frozen
+            _decay_and_step(delta, opt, done, norm0, config)
     finally:
         bar.close()
         for p in params:
