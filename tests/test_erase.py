@@ -20,7 +20,7 @@ from engramlab.erase.finetune import (
     mlp_params,
     sentences,
 )
-from engramlab.erase.run import make_eraser, run_erasure
+from engramlab.erase.run import make_eraser, report_lines, run_erasure
 from engramlab.erase.vectors import vocab_scores
 from engramlab.errors import ConceptError, EngramError
 from engramlab.evaluate.erasure import (
@@ -615,6 +615,10 @@ def test_erasers_see_only_the_tuning_probes_and_the_report_scores_the_rest(tiny_
                                "held_out_probes": len(held)}
     assert report["pre"]["target_accuracy"] == accuracy(lm, held)
     assert report["pre"]["target_tuned_accuracy"] == accuracy(lm, tuned.probes)
+    lines = report_lines(report, "tiny")
+    assert lines[1] == (f"tuned on {len(tuned.probes)} probes, reported on the other "
+                        f"{len(held)} (split seed 3)")
+    assert lines[3].split()[1] == f"{report['pre']['target_accuracy']:.3f}"
     seen.clear()
     unsplit = run_erasure(lm, concept, "spy", eraser=Spy(), relearn_steps=0, trace_vectors=4,
                           split_seed=None)

@@ -175,3 +175,35 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
             delta.save(Path(tmp) / "delta")
             (Path(tmp) / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def report_lines(report: dict[str, Any], model: str) -> list[str]:
+    """A :func:`run_erasure` report as text lines (what ``engram erase`` prints)."""
+    pre, post = report["pre"], report["post"]
+    setting = ", ".join(f"{k} {v}" for k, v in report["delta"]["setting"].items())
+    split = report["split"]
+    lines = [f"{report['method']} erasure of {report['concept']!r} on {model} "
+             f"({report['erase_seconds']:.1f} s{'; ' + setting if setting else ''})",
+             f"tuned on {split['tuned_probes']} probes, reported on "
+             + ("the same probes (--no-split)" if split["seed"] is None else
+                f"the other {split['held_out_probes']} (split seed {split['seed']})"),
+             f"{'':<10}{'held-out':>9}{'tuned':>7}{'paraphr.':>10}{'controls':>10}"
+             f"{'unseen':>8}{'near':>8}{'perplexity':>12}"]
+    for name, r in (("before", pre), ("after", post)):
+        unseen, near = r["unseen_control_accuracy"], r.get("near_control_accuracy")
+        lines.append(f"{name:<10}{r['target_accuracy']:>9.3f}{r['target_tuned_accuracy']:>7.3f}"
+                     f"{r['paraphrase_accuracy']:>10.3f}"
+                     f"{r['control_accuracy']:>10.3f}"
+                     f"{'-' if unseen is None else f'{unseen:.3f}':>8}"
+                     f"{'-' if near is None else f'{near:.3f}':>8}{r['perplexity']:>12.2f}")
+    tr = report["trace"]
+    cos = tr["concept_vector_cosine"]
+    lines += [f"worst single paragraph perplexity rise {report['perplexity_worst_rise']:+.1%}",
+              f"adversarial (best framing) {report['adversarial']['target_accuracy']:.3f}; "
+              f"after relearning {report['relearn']['target_accuracy']:.3f}",
+              "relearning on half the facts, the other half: {before:.3f} -> "
+              "{target_accuracy:.3f} (unedited model: {unedited:.3f})".format(
+                  **report["relearn"]["heldout"]),
+              f"inside: concept-vector cosine {'-' if cos is None else f'{cos:.3f}'}, "
+              f"coefficient patching {tr['coefficient_patch_accuracy']:.3f}"]
+    return lines
