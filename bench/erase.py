@@ -96,16 +96,16 @@ def summarise(parts: dict, methods: list[str], seeds: list[int]) -> tuple[dict, 
     """Per method: each figure's mean over seeds of the mean over the concepts every method
     finished for that seed, the sd of those per-seed means, and the range over (concept,
     seed); per concept and method: mean and sd over seeds."""
+    shared = {seed: [c for c, per in parts.items()  # concepts every method finished
+                     if all("error" not in per.get(m, {}).get(str(seed), {"error": 1})
+                            for m in methods)] for seed in seeds}
     summary: dict = {}
     for method in methods:
         row: dict = {}
         for name, f in FIGURES.items():
             per_seed, values = [], []
             for seed in seeds:
-                shared = [c for c, per in parts.items()
-                          if all("error" not in per.get(m, {}).get(str(seed), {"error": 1})
-                                 for m in methods)]
-                got = [v for c in shared
+                got = [v for c in shared[seed]
                        if (v := f(parts[c][method][str(seed)])) is not None]
                 values += got
                 if got:

@@ -359,6 +359,9 @@ def test_hparams_from_strings_keep_their_types_and_name_bad_values():
         hp.replace(**{"target.lrr": 1.0})
     with pytest.raises(RequestError, match="is a group"):
         hp.replace(target="fast")
+    for placed in ({"target.subject_pos": "first"}, {"target": {"subject_pos": "first"}}):
+        with pytest.raises(RequestError, match="subject_pos is set at the top level"):
+            hp.replace(**placed)
     # each method takes only its own settings beside the shared ones
     with pytest.raises(RequestError, match=r"\['alpha'\] is not setting of rome"):
         ROME(alpha=3.0)

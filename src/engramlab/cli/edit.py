@@ -38,7 +38,6 @@ def edit(args: argparse.Namespace) -> int:
     from ..data import load_cases
     from ..data.bundled import bundled_cases
     from ..edit import get_editor, run_protocol
-    from ..edit.base import EditHParams
     from ..models import load_model
 
     cases = load_cases(args.facts) if args.facts else bundled_cases()
@@ -47,10 +46,9 @@ def edit(args: argparse.Namespace) -> int:
     overrides = parse_settings(args.set)
     if args.layers:
         overrides["layers"] = args.layers
-    # names, types and the method's own settings checked before the model loads
-    EditHParams().replace(**overrides).check_method(args.method, overrides)
-    lm = load_model(args.model, progress=not args.json)
+    # the editor checks names, types and the method's own settings: before the model loads
     editor = get_editor(args.method, preset=args.preset, progress=not args.json, **overrides)
+    lm = load_model(args.model, progress=not args.json)
     result = run_protocol(lm, editor, cases, protocol=args.protocol, batch_size=args.batch_size,
                           eval_every=args.eval_every, fluency_tokens=args.fluency_tokens,
                           progress=not args.json)

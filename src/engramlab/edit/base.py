@@ -95,6 +95,10 @@ class EditHParams:
             head, dot, rest = key.partition(".")
             if key in RENAMED:
                 raise RequestError(f"hyper-parameter {key!r} is now {RENAMED[key]!r}")
+            if key == "target.subject_pos" or (key == "target" and isinstance(value, dict)
+                                               and "subject_pos" in value):
+                raise RequestError("subject_pos is set at the top level: it places the keys "
+                                   "and the targets alike")
             if dot and head in nested:
                 nested[head][rest] = value
             elif key in nested and isinstance(value, dict):

@@ -7,9 +7,8 @@
   consecutive batches of that many, each edited into the unedited model and scored under its
   own edit (so a large case set is reported at the batch size a preset was chosen for).
 * ``sequential``: batches of ``batch_size`` (default 10) edited one after another, each on the
-  weights the
-  previous left, everything evaluated at the end — and every ``eval_every`` batches if asked,
-  which draws the decay curve of the AlphaEdit paper (Fig. 1).
+  weights the previous left, everything evaluated at the end — and every ``eval_every``
+  batches if asked, which draws the decay curve of the AlphaEdit paper (Fig. 1).
 
 ``seconds_per_edit`` is the median wall time of the editing step per request (statistics,
 templates and evaluation excluded); when requests are edited in a batch, each request is
@@ -152,10 +151,11 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
         bar.close()
     elif protocol == "batch":
         size = batch_size or len(cases)
+        batched = size < len(cases)  # then one delta per batch, in ``deltas``
         results = []
         for start in range(0, len(cases), size):
             part = cases[start:start + size]
-            if size < len(cases) and progress:
+            if batched and progress:
                 print(f"batch {start // size + 1}/{-(-len(cases) // size)}", file=sys.stderr,
                       flush=True)
             t0 = time.perf_counter()
@@ -164,10 +164,10 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
             with delta.applied(lm):
                 results += case_scores(lm, part, fluency_tokens=fluency_tokens,
                                        progress=progress)
-            if size < len(cases):
+            if batched:
                 deltas.append(delta)
-        if size < len(cases):
-            delta = None  # one delta per batch, in ``deltas``
+        if batched:
+            delta = None
     else:
         results, delta, curve, times = _sequential(
             lm, editor, cases, batch_size or 10, eval_every, fluency_tokens, progress,

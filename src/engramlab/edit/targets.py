@@ -117,9 +117,6 @@ class TargetMemo:
             self._store[key] = compute()
         return self._store[key]
 
-    def __len__(self) -> int:
-        return len(self._store)
-
 
 @dataclass
 class Rows:
@@ -427,7 +424,7 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
 
 
 def run_group(lm: LM, g: Group, point: str, last: str, delta: torch.Tensor,
-               record_init: torch.Tensor | None) -> torch.Tensor:
+              record_init: torch.Tensor | None) -> torch.Tensor:
     """Forward one group with δ added at its lookup positions; returns the last block's output.
     On the first step (``record_init``) the unmodified value at each plain row is stored."""
 

@@ -108,20 +108,25 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     neutral = general_text(split="eval")
     memo = {} if unedited is None else unedited
     model_concept = (lm.fingerprint(), json.dumps(concept.to_dict(), sort_keys=True))
-    if (model_concept, "pre", split_seed) not in memo:
+
+    def once(key: tuple, compute: Any) -> Any:
+        if (model_concept, *key) not in memo:
+            memo[(model_concept, *key)] = compute()
+        return memo[(model_concept, *key)]
+
+    def unedited_figures() -> dict[str, Any]:
         figures = behaviour(lm, evaluated, controls, neutral, unseen)
         figures["target_tuned_accuracy"] = E.accuracy(lm, tuned.probes)
-        memo[model_concept, "pre", split_seed] = figures
-    pre = dict(memo[model_concept, "pre", split_seed])
+        return figures
+
+    pre = dict(once(("pre", split_seed), unedited_figures))
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s held-out probes "
                            "before erasure: there is nothing to erase; check the probes")
     # the unedited model under the same relearning: what "fully recovered" looks like
-    relearn_key = (model_concept, "relearn", relearn_steps, relearn_lr)  # all probes: no split
-    if relearn_key not in memo:
-        memo[relearn_key] = E.relearn_heldout(lm, concept.probes, steps=relearn_steps,
-                                              lr=relearn_lr)
-    reference = memo[relearn_key]
+    reference = once(("relearn", relearn_steps, relearn_lr),  # all probes: no split
+                     lambda: E.relearn_heldout(lm, concept.probes, steps=relearn_steps,
+                                               lr=relearn_lr))
     if eraser is None:
         eraser = make_eraser(method, layers=layers, **settings)
     t = time.perf_counter()
@@ -129,12 +134,11 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     erase_s = time.perf_counter() - t
     ranked = eraser.candidates.get("activation", []) if isinstance(eraser, ConceptVectors) \
         and eraser.layers is None and not eraser.check else []
-    trace_key = (model_concept, "trace", split_seed, trace_vectors)
-    if trace_key not in memo:
-        memo[trace_key] = (ranked[:trace_vectors] if len(ranked) >= trace_vectors  # the same
-                           else find_concept_vectors(lm, tuned, controls=controls,  # ranking
-                                                     n_candidates=trace_vectors, check=False))
-    trace_ids = [(c.layer, c.index) for c in memo[trace_key]]
+    trace = once(("trace", split_seed, trace_vectors),
+                 lambda: ranked[:trace_vectors] if len(ranked) >= trace_vectors  # same ranking
+                 else find_concept_vectors(lm, tuned, controls=controls,
+                                           n_candidates=trace_vectors, check=False))
+    trace_ids = [(c.layer, c.index) for c in trace]
     originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
                              for i, j in trace_ids]) if trace_ids else torch.zeros(0)
     with delta.applied(lm):
