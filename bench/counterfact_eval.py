@@ -12,7 +12,9 @@ for MEMIT's λ: ``--data .../counterfact-train.json``), never on the cases repor
         [--save AREA/RUN]
 
 Prints one JSON object; with ``--save``, also writes it with its command and parameters to
-``docs/results/AREA/RUN/``.
+``docs/results/AREA/RUN/``, after every batch (or ``--chunk`` independent edits) with each
+case's scores, so a run that is stopped goes on from its last saved part when started again
+(also with a larger ``--n``; ``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from engramlab.edit.protocols import HEADLINE
 from engramlab.edit.targets import TargetMemo
 from engramlab.evaluate.bootstrap import case_intervals
 from engramlab.evaluate.counterfact import METRICS, summarize
-from results import save_run
+from results import run_folder, save_run
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/counterfact/counterfact-val.json"
 
@@ -78,6 +80,41 @@ def one_se_choice(runs: list[dict], key: str) -> dict:
             "within_one_se": [r["grid"][key] for r in ok]}
 
 
+def chunks_of(n_cases: int, protocol: str, batch_size: int | None, chunk: int) -> list[range]:
+    """The case ranges a run is done (and saved) in: one per batch in the batch protocol, runs
+    of ``chunk`` cases in the independent one (each edit is alone, so nothing depends on where
+    a range ends), the whole run in the sequential one (each edit builds on the ones before)."""
+    size = {"batch": batch_size or n_cases, "independent": chunk}.get(protocol, n_cases)
+    return [range(s, min(s + size, n_cases)) for s in range(0, n_cases, size)]
+
+
+def rounded(row: dict) -> dict:
+    """A per-case score row with its floats at six decimals (the saved file stays small)."""
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def combine(parts: list[dict], flags: list[bool]) -> dict:
+    """One run's figures from its saved parts, in case order: means and intervals over every
+    case's row, the unedited summary weighted by each part's size, the median time per edit
+    with each part's median counted once per case."""
+    rows = [r for p in parts for r in p["per_case"]]
+    pre = {}
+    for key in parts[0]["pre"]:
+        values = [(p["pre"][key], p["n"]) for p in parts
+                  if isinstance(p["pre"][key], (int, float)) and key != "n"]
+        pre[key] = (sum(v * n for v, n in values) / sum(n for _, n in values) if values
+                    else parts[0]["pre"][key])
+    pre["n"] = len(rows)
+    times = sorted(t for p in parts for t in [p["seconds_per_edit"]] * p["n"])
+    return {"n": len(rows), "seconds_per_edit": times[len(times) // 2],
+            "targets_reused": any(p["targets_reused"] for p in parts),
+            "wall_seconds": sum(p["wall_seconds"] for p in parts),
+            "hparams": parts[0]["hparams"],
+            "all": subset_summary(rows, [True] * len(rows)),
+            "known": subset_summary(rows, flags),
+            "pre_all": pre, "post_all": summarize(rows)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -90,17 +127,35 @@ def main() -> int:
                         default=["rome:independent", "memit:batch", "alphaedit:batch"])
     parser.add_argument("--batch-size", type=int, default=None,
                         help="batch protocol: edits per batch (default: all at once)")
+    parser.add_argument("--chunk", type=int, default=200,
+                        help="independent protocol: cases done and saved together")
     parser.add_argument("--device", default=None)
     parser.add_argument("--fluency-tokens", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], help="overrides k=v for every method")
     parser.add_argument("--grid", default=None,
                         help="key=v1,v2,...: repeat every run for each value (a dev sweep)")
     parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
+    parser.add_argument("--fresh", action="store_true",
+                        help="with --save: drop the parts a previous run saved")
     args = parser.parse_args()
     if args.save and args.save.count("/") != 1:
         print("counterfact_eval: error: --save takes AREA/RUN, e.g. edit/counterfact_val",
               file=sys.stderr)
         return 2
+    params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh")}
+    saved: dict = {}
+    if args.save and not args.fresh:
+        previous = run_folder(*args.save.split("/")) / "result.json"
+        if previous.exists():
+            old = json.loads(previous.read_text())
+            # the parts stay valid when only n changes: the ranges before it are the same
+            differ = sorted(k for k in params
+                            if k != "n" and old.get("params", {}).get(k) != params[k])
+            if differ:
+                print(f"counterfact_eval: error: {previous} was made with other {differ}; "
+                      "pass --fresh to start over", file=sys.stderr)
+                return 2
+            saved = old.get("parts", {})
     lm = eg.load_model(args.model, progress=False, device=args.device)
     cases = load_cases(args.data)
     if args.cases == "all":
@@ -123,41 +178,58 @@ def main() -> int:
     out = {"model": args.model, "data": Path(args.data).name, "cases": len(cases),
            "known": sum(flags), "device": str(lm.device),
            "gpu": torch.cuda.get_device_name() if lm.device.type == "cuda" else None,
-           "threads": torch.get_num_threads(), "runs": []}
-    # one memo for every run: a sweep, or MEMIT and AlphaEdit with the same target settings,
-    # optimise each request's target once
-    memo = TargetMemo()
-    pres: dict[str, dict] = {}
-    for run, setting in ((r, g) for r in args.runs for g in grid):
+           "threads": torch.get_num_threads(), "params": params, "runs": [], "parts": saved}
+    runs = [(r, g) for r in args.runs for g in grid]
+    labels = {(r, tuple(g.items())): " ".join([r, *(f"{k}={v}" for k, v in g.items())])
+              for r, g in runs}
+    ranges = {r: chunks_of(len(cases), r.partition(":")[2] or "independent", args.batch_size,
+                           args.chunk) for r in args.runs}
+    # range by range, every run: MEMIT and AlphaEdit (or a sweep's settings) on the same cases
+    # one after the other, so the memo optimises each request's target once and is then dropped
+    for i in range(max(len(v) for v in ranges.values())):
+        memo, pres = TargetMemo(), {}
+        for run, setting in runs:
+            if i >= len(ranges[run]):
+                continue
+            span, label = ranges[run][i], labels[run, tuple(setting.items())]
+            key = f"{span.start}-{span.stop}"
+            if key in saved.get(label, {}):
+                continue
+            method, _, protocol = run.partition(":")
+            editor = get_editor(method, **overrides, **setting)
+            editor.target_memo, editor.progress = memo, True
+            hits, t0 = memo.hits, time.perf_counter()
+            print(f"{label}: cases {span.start}-{span.stop - 1} of {len(cases)}",
+                  file=sys.stderr, flush=True)
+            result = run_protocol(lm, editor, cases[span.start:span.stop],
+                                  protocol=protocol or "independent",
+                                  fluency_tokens=args.fluency_tokens, progress=True,
+                                  batch_size=args.batch_size, pre=pres.get(run))
+            pres[run] = result.pre  # the same for every grid value
+            saved.setdefault(label, {})[key] = {
+                "n": result.n, "pre": result.pre, "seconds_per_edit": result.seconds_per_edit,
+                "targets_reused": memo.hits > hits,  # then the time excludes the targets
+                "wall_seconds": time.perf_counter() - t0, "hparams": result.hparams,
+                "per_case": [rounded(r) for r in result.per_case]}
+            if args.save:
+                save_run(*args.save.split("/"), out, params)
+    for run, setting in runs:
+        label = labels[run, tuple(setting.items())]
         method, _, protocol = run.partition(":")
-        editor = get_editor(method, **overrides, **setting)
-        editor.target_memo, editor.progress = memo, True
-        hits, t0 = editor.target_memo.hits, time.perf_counter()
-        result = run_protocol(lm, editor, cases, protocol=protocol or "independent",
-                              fluency_tokens=args.fluency_tokens, progress=True,
-                              batch_size=args.batch_size,
-                              pre=pres.get(run))
-        pres[run] = result.pre  # the unedited scores are the same for every grid value
-        row = {"method": method, "protocol": result.protocol, "n": result.n, "grid": setting,
-               "seconds_per_edit": result.seconds_per_edit,
-               "targets_reused": editor.target_memo.hits > hits,  # then the time excludes them
-               "wall_seconds": time.perf_counter() - t0, "hparams": result.hparams,
-               "all": subset_summary(result.per_case, [True] * len(flags)),
-               "known": subset_summary(result.per_case, flags),
-               "pre_all": result.pre, "post_all": result.post}
+        parts = [saved[label][f"{s.start}-{s.stop}"] for s in ranges[run]]
+        row = {"method": method, "protocol": protocol or "independent", "grid": setting,
+               **combine(parts, flags)}
         out["runs"].append(row)
-        print(json.dumps({"done": run, **setting, "all": row["all"]["mean"],
+        print(json.dumps({"done": label, "all": row["all"]["mean"],
                           "known": row["known"]["mean"]}), file=sys.stderr, flush=True)
     if grid != [{}]:
         key = next(iter(grid[0]))
         out["selected"] = {run: one_se_choice([r for r in out["runs"]
                                                if f"{r['method']}:{r['protocol']}" == run], key)
                            for run in args.runs}
-    print(json.dumps(out, indent=1, default=str))
+    print(json.dumps({k: v for k, v in out.items() if k != "parts"}, indent=1, default=str))
     if args.save:
-        area, name = args.save.split("/")
-        params = {k: v for k, v in vars(args).items() if k != "save"}
-        print(f"wrote {save_run(area, name, out, params)}", file=sys.stderr)
+        print(f"wrote {save_run(*args.save.split('/'), out, params)}", file=sys.stderr)
     return 0
 
 

@@ -513,12 +513,15 @@ def test_scores_read_off_a_shared_row_equal_scores_of_each_row_alone():
 
 def test_batch_protocol_in_batches_scores_each_case_under_its_own_batch(isolated_cache):
     from engramlab.data.records import EditCase
-    from engramlab.edit.protocols import run_protocol
+    from engramlab.edit.protocols import run_protocol, without_edited_neighbours
     from engramlab.evaluate.counterfact import case_scores
 
     lm = make_tiny("llama")
+    # each case's neighbour is the next case's subject: inside its batch for cases 0 and 2,
+    # in the other batch (so not edited when the case is scored) for cases 1 and 3
     cases = [EditCase(_req(f"w{5 + i}", f"w{40 + i}", "{} w2 w3"),
-                      paraphrase_prompts=(f"w1 w{5 + i} w2",)) for i in range(4)]
+                      paraphrase_prompts=(f"w1 w{5 + i} w2",),
+                      neighborhood_prompts=(f"w{5 + (i + 1) % 4} w2",)) for i in range(4)]
     editor = MEMIT(layers=[0, 1], key_stats=_stats(lm, [0, 1]), templates=[], **_steps(3),
                    mom2_weight=1e-2)
     result = run_protocol(lm, editor, cases, protocol="batch", batch_size=2)
@@ -526,8 +529,9 @@ def test_batch_protocol_in_batches_scores_each_case_under_its_own_batch(isolated
     for k, delta in enumerate(result.deltas):  # each pair was scored under its own delta only
         part = cases[2 * k:2 * k + 2]
         with delta.applied(lm):
-            expected = [s.to_dict() for s in case_scores(lm, part)]
+            expected = [s.to_dict() for s in case_scores(lm, without_edited_neighbours(part))]
         assert result.per_case[2 * k:2 * k + 2] == expected
+        assert expected[0]["neighborhood"] is None and expected[1]["neighborhood"] is not None
     whole = run_protocol(lm, editor, cases, protocol="batch")
     assert whole.delta is not None and not whole.deltas
     assert whole.per_case != result.per_case  # one batch of four is another edit

@@ -108,6 +108,20 @@ def without_edited_neighbours(cases: Sequence[EditCase]) -> list[EditCase]:
     return out
 
 
+def _as_scored(cases: Sequence[EditCase], protocol: str, batch_size: int | None
+               ) -> list[EditCase]:
+    """The cases as they are scored: in the sequential protocol every earlier request is in
+    place when a case is scored; in the batch protocol each batch goes into the unedited model,
+    so only its own subjects are."""
+    if protocol == "sequential":
+        return without_edited_neighbours(cases)
+    if protocol == "batch":
+        size = batch_size or len(cases)
+        return [c for start in range(0, len(cases), size)
+                for c in without_edited_neighbours(cases[start:start + size])]
+    return list(cases)
+
+
 def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
                  protocol: str = "independent", batch_size: int | None = None,
                  eval_every: int | None = None, fluency_tokens: int = 0,
@@ -123,7 +137,7 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
         raise RequestError("no cases to edit")
     from tqdm.auto import tqdm
 
-    cases = list(cases) if protocol == "independent" else without_edited_neighbours(cases)
+    cases = _as_scored(cases, protocol, batch_size)
     if pre is None:
         pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress))
     editor.prepare(lm)
