@@ -1,21 +1,16 @@
-"""A sparse dictionary over MLP value vectors: the disentangler of PISCES.
+"""A TopK sparse dictionary: the autoencoder behind the MLP-output SAEs (:mod:`.sae`).
 
-PISCES (Gur-Arieh et al. 2025, "Precise In-Parameter Concept Erasure in Large Language
-Models") decomposes MLP vectors into interpretable features with a disentangler — in the paper,
-pretrained sparse autoencoders of the MLP outputs (GemmaScope, LlamaScope). No such SAE exists
-for most models and none can be downloaded here, so we train one, and we train it on what the
-issue names and the edit touches: the value vectors themselves (columns of the down projection),
-pooled over the chosen layers. Each vector is scaled to unit norm first, so that the dictionary
-learns directions, not the per-layer scale of the weights.
+Each training vector is scaled to unit norm first, so that the dictionary learns directions,
+not the scale of the activations.
 
 The model is a TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse
 autoencoders"): ``codes = TopK(ReLU(W_enc x + b))``, ``x̂ = codes @ D`` with unit-norm decoder
 rows, the decoder initialised from random data vectors (fewer dead features) and the encoder
 from its transpose. TopK fixes the sparsity exactly, so no L1 coefficient needs tuning.
 
-The trained dictionary is cached on disk keyed by the model fingerprint, the layers and the
-training settings, and carries that key: using a dictionary with another model (or after the
-weights changed) is refused with a clear error instead of silently producing nonsense.
+A dictionary saved to the cache carries its key (the model fingerprint, the layer, the text and
+the training settings): using it with another model (or after the weights changed) is refused
+with a clear error instead of silently producing nonsense.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .._io import atomic_file, keyed_path, read_cached
+from .._io import atomic_file
 from ..errors import CacheError, ConceptError
 from ..models.lm import LM
 
@@ -74,7 +68,7 @@ class TopKDictionary:
         if mine != lm.fingerprint():
             raise ConceptError(
                 f"this dictionary was trained for model {mine}, not for the loaded model "
-                f"{lm.fingerprint()}: train one for this model (train_dictionary) or load the "
+                f"{lm.fingerprint()}: train one for this model or load the "
                 "model it was trained on")
         if self.decoder.shape[1] != lm.layout.d_model:
             raise ConceptError(f"dictionary width {self.decoder.shape[1]} does not match the "
@@ -113,13 +107,6 @@ class TopKDictionary:
             raise CacheError(f"dictionary file {path} has inconsistent shapes "
                              f"{tuple(d.shape)}, {tuple(e.shape)}, {tuple(b.shape)}")
         return cls(d, e, b, int(meta["k"]), key)
-
-
-@torch.no_grad()
-def value_vectors(lm: LM, layers: Sequence[int]) -> torch.Tensor:
-    """All value vectors of ``layers`` as rows ``[len(layers) * d_mlp, d_model]``, float32."""
-    return torch.cat([lm.layout.value_weight(layer).detach().T.float().cpu()
-                      for layer in layers])
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -175,25 +162,3 @@ def explained_variance(d: TopKDictionary, x: torch.Tensor) -> float:
         rows = x[s:s + 4096]
         err += float(((d.decode(d.encode(rows)) - rows) ** 2).sum())
     return 1.0 - err / float((x ** 2).sum())
-
-
-def train_dictionary(lm: LM, layers: Sequence[int] | None = None, *, n_features: int = 4096,
-                     k: int = 8, steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3,
-                     seed: int = 0, use_cache: bool = True,
-                     progress: bool = True) -> TopKDictionary:
-    """The dictionary of ``lm``'s value vectors at ``layers`` (default all), cached on disk."""
-    layers = [lm.layout.check_layer(i) for i in (layers if layers is not None
-                                                  else range(lm.layout.n_layers))]
-    key = {"model": lm.fingerprint(), "layers": layers, "n_features": n_features, "k": k,
-           "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
-    path = keyed_path("dictionaries", "values", key, ".safetensors")
-    found = read_cached(path, lambda p: TopKDictionary.load(p, expect=key)) \
-        if use_cache else None
-    if found is not None:
-        return found
-    d = fit_dictionary(value_vectors(lm, layers), n_features=n_features, k=k, steps=steps,
-                       batch_size=batch_size, lr=lr, seed=seed, progress=progress)
-    d.key = key
-    if use_cache:
-        d.save(path)
-    return d

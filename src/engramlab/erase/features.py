@@ -6,7 +6,7 @@ automatically, and each MLP value vector that carries one of them strongly is re
 feature's basis. Everything else the vector encodes is kept, so this is more specific than
 zeroing whole vectors (ConceptVectors) and deeper than fine-tuning.
 
-The default disentangler, ``mlp-out``, is the paper's: one SAE of the MLP output per layer
+The disentangler is the paper's: one SAE of the MLP output per layer
 (:mod:`.sae`, trained here because GemmaScope-like SAEs exist for few models). Recipe:
 
 1. **Find** the concept's features by how often they fire: the share of the concept's tokens
@@ -23,8 +23,7 @@ The default disentangler, ``mlp-out``, is the paper's: one SAE of the MLP output
    μ = 0 removes the component. Per layer this is a rank-|features| ``WeightDelta``.
 4. **Tune** n_features × τ × μ under the specificity budget every eraser shares (:mod:`.budget`).
    μ runs through the grid (up to 12), then doubles while the row stays inside the budget, up
-   to ``mu_max`` = 48: with a grid ending at 6, The Moon's and Japan's best settings sat on its
-   edge with the controls barely touched, and at 12 Einstein's did.
+   to ``mu_max`` = 48, so that a best setting never sits on the grid's edge by accident.
 
 Deviations from the paper, and why:
 
@@ -45,9 +44,7 @@ Deviations from the paper, and why:
   (:func:`.sae.feature_corpus`). It never includes the probes.
 
 SAE training costs about 24 minutes once per model, cold on 2 CPU cores (cached after). The
-measurements behind these choices are in ``docs/erasure.md``. The older disentangler, ``values``
-(a TopK dictionary of the value vectors themselves, :mod:`.dictionary`), is kept as a baseline:
-on SmolLM2 its features do not name concepts, and it does not erase them.
+measurements behind these choices are in ``docs/erasure.md``.
 """
 
 from __future__ import annotations
@@ -64,120 +61,11 @@ from ..delta import ParamDelta, WeightDelta
 from ..errors import ConceptError
 from ..models.lm import LM
 from .budget import Budget, BudgetSearch
-from .dictionary import TopKDictionary, train_dictionary, unit_rows
+from .dictionary import TopKDictionary, unit_rows
 from .sae import feature_corpus, train_output_saes
-from .vectors import KeywordZ, keyword_tokens, token_activations
+from .vectors import token_activations
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FeatureLabel:
-    feature: int
-    vocab: float
-    activation: float
-    top_tokens: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
-
-
-@torch.no_grad()
-def _written(lm: LM, texts: Sequence[str], layers: Sequence[int], directions: torch.Tensor,
-             batch_size: int = 16) -> torch.Tensor:
-    """Per token, how much the MLPs of ``layers`` together write along each direction,
-    ``[tokens, n_directions]``."""
-    points = [f"mlp_out.{layer}" for layer in layers]
-    dirs = directions.float().cpu()
-    return torch.cat([sum(acts[p] for p in points) @ dirs.T  # type: ignore[operator]
-                      for acts in token_activations(lm, texts, points, batch_size)])
-
-
-def label_features(lm: LM, dictionary: TopKDictionary, concept: Concept,
-                   controls: Sequence[Probe], neutral: Sequence[str], *,
-                   min_vocab_z: float = 4.0, max_candidates: int = 256) -> list[FeatureLabel]:
-    """The concept's candidate features, best vocabulary score first, with their activation."""
-    dictionary.check_model(lm)
-    vocab = KeywordZ(lm, keyword_tokens(lm, [*concept.keywords, concept.name]))(
-        dictionary.decoder)
-    order = vocab.argsort(descending=True)[:max_candidates]
-    order = order[vocab[order] >= min_vocab_z]
-    if len(order) == 0:
-        return []
-    layers = dictionary.layers
-    dirs = dictionary.decoder[order]
-    on = _written(lm, [p.prompt for p in concept.probes] + concept.forget_text, layers, dirs)
-    off = _written(lm, [p.prompt for p in controls] + list(neutral), layers, dirs)
-    activation = (on.mean(0) - off.mean(0)) / (off.std(0) + 1e-6)
-    logits = lm.logits_from_hidden(dirs.to(lm.device, lm.dtype)).float()
-    tops = logits.topk(8, dim=-1).indices.tolist()
-    return [FeatureLabel(int(f), float(vocab[f]), float(a), [lm.decode(t) for t in top])
-            for f, a, top in zip(order.tolist(), activation.tolist(), tops, strict=True)]
-
-
-def select_features(labels: Sequence[FeatureLabel], n_features: int,
-                    min_activation: float = 0.0) -> list[FeatureLabel]:
-    """The ``n_features`` best-named features that the model also writes more on the concept."""
-    return [lab for lab in labels if lab.activation > min_activation][:n_features]
-
-
-def feature_codes(lm: LM, dictionary: TopKDictionary, features: Sequence[int],
-                  layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """How strongly each value vector of ``layers`` carries each feature: the dictionary's
-    TopK code of the unit vector, ``{layer: [d_mlp, len(features)]}`` (zero where the feature
-    is not among the vector's k)."""
-    out = {}
-    for layer in layers:
-        w = lm.layout.value_weight(lm.layout.check_layer(layer)).detach().float().cpu()
-        unit = w.T / w.T.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        out[layer] = dictionary.encode(unit)[:, list(features)]
-    return out
-
-
-def features_delta(lm: LM, directions: torch.Tensor, layers: Sequence[int], *, tau: float = 0.2,
-                   strength: float = 1.0, codes: dict[int, torch.Tensor] | None = None,
-                   **meta: object) -> WeightDelta:
-    """Remove ``directions`` ``[n, d_model]`` from each strongly affected value vector.
-
-    With ``codes`` (:func:`feature_codes`) a vector is affected when its code for a feature
-    exceeds τ × that feature's largest code over all ``layers`` — the paper's rule, which
-    touches only vectors the dictionary says carry the feature. Without, the dense projection
-    on the unit direction is compared with τ × its largest value in the layer (for directions
-    that come from no dictionary)."""
-    if directions.ndim != 2 or directions.shape[1] != lm.layout.d_model:
-        raise ConceptError(f"directions must be [n, {lm.layout.d_model}], got "
-                           f"{tuple(directions.shape)}")
-    if not 0.0 <= tau < 1.0:
-        raise ConceptError(f"tau={tau} must lie in [0, 1): the share of the strongest "
-                           "vector's projection a vector needs to count as affected")
-    dirs = directions.double()
-    q, _ = torch.linalg.qr(dirs.T)  # [d_model, n] orthonormal basis of their span
-    entries = {}
-    n_affected = {}
-    layers = list(dict.fromkeys(lm.layout.check_layer(i) for i in layers))
-    if codes is not None:
-        missing = [i for i in layers if i not in codes]
-        if missing:
-            raise ConceptError(f"codes lack layers {missing}: compute them with feature_codes "
-                               "for every layer to edit")
-        top = torch.stack([codes[i].amax(0) for i in layers]).amax(0)  # [n]
-    for layer in layers:
-        w = lm.layout.value_weight(layer).detach().double().cpu()  # [d_model, d_mlp]
-        if codes is not None:
-            c = codes[layer]
-            big = ((c > tau * top) & (c > 0)).T
-        else:
-            proj = (dirs / dirs.norm(dim=-1, keepdim=True)) @ w  # [n, d_mlp]
-            big = proj.abs() > tau * proj.abs().amax(-1, keepdim=True)
-        cols = big.any(0).nonzero().flatten()
-        if len(cols) == 0:
-            continue
-        n_affected[layer] = len(cols)
-        v = torch.zeros(w.shape[1], q.shape[1], dtype=torch.float64)
-        v[cols] = (q.T @ w[:, cols]).T
-        a, b = lm.layout.to_storage(layer, (-strength * q).float(), v.float())
-        entries[lm.layout.value_param_name(layer)] = ParamDelta(u=a, v=b)
-    return WeightDelta.for_model(lm, entries, affected=n_affected, **meta)
 
 
 @dataclass
@@ -304,24 +192,18 @@ def output_features_delta(lm: LM, saes: dict[int, TopKDictionary],
     return WeightDelta.for_model(lm, entries, affected=n_affected, tau=tau, mu=mu, **meta)
 
 
-DISENTANGLERS = ("mlp-out", "values")
-
-
 @dataclass
 class FeatureEraser:
-    """PISCES-style erasure through sparse features of the MLP outputs (``mlp-out``, the
-    default: per-layer SAEs, :mod:`.sae`) or of the value vectors (``values``).
+    """PISCES-style erasure through sparse features of the MLP outputs (per-layer SAEs,
+    :mod:`.sae`).
 
-    With ``mlp-out`` and ``tune`` the number of features, τ and μ are chosen like every other
+    With ``tune`` the number of features, τ and μ are chosen like every other
     eraser's setting: the grid point that lowers the concept's accuracy most inside the
     specificity budget (:mod:`.budget`); μ grows along each row until it leaves the budget."""
 
-    disentangler: str = "mlp-out"
     n_features: int = 16
     tau: float = 0.2
-    strength: float = 1.0
     mu: float = 1.0
-    min_vocab_z: float = 4.0
     layers: list[int] | None = None
     tune: bool = True
     n_features_grid: tuple[int, ...] = (1, 2, 4, 8)
@@ -330,28 +212,19 @@ class FeatureEraser:
     mu_max: float = 48.0
     contrast: float = 3.0
     budget: Budget = field(default_factory=Budget)  # what a tuned setting may cost
-    dictionary_features: int = 4096
-    dictionary_k: int = 8
-    dictionary_steps: int = 1000
-    dictionary: TopKDictionary | None = None
     saes: dict[int, TopKDictionary] | None = None
     sae_features: int = 2048
     sae_k: int = 16
     sae_steps: int = 1500
     sae_tokens: int = 100_000
     sae_text: str | None = None
-    chosen: list[FeatureLabel] | list[OutputFeature] = field(default_factory=list, init=False)
+    chosen: list[OutputFeature] = field(default_factory=list, init=False)
     ranked: list[OutputFeature] = field(default_factory=list, init=False)
     trials: list[dict[str, object]] = field(default_factory=list, init=False)
 
     def erase(self, lm: LM, concept: Concept,
               controls: Sequence[Probe] | None = None) -> WeightDelta:
-        if self.disentangler not in DISENTANGLERS:
-            raise ConceptError(f"unknown disentangler {self.disentangler!r}; choose from "
-                               f"{DISENTANGLERS}")
         controls = list(controls_for(concept) if controls is None else controls)
-        if self.disentangler == "values":
-            return self._erase_values(lm, concept, controls)
         saes = self.saes if self.saes is not None else self.fit_saes(lm, names=[concept.name])
         for sae in saes.values():
             sae.check_model(lm)
@@ -370,7 +243,7 @@ class FeatureEraser:
                  concept.name, tau, mu)
         return output_features_delta(lm, saes, self.chosen, on, off, tau=tau, mu=mu,
                                      method="features", concept=concept.name,
-                                     disentangler="mlp-out", n_features=len(self.chosen),
+                                     n_features=len(self.chosen),
                                      chosen=[[f.layer, f.feature] for f in self.chosen])
 
     def fit_saes(self, lm: LM, corpus: TextCorpus | None = None, *, names: Sequence[str] = (),
@@ -439,25 +312,3 @@ class FeatureEraser:
                                f"{search.budget.describe(concept)}: loosen the budget")
         best = search.best[0]
         return best["n_features"], best["tau"], best["mu"]
-
-    def _erase_values(self, lm: LM, concept: Concept, controls: list[Probe]) -> WeightDelta:
-        d = self.dictionary
-        if d is None:
-            d = train_dictionary(lm, n_features=self.dictionary_features, k=self.dictionary_k,
-                                 steps=self.dictionary_steps)
-            self.dictionary = d
-        d.check_model(lm)
-        labels = label_features(lm, d, concept, controls, general_text(split="tune"),
-                                min_vocab_z=self.min_vocab_z)
-        self.chosen = select_features(labels, self.n_features)
-        if not self.chosen:
-            raise ConceptError(f"no dictionary feature is named by {concept.name!r}'s keywords "
-                               f"(z ≥ {self.min_vocab_z}) and written more on its text: lower "
-                               "min_vocab_z or add keywords")
-        layers = self.layers if self.layers is not None else d.layers
-        feats = [lab.feature for lab in self.chosen]
-        log.info("erasing %d features of %r", len(self.chosen), concept.name)
-        return features_delta(lm, d.decoder[feats], layers, tau=self.tau,
-                              strength=self.strength, codes=feature_codes(lm, d, feats, layers),
-                              method="features", concept=concept.name, disentangler="values",
-                              features=[lab.feature for lab in self.chosen])
