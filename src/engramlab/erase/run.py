@@ -82,6 +82,75 @@ def behaviour(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequ
             "paragraph_perplexity": [math.exp(n / c) for n, c in nlls if c]}
 
 
+@dataclasses.dataclass
+class _Setting:
+    """One concept, split into the probes a tuner sees and the probes it is judged on, with
+    everything else the measurements read; the same for every method compared on it."""
+
+    lm: LM
+    concept: Concept
+    tuned: Concept
+    held: list[Probe]
+    controls: list[Probe]
+    unseen: list[Probe]
+    neutral: list[str]
+
+    @classmethod
+    def of(cls, lm: LM, concept: Concept, split_seed: int | None) -> _Setting:
+        tuned, held = (concept, list(concept.probes)) if split_seed is None \
+            else concept.split(split_seed)
+        return cls(lm, concept, tuned, list(held), list(controls_for(concept)),
+                   list(unseen_controls_for(concept)), list(general_text(split="eval")))
+
+    @property
+    def evaluated(self) -> Concept:
+        return dataclasses.replace(self.concept, probes=self.held)
+
+    def figures(self) -> dict[str, Any]:
+        """:func:`behaviour` on the held-out probes, plus the tuning probes' accuracy."""
+        out = behaviour(self.lm, self.evaluated, self.controls, self.neutral, self.unseen)
+        out["target_tuned_accuracy"] = E.accuracy(self.lm, self.tuned.probes)
+        return out
+
+
+def _trace(s: _Setting, eraser: Any, n: int, once: Any, key: tuple
+           ) -> list[tuple[int, int]]:
+    """The concept's vectors every method is judged against: the concept-vectors finder's
+    ranking on the tuning probes (the eraser's own, when it ranked by activation)."""
+    ranked = eraser.candidates.get("activation", []) if isinstance(eraser, ConceptVectors) \
+        and eraser.layers is None and not eraser.check else []
+    trace = once(key, lambda: ranked[:n] if len(ranked) >= n  # the same ranking
+                 else find_concept_vectors(s.lm, s.tuned, controls=s.controls, n_candidates=n,
+                                           check=False))
+    return [(c.layer, c.index) for c in trace]
+
+
+def _erased(s: _Setting, delta: WeightDelta, trace_ids: list[tuple[int, int]],
+            relearn_steps: int, relearn_lr: float) -> dict[str, Any]:
+    """Everything measured with ``delta`` applied (and after, patching), model left as it was."""
+    lm = s.lm
+    originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
+                             for i, j in trace_ids]) if trace_ids else torch.zeros(0)
+    with delta.applied(lm):
+        post = s.figures()
+        adversarial = E.adversarial_accuracies(lm, s.evaluated)
+        cosines = E.value_cosines(lm, trace_ids, originals) if trace_ids else []
+        relearned = E.relearned_accuracy(lm, s.concept.forget_text, s.held,
+                                         steps=relearn_steps, lr=relearn_lr)
+        heldout = E.relearn_heldout(lm, s.concept.probes, steps=relearn_steps, lr=relearn_lr)
+    return {"post": post, "adversarial": adversarial, "cosines": cosines,
+            "relearned": relearned, "heldout": heldout,
+            "patched": E.coefficient_patch_accuracy(lm, delta, s.held)}
+
+
+def _chosen_setting(delta: WeightDelta) -> dict[str, Any]:
+    """The setting an eraser chose (e.g. concept vectors' selection, top_k, factor), from the
+    delta's metadata without its provenance."""
+    return {k: v for k, v in delta.meta.items()
+            if isinstance(v, str | int | float) and not k.startswith("model")
+            and k not in ("method", "concept", "created", "engramlab_version")}
+
+
 def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
                 layers: Sequence[int] | None = None, relearn_steps: int = 10,
                 relearn_lr: float = 3e-5, trace_vectors: int = 16,
@@ -99,13 +168,7 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     holds the unedited model's figures so the methods compared on a concept and split measure
     them once."""
     start = time.perf_counter()
-    if split_seed is None:
-        tuned, held = concept, list(concept.probes)
-    else:
-        tuned, held = concept.split(split_seed)
-    evaluated = dataclasses.replace(concept, probes=held)
-    controls, unseen = controls_for(concept), unseen_controls_for(concept)
-    neutral = general_text(split="eval")
+    s = _Setting.of(lm, concept, split_seed)
     memo = {} if unedited is None else unedited
     model_concept = (lm.fingerprint(), json.dumps(concept.to_dict(), sort_keys=True))
 
@@ -114,12 +177,7 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
             memo[(model_concept, *key)] = compute()
         return memo[(model_concept, *key)]
 
-    def unedited_figures() -> dict[str, Any]:
-        figures = behaviour(lm, evaluated, controls, neutral, unseen)
-        figures["target_tuned_accuracy"] = E.accuracy(lm, tuned.probes)
-        return figures
-
-    pre = dict(once(("pre", split_seed), unedited_figures))
+    pre = dict(once(("pre", split_seed), s.figures))
     if pre["target_accuracy"] == 0:
         raise ConceptError(f"the model answers none of {concept.name!r}'s held-out probes "
                            "before erasure: there is nothing to erase; check the probes")
@@ -130,47 +188,29 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
     if eraser is None:
         eraser = make_eraser(method, layers=layers, **settings)
     t = time.perf_counter()
-    delta: WeightDelta = eraser.erase(lm, tuned)  # returned, not applied: weights unchanged
+    delta: WeightDelta = eraser.erase(lm, s.tuned)  # returned, not applied: weights unchanged
     erase_s = time.perf_counter() - t
-    ranked = eraser.candidates.get("activation", []) if isinstance(eraser, ConceptVectors) \
-        and eraser.layers is None and not eraser.check else []
-    trace = once(("trace", split_seed, trace_vectors),
-                 lambda: ranked[:trace_vectors] if len(ranked) >= trace_vectors  # same ranking
-                 else find_concept_vectors(lm, tuned, controls=controls,
-                                           n_candidates=trace_vectors, check=False))
-    trace_ids = [(c.layer, c.index) for c in trace]
-    originals = torch.stack([lm.layout.value_weight(i)[:, j].detach().clone()
-                             for i, j in trace_ids]) if trace_ids else torch.zeros(0)
-    with delta.applied(lm):
-        post = behaviour(lm, evaluated, controls, neutral, unseen)
-        post["target_tuned_accuracy"] = E.accuracy(lm, tuned.probes)
-        adversarial = E.adversarial_accuracies(lm, evaluated)
-        cosines = E.value_cosines(lm, trace_ids, originals) if trace_ids else []
-        relearned = E.relearned_accuracy(lm, concept.forget_text, held,
-                                         steps=relearn_steps, lr=relearn_lr)
-        heldout = E.relearn_heldout(lm, concept.probes, steps=relearn_steps, lr=relearn_lr)
-    patched = E.coefficient_patch_accuracy(lm, delta, held)
+    trace_ids = _trace(s, eraser, trace_vectors, once, ("trace", split_seed, trace_vectors))
+    after = _erased(s, delta, trace_ids, relearn_steps, relearn_lr)
+    cosines = after["cosines"]
     report = {
-        "method": method, "concept": concept.name, "pre": pre, "post": post,
-        "split": {"seed": split_seed, "tuned_probes": len(tuned.probes),
-                  "held_out_probes": len(held),
+        "method": method, "concept": concept.name, "pre": pre, "post": after["post"],
+        "split": {"seed": split_seed, "tuned_probes": len(s.tuned.probes),
+                  "held_out_probes": len(s.held),
                   "reported_on": "every probe (no split)" if split_seed is None else
                   "the held-out probes (target, adversarial, relearning, patching) and the "
                   "paraphrases; the tuner saw only the tuning probes"},
-        "relearn": {"target_accuracy": relearned, "steps": relearn_steps,
-                    "heldout": {**heldout, "unedited": reference["target_accuracy"]}},
-        "adversarial": {"target_accuracy": max(adversarial.values()), **adversarial},
+        "relearn": {"target_accuracy": after["relearned"], "steps": relearn_steps,
+                    "heldout": {**after["heldout"], "unedited": reference["target_accuracy"]}},
+        "adversarial": {"target_accuracy": max(after["adversarial"].values()),
+                        **after["adversarial"]},
         "trace": {"concept_vector_cosine": sum(cosines) / len(cosines) if cosines else None,
-                  "coefficient_patch_accuracy": patched,
+                  "coefficient_patch_accuracy": after["patched"],
                   "vectors": [list(v) for v in trace_ids]},
-        # the setting the eraser chose (e.g. concept vectors' tuned selection, top_k, factor)
         "delta": {"params": len(delta.entries), "norm": delta.norm(),
-                  "setting": {k: v for k, v in delta.meta.items()
-                              if isinstance(v, str | int | float) and k not in
-                              ("method", "concept", "created", "engramlab_version")
-                              and not k.startswith("model")}},
+                  "setting": _chosen_setting(delta)},
         "perplexity_worst_rise": E.worst_rise(pre["paragraph_perplexity"],
-                                              post["paragraph_perplexity"]),
+                                              after["post"]["paragraph_perplexity"]),
         "erase_seconds": erase_s,
         "seconds": time.perf_counter() - start,
     }
