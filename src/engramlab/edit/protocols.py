@@ -135,53 +135,24 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
         raise RequestError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     if not cases:
         raise RequestError("no cases to edit")
-    from tqdm.auto import tqdm
-
     cases = _as_scored(cases, protocol, batch_size)
     if pre is None:
         pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress))
     editor.prepare(lm)
     hp = editor.hparams_for(lm).to_dict()
     stats_seconds = editor.stats_seconds
-    times: list[float] = []
     curve: list[dict[str, Any]] = []
     deltas: list[WeightDelta] = []
     delta: WeightDelta | None = None
     if protocol == "independent":
-        results: list[CaseScores] = []
         chunk = max(1, int(hp["target"]["chunk"]))
-        bar = tqdm(total=len(cases), desc=f"{editor.method} independent", unit="edit",
-                   disable=not progress)
-        for start in range(0, len(cases), chunk):
-            part = cases[start:start + chunk]
-            t0 = time.perf_counter()
-            made = editor.edit_each(lm, [c.request for c in part])
-            times += [(time.perf_counter() - t0) / len(part)] * len(part)
-            for case, d in zip(part, made, strict=True):
-                with d.applied(lm):
-                    results += case_scores(lm, [case], fluency_tokens=fluency_tokens)
-            deltas += made
-            bar.update(len(part))
-        bar.close()
+        results, deltas, times = _independent(lm, editor, cases, chunk, fluency_tokens,
+                                              progress)
     elif protocol == "batch":
-        size = batch_size or len(cases)
-        batched = size < len(cases)  # then one delta per batch, in ``deltas``
-        results = []
-        for start in range(0, len(cases), size):
-            part = cases[start:start + size]
-            if batched and progress:
-                print(f"batch {start // size + 1}/{-(-len(cases) // size)}", file=sys.stderr,
-                      flush=True)
-            t0 = time.perf_counter()
-            delta = editor.edit(lm, [c.request for c in part])
-            times += [(time.perf_counter() - t0) / len(part)] * len(part)
-            with delta.applied(lm):
-                results += case_scores(lm, part, fluency_tokens=fluency_tokens,
-                                       progress=progress)
-            if batched:
-                deltas.append(delta)
-        if batched:
-            delta = None
+        results, deltas, times = _batches(lm, editor, cases, batch_size or len(cases),
+                                          fluency_tokens, progress)
+        if len(deltas) == 1:  # one batch: its delta is the run's
+            delta, deltas = deltas[0], []
     else:
         results, delta, curve, times = _sequential(
             lm, editor, cases, batch_size or 10, eval_every, fluency_tokens, progress,
@@ -190,6 +161,53 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
     return RunResult(editor.method, lm.name, protocol, len(cases), pre, post,
                      statistics.median(times), stats_seconds,
                      [r.to_dict() for r in results], curve, delta, deltas, hp)
+
+
+def _independent(lm: LM, editor: Editor, cases: list[EditCase], chunk: int,
+                 fluency_tokens: int, progress: bool
+                 ) -> tuple[list[CaseScores], list[WeightDelta], list[float]]:
+    """Each case edited alone into the unedited model (``chunk`` of them optimised together)
+    and scored under its own delta: scores, deltas, seconds per edit."""
+    from tqdm.auto import tqdm
+
+    results: list[CaseScores] = []
+    deltas: list[WeightDelta] = []
+    times: list[float] = []
+    bar = tqdm(total=len(cases), desc=f"{editor.method} independent", unit="edit",
+               disable=not progress)
+    for start in range(0, len(cases), chunk):
+        part = cases[start:start + chunk]
+        t0 = time.perf_counter()
+        made = editor.edit_each(lm, [c.request for c in part])
+        times += [(time.perf_counter() - t0) / len(part)] * len(part)
+        for case, d in zip(part, made, strict=True):
+            with d.applied(lm):
+                results += case_scores(lm, [case], fluency_tokens=fluency_tokens)
+        deltas += made
+        bar.update(len(part))
+    bar.close()
+    return results, deltas, times
+
+
+def _batches(lm: LM, editor: Editor, cases: list[EditCase], size: int, fluency_tokens: int,
+             progress: bool) -> tuple[list[CaseScores], list[WeightDelta], list[float]]:
+    """Consecutive batches of ``size``, each edited into the unedited model and its cases
+    scored under its delta: scores, one delta per batch, seconds per edit."""
+    results: list[CaseScores] = []
+    deltas: list[WeightDelta] = []
+    times: list[float] = []
+    n_batches = -(-len(cases) // size)
+    for start in range(0, len(cases), size):
+        part = cases[start:start + size]
+        if n_batches > 1 and progress:
+            print(f"batch {start // size + 1}/{n_batches}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        delta = editor.edit(lm, [c.request for c in part])
+        times += [(time.perf_counter() - t0) / len(part)] * len(part)
+        with delta.applied(lm):
+            results += case_scores(lm, part, fluency_tokens=fluency_tokens, progress=progress)
+        deltas.append(delta)
+    return results, deltas, times
 
 
 def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
