@@ -244,3 +244,18 @@ def test_first_layer_where_and_settled_from():
     # from which layer on it holds at every deeper layer (3 = not even at the last)
     assert settled_from(holds).tolist() == [2, 1, 2, 3, 1]
     assert settled_from(torch.ones(3, 1, dtype=torch.bool)).tolist() == [0]
+
+
+def test_figures_are_written_whole_or_not_at_all(tmp_path):
+    from engramlab.figures import figure
+
+    out = tmp_path / "sub" / "f.png"
+    with figure(out, ncols=2) as (_, axes):
+        axes[0].plot([0, 1], [1, 0])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = out.read_bytes()
+    with pytest.raises(RuntimeError), figure(out) as (_, ax):
+        ax.plot([0, 1], [0, 1])
+        raise RuntimeError("drawing failed")
+    assert out.read_bytes() == before  # the earlier figure stays as it was
+    assert sorted(p.name for p in out.parent.iterdir()) == ["f.png"]  # no temporary debris

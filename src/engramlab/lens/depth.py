@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ..batching import target_ids
+from ..figures import figure
 from ..models.lm import LM
 from .base import Lens
 from .readings import settled_from
@@ -180,50 +181,40 @@ def fact_recall_depth(lm: LM, lens: Lens, facts: Sequence[tuple[str, str]]) -> d
 def plot_depth(summary: dict[str, Any], out: str | Path, title: str = "") -> Path:
     """Three panels: bucket shares of the top-1 guesses per layer; refined share per layer;
     first/settled layer per frequency bucket (and fact answers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     g = summary["guess_then_refine"]
     layers = list(range(g["n_layers"]))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    bottom = [0.0] * len(layers)
-    for name in g["buckets"]:
-        vals = g["top1_bucket_share"][name]
-        axes[0].bar(layers, vals, bottom=bottom, label=f"rank {name} "
-                    f"(final {g['final_bucket_share'][name]:.0%})")
-        bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
-    axes[0].set(xlabel="layer (input of block)", ylabel="share of top-1 guesses",
-                title="guesses by token frequency", ylim=(0, 1))
-    axes[0].legend(fontsize=7)
-    refined = [math.nan if v is None else v for v in g["refined_share"]]
-    axes[1].plot(layers, refined, marker=".")
-    axes[1].axhline(0.7, color="grey", ls="--", lw=0.8)
-    axes[1].set(xlabel="layer (input of block)", ylim=(0, 1.02),
-                ylabel="share changed by the final layer",
-                title="top-10-frequency guesses later refined")
-    names = g["buckets"]
-    first = [g["first_top1_layer"][b] or math.nan for b in names]
-    settled = [g["settled_layer"][b] or math.nan for b in names]
-    x = list(range(len(names)))
-    axes[2].bar([i - 0.2 for i in x], first, width=0.4, label="first top-1")
-    axes[2].bar([i + 0.2 for i in x], settled, width=0.4, label="settled")
-    labels = [f"rank {b}" for b in names]
-    facts = summary.get("facts")
-    if facts and facts.get("known"):
-        x += [len(names), len(names) + 1]
-        labels += ["answer tok 1", "answer tok 2+"]
-        axes[2].bar([len(names) - 0.2, len(names) + 0.8],
-                    [facts["first_token_layer"], facts["later_token_layer"] or math.nan],
-                    width=0.4, color="C3", label="fact answers (first top-1)")
-    axes[2].set_xticks(x, labels, rotation=20, fontsize=8)
-    axes[2].set(ylabel="layer", title="depth needed per final token")
-    axes[2].legend(fontsize=7)
-    fig.suptitle(title or "Guess-then-Refine")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    with figure(out, ncols=3, figsize=(15, 4)) as (fig, axes):
+        bottom = [0.0] * len(layers)
+        for name in g["buckets"]:
+            vals = g["top1_bucket_share"][name]
+            axes[0].bar(layers, vals, bottom=bottom, label=f"rank {name} "
+                        f"(final {g['final_bucket_share'][name]:.0%})")
+            bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
+        axes[0].set(xlabel="layer (input of block)", ylabel="share of top-1 guesses",
+                    title="guesses by token frequency", ylim=(0, 1))
+        axes[0].legend(fontsize=7)
+        refined = [math.nan if v is None else v for v in g["refined_share"]]
+        axes[1].plot(layers, refined, marker=".")
+        axes[1].axhline(0.7, color="grey", ls="--", lw=0.8)
+        axes[1].set(xlabel="layer (input of block)", ylim=(0, 1.02),
+                    ylabel="share changed by the final layer",
+                    title="top-10-frequency guesses later refined")
+        names = g["buckets"]
+        first = [g["first_top1_layer"][b] or math.nan for b in names]
+        settled = [g["settled_layer"][b] or math.nan for b in names]
+        x = list(range(len(names)))
+        axes[2].bar([i - 0.2 for i in x], first, width=0.4, label="first top-1")
+        axes[2].bar([i + 0.2 for i in x], settled, width=0.4, label="settled")
+        labels = [f"rank {b}" for b in names]
+        facts = summary.get("facts")
+        if facts and facts.get("known"):
+            x += [len(names), len(names) + 1]
+            labels += ["answer tok 1", "answer tok 2+"]
+            axes[2].bar([len(names) - 0.2, len(names) + 0.8],
+                        [facts["first_token_layer"], facts["later_token_layer"] or math.nan],
+                        width=0.4, color="C3", label="fact answers (first top-1)")
+        axes[2].set_xticks(x, labels, rotation=20, fontsize=8)
+        axes[2].set(ylabel="layer", title="depth needed per final token")
+        axes[2].legend(fontsize=7)
+        fig.suptitle(title or "Guess-then-Refine")
+    return Path(out)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..figures import figure
 from ..models.lm import LM
 from .base import Lens
 from .readings import first_layer_where
@@ -176,27 +177,17 @@ def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], out: str | Path,
                 title: str = "") -> Path:
     """Agreement vs compute saved, one colour per lens (or exit policy): solid for blocks
     saved, dashed for the saving net of the exit checks where the curve has it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, curve in curves.items():
-        (line,) = ax.plot([p["compute_saved"] for p in curve], [p["agreement"] for p in curve],
-                          marker="o", ms=3, label=name)
-        if all("net_compute_saved" in p for p in curve):
-            ax.plot([p["net_compute_saved"] for p in curve], [p["agreement"] for p in curve],
-                    ls="--", lw=1, color=line.get_color())
-    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
-    ax.axvline(0.0, color="grey", lw=0.8)
-    ax.set(xlabel="compute saved (solid: blocks; dashed: net of the exit checks)",
-           ylabel="agreement with full model",
-           title=title or "early exit trade-off", ylim=(0, 1.02))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    with figure(out) as (_, ax):
+        for name, curve in curves.items():
+            (line,) = ax.plot([p["compute_saved"] for p in curve], [p["agreement"] for p in curve],
+                              marker="o", ms=3, label=name)
+            if all("net_compute_saved" in p for p in curve):
+                ax.plot([p["net_compute_saved"] for p in curve], [p["agreement"] for p in curve],
+                        ls="--", lw=1, color=line.get_color())
+        ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+        ax.axvline(0.0, color="grey", lw=0.8)
+        ax.set(xlabel="compute saved (solid: blocks; dashed: net of the exit checks)",
+               ylabel="agreement with full model",
+               title=title or "early exit trade-off", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    return Path(out)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..figures import figure
 from ..models.lm import LM
 from .base import Lens
 from .states import layer_states
@@ -97,26 +98,16 @@ def evaluate_lenses(lm: LM, lenses: Mapping[str, Lens], batches: Iterable[torch.
 
 def plot_report(report: LensReport, out: str | Path) -> Path:
     """KL and top-1 agreement per layer for every lens, side by side (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_kl, ax_top) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, vals in report.lenses.items():
-        if name.startswith("_"):
-            continue
-        label = f"{name} ({vals['params']:,} params)"
-        ax_kl.plot(report.layers, vals["kl"], marker=".", label=label)
-        ax_top.plot(report.layers, vals["top1"], marker=".", label=label)
-    ax_kl.set(xlabel="layer (input of block)", ylabel="KL(final ‖ lens), nats", yscale="log",
-              title=f"{Path(report.model).name}: KL to the final distribution")
-    ax_top.set(xlabel="layer (input of block)", ylabel="top-1 agreement with final",
-               title=f"precision@1 ({report.tokens:,} held-out tokens)", ylim=(0, 1.02))
-    ax_top.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    with figure(out, ncols=2, figsize=(11, 4)) as (_, (ax_kl, ax_top)):
+        for name, vals in report.lenses.items():
+            if name.startswith("_"):
+                continue
+            label = f"{name} ({vals['params']:,} params)"
+            ax_kl.plot(report.layers, vals["kl"], marker=".", label=label)
+            ax_top.plot(report.layers, vals["top1"], marker=".", label=label)
+        ax_kl.set(xlabel="layer (input of block)", ylabel="KL(final ‖ lens), nats", yscale="log",
+                  title=f"{Path(report.model).name}: KL to the final distribution")
+        ax_top.set(xlabel="layer (input of block)", ylabel="top-1 agreement with final",
+                   title=f"precision@1 ({report.tokens:,} held-out tokens)", ylim=(0, 1.02))
+        ax_top.legend(fontsize=8)
+    return Path(out)

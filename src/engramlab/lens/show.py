@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..figures import figure
 from ..models.lm import LM
 from .base import Lens
 from .logit import LogitLens
@@ -68,27 +69,17 @@ def layer_view(lm: LM, prompt: str, lens: Lens | None = None, *, k: int = 3) -> 
 
 def plot_view(view: LayerView, out: str | Path, *, title: str = "") -> Path:
     """Heatmap: layers × positions, coloured by P(final top-1), labelled with each top-1 token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n_layers, n_pos = len(view.top), len(view.tokens)
     grid = torch.tensor(view.final_prob)
-    fig, ax = plt.subplots(figsize=(1.1 * n_pos + 2, 0.32 * n_layers + 1.5))
-    im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
-    for i in range(n_layers):
-        for j in range(n_pos):
-            ax.text(j, i, view.top[i][j][0][0].strip()[:8] or "␣", ha="center", va="center",
-                    fontsize=6, color="white" if grid[i, j] < 0.5 else "black")
-    ax.set_xticks(range(n_pos), [t.strip()[:10] or "␣" for t in view.tokens], rotation=45,
-                  ha="right", fontsize=7)
-    ax.set_ylabel("layer (input of block)")
-    ax.set_title(title or f"{view.lens_kind} lens: top-1 token per layer", fontsize=9)
-    fig.colorbar(im, ax=ax, label="P(model's final top-1)")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    with figure(out, figsize=(1.1 * n_pos + 2, 0.32 * n_layers + 1.5)) as (fig, ax):
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
+        for i in range(n_layers):
+            for j in range(n_pos):
+                ax.text(j, i, view.top[i][j][0][0].strip()[:8] or "␣", ha="center", va="center",
+                        fontsize=6, color="white" if grid[i, j] < 0.5 else "black")
+        ax.set_xticks(range(n_pos), [t.strip()[:10] or "␣" for t in view.tokens], rotation=45,
+                      ha="right", fontsize=7)
+        ax.set_ylabel("layer (input of block)")
+        ax.set_title(title or f"{view.lens_kind} lens: top-1 token per layer", fontsize=9)
+        fig.colorbar(im, ax=ax, label="P(model's final top-1)")
+    return Path(out)
