@@ -279,7 +279,8 @@ def test_rome_key_maps_exactly_to_the_optimised_value(isolated_cache):
                   consistent_targets=False)
     templates = editor.templates(lm, editor.hparams_for(lm))
     hp = editor.hparams_for(lm)
-    targets = optimise_targets(lm, [req], "mlp_out.1", templates, hp.target_config())
+    targets = optimise_targets(lm, [req], "mlp_out.1", templates, hp.target,
+                               subject_pos=hp.subject_pos)
     delta = editor.edit(lm, req)
     key = at_subject(lm, [req], ["mlp_key.1"], templates)["mlp_key.1"][0]
     w_delta = delta.entries[lm.layout.value_param_name(1)].to_dense()
@@ -352,15 +353,15 @@ def test_hparams_from_strings_keep_their_types_and_name_bad_values():
     # a group takes some of its fields as a dict; the rest keep their values
     both = hp.replace(target={"lr": 2.0}, stats={"tokens": "1000"})
     assert (both.target.lr, both.target.clamp, both.stats.tokens) == (2.0, 2.0, 1000)
-    assert both.target_config().subject_pos == both.subject_pos
     with pytest.raises(RequestError, match=r"'v_lr' is now 'target\.lr'"):
         hp.replace(v_lr=1.0)
     with pytest.raises(RequestError, match=r"unknown hyper-parameter\(s\) \['target.lrr'\]"):
         hp.replace(**{"target.lrr": 1.0})
     with pytest.raises(RequestError, match="is a group"):
         hp.replace(target="fast")
+    # the subject position places the keys and the targets alike: it is set once, at the top
     for placed in ({"target.subject_pos": "first"}, {"target": {"subject_pos": "first"}}):
-        with pytest.raises(RequestError, match="subject_pos is set at the top level"):
+        with pytest.raises(RequestError, match=r"unknown hyper-parameter.*target\.subject_pos"):
             hp.replace(**placed)
     # each method takes only its own settings beside the shared ones
     with pytest.raises(RequestError, match=r"\['alpha'\] is not setting of rome"):

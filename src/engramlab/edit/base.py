@@ -81,10 +81,6 @@ class EditHParams:
     nullspace_threshold: float = 2e-2
     alpha: float = 10.0
 
-    def target_config(self) -> TargetConfig:
-        """The target optimisation's settings, at this edit's subject position."""
-        return dataclasses.replace(self.target, subject_pos=self.subject_pos)
-
     def replace(self, **changes: Any) -> EditHParams:
         """A copy with ``changes``: top-level fields, ``target`` / ``stats`` as dicts of some of
         their fields, or dotted names (``**{"target.lr": 1.0}``); strings are typed by the
@@ -95,10 +91,6 @@ class EditHParams:
             head, dot, rest = key.partition(".")
             if key in RENAMED:
                 raise RequestError(f"hyper-parameter {key!r} is now {RENAMED[key]!r}")
-            if key == "target.subject_pos" or (key == "target" and isinstance(value, dict)
-                                               and "subject_pos" in value):
-                raise RequestError("subject_pos is set at the top level: it places the keys "
-                                   "and the targets alike")
             if dot and head in nested:
                 nested[head][rest] = value
             elif key in nested and isinstance(value, dict):

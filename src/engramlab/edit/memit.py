@@ -50,14 +50,14 @@ class MEMIT(Editor):
         templates = self.templates(lm, hp)
         z_layer = layers[-1]
         z_point = f"resid.{z_layer}"
-        config = hp.target_config()
 
         def compute() -> Targets:
-            return optimise_targets(lm, requests, z_point, templates, config,
-                                    progress=self.progress)
+            return optimise_targets(lm, requests, z_point, templates, hp.target,
+                                    subject_pos=hp.subject_pos, progress=self.progress)
 
         targets = (compute() if self.target_memo is None else
-                   self.target_memo.get(lm, requests, z_point, templates, config, compute))
+                   self.target_memo.get(lm, requests, z_point, templates, hp.target,
+                                        hp.subject_pos, compute))
         z = targets.value  # [n, d_model]
         factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         applied: list[WeightDelta] = []

@@ -60,7 +60,7 @@ class ROME(Editor):
             all_keys = torch.cat([per_template, kl_keys[:, None]], 1).double()
             row_scale = torch.einsum("ntd,nd->nt", all_keys, u).float()
         targets = optimise_targets(lm, requests, f"mlp_out.{layer}", templates,
-                                   hp.target_config(), row_scale=row_scale,
+                                   hp.target, subject_pos=hp.subject_pos, row_scale=row_scale,
                                    progress=self.progress)
         out = []
         for i, req in enumerate(requests):

@@ -66,7 +66,6 @@ class TargetConfig:
     weight_decay: float = 0.5
     clamp: float = 4.0
     early_stop: float = 5e-2
-    subject_pos: str = "last"
     chunk: int = 32  # requests per padded batch
     prefix_cache: bool = True  # run tokens before the lookup once (exact; see .prefix)
     length_groups: int = 3  # suffixes of similar length share a forward (less padding)
@@ -107,10 +106,10 @@ class TargetMemo:
         self.hits = 0
 
     def get(self, lm: LM, requests: Sequence[EditRequest], point: str,
-            templates: Sequence[str], config: TargetConfig,
+            templates: Sequence[str], config: TargetConfig, subject_pos: str,
             compute: Callable[[], Targets]) -> Targets:
         key = (lm.fingerprint(), point, tuple(templates), dataclasses.astuple(config),
-               tuple(requests))
+               subject_pos, tuple(requests))
         if key in self._store:
             self.hits += 1
         else:
@@ -164,9 +163,10 @@ def build_rows(lm: LM, requests: Sequence[EditRequest], templates: Sequence[str]
 
 def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
                      templates: Sequence[str], config: TargetConfig | None = None, *,
-                     row_scale: torch.Tensor | None = None,
+                     subject_pos: str = "last", row_scale: torch.Tensor | None = None,
                      progress: bool = False) -> Targets:
-    """Optimise δ for every request at ``point`` (``"mlp_out.{l}"`` or ``"resid.{l}"``).
+    """Optimise δ for every request at ``point`` (``"mlp_out.{l}"`` or ``"resid.{l}"``), read
+    at each prompt's ``subject_pos`` token (:func:`.prompts.pick_positions`).
 
     ``row_scale`` (``[n_requests, n_templates + 1]``, the last column for the KL prompt)
     multiplies δ per prompt: ROME passes the share of δ its rank-one update will actually write
@@ -179,7 +179,7 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
     if cost is None:
         sizes = [config.chunk] * -(-len(requests) // config.chunk)
     else:
-        rows = build_rows(lm, requests, templates, config.subject_pos, kl=config.kl_factor > 0)
+        rows = build_rows(lm, requests, templates, subject_pos, kl=config.kl_factor > 0)
         prefix: list[list[int]] = [[] for _ in requests]
         for owner, look in zip(rows.owner, rows.lookup, strict=True):
             prefix[owner].append(min(look) if config.prefix_cache else 0)
@@ -188,6 +188,7 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
     parts = []
     for i, size in zip(starts, sizes, strict=True):
         parts.append(_optimise_chunk(lm, list(requests[i:i + size]), point, templates, config,
+                                     subject_pos,
                                      None if row_scale is None else row_scale[i:i + size],
                                      cost=cost,
                                      act_budget=None if budget is None else budget / 2,
@@ -351,13 +352,13 @@ def _decay_and_step(delta: torch.Tensor, opt: torch.optim.Optimizer, done: torch
 
 
 def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: Sequence[str],
-                    config: TargetConfig, row_scale: torch.Tensor | None, *,
+                    config: TargetConfig, subject_pos: str, row_scale: torch.Tensor | None, *,
                     cost: Costs | None = None, act_budget: float | None = None,
                     progress: bool) -> Targets:
     from tqdm.auto import tqdm
 
     kl = config.kl_factor > 0
-    rows = build_rows(lm, requests, templates, config.subject_pos, kl=kl)
+    rows = build_rows(lm, requests, templates, subject_pos, kl=kl)
     if row_scale is None:
         scale = [1.0] * len(rows.ids)
     else:  # rows are request-major: the templates, then the KL prompt
