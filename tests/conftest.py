@@ -65,6 +65,24 @@ def tiny_text(n: int = 6, seed: int = 0) -> str:
     return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=g))
 
 
+def assert_halves(lm: LM, concept, delta) -> dict:
+    """The papers' erasure result on one concept: its probes at most half as often answered,
+    paraphrases fewer, controls under 10 points down, perplexity under 10 % up. Returns the
+    figures after erasure."""
+    from engramlab.data.concepts import controls_for, general_text
+    from engramlab.erase.run import behaviour
+
+    controls, neutral = controls_for(concept), general_text(split="eval")
+    pre = behaviour(lm, concept, controls, neutral)
+    with delta.applied(lm):
+        post = behaviour(lm, concept, controls, neutral)
+    assert post["target_accuracy"] <= 0.5 * pre["target_accuracy"]
+    assert pre["control_accuracy"] - post["control_accuracy"] < 0.10
+    assert post["perplexity"] < 1.10 * pre["perplexity"]
+    assert post["paraphrase_accuracy"] < pre["paraphrase_accuracy"]
+    return {"pre": pre, "post": post}
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny(request: pytest.FixtureRequest) -> LM:
     return make_tiny(request.param)

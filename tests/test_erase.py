@@ -28,7 +28,7 @@ from engramlab.evaluate.erasure import (
     coefficient_patch_accuracy,
     probe_hits,
 )
-from tests.conftest import make_tiny, tiny_text
+from tests.conftest import assert_halves, make_tiny, tiny_text
 
 
 def _known_probes(lm, n: int = 6, seed: int = 0) -> list[Probe]:
@@ -379,24 +379,16 @@ def test_concept_vectors_halve_harry_potter_on_the_embedded_model(smol):
     unedited MLP coefficients back brings less than half of it back. (Since the category probe
     "a young → wizard" moved to ``kind``, the activation ranking's 12 vectors at ×−2 leave 9 of
     16 probes.)"""
-    from engramlab.data.concepts import controls_for, general_text
-    from engramlab.erase.run import behaviour
+    from engramlab.data.concepts import controls_for
 
     concept = get_concept("Harry Potter")
-    controls, neutral = controls_for(concept), general_text(split="eval")
-    pre = behaviour(smol, concept, controls, neutral)
     delta = ConceptVectors(tune=False, top_k=8, damping=-3.0, selection="distinct").erase(
-        smol, concept, controls)
+        smol, concept, controls_for(concept))
     assert delta.meta["top_k"] == 8 and all(e.is_low_rank for e in delta.entries.values())
-    with delta.applied(smol):
-        post = behaviour(smol, concept, controls, neutral)
-    assert post["target_accuracy"] <= 0.5 * pre["target_accuracy"]
-    assert pre["control_accuracy"] - post["control_accuracy"] < 0.10
-    assert post["perplexity"] < 1.10 * pre["perplexity"]
-    assert post["paraphrase_accuracy"] < pre["paraphrase_accuracy"]
+    fig = assert_halves(smol, concept, delta)
+    pre, post = fig["pre"]["target_accuracy"], fig["post"]["target_accuracy"]
     patched = coefficient_patch_accuracy(smol, delta, concept.probes)
-    erased = pre["target_accuracy"] - post["target_accuracy"]
-    assert patched - post["target_accuracy"] < 0.5 * erased
+    assert patched - post < 0.5 * (pre - post)
 
 
 def test_run_erasure_reports_every_measure_and_leaves_the_model(tiny_llama_concept):

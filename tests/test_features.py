@@ -21,7 +21,7 @@ from engramlab.erase.features import (
 )
 from engramlab.erase.sae import train_output_saes
 from engramlab.errors import CacheError, ConceptError
-from tests.conftest import make_tiny, tiny_text
+from tests.conftest import assert_halves, make_tiny, tiny_text
 
 
 def test_dictionary_recovers_sparse_structure():
@@ -188,25 +188,17 @@ def test_features_halve_harry_potter_on_the_embedded_model(smol, isolated_cache)
     its next by 6×, and the result is the same with one thread or two."""
     from engramlab.data import bundled_concepts, get_concept
     from engramlab.data.concepts import controls_for, general_text
-    from engramlab.erase.run import behaviour
 
     docs = [c.text for c in bundled_concepts()] + general_text()
     eraser = FeatureEraser(layers=[24], sae_features=256, sae_k=8, sae_steps=400,
                            sae_tokens=20_000, tune=False, n_features=1, tau=0.03, mu=1.25)
     eraser.fit_saes(smol, TextCorpus(docs), progress=False)
     concept = get_concept("Harry Potter")
-    controls, neutral = controls_for(concept), general_text(split="eval")
-    pre = behaviour(smol, concept, controls, neutral)
-    delta = eraser.erase(smol, concept, controls)
+    delta = eraser.erase(smol, concept, controls_for(concept))
     top = eraser.ranked[0]
     assert top.on > 5 * max(top.off, top.near)
     assert 0 < sum(delta.meta["affected"].values()) < 200  # tens of vectors, not thousands
-    with delta.applied(smol):
-        post = behaviour(smol, concept, controls, neutral)
-    assert post["target_accuracy"] <= 0.5 * pre["target_accuracy"]
-    assert pre["control_accuracy"] - post["control_accuracy"] < 0.10
-    assert post["perplexity"] < 1.10 * pre["perplexity"]
-    assert post["paraphrase_accuracy"] < pre["paraphrase_accuracy"]
+    assert_halves(smol, concept, delta)
 
 
 def test_sae_text_comes_first_and_makes_new_saes(tmp_path, isolated_cache, monkeypatch):
