@@ -2,14 +2,15 @@
 
 Each command runs in its own process with a fresh cache that holds only the dequantized
 embedded model (what ``make demo`` leaves behind), so its one-time work (the statistics of its
-layers, the lens's training activations, the SAEs) is counted, as on a user's first call; then
-again with that cache warm, as on every later call. Wall-clock seconds, including the model's
-load (memory is ``edit_speed.py``'s).
+layers, the lens's training activations, the SAEs) is counted, as on a user's first call; with
+``--again``, also a second time with that cache warm, as on every later call. Wall-clock
+seconds, including the model's load (memory is ``edit_speed.py``'s).
 
-    .venv/bin/python bench/first_commands.py [--only edit,memit,lens,erase] [--save AREA/RUN]
+    .venv/bin/python bench/first_commands.py [--only edit,memit,lens,erase] [--again]
+        [--save AREA/RUN]
 
-Prints one JSON object: per command its arguments, ``first_seconds``, ``again_seconds`` and
-exit code. Run it on a quiet machine: it measures time, and a second job on the same cores
+Prints one JSON object: per command its arguments, ``first_seconds`` (and ``again_seconds``)
+and exit codes. Run it on a quiet machine: it measures time, and a second job on the same cores
 slows every figure.
 """
 
@@ -57,6 +58,7 @@ def timed(args: list[str], cache: Path) -> tuple[float, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(COMMANDS), help="which of " + ",".join(COMMANDS))
+    ap.add_argument("--again", action="store_true", help="time a second, warm call too")
     ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     args = ap.parse_args()
     names = args.only.split(",")
@@ -83,11 +85,13 @@ def main() -> int:
             argv = [a.format(tmp=tmp) for a in COMMANDS[name]]
             print(f"first_commands: {name}: engram {' '.join(argv)}", file=sys.stderr,
                   flush=True)
-            first, rc1 = timed(argv, cache)
-            shutil.rmtree(Path(tmp) / "lens", ignore_errors=True)
-            again, rc2 = timed(argv, cache)
-            out["commands"][name] = {"args": COMMANDS[name], "first_seconds": first,
-                                     "again_seconds": again, "exit_codes": [rc1, rc2]}
+            first, rc = timed(argv, cache)
+            row = {"args": COMMANDS[name], "first_seconds": first, "exit_codes": [rc]}
+            if args.again:
+                shutil.rmtree(Path(tmp) / "lens", ignore_errors=True)
+                row["again_seconds"], rc = timed(argv, cache)
+                row["exit_codes"].append(rc)
+            out["commands"][name] = row
             print(json.dumps({name: out["commands"][name]}), file=sys.stderr, flush=True)
     print(json.dumps(out, indent=1))
     if args.save:
