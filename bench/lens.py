@@ -7,6 +7,8 @@ read early exit through each. Prints one JSON object (figures with --png-dir).
 Early exit is read for every lens by confidence threshold and, for the tuned lens, also by
 ConsistentEE policies trained on the ``--policy-tokens`` before the held-out slice; the depth
 analysis (Guess-then-Refine) reads the tuned lens.
+
+``--table AREA/RUN`` prints a saved run's README tables (markdown) and runs nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,35 @@ from engramlab.lens.states import lens_corpus
 from results import run_folder, save_run
 
 
+def tables(out: dict) -> str:
+    """The README's lens, early-exit and depth tables from one run's JSON."""
+    depths = sorted(next(iter(out["at_depths"].values())), key=int)
+    lines = ["| lens | params | " + " | ".join(f"layer {d}: KL / top-1" for d in depths) + " |",
+             "|---|---|" + "---|" * len(depths)]
+    for name, at in out["at_depths"].items():
+        cells = " | ".join(f"{at[d]['kl']:.2f} / {at[d]['top1']:.2f}" for d in depths)
+        lines.append(f"| {name} | {out['params'][name]:,} | {cells} |")
+    lines += ["", "| exit rule | check (blocks) | 95 %: agreement / saved / net | "
+              "99 %: agreement / saved / net |", "|---|---|---|---|"]
+    for name, points in out["early_exit_operating_points"].items():
+        cost = out["early_exit_check_in_blocks"].get(name.split("+")[0])
+        cells = []
+        for target in ("0.95", "0.99"):
+            t = points[target]["test"]
+            cells.append(f"{t['agreement']:.3f} / {t['compute_saved']:+.1%} / "
+                         f"{t['net_compute_saved']:+.1%}")
+        lines.append(f"| {name} | {'-' if cost is None else f'{cost:.1f}'} | "
+                     + " | ".join(cells) + " |")
+    g, facts = out["depth"]["guess_then_refine"], out["depth"]["facts"]
+    lines += ["", "| frequency bucket | first top-1 layer | settled layer |", "|---|---|---|"]
+    for b in g["buckets"]:
+        lines.append(f"| rank {b} | {g['first_top1_layer'][b]} | {g['settled_layer'][b]} |")
+    if facts.get("known"):
+        lines.append(f"| fact answers ({facts['known']} known), first token | "
+                     f"{facts['first_token_layer']:.1f} | - |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -55,7 +86,12 @@ def main() -> None:
                     "run's folder)")
     ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     ap.add_argument("--corpus", default=None, help="wiki (default) or sampled")
+    ap.add_argument("--table", default=None, help="AREA/RUN: print a saved run's tables")
     args = ap.parse_args()
+    if args.table:
+        print(tables(json.loads((run_folder(*args.table.split("/")) / "result.json")
+                                .read_text())))
+        return
 
     lm = eg.load_model(args.model, device=args.device, progress=False)
     corpus = lens_corpus(lm, args.corpus)
