@@ -111,3 +111,14 @@ def test_next_token_logits_equal_the_full_models_at_each_last_real_token(tiny):
     last = enc["attention_mask"].sum(1) - 1
     torch.testing.assert_close(tiny.next_token_logits(prompts),
                                full[torch.arange(3), last].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_weights_restore_each_flag_also_after_an_error():
+    lm = make_tiny("llama")
+    params = list(lm.model.parameters())
+    for i, p in enumerate(params):
+        p.requires_grad_(i % 2 == 0)
+    with pytest.raises(RuntimeError), lm.frozen_weights():
+        assert not any(p.requires_grad for p in params)
+        raise RuntimeError("step failed")
+    assert [p.requires_grad for p in params] == [i % 2 == 0 for i in range(len(params))]

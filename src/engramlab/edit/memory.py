@@ -123,15 +123,9 @@ def _measure(lm: LM, point: str) -> Costs:
         return t
 
     delta = torch.zeros(1, lm.d_model, device=lm.device, requires_grad=True)
-    grads = [p.requires_grad for p in lm.model.parameters()]
-    for p in lm.model.parameters():
-        p.requires_grad_(False)  # as during the optimisation: no weight gradients
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run_group(lm, group, point, f"resid.{lm.n_layers - 1}", delta, None)
-    finally:
-        for p, g in zip(lm.model.parameters(), grads, strict=True):
-            p.requires_grad_(g)
+    # as during the optimisation: no weight gradients
+    with lm.frozen_weights(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_group(lm, group, point, f"resid.{lm.n_layers - 1}", delta, None)
     # float32 logits, log-softmax output, and the gradient flowing back through them
     return Costs(kv_per_token=sum(kv_bytes) / _PROBE_PREFIX,
                  act_per_token=sum(saved.values()) / _PROBE_SUFFIX,

@@ -375,33 +375,21 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
     owner = objective.owner
 
     last = f"resid.{lm.n_layers - 1}"
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
     opt = torch.optim.Adam([delta], lr=config.lr)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = [config.steps] * n
     nll_r = torch.zeros(n, device=device)
     bar = tqdm(total=config.steps, desc=f"targets ×{n}", unit="step", disable=not progress)
-    try:
+    with bar, lm.frozen_weights():
         for it in range(config.steps):
             # finished requests leave the forward once they free a good share of its rows
             if int((~done[owner]).sum()) < 0.75 * live:
                 groups = _prune(lm, rows, groups, done, scale)
                 live = sum(len(g.rows) for g in groups)
             opt.zero_grad()
-            # The loss is a sum of per-row terms, so each group is backpropagated as soon as it
-            # has run and its graph freed: peak memory follows the largest group, not the
-            # chunk, with the same gradient. (No backward on the last step: nothing follows.)
-            backprop = it < config.steps - 1
-            objective.start_step()
-            for g in groups:
-                hidden = run_group(lm, g, point, last, delta, init if it == 0 else None)
-                part = objective.group_loss(lm, g, hidden, first=it == 0)
-                if backprop and part.requires_grad:
-                    part.backward()
-                del hidden, part
-            nll_now, kl_now = objective.step_nll(), objective.kl_now
+            backprop = it < config.steps - 1  # nothing follows the last step
+            nll_now, kl_now = _forward_backward(lm, groups, objective, point, last, delta,
+                                                init if it == 0 else None, backprop)
             nll_r = torch.where(done, nll_r, nll_now)  # finished rows are not rerun
             # stop on what the edit must achieve (target NLL + KL), not on the weight decay:
             # the paper's stop on the full loss never fires when |value| is small (SmolLM2)
@@ -417,11 +405,23 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
             if bool(done.all()) or not backprop:
                 break
             _decay_and_step(delta, opt, done, norm0, config)
-    finally:
-        bar.close()
-        for p in params:
-            p.requires_grad_(True)
     return Targets(point, delta.detach(), init, nll_r.detach(), steps)
+
+
+def _forward_backward(lm: LM, groups: list[Group], objective: _Objective, point: str,
+                      last: str, delta: torch.Tensor, record_init: torch.Tensor | None,
+                      backprop: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's loss, group by group: the loss is a sum of per-row terms, so each group is
+    backpropagated as soon as it has run and its graph freed; peak memory follows the largest
+    group, not the chunk, with the same gradient. Returns the step's NLL and KL per request."""
+    objective.start_step()
+    for g in groups:
+        hidden = run_group(lm, g, point, last, delta, record_init)
+        part = objective.group_loss(lm, g, hidden, first=record_init is not None)
+        if backprop and part.requires_grad:
+            part.backward()
+        del hidden, part
+    return objective.step_nll(), objective.kl_now
 
 
 def run_group(lm: LM, g: Group, point: str, last: str, delta: torch.Tensor,

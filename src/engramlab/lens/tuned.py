@@ -68,13 +68,10 @@ def train_tuned(lm: LM, lens: TunedLens, batches: Iterable[torch.Tensor], *,
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
     opt = torch.optim.AdamW(lens.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, steps)))
-    frozen = [p for p in lm.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     losses: list[float] = []
     bar = tqdm(total=steps, desc="tuned lens", unit="step", disable=not progress)
     it = iter(batches)
-    try:
+    with bar, lm.frozen_weights():
         for _ in range(steps):
             try:
                 ids = next(it)
@@ -96,9 +93,5 @@ def train_tuned(lm: LM, lens: TunedLens, batches: Iterable[torch.Tensor], *,
             losses.append(total)
             bar.set_postfix(kl=f"{total:.3f}")
             bar.update(1)
-    finally:
-        bar.close()
-        for p in frozen:
-            p.requires_grad_(True)
     lens.config["trained_steps"] = lens.config.get("trained_steps", 0) + len(losses)
     return losses

@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,21 @@ class LM:
         ids = [vocab[t] for t in END_OF_TURN if t in vocab]
         eos = self.tokenizer.eos_token_id
         return list(dict.fromkeys([*([eos] if eos is not None else []), *ids]))
+
+    @contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """The weights without gradients inside the block (when only something outside them is
+        trained: an edit's δ, a lens), each restored to what it was after it, also on an
+        error."""
+        params = list(self.model.parameters())
+        before = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, g in zip(params, before, strict=True):
+                p.requires_grad_(g)
 
     # identity -----------------------------------------------------------------------------
     def _config_json(self) -> str:
