@@ -23,6 +23,12 @@ MAX_SHOW_TOKENS = 256
 
 
 def register(sub: Any) -> None:
+    _register_lens(sub)
+    _register_early_exit(sub)
+    _register_depth(sub)
+
+
+def _register_lens(sub: Any) -> None:
     from ..lens import KINDS
 
     lens = sub.add_parser("lens", help="read each layer's predictions (logit/tuned lens, "
@@ -61,6 +67,8 @@ def register(sub: Any) -> None:
     p.add_argument("--png", default=None, help="write a figure here")
     p.set_defaults(func=lens_eval)
 
+
+def _register_early_exit(sub: Any) -> None:
     ee = sub.add_parser("early-exit", help="early exit through lenses: confidence threshold "
                         "and learned (ConsistentEE) policies").add_subparsers(dest="ee_cmd",
                                                                               required=True)
@@ -76,6 +84,8 @@ def register(sub: Any) -> None:
                    help="with --learned: policy training tokens")
     p.set_defaults(func=early_exit)
 
+
+def _register_depth(sub: Any) -> None:
     p = sub.add_parser("depth", help="how the model uses its depth (Guess-then-Refine): "
                        "frequency of each layer's guesses, refinement, fact-recall depth")
     add_common(p)
