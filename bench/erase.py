@@ -20,6 +20,7 @@ methods on 2 CPU cores; the SAEs of ``features`` take about 25 minutes once per 
 
     .venv/bin/python bench/erase.py --concepts all --seeds 0,1,2 --save erase/smollm2_cpu
         [--methods concept-vectors,ga] [--markdown]
+    .venv/bin/python bench/erase.py --table erase/smollm2_cpu   # a saved run's table, no model
 """
 
 from __future__ import annotations
@@ -177,10 +178,20 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2", help="split seeds: which probes tune")
     ap.add_argument("--relearn-steps", type=int, default=10)
-    ap.add_argument("--save", required=True, help="AREA/RUN under docs/results/")
+    ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
+    ap.add_argument("--table", default=None,
+                    help="AREA/RUN: print a saved run's summary as a table and run nothing")
     ap.add_argument("--fresh", action="store_true", help="drop the parts already saved")
     ap.add_argument("--markdown", action="store_true", help="print the summary as a table")
     args = ap.parse_args()
+    if args.table:
+        saved = json.loads((run_folder(*args.table.split("/")) / "result.json").read_text())
+        print(markdown(summarise(saved["parts"], saved["methods"], saved["seeds"])[0]))
+        return 0
+    if args.save is None:
+        print("erase: error: --save AREA/RUN is required (or --table AREA/RUN)",
+              file=sys.stderr)
+        return 2
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or args.save.count("/") != 1:
