@@ -185,7 +185,12 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="print the summary as a table")
     args = ap.parse_args()
     if args.table:
-        saved = json.loads((run_folder(*args.table.split("/")) / "result.json").read_text())
+        path = run_folder(*args.table.partition("/")[::2]) / "result.json"
+        if not path.is_file():
+            print(f"erase: error: no saved run at {path}; --table takes AREA/RUN",
+                  file=sys.stderr)
+            return 2
+        saved = json.loads(path.read_text())
         print(markdown(summarise(saved["parts"], saved["methods"], saved["seeds"])[0]))
         return 0
     if args.save is None:

@@ -89,8 +89,11 @@ def main() -> None:
     ap.add_argument("--table", default=None, help="AREA/RUN: print a saved run's tables")
     args = ap.parse_args()
     if args.table:
-        print(tables(json.loads((run_folder(*args.table.split("/")) / "result.json")
-                                .read_text())))
+        path = run_folder(*args.table.partition("/")[::2]) / "result.json"
+        if not path.is_file():
+            print(f"lens: error: no saved run at {path}; --table takes AREA/RUN", file=sys.stderr)
+            sys.exit(2)
+        print(tables(json.loads(path.read_text())))
         return
 
     lm = eg.load_model(args.model, device=args.device, progress=False)
