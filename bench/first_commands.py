@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import engramlab as eg
 from results import save_run
 
 COMMANDS = {
@@ -41,11 +42,6 @@ COMMANDS = {
 def engram() -> Path:
     """The ``engram`` entry point of this interpreter's environment."""
     return Path(sys.executable).with_name("engram")
-
-
-def model_cache() -> Path:
-    root = Path(os.environ.get("ENGRAMLAB_CACHE") or Path.home() / ".cache" / "engramlab")
-    return root / "models"
 
 
 def timed(args: list[str], cache: Path) -> tuple[float, int]:
@@ -67,7 +63,7 @@ def main() -> int:
         print(f"first_commands: error: unknown {unknown}; choose from {list(COMMANDS)}"
               if unknown else "first_commands: error: --save takes AREA/RUN", file=sys.stderr)
         return 2
-    models = model_cache()
+    models = eg.cache_root() / "models"
     if not engram().exists():
         print(f"first_commands: error: no {engram()}: install the package (make demo)",
               file=sys.stderr)

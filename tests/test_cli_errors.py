@@ -92,6 +92,15 @@ def test_a_cache_that_cannot_be_created(monkeypatch, capsys):
     _one_error_line(capsys, "ENGRAMLAB_CACHE")
 
 
+def test_cache_root_follows_the_environment_and_creates_nothing(monkeypatch, tmp_path):
+    import engramlab as eg
+
+    monkeypatch.setenv("ENGRAMLAB_CACHE", str(tmp_path / "c"))
+    assert eg.cache_root() == tmp_path / "c" and not (tmp_path / "c").exists()
+    monkeypatch.delenv("ENGRAMLAB_CACHE")
+    assert eg.cache_root() == Path.home() / ".cache" / "engramlab"
+
+
 def test_an_empty_prompt_is_refused_before_the_model_loads(monkeypatch, capsys):
     import engramlab.models as models
 

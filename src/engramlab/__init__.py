@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._io import cache_root
 from .data import EditCase, EditRequest
 from .delta import ParamDelta, WeightDelta
 from .errors import EngramError
@@ -20,6 +21,7 @@ __all__ = [
     "Trace",
     "WeightDelta",
     "__version__",
+    "cache_root",
     "load_model",
     "record",
 ]

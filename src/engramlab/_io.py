@@ -26,10 +26,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def cache_root() -> Path:
+    """Where engramlab caches: ``$ENGRAMLAB_CACHE`` or ``~/.cache/engramlab`` (not created)."""
+    return Path(os.environ.get("ENGRAMLAB_CACHE") or Path.home() / ".cache" / "engramlab")
+
+
 def cache_dir(*parts: str) -> Path:
-    """The engramlab cache root (``$ENGRAMLAB_CACHE`` or ``~/.cache/engramlab``), created."""
-    root = Path(os.environ.get("ENGRAMLAB_CACHE") or Path.home() / ".cache" / "engramlab")
-    path = root.joinpath(*parts)
+    """A folder under the cache root, created and checked writable."""
+    path = cache_root().joinpath(*parts)
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK):
