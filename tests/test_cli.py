@@ -108,6 +108,11 @@ def test_lens_train_eval_show_and_early_exit_on_a_tiny_model(tmp_path, capsys):
     policy = learned["curves"]["logit+policy"]
     assert [p["alpha"] for p in policy] == sorted(p["alpha"] for p in policy)
     assert all(0 <= p["compute_saved"] <= 1 and 0 <= p["agreement"] <= 1 for p in policy)
+    assert main(["early-exit", "eval", *args, "--tokens", "256", "--skip", "512"]) == 0
+    text = capsys.readouterr().out
+    point = ee["operating_points"]["logit"]["0.95"]["test"]
+    assert f"net of checks {point['net_compute_saved']:+.1%}" in text
+    assert f"{ee['costs']['logit']['check_in_blocks']:.1f} blocks" in text
     assert main(["early-exit", "eval", *args, "--skip", "100", "--learned"]) == 2
     assert main(["lens", "eval", "--model", str(src), "--lens", str(tmp_path)]) == 2
     assert "not a saved lens" in capsys.readouterr().err

@@ -82,6 +82,12 @@ def test_depth_cli_on_a_tiny_model(tmp_path, capsys):
     assert shares == pytest.approx([1.0])
     assert out["facts"]["facts"] == 1
     assert (tmp_path / "d.png").stat().st_size > 0
+    assert main(["depth", "--model", str(src), "--corpus", str(corpus), "--tokens", "256",
+                 "--skip", "512", "--facts", str(facts)]) == 0
+    text = capsys.readouterr().out
+    share = g["top1_bucket_share"]["1-10"]
+    assert "256 held-out tokens" in text
+    assert f"layer 0 {share[0]:.0%}, last layer {share[-1]:.0%}" in text
 
 
 @pytest.mark.embedded

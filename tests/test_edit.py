@@ -536,3 +536,5 @@ def test_batch_protocol_in_batches_scores_each_case_under_its_own_batch(isolated
     whole = run_protocol(lm, editor, cases, protocol="batch")
     assert whole.delta is not None and not whole.deltas
     assert whole.per_case != result.per_case  # one batch of four is another edit
+    report = whole.report_markdown()
+    assert f"| efficacy | {whole.pre['efficacy']} | {whole.post['efficacy']} |" in report

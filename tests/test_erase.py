@@ -662,3 +662,14 @@ def test_make_eraser_gathers_the_budget_numbers_into_its_budget():
     assert make_eraser("concept-vectors").budget == Budget()
     with pytest.raises(SettingsError, match="max_control_drop"):
         make_eraser("rmu", max_control=0.2)
+
+
+def test_candidate_table_lists_candidates_in_rank_order():
+    from engramlab.erase.concept_vectors import Candidate, candidate_table
+
+    found = [Candidate(layer=3, index=17, score=2.5, vocab=1.0, activation=0.5, effect=0.1,
+                       drop=0.25, top_tokens=["Potter"]),
+             Candidate(layer=1, index=4, score=1.5, vocab=0.2, activation=0.1, effect=0.0)]
+    lines = candidate_table(found)
+    assert len(lines) == 3 and lines[1].split()[:6] == ["3", "17", "2.50", "1.00", "0.50", "0.250"]
+    assert lines[2].split()[5] == "-" and "'Potter'" in lines[1]

@@ -76,10 +76,5 @@ def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
             for row in result.per_case:
                 f.write(json.dumps(row, default=str) + "\n")
         (tmp / "result.json").write_text(json.dumps(obj, indent=1, default=str))
-        rows = "\n".join(f"| {k} | {result.pre.get(k)} | {result.post.get(k)} |"
-                         for k in result.post if k != "n")
-        (tmp / "report.md").write_text(
-            f"# {result.method} on {result.model}\n\nprotocol {result.protocol}, "
-            f"{result.n} facts, {result.seconds_per_edit:.3f} s per edit (median)\n\n"
-            f"| metric | before | after |\n| --- | --- | --- |\n{rows}\n")
+        (tmp / "report.md").write_text(result.report_markdown())
 

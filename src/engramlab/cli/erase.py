@@ -100,6 +100,7 @@ def concepts_list(args: argparse.Namespace) -> int:
 
 def concepts_find(args: argparse.Namespace) -> int:
     from ..erase import find_concept_vectors
+    from ..erase.concept_vectors import candidate_table
     from ..models import load_model
 
     concept = concept_of(args)
@@ -108,12 +109,7 @@ def concepts_find(args: argparse.Namespace) -> int:
                                  n_candidates=args.candidates, selection=args.selection,
                                  check=not args.no_check)[:args.top]
     obj = {"concept": concept.name, "vectors": [c.to_dict() for c in found]}
-    lines = [f"{'layer':>5}{'index':>7}{'score':>8}{'vocab z':>9}{'act z':>8}{'drop':>8}"
-             "  top tokens"]
-    for c in found:
-        drop = "-" if c.drop is None else f"{c.drop:.3f}"
-        lines.append(f"{c.layer:>5}{c.index:>7}{c.score:>8.2f}{c.vocab:>9.2f}"
-                     f"{c.activation:>8.2f}{drop:>8}  {' '.join(repr(t) for t in c.top_tokens)}")
+    lines = candidate_table(found)
     emit(args, obj, lines)
     return 0
 

@@ -169,7 +169,7 @@ def early_exit(args: argparse.Namespace) -> int:
     from ..errors import SettingsError
     from ..lens import corpus_batches
     from ..lens.early_exit import plot_curves
-    from ..lens.exits import exit_report
+    from ..lens.exits import exit_lines, exit_report
     from ..lens.states import lens_corpus
     from ..models import load_model
 
@@ -193,22 +193,7 @@ def early_exit(args: argparse.Namespace) -> int:
                            "split": "points chosen on the first half of the held-out tokens, "
                                     "curves and figures on the second", "curves": curves,
                            "operating_points": points, "costs": costs}
-    lines = [f"{lm.name}: early exit on {args.tokens:,} held-out tokens (settings chosen on "
-             "the first half, reported on the second)"]
-    for name, curve in curves.items():
-        lines.append(f"{name}: one exit check costs {costs[name]['check_in_blocks']:.1f} "
-                     "blocks")
-        for target, p in points[name].items():
-            knob = f"τ={p['threshold']}" if "threshold" in p else f"α={p['alpha']}"
-            lines.append(f"  for {float(target):.0%} agreement ({knob}"
-                         f"{'' if p['reached_on_dev'] else ', not reached on dev'}): test "
-                         f"agreement {p['test']['agreement']:.3f}, blocks saved "
-                         f"{p['test']['compute_saved']:.1%}, net of checks "
-                         f"{p['test']['net_compute_saved']:+.1%}")
-        for p in curve:
-            knob = f"τ={p['threshold']:<5}" if "threshold" in p else f"α={p['alpha']:<5}"
-            lines.append(f"    {knob} agreement {p['agreement']:.3f}  blocks saved "
-                         f"{p['compute_saved']:.1%}  net {p['net_compute_saved']:+.1%}")
+    lines = exit_lines(rules, f"{lm.name}: early exit on {args.tokens:,} held-out tokens")
     if args.png:
         obj["png"] = str(plot_curves(curves, args.png, title=f"{lm.label}: early exit"))
         lines.append(f"wrote {args.png}")
@@ -221,6 +206,7 @@ def depth(args: argparse.Namespace) -> int:
     from ..data.bundled import bundled_cases
     from ..lens import corpus_batches
     from ..lens.depth import (
+        depth_lines,
         depth_readings,
         fact_recall_depth,
         frequency_ranks,
@@ -246,23 +232,7 @@ def depth(args: argparse.Namespace) -> int:
     f = fact_recall_depth(lm, lens, facts[:args.max_facts])
     obj: dict[str, Any] = {"model": lm.name, "lens": lens.kind, "frequency_tokens": freq_tokens,
                            "guess_then_refine": g, "facts": f}
-    early = g["early_layers"]
-    lines = [f"{lm.name} read through the {lens.kind} lens, {g['tokens']:,} held-out tokens",
-             f"top-1 guesses among the 10 most frequent tokens: layer 0 "
-             f"{g['top1_bucket_share']['1-10'][0]:.0%}, last layer "
-             f"{g['top1_bucket_share']['1-10'][-1]:.0%}, final predictions "
-             f"{g['final_bucket_share']['1-10']:.0%}",
-             f"early (layers < {early}) top-10-frequency guesses changed by the end: "
-             + (f"{g['early_high_freq_refined']:.0%}" if g["early_high_freq_refined"] is not None
-                else "-"),
-             "first layer at which the final token is top-1, by its frequency rank: "
-             + ", ".join(f"{b} {v:.1f}" for b, v in g["first_top1_layer"].items()
-                         if v is not None)]
-    if f["known"]:
-        lines.append(f"fact recall ({f['known']}/{f['facts']} known): first answer token "
-                     f"top-1 at layer {f['first_token_layer']:.1f}"
-                     + (f", later tokens {f['later_token_layer']:.1f}"
-                        if f["later_token_layer"] is not None else ""))
+    lines = depth_lines(obj, f"{lm.name} read through the {lens.kind} lens")
     if args.png:
         obj["png"] = str(plot_depth(obj, args.png, title=f"{lm.label}: Guess-then-Refine "
                                                         f"({lens.kind} lens)"))

@@ -70,6 +70,14 @@ class RunResult:
                      f"{self.stats_seconds:.1f} s")
         return lines
 
+    def report_markdown(self) -> str:
+        """A short report: every score before and after (``report.md`` of ``engram edit``)."""
+        rows = "\n".join(f"| {k} | {self.pre.get(k)} | {self.post.get(k)} |"
+                         for k in self.post if k != "n")
+        return (f"# {self.method} on {self.model}\n\nprotocol {self.protocol}, {self.n} "
+                f"facts, {self.seconds_per_edit:.3f} s per edit (median)\n\n"
+                f"| metric | before | after |\n| --- | --- | --- |\n{rows}\n")
+
     def to_json(self) -> dict[str, Any]:
         """The object ``engram edit --json`` prints."""
         post = {k: self.post.get(k) for k in (*HEADLINE, "fluency")}

@@ -70,6 +70,17 @@ class Candidate:
         return {k: v for k, v in self.__dict__.items()}
 
 
+def candidate_table(found: Sequence[Candidate]) -> list[str]:
+    """Ranked candidates as text (what ``engram concepts find`` prints)."""
+    lines = [f"{'layer':>5}{'index':>7}{'score':>8}{'vocab z':>9}{'act z':>8}{'drop':>8}"
+             "  top tokens"]
+    for c in found:
+        drop = "-" if c.drop is None else f"{c.drop:.3f}"
+        lines.append(f"{c.layer:>5}{c.index:>7}{c.score:>8.2f}{c.vocab:>9.2f}"
+                     f"{c.activation:>8.2f}{drop:>8}  {' '.join(repr(t) for t in c.top_tokens)}")
+    return lines
+
+
 def _z(t: torch.Tensor) -> torch.Tensor:
     return (t - t.mean()) / (t.std() + 1e-12)
 

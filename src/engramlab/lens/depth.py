@@ -178,6 +178,28 @@ def fact_recall_depth(lm: LM, lens: Lens, facts: Sequence[tuple[str, str]]) -> d
     }
 
 
+def depth_lines(summary: dict[str, Any], title: str) -> list[str]:
+    """The headline numbers of ``guess_then_refine`` and ``fact_recall_depth`` as text."""
+    g, f = summary["guess_then_refine"], summary["facts"]
+    refined = g["early_high_freq_refined"]
+    lines = [f"{title}, {g['tokens']:,} held-out tokens",
+             f"top-1 guesses among the 10 most frequent tokens: layer 0 "
+             f"{g['top1_bucket_share']['1-10'][0]:.0%}, last layer "
+             f"{g['top1_bucket_share']['1-10'][-1]:.0%}, final predictions "
+             f"{g['final_bucket_share']['1-10']:.0%}",
+             f"early (layers < {g['early_layers']}) top-10-frequency guesses changed by the "
+             "end: " + (f"{refined:.0%}" if refined is not None else "-"),
+             "first layer at which the final token is top-1, by its frequency rank: "
+             + ", ".join(f"{b} {v:.1f}" for b, v in g["first_top1_layer"].items()
+                         if v is not None)]
+    if f["known"]:
+        lines.append(f"fact recall ({f['known']}/{f['facts']} known): first answer token "
+                     f"top-1 at layer {f['first_token_layer']:.1f}"
+                     + (f", later tokens {f['later_token_layer']:.1f}"
+                        if f["later_token_layer"] is not None else ""))
+    return lines
+
+
 def plot_depth(summary: dict[str, Any], out: str | Path, title: str = "") -> Path:
     """Three panels: bucket shares of the top-1 guesses per layer; refined share per layer;
     first/settled layer per frequency bucket (and fact answers)."""

@@ -54,3 +54,24 @@ def exit_report(lm: LM, lens: Lens, name: str, held: Iterable[torch.Tensor],
     out[f"{name}+head"] = _rule(head_curve(head, dev_data, cost=head_cost),
                                 head_curve(head, test_data, cost=head_cost), head_cost)
     return out
+
+
+def exit_lines(rules: dict[str, dict[str, Any]], title: str) -> list[str]:
+    """``exit_report``'s rules as text: each rule's check cost, its operating points (chosen on
+    the first half of the held-out tokens, reported on the second) and its curve."""
+    lines = [f"{title} (settings chosen on the first half, reported on the second)"]
+    for name, rule in rules.items():
+        lines.append(f"{name}: one exit check costs {rule['cost']['check_in_blocks']:.1f} "
+                     "blocks")
+        for target, p in rule["operating_points"].items():
+            knob = f"τ={p['threshold']}" if "threshold" in p else f"α={p['alpha']}"
+            lines.append(f"  for {float(target):.0%} agreement ({knob}"
+                         f"{'' if p['reached_on_dev'] else ', not reached on dev'}): test "
+                         f"agreement {p['test']['agreement']:.3f}, blocks saved "
+                         f"{p['test']['compute_saved']:.1%}, net of checks "
+                         f"{p['test']['net_compute_saved']:+.1%}")
+        for p in rule["curve"]:
+            knob = f"τ={p['threshold']:<5}" if "threshold" in p else f"α={p['alpha']:<5}"
+            lines.append(f"    {knob} agreement {p['agreement']:.3f}  blocks saved "
+                         f"{p['compute_saved']:.1%}  net {p['net_compute_saved']:+.1%}")
+    return lines
