@@ -14,26 +14,13 @@ autograd saves — and the plan then picks:
   scored positions (a vocabulary-sized logit, log-softmax and gradient each).
 
 Smaller forwards cost speed (per-call overhead), never results: rows never mix, so any split
-gives the same δ (tested). Measured on SmolLM2-135M (CPU, each phase in a fresh process,
-``bench/edit_speed.py --phases``; the *footprint* is the model plus everything editing adds —
-C₀, templates, working set — over the model's bytes;
-``docs/results/edit_memory_footprint_smollm2_cpu.json``):
-
-===================  ==============  ======================
-phase                no budget       ``memory_budget=0.2``
-===================  ==============  ======================
-ROME, one request    1.19x           1.14x
-ROME, chunks of 16   1.64x, 0.90 s   1.32x, 1.27 s per edit
-MEMIT, batch of 50   2.37x, 2.21 s   1.46x, 3.2-4.1 s
-===================  ==============  ======================
-
-The estimate counts what autograd saves and is multiplied by ``SAFETY``; even so the measured
-working set was 1.25-1.9x the budget (backward gradients, allocator slack, and the KL rows'
-vocabulary-sized tensors, which then counted as one label each and now as ``KL_SCORED``), so
-treat the budget as a target, not a cap. Between chunks the freed heap is handed back to the OS
-(:func:`release_freed_memory`); without it glibc kept ~150 MB of one chunk's working set under
-the next one's. The budget is off by default: on a model this small it costs 1.4-1.8x in speed,
-while at GPT-2 XL's shape 0.35 already holds every phase at 1.40x of the weights on a GPU.
+gives the same δ (tested). The estimate counts what autograd saves, times ``SAFETY``; gradients,
+allocator slack and the KL rows' vocabulary-sized tensors (counted as ``KL_SCORED`` labels) come
+on top, so the budget is a target, not a cap. Between chunks the freed heap is handed back to
+the OS (:func:`release_freed_memory`), or glibc keeps one chunk's working set under the next.
+The budget is off by default because on a small model it costs speed; the measured footprints
+and times, with and without it, are in the README's editing-memory paragraph
+(``bench/edit_speed.py --phases``).
 """
 
 from __future__ import annotations

@@ -7,12 +7,10 @@ than ``max_control_drop``, the tuning half of the concept's near controls (the s
 about its neighbours) loses less than ``max_near_drop``, and perplexity on (part of) the neutral
 text's tuning half rises less than ``max_perplexity_rise``: by default 10 points, 15 points and
 10 %. The near controls are a group of their own because, pooled with the other concepts'
-100-odd controls, losing every neighbouring capital costs Paris under 10 points (measured:
-near-control accuracy 0.13 inside the pooled budget). Their bar is one probe of a tuning half
-(8-11 probes) rather than 10 points, which there means not a single flipped answer: at 10
-points concept vectors found no setting at all for Albert Einstein and Sherlock Holmes, and
-the fine-tuning baselines none for five of eleven concept-method pairs.
-``max_near_drop=None`` leaves them out, as before.
+controls, losing every neighbouring capital would cost Paris only a few points of the pooled
+budget. Their bar is 15 points, about one probe of a tuning half: 10 points would allow not a
+single flipped answer (the measurements are in ``docs/erasure.md``).
+``max_near_drop=None`` leaves them out.
 :class:`BudgetSearch` is that choice, shared by both tuners: each scores its own settings with
 it, and it records every trial and keeps the best one inside the budget.
 """

@@ -33,9 +33,9 @@ Deviations from the paper, and why:
   specifically on Harry Potter project onto " strugg", " interspers", ...). Activation is the
   label that carries signal here.
 * **Affected vectors by their push on the concept, not by weights alone.** The paper thresholds
-  ``|enc_f · v_j|``. Measured on SmolLM2 (layers 20-26, Harry Potter): the weights-only rule took
-  1.7k-12k vectors at τ ≤ 0.2. Every setting that lowered the concept also cost the controls 16
-  points or more. With the push rule, 30-400 vectors are touched.
+  ``|enc_f · v_j|``. On SmolLM2 that rule touches thousands of vectors per layer and every
+  setting that lowered the concept also cost the controls far beyond the budget; the push rule
+  touches tens to hundreds (figures in ``docs/erasure.md``).
 * **μ is a multiple of the largest component among the driving vectors.** The paper's μ
   multiplies the largest encoder value, and its SAE's code and error term rebuild the vector.
   Here the component is set directly along the unit decoder direction, so with μ = 0 the feature
@@ -43,8 +43,8 @@ Deviations from the paper, and why:
 * **The SAEs' training text includes text the model writes about each bundled concept**
   (:func:`.sae.feature_corpus`). It never includes the probes.
 
-SAE training costs about 24 minutes once per model, cold on 2 CPU cores (cached after). The
-measurements behind these choices are in ``docs/erasure.md``.
+SAEs are trained once per model and cached. The measurements behind these choices are in
+``docs/erasure.md``.
 """
 
 from __future__ import annotations

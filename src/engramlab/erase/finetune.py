@@ -126,10 +126,7 @@ def _train(params: dict[str, torch.nn.Parameter], backup: dict[str, torch.Tensor
                         return
 
 
-# (steps, lr) per method. RMU's, measured on SmolLM2 / Harry Potter (target / controls /
-# perplexity; unedited 1.0 / 1.0 / 17.69): lr 2e-5 x 20 steps changed nothing (1.0 / 0.99);
-# 1e-4 x 20: 0.82 / 0.94; 2e-4 x 20 (retain weight 100): 0.53 / 0.90; 5e-4 x 20: 0.06 / 0.62;
-# 2e-4 x 40 with retain weight 1000: 0.18 / 0.905 / 17.94, the default.
+# (steps, lr) per method; RMU's was chosen on SmolLM2 / Harry Potter (docs/erasure.md).
 DEFAULTS: dict[str, tuple[int, float]] = {"ga": (20, 2e-5), "npo": (20, 2e-5),
                                           "rmu": (40, 2e-4)}
 
