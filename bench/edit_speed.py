@@ -48,7 +48,8 @@ import engramlab as eg
 from engramlab.data import get_corpus
 from engramlab.data.bundled import bundled_cases
 from engramlab.edit import MEMIT, ROME
-from engramlab.stats import _accumulate
+from engramlab.stats import collect_key_stats
+from timing import forward_seconds, synchronizer
 
 
 def peak_rss_mb() -> float:
@@ -213,22 +214,15 @@ def stats_speed(lm: eg.LM, memit: MEMIT, n_tokens: int) -> dict:
                         progress=False)
     rows = list(corpus.batches(lm, n_tokens=n_tokens, batch_size=8, seq_len=256))
     n_tok = sum(r.numel() for r in rows)
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        lm.model(input_ids=rows[0].to(lm.device))
-        sync()
-        t = time.perf_counter()
-        for r in rows:
-            lm.model(input_ids=r.to(lm.device))
-        sync()
-        fwd = time.perf_counter() - t
+    sync = synchronizer(lm)
+    fwd = forward_seconds(lm, rows)
     layers = memit.hparams_for(lm).layers
-    _accumulate(lm, layers, corpus, n_tokens=2048, batch_size=8, seq_len=256,
-                progress=False)  # warm-up: kernels and allocations of the accumulation
+    collect_key_stats(lm, layers, corpus, n_tokens=2048, batch_size=8, seq_len=256,
+                      progress=False, use_cache=False)  # warm-up: kernels and allocations
     sync()
     t = time.perf_counter()
-    _accumulate(lm, layers, corpus, n_tokens=n_tokens, batch_size=8, seq_len=256,
-                progress=False)
+    collect_key_stats(lm, layers, corpus, n_tokens=n_tokens, batch_size=8, seq_len=256,
+                      progress=False, use_cache=False)
     sync()
     stats_s = time.perf_counter() - t
     out["stats_layers"] = layers

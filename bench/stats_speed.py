@@ -16,6 +16,7 @@ import torch
 import engramlab as eg
 from engramlab.data import get_corpus
 from engramlab.stats import collect_key_stats
+from timing import forward_seconds, synchronizer
 
 
 def main() -> None:
@@ -33,15 +34,8 @@ def main() -> None:
     batches = list(corpus.batches(lm, n_tokens=args.tokens, batch_size=args.batch_size,
                                   seq_len=args.seq_len))
     n = sum(b.numel() for b in batches)
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        lm.model(input_ids=batches[0].to(lm.device))  # warm-up
-        sync()
-        t = time.perf_counter()
-        for rows in batches:
-            lm.model(input_ids=rows.to(lm.device))
-        sync()
-        forward_s = time.perf_counter() - t
+    sync = synchronizer(lm)
+    forward_s = forward_seconds(lm, batches)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["ENGRAMLAB_CACHE"] = cache
         # end to end, tokenisation and the copy of the sums to the host included
