@@ -12,14 +12,15 @@ from .concepts import (
     unseen_controls_for,
 )
 from .corpus import TextCorpus, get_corpus, sample_corpus, wiki_corpus
-from .loaders import detect_format, load_cases, load_requests, parse_cases, save_cases
+from .loaders import detect_format, load_cases, load_facts, load_requests, parse_cases, save_cases
 from .pararel import pararel_cases
-from .records import EditCase, EditRequest
+from .records import EditCase, EditRequest, Fact
 
 __all__ = [
     "Concept",
     "EditCase",
     "EditRequest",
+    "Fact",
     "Probe",
     "TextCorpus",
     "bundled_cases",
@@ -32,6 +33,7 @@ __all__ = [
     "get_corpus",
     "load_cases",
     "load_concept",
+    "load_facts",
     "load_requests",
     "pararel_cases",
     "parse_cases",

@@ -6,6 +6,9 @@
   locality_prompt, locality_ground_truth`` — the prompt holds the subject in full
 * zsRE (MEND/EasyEdit): ``src, subject, alt, answers, rephrase, loc, loc_ans``
 * our own JSON/JSONL records (:meth:`EditCase.to_dict`)
+
+Facts to trace (:func:`load_facts`) come from any of these (the prompt and ``target_true``) or
+from ROME's ``known_1000.json`` (``prompt, subject, attribute``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from .._io import atomic_file, read_text
 from ..errors import RequestError
-from .records import EditCase, EditRequest
+from .records import EditCase, EditRequest, Fact
 
 
 def _counterfact(d: dict[str, Any]) -> EditCase:
@@ -129,3 +132,21 @@ def save_cases(cases: Iterable[EditCase], path: str | os.PathLike[str]) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in cases))
     return path
+
+
+def load_facts(path: str | os.PathLike[str], *, limit: int | None = None) -> list[Fact]:
+    """Facts to trace: ROME's known_1000 records, or the requests of any edit-case format."""
+    path = Path(path)
+    records = _read_records(path)[:limit]
+    out = []
+    for n, record in enumerate(records):
+        if "attribute" in record and "requested_rewrite" not in record:
+            try:
+                out.append(Fact.from_text(record["prompt"], record["subject"],
+                                          record["attribute"], record.get("known_id", n)))
+            except KeyError as exc:
+                raise RequestError(f"{path}: record {n} (known facts) lacks field {exc}") from exc
+        else:
+            req = parse_cases([record], source=str(path))[0].request
+            out.append(Fact(req.prompt, req.subject, req.target_true, req.case_id))
+    return out

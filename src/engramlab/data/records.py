@@ -45,16 +45,8 @@ class EditRequest:
     @classmethod
     def from_text(cls, text: str, subject: str, target_new: str, **kw: Any) -> EditRequest:
         """From a full prompt that contains ``subject`` (its first occurrence becomes ``{}``)."""
-        at = text.find(subject)
-        if at < 0:
-            at = text.lower().find(subject.lower())
-            if at < 0:
-                raise RequestError(
-                    f"subject {subject!r} not found in prompt {text!r}{_where(kw.get('case_id'))}"
-                    " — check the spelling, or write the prompt as a template with '{}'")
-        template = text[:at] + "{}" + text[at + len(subject):]
-        return cls(prompt=template,
-                   subject=text[at:at + len(subject)], target_new=target_new, **kw)
+        template, subject = as_template(text, subject, kw.get("case_id"))
+        return cls(prompt=template, subject=subject, target_new=target_new, **kw)
 
     @property
     def text(self) -> str:
@@ -63,6 +55,47 @@ class EditRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def as_template(text: str, subject: str, case_id: object = None) -> tuple[str, str]:
+    """``text`` with the first occurrence of ``subject`` (any case) replaced by ``{}``, and the
+    subject as written there."""
+    at = text.find(subject)
+    if at < 0:
+        at = text.lower().find(subject.lower())
+        if at < 0:
+            raise RequestError(
+                f"subject {subject!r} not found in prompt {text!r}{_where(case_id)}"
+                " — check the spelling, or write the prompt as a template with '{}'")
+    return text[:at] + "{}" + text[at + len(subject):], text[at:at + len(subject)]
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A prompt whose next token recalls something about ``subject`` (``prompt`` holds ``{}``
+    where the subject goes), and the expected answer when known: what causal tracing reads."""
+
+    prompt: str
+    subject: str
+    answer: str | None = None
+    fact_id: str | int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt.count("{}") != 1:
+            raise RequestError(f"prompt {self.prompt!r} must contain '{{}}' exactly once"
+                               f"{_where(self.fact_id)}")
+        if not self.subject.strip():
+            raise RequestError(f"empty subject{_where(self.fact_id)}")
+
+    @classmethod
+    def from_text(cls, text: str, subject: str, answer: str | None = None,
+                  fact_id: str | int | None = None) -> Fact:
+        template, subject = as_template(text, subject, fact_id)
+        return cls(template, subject, answer, fact_id)
+
+    @property
+    def text(self) -> str:
+        return self.prompt.replace("{}", self.subject)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,97 @@
+"""``engram trace``: where a model's hidden states carry its facts (causal tracing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .common import add_common, emit, nonnegative_int, positive_int
+
+FIGURES_PER_RUN = 8  # per-fact figures written with --out
+
+
+def _noise(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} is not a number of at least 0")
+    return value
+
+
+def register(sub: Any) -> None:
+    from ..inspect import STATES, TraceConfig
+
+    d = TraceConfig()
+    p = sub.add_parser("trace", help="causal tracing (ROME fig. 1): which states carry a fact")
+    add_common(p)
+    p.add_argument("--facts", default=None, help="known_1000-style facts (prompt, subject, "
+                   "attribute) or any edit-case file (default: the bundled facts)")
+    p.add_argument("--limit", type=positive_int, default=10, help="trace the first N facts")
+    p.add_argument("--samples", type=positive_int, default=d.samples, help="noise draws")
+    p.add_argument("--noise", type=_noise, default=d.noise,
+                   help="noise std in std's of the subject embeddings")
+    p.add_argument("--window", type=positive_int, default=d.window,
+                   help="MLP / attention blocks restored together")
+    p.add_argument("--states", nargs="+", choices=list(STATES), default=list(STATES))
+    p.add_argument("--seed", type=nonnegative_int, default=d.seed)
+    p.add_argument("--all", action="store_true",
+                   help="also trace facts the model does not answer as given")
+    p.add_argument("--png", default=None, help="the average figure here")
+    p.add_argument("--out", default=None, help="folder: result.json with every fact's grids, "
+                   "average.png and the first facts' figures")
+    p.set_defaults(func=trace)
+
+
+def trace(args: argparse.Namespace) -> int:
+    from .._io import atomic_dir
+    from ..data import load_facts
+    from ..data.bundled import bundled_facts_path
+    from ..errors import SettingsError
+    from ..inspect import TraceConfig, plot_fact, plot_trace, trace_facts
+    from ..models import load_model
+
+    config = TraceConfig(samples=args.samples, noise=args.noise, window=args.window,
+                         states=tuple(args.states), seed=args.seed)
+    config.check()
+    source = args.facts or bundled_facts_path("smollm2_facts")
+    facts = load_facts(source, limit=args.limit)
+    if not facts:
+        raise SettingsError(f"no facts in {source}; give a file with at least one fact")
+    lm = load_model(args.model, progress=not args.json)
+    report = trace_facts(lm, facts, config, known_only=not args.all, progress=not args.json)
+    obj = report.to_json()
+    rome = _rome_layers(lm)
+    if rome:
+        obj["rome_preset_layers"] = rome
+    lines = report.lines()
+    if rome:
+        lines.append(f"the ROME preset edits layer {', '.join(map(str, rome))}")
+    title = f"{lm.label}: causal tracing, {len(report.facts)} facts"
+    if args.png:
+        obj["png"] = str(plot_trace(report, args.png, title))
+        lines.append(f"wrote {args.png}")
+    if args.out:
+        with atomic_dir(args.out) as tmp:
+            (tmp / "result.json").write_text(
+                json.dumps({**obj, **report.to_json(per_fact=True)}, indent=1))
+            plot_trace(report, tmp / "average.png", title)
+            for i, fact in enumerate(report.facts[:FIGURES_PER_RUN]):
+                plot_fact(fact, tmp / f"fact_{i:02d}.png", config.window)
+        obj["out"] = args.out
+        lines.append(f"saved to {args.out}")
+    emit(args, obj, lines)
+    return 0
+
+
+def _rome_layers(lm: Any) -> list[int] | None:
+    """The layers the ROME preset for this model edits (None without a matching preset)."""
+    from ..edit import ROME
+    from ..errors import EngramError
+
+    try:
+        return list(ROME().hparams_for(lm).layers)
+    except EngramError:
+        return None

@@ -1,0 +1,208 @@
+"""Causal tracing: the restored probabilities, their grouping and averages, the facts it reads,
+the command, and the paper's picture on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engramlab.cli import main
+from engramlab.data import Fact, load_facts
+from engramlab.errors import EngramError
+from engramlab.inspect import TraceConfig, trace_fact, trace_facts
+from engramlab.trace import Trace, run_model
+
+from .conftest import make_tiny
+
+FACT = Fact("w3 {} w9 w4", "w7 w8 w5", answer=None)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_zero_noise_restores_everything(family):
+    lm = make_tiny(family)
+    tr = trace_fact(lm, FACT, noise_std=1.0, config=TraceConfig(samples=2, noise=0.0))
+    assert tr.p_low == pytest.approx(tr.p_clean, rel=1e-5)
+    for grid in tr.grids.values():
+        assert grid.shape == (lm.n_layers, 6)
+        assert torch.allclose(grid, torch.ones_like(grid), atol=1e-5)
+
+
+def test_the_last_state_restores_the_clean_answer_and_noise_lowers_it():
+    lm = make_tiny("llama")
+    tr = trace_fact(lm, FACT, noise_std=1.0, config=TraceConfig(samples=4, noise=20.0))
+    assert tr.p_low != pytest.approx(tr.p_clean, rel=1e-3)  # the noise does something
+    resid = tr.grids["resid"]
+    # the last block's output at the last token is what the answer is read from
+    assert resid[-1, -1] == pytest.approx(1.0, abs=1e-5)
+    # tokens before the subject cannot see the noise: restoring them changes nothing
+    assert torch.allclose(resid[:, 0], torch.full((lm.n_layers,), tr.low))
+    # restoring a subject token's residual does change the corrupted run
+    assert resid[0, 1:4].ne(tr.low).any()
+
+
+def test_one_state_matches_a_direct_restoration():
+    lm = make_tiny("llama")
+    config = TraceConfig(samples=3, noise=5.0, window=2, rows=6)  # two states a forward
+    noise_std = 0.7
+    tr = trace_fact(lm, FACT, noise_std, config)
+    ids = torch.tensor([lm.tokenizer(FACT.text)["input_ids"]])
+    start, end = tr.subject
+    noise = torch.randn(3, end - start, lm.d_model,
+                        generator=torch.Generator().manual_seed(0)) * 5.0 * noise_std
+    last = f"resid.{lm.n_layers - 1}"
+    for state, point, layer, token, layers in (("mlp", "mlp_out", 1, 3, [0, 1]),
+                                               ("attn", "attn_out", 2, 4, [1, 2]),
+                                               ("resid", "resid", 1, 2, [1])):
+        points = [f"{point}.{j}" for j in layers]
+        with torch.no_grad(), Trace(lm).capture(*points) as clean:
+            run_model(lm, ids)
+
+        def corrupt(t):
+            t = t.clone()
+            t[:, start:end] += noise
+            return t
+
+        run = Trace(lm).edit("embed", corrupt).capture(last)
+        for p in points:
+            run.replace(p, clean[p][0, token], positions=token)
+        with torch.no_grad(), run:
+            run_model(lm, ids.expand(3, -1))
+        probs = torch.softmax(lm.logits_from_hidden(run[last][:, -1]), -1)[:, tr.answer_id]
+        assert float(tr.grids[state][layer, token]) == pytest.approx(
+            float(probs.mean()) / tr.p_clean, rel=1e-4)
+
+
+def test_groups_follow_the_paper():
+    lm = make_tiny("llama")
+    tr = trace_fact(lm, FACT, 1.0, TraceConfig(samples=1, states=("resid",)))
+    assert tr.subject == (1, 4)
+    assert tr.groups() == {"first subject": [1], "middle subject": [2], "last subject": [3],
+                           "first after": [4], "further": [], "last": [5]}
+    grouped = tr.grouped("resid")
+    assert torch.equal(grouped[:, 2], tr.grids["resid"][:, 3])
+    assert torch.isnan(grouped[:, 4]).all()  # no "further" tokens in this prompt
+    long = trace_fact(lm, Fact("w3 {} w4 w5 w6", "w7"), 1.0,
+                      TraceConfig(samples=1, states=("resid",)))
+    g = long.grouped("resid")
+    assert torch.isnan(g[:, 1]).all()  # a one-token subject has no middle
+    assert long.groups()["further"] == [3]  # w5: after the first later token, before the last
+    assert torch.equal(g[:, 4], long.grids["resid"][:, 3])
+
+
+def test_report_averages_facts_and_finds_the_peak():
+    lm = make_tiny("llama")
+    facts = [FACT, Fact("w11 {} w12", "w13 w14")]
+    rep = trace_facts(lm, facts, TraceConfig(samples=2, noise=10.0))
+    one = [trace_fact(lm, f, rep.noise_std, rep.config) for f in facts]
+    expected = torch.stack([t.grouped("mlp") for t in one]).nanmean(0)
+    assert torch.allclose(rep.average("mlp"), expected, equal_nan=True)
+    s = rep.summary("mlp")
+    grid = torch.tensor([[float("nan") if v is None else v for v in row] for row in s["grid"]])
+    best = torch.nan_to_num(grid, nan=-1.0).max()
+    assert s["peak_recovery"] == pytest.approx(float(best), abs=1e-3)
+    assert s["peak_indirect_effect"] == pytest.approx(s["peak_recovery"] - s["low"])
+
+
+def test_known_only_keeps_facts_the_model_answers():
+    lm = make_tiny("llama")
+    tr = trace_fact(lm, FACT, 1.0, TraceConfig(samples=1, states=("resid",)))
+    right = Fact(FACT.prompt, FACT.subject, answer=tr.answer.strip())
+    wrong_word = "w50" if tr.answer.strip() != "w50" else "w51"
+    wrong = Fact(FACT.prompt, FACT.subject, answer=wrong_word)
+    rep = trace_facts(lm, [right, wrong], TraceConfig(samples=1, states=("resid",)))
+    assert rep.n_given == 2 and [f.fact for f in rep.facts] == [right]
+    with pytest.raises(EngramError, match="answers none"):
+        trace_facts(lm, [wrong], TraceConfig(samples=1, states=("resid",)))
+
+
+def test_facts_load_from_known_1000_and_edit_cases(tmp_path):
+    known = tmp_path / "known.json"
+    known.write_text(json.dumps([{"known_id": 4, "subject": "Paris", "attribute": "France",
+                                  "prompt": "Paris is the capital of", "relation_id": "P1"}]))
+    [f] = load_facts(known)
+    assert (f.prompt, f.subject, f.answer, f.fact_id) == ("{} is the capital of", "Paris",
+                                                          "France", 4)
+    cases = tmp_path / "c.jsonl"
+    cases.write_text(json.dumps({"prompt": "{} is in", "subject": "Rome", "target_new": "Peru",
+                                 "target_true": "Italy"}) + "\n")
+    [g] = load_facts(cases)
+    assert (g.text, g.answer) == ("Rome is in", "Italy")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"subject": "Oslo", "attribute": "Norway",
+                                "prompt": "The capital is"}]))
+    with pytest.raises(EngramError, match="not found in prompt"):
+        load_facts(bad)
+
+
+def test_trace_command(tmp_path, capsys):
+    src = make_tiny("llama").save(tmp_path / "m")
+    facts = tmp_path / "f.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": p, "subject": s, "target_new": "w1"}) + "\n"
+                             for p, s in (("w3 {} w9 w4", "w7 w8"), ("{} w5 w6", "w2"))))
+    args = ["trace", "--model", str(src), "--facts", str(facts), "--samples", "2"]
+    assert main([*args, "--json", "--out", str(tmp_path / "out")]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["n"] == 2 and set(obj["states"]) == {"resid", "mlp", "attn"}
+    for s in obj["states"].values():
+        assert len(s["grid"]) == 3 and len(s["grid"][0]) == 6
+        assert {"peak_layer", "peak_position", "peak_recovery"} <= set(s)
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert len(saved["facts"]) == 2 and saved["states"] == obj["states"]
+    assert (tmp_path / "out" / "average.png").stat().st_size > 0
+    assert (tmp_path / "out" / "fact_01.png").stat().st_size > 0
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    mlp = obj["states"]["mlp"]
+    assert f"peak {mlp['peak_recovery']:.2f} at layer {mlp['peak_layer']}" in text
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--noise", "nan"], "--noise"),
+    (["--samples", "0"], "--samples"),
+])
+def test_trace_refuses_bad_settings(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["trace", *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_trace_refuses_a_subject_missing_from_its_prompt(tmp_path, capsys, monkeypatch):
+    import engramlab.models as models
+
+    facts = tmp_path / "f.json"
+    facts.write_text(json.dumps([{"subject": "Oslo", "attribute": "Norway",
+                                  "prompt": "The capital is"}]))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["trace", "--facts", str(facts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Oslo" in err[0] and "not found" in err[0]
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    assert main(["trace", "--facts", str(empty)]) == 2
+    assert "no facts" in capsys.readouterr().err
+
+
+@pytest.mark.embedded
+def test_embedded_trace_peaks_where_rome_edits_work(smol):
+    from engramlab.data.bundled import bundled_cases, bundled_facts_path
+    from engramlab.edit import ROME
+    from engramlab.evaluate.counterfact import case_scores
+
+    facts = load_facts(bundled_facts_path("smollm2_facts"), limit=3)
+    rep = trace_facts(smol, facts, TraceConfig(samples=3, states=("mlp", "attn")))
+    assert len(rep.facts) == 3  # the bundled facts are all known
+    mlp, attn = rep.summary("mlp"), rep.summary("attn")
+    assert mlp["low"] < 0.2  # the noise makes the model forget the subject
+    # the MLPs matter at the subject's last token, the attention at the prompt's last token
+    assert mlp["by_group"]["last subject"]["peak_recovery"] > \
+        mlp["by_group"]["last"]["peak_recovery"]
+    assert attn["by_group"]["last"]["peak_recovery"] > \
+        attn["by_group"]["last subject"]["peak_recovery"]
+    layer = mlp["by_group"]["last subject"]["peak_layer"]
+    case = bundled_cases()[0]
+    delta = ROME(layers=[layer]).edit(smol, case.request)
+    with delta.applied(smol):
+        [score] = case_scores(smol, [case])
+    assert score.to_dict()["efficacy"] == 1.0  # an edit at the traced layer works
