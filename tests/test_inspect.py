@@ -103,6 +103,25 @@ def test_report_averages_facts_and_finds_the_peak():
     best = torch.nan_to_num(grid, nan=-1.0).max()
     assert s["peak_recovery"] == pytest.approx(float(best), abs=1e-3)
     assert s["peak_indirect_effect"] == pytest.approx(s["peak_recovery"] - s["low"])
+    lo, hi = s["by_group"]["last"]["peak_layer_ci95"]
+    assert 0 <= lo <= hi < lm.n_layers
+
+
+def test_peak_interval_is_tight_when_facts_agree_and_wide_when_they_do_not():
+    from engramlab.inspect import FactTrace, TraceReport
+
+    def trace(peak: int) -> FactTrace:
+        grid = torch.full((8, 3), 0.1)
+        grid[peak, 1:] = 0.9
+        return FactTrace(FACT, ["a", "b", "c"], (1, 2), "x", 0, None, 1.0, 0.1,
+                         {"mlp": grid})
+
+    config = TraceConfig(states=("mlp",))
+    same = TraceReport("m", config, 1.0, [trace(5) for _ in range(6)], 6)
+    assert same.peak_interval("mlp", 2) == [5, 5]
+    mixed = TraceReport("m", config, 1.0, [trace(k) for k in (1, 2, 6, 7, 1, 7)], 6)
+    lo, hi = mixed.peak_interval("mlp", 2)
+    assert lo <= 2 and hi >= 6
 
 
 def test_known_only_keeps_facts_the_model_answers():

@@ -223,6 +223,19 @@ class TraceReport:
         stacked = torch.stack([f.grouped(state) for f in self.facts])
         return stacked.nanmean(0)
 
+    def peak_interval(self, state: str, group: int, *, n: int = 1000, seed: int = 0
+                      ) -> list[int] | None:
+        """95 % bootstrap interval of a group's peak layer, resampling the facts (None for a
+        single fact)."""
+        if len(self.facts) < 2:
+            return None
+        col = torch.stack([f.grouped(state)[:, group] for f in self.facts])  # [facts, layers]
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randint(len(self.facts), (n, len(self.facts)), generator=gen)
+        means = torch.nan_to_num(col[idx].nanmean(1), nan=-torch.inf)
+        peaks = means.argmax(1).float()
+        return [int(peaks.quantile(0.025)), int(peaks.quantile(0.975))]
+
     def summary(self, state: str) -> dict[str, Any]:
         grid = self.average(state)
         low = sum(f.low for f in self.facts) / len(self.facts)
@@ -234,7 +247,8 @@ class TraceReport:
             col = effect[:, g]
             if torch.isfinite(col).any():
                 by_group[name] = {"peak_layer": int(col.argmax()),
-                                  "peak_recovery": float(grid[int(col.argmax()), g])}
+                                  "peak_recovery": float(grid[int(col.argmax()), g]),
+                                  "peak_layer_ci95": self.peak_interval(state, g)}
         return {"grid": [[None if v != v else round(float(v), 4) for v in row]
                          for row in grid.tolist()],
                 "low": low, "peak_layer": layer, "peak_position": GROUPS[group],
