@@ -23,6 +23,29 @@ def test_captured_resid_and_embed_match_hidden_states(tiny):
         assert torch.allclose(rec[f"resid.{i}"], hs[i + 1], atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [1, 2])
+def test_a_pass_started_at_a_block_from_its_input_state_finishes_as_the_full_pass(tiny, layer):
+    from engramlab.trace import run_model
+
+    ids = tiny.tokenize([tiny_text(), tiny_text(seed=1)])["input_ids"]
+    last = f"resid.{tiny.n_layers - 1}"
+    with torch.no_grad(), Trace(tiny).capture(f"resid.{layer - 1}", last, "embed") as full:
+        run_model(tiny, ids)
+    seen = []
+    handle = tiny.layout.block(0).register_forward_hook(lambda *a: seen.append(0))
+    with torch.no_grad(), Trace(tiny).capture(last) as part:
+        run_model(tiny, ids, start=(layer, full[f"resid.{layer - 1}"]))
+    assert torch.allclose(part[last], full[last], atol=1e-5)
+    assert not seen  # the blocks before the start did not run
+    with torch.no_grad():
+        run_model(tiny, ids)
+    handle.remove()
+    assert seen == [0]  # afterwards the model runs every block again
+    with torch.no_grad(), Trace(tiny).capture(last) as other:  # another input state: not a no-op
+        run_model(tiny, ids, start=(layer, full["embed"]))
+    assert not torch.allclose(other[last], full[last], atol=1e-3)
+
+
 def test_mlp_key_through_value_weight_gives_mlp_out(tiny):
     rec = record(tiny, tiny_text(), ["mlp_key.1", "mlp_out.1"])
     module = tiny.layout.value_module(1)

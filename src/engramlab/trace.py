@@ -210,15 +210,34 @@ class _Stop(Exception):
 
 
 def run_model(lm: LM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-              stop_after: int | None = None, logits: bool = False) -> Any:
+              stop_after: int | None = None, logits: bool = False,
+              start: tuple[int, torch.Tensor] | None = None) -> Any:
     """Forward ``input_ids`` through the model; hooks already entered see it as usual.
 
     Without ``logits`` only the transformer body runs (no unembedding over every position, which
     for a small model with a large vocabulary is a fifth of the work); read final states with a
     ``resid.{n_layers-1}`` capture and :meth:`LM.logits_from_hidden` at the positions you need.
     ``stop_after=i`` ends the pass after block ``i``: captures up to there are complete and the
-    later blocks cost nothing.
+    later blocks cost nothing. ``start=(i, hidden)`` begins at block ``i`` with ``hidden``
+    (``[batch, seq, d_model]``, e.g. a captured ``resid.{i-1}``) as its input: the earlier
+    blocks cost nothing, and hooks on them (``embed`` included) do not fire.
     """
+    if start is not None and start[0] > 0:
+        layer, hidden = start
+
+        def begin(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (hidden.to(args[0].dtype), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
+
+        handle = lm.layout.block(layer).register_forward_pre_hook(begin, with_kwargs=True,
+                                                                 prepend=True)
+        try:
+            with lm.layout.blocks_from(layer):
+                return run_model(lm, input_ids, attention_mask, stop_after=stop_after,
+                                 logits=logits)
+        finally:
+            handle.remove()
     model = lm.model if logits else lm.body
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:

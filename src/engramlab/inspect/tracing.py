@@ -142,6 +142,40 @@ def _corrupt(noise: torch.Tensor, start: int, end: int) -> EditFn:
     return fn
 
 
+def _chunks(first: Sequence[int], size: int) -> list[list[int]]:
+    """Jobs grouped by the first block they restore (at most ``size`` a group): a group's
+    pass starts at that block, so the work falls with the layer instead of running every
+    block for every state."""
+    out: list[list[int]] = []
+    for j in sorted(range(len(first)), key=first.__getitem__):
+        if not out or first[out[-1][0]] != first[j] or len(out[-1]) == size:
+            out.append([])
+        out[-1].append(j)
+    return out
+
+
+def _answer_prob(lm: LM, final: torch.Tensor, answer_id: int) -> torch.Tensor:
+    """The answer's probability after each row's last token, from the last block's output."""
+    return torch.softmax(lm.logits_from_hidden(final[:, -1]).float(), -1)[:, answer_id]
+
+
+def _restore_masks(jobs: Sequence[tuple[str, int, int]], rows: int, n_tok: int,
+                   n_layers: int, config: TraceConfig, device: torch.device
+                   ) -> dict[str, torch.Tensor]:
+    """Per hook point, where (row, token) gets its clean value: job k owns rows
+    ``k·samples … (k+1)·samples − 1``, and restores its token at its layer (``resid``) or at
+    every layer of its window (``mlp``, ``attn``)."""
+    masks: dict[str, torch.Tensor] = {}
+    for k, (state, layer, t) in enumerate(jobs):
+        layers = [layer] if state == "resid" else _window(layer, n_layers, config.window)
+        for j in layers:
+            point = f"{STATES[state]}.{j}"
+            if point not in masks:
+                masks[point] = torch.zeros(rows, n_tok, dtype=torch.bool, device=device)
+            masks[point][k * config.samples:(k + 1) * config.samples, t] = True
+    return masks
+
+
 @torch.no_grad()
 def trace_fact(lm: LM, fact: Fact, noise_std: float, config: TraceConfig | None = None
                ) -> FactTrace:
@@ -165,43 +199,41 @@ def trace_fact(lm: LM, fact: Fact, noise_std: float, config: TraceConfig | None 
     gen = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(config.samples, end - start, lm.d_model, generator=gen)
     noise = (noise * config.noise * noise_std).to(lm.device)
+    corrupt = _corrupt(noise, start, end)
+    # the corrupted run, each noise draw once; every block's output is kept, because a pass
+    # that restores nothing below block ℓ is this run up to ℓ and can start there
+    resid = [f"resid.{i}" for i in range(n_layers)]
+    with Trace(lm).edit("embed", corrupt).capture(*resid) as bad:
+        run_model(lm, ids.expand(config.samples, -1))
+    p_low = float(_answer_prob(lm, bad[last], answer_id).mean())
 
-    # every state a row-group restores: (state, layer, token); the first group restores none
-    jobs: list[tuple[str, int, int] | None] = [None]
-    jobs += [(s, layer, t) for s in config.states for layer in range(n_layers)
-             for t in range(start, n_tok)]
-    per_forward = max(1, config.rows // config.samples)
-    p = []
-    for i in range(0, len(jobs), per_forward):
-        chunk = jobs[i:i + per_forward]
+    jobs = [(s, layer, t) for s in config.states for layer in range(n_layers)
+            for t in range(start, n_tok)]
+    first = [layer if s == "resid" else _window(layer, n_layers, config.window).start
+             for s, layer, _ in jobs]
+    p_all = torch.empty(len(jobs))
+    for chunk in _chunks(first, max(1, config.rows // config.samples)):
         rows = len(chunk) * config.samples
-        masks: dict[str, torch.Tensor] = {}
-        for k, job in enumerate(chunk):
-            if job is None:
-                continue
-            state, layer, t = job
-            layers = [layer] if state == "resid" else _window(layer, n_layers, config.window)
-            for j in layers:
-                point = f"{STATES[state]}.{j}"
-                if point not in masks:
-                    masks[point] = torch.zeros(rows, n_tok, dtype=torch.bool, device=lm.device)
-                masks[point][k * config.samples:(k + 1) * config.samples, t] = True
-        run = Trace(lm).edit("embed", _corrupt(noise, start, end)).capture(last)
-        for point, mask in masks.items():
+        run = Trace(lm).capture(last)
+        for point, mask in _restore_masks([jobs[j] for j in chunk], rows, n_tok, n_layers,
+                                          config, lm.device).items():
             run.edit(point, _restore(clean[point], mask))
+        begin = first[chunk[0]]
+        if begin == 0:
+            run.edit("embed", corrupt)
+            began = None
+        else:
+            began = (begin, bad[f"resid.{begin - 1}"].repeat(len(chunk), 1, 1))
         with run:
-            run_model(lm, ids.expand(rows, -1))
-        logits = lm.logits_from_hidden(run[last][:, -1]).float()
-        p.append(torch.softmax(logits, -1)[:, answer_id].view(len(chunk), config.samples)
-                 .mean(1))
-    p_all = torch.cat(p).cpu()
-    p_clean, p_low = float(probs[answer_id]), float(p_all[0])
+            run_model(lm, ids.expand(rows, -1), start=began)
+        probs_k = _answer_prob(lm, run[last], answer_id).view(len(chunk), config.samples)
+        p_all[chunk] = probs_k.mean(1).cpu()
+    p_clean = float(probs[answer_id])
     grids = {}
     per_state = n_layers * (n_tok - start)
     for k, state in enumerate(config.states):
         grid = torch.full((n_layers, n_tok), p_low)
-        part = p_all[1 + k * per_state:1 + (k + 1) * per_state]
-        grid[:, start:] = part.view(n_layers, n_tok - start)
+        grid[:, start:] = p_all[k * per_state:(k + 1) * per_state].view(n_layers, n_tok - start)
         grids[state] = grid / p_clean
     tokens = [lm.tokenizer.decode([i]) for i in enc.ids]
     return FactTrace(fact, tokens, (start, end), lm.tokenizer.decode([answer_id]), answer_id,

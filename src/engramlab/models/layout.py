@@ -14,6 +14,8 @@ matrix whatever its storage.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +183,22 @@ class Layout:
         return layer % n
 
     # modules ---------------------------------------------------------------------------
+    @contextmanager
+    def blocks_from(self, layer: int) -> Iterator[None]:
+        """Inside the block, the model's forward runs only blocks ``layer``, ``layer + 1``, …:
+        its block list is cut to that tail (every block keeps its index here and its hooks).
+        Block ``layer`` still receives the embeddings; whoever starts there replaces them with
+        the state it should see (:func:`engramlab.trace.run_model`'s ``start``)."""
+        layer = self.check_layer(layer)
+        parent_path, _, name = self.spec.blocks.rpartition(".")
+        parent = _get(self._model, parent_path) if parent_path else self._model
+        full = getattr(parent, name)
+        setattr(parent, name, nn.ModuleList(list(full)[layer:]))
+        try:
+            yield
+        finally:
+            setattr(parent, name, full)
+
     def block(self, layer: int) -> nn.Module:
         return self.blocks[self.check_layer(layer)]
 
