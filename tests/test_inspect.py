@@ -225,3 +225,96 @@ def test_embedded_trace_peaks_where_rome_edits_work(smol):
     with delta.applied(smol):
         [score] = case_scores(smol, [case])
     assert score.to_dict()["efficacy"] == 1.0  # an edit at the traced layer works
+
+
+def _delta_on(lm, name: str, seed: int = 0):
+    from engramlab.delta import ParamDelta, WeightDelta
+
+    weight = dict(lm.model.named_parameters())[name]
+    g = torch.Generator().manual_seed(seed)
+    return WeightDelta.for_model(lm, {name: ParamDelta(
+        dense=torch.randn(weight.shape, generator=g) * 2 * weight.std())})
+
+
+PROMPTS = ["w3 w7 w8", "w11 w12 w13 w14", "w20 w5"]
+
+
+def test_krs_is_one_where_the_patch_undoes_the_delta_and_zero_below_it():
+    from engramlab.inspect import dissect
+
+    lm = make_tiny("llama")
+    # a change to layer 1's MLP keys (up projection): patching layer 1's coefficients undoes
+    # it exactly; patching layer 0's cannot touch it
+    d = dissect(lm, _delta_on(lm, "model.layers.1.mlp.up_proj.weight"), PROMPTS, window=1,
+                tokens=3)
+    assert d.windows == [(0, 1), (1, 2), (2, 3)]
+    assert d.krs["mlp"][1] == pytest.approx(1.0, abs=1e-6)
+    assert d.krs["mlp"][0] == pytest.approx(0.0, abs=1e-6)
+    assert d.krs["attn"][0] == pytest.approx(0.0, abs=1e-6)  # attention below layer 1 too
+    assert d.loss_unlearned != pytest.approx(d.loss_original)
+    # a change to layer 2's attention output projection: undone by patching layer 2's attn_out
+    d2 = dissect(lm, _delta_on(lm, "model.layers.2.self_attn.o_proj.weight"), PROMPTS,
+                 window=1, tokens=3)
+    assert d2.krs["attn"][2] == pytest.approx(1.0, abs=1e-6)
+    assert d2.krs["attn"][1] == pytest.approx(0.0, abs=1e-6)
+    # a window covering the changed layer recovers all of it
+    d3 = dissect(lm, _delta_on(lm, "model.layers.1.mlp.up_proj.weight"), PROMPTS, window=2,
+                 tokens=3, kinds=("mlp",))
+    assert d3.windows == [(0, 2), (1, 3)] and d3.krs["mlp"] == pytest.approx([1.0, 1.0])
+
+
+def test_krs_follows_its_formula():
+    from engramlab.evaluate.erasure import patched_logits
+    from engramlab.inspect import dissect
+    from engramlab.inspect.unlearning import continuation_losses, continue_greedily
+
+    lm = make_tiny("llama")
+    delta = _delta_on(lm, "model.layers.0.mlp.down_proj.weight")  # the values themselves
+    d = dissect(lm, delta, PROMPTS, window=2, tokens=2, kinds=("mlp",))
+    c = continue_greedily(lm, PROMPTS, 2)
+    with torch.no_grad():
+        orig = continuation_losses(lm.model(input_ids=c.ids, attention_mask=c.mask).logits, c)
+        with delta.applied(lm):
+            unl = continuation_losses(lm.model(input_ids=c.ids, attention_mask=c.mask).logits, c)
+        patched = continuation_losses(
+            patched_logits(lm, delta, c.ids, c.mask, ["mlp_key.0", "mlp_key.1"]), c)
+    expected = 1 - ((patched - orig) ** 2).mean() / ((unl - orig) ** 2).mean()
+    assert d.krs["mlp"][0] == pytest.approx(float(expected), abs=1e-6)
+    assert d.krs["mlp"][0] < 0.99  # patching keys cannot undo a change to the values
+    assert c.ends[0] - c.starts[0] == 2
+
+
+def test_dissect_refuses_what_it_cannot_measure():
+    from engramlab.delta import WeightDelta
+    from engramlab.inspect import dissect
+
+    lm = make_tiny("llama")
+    delta = _delta_on(lm, "model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(EngramError, match="window"):
+        dissect(lm, delta, PROMPTS, window=9)
+    with pytest.raises(EngramError, match="unknown activations"):
+        dissect(lm, delta, PROMPTS, kinds=("resid",))
+    with pytest.raises(EngramError, match="nothing to recover"):
+        dissect(lm, WeightDelta.for_model(lm, {}), PROMPTS, window=2)
+
+
+def test_dissect_command_reads_a_saved_erasure(tmp_path, capsys):
+    lm = make_tiny("llama")
+    src = lm.save(tmp_path / "m")
+    concept = tmp_path / "c.json"
+    concept.write_text(json.dumps({
+        "name": "w-things", "probes": [{"prompt": p, "answer": "w9"} for p in PROMPTS],
+        "paraphrases": [{"prompt": "w30 w31", "answer": "w9"}]}))
+    run = tmp_path / "erased"
+    _delta_on(lm, "model.layers.1.mlp.up_proj.weight").save(run / "delta")
+    (run / "report.json").write_text(json.dumps({"split": {"seed": 3}}))
+    args = ["dissect", "--model", str(src), "--concept-file", str(concept), "--window", "1",
+            "--tokens", "2"]
+    assert main([*args, "--delta", str(run), "--json", "--png", str(tmp_path / "k.png")]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["split_seed"] == 3 and obj["windows"] == [[0, 1], [1, 2], [2, 3]]
+    assert obj["krs"]["mlp"][1] == pytest.approx(1.0, abs=1e-5)
+    assert obj["peak"]["mlp"]["window"] == [1, 2]
+    assert (tmp_path / "k.png").stat().st_size > 0
+    assert main([*args, "--delta", str(tmp_path / "nowhere")]) == 2
+    assert "--delta" in capsys.readouterr().err

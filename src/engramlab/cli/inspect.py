@@ -1,4 +1,5 @@
-"""``engram trace``: where a model's hidden states carry its facts (causal tracing)."""
+"""``engram trace`` and ``engram dissect``: where a model's hidden states carry its facts, and
+where an unlearned model's knowledge can be patched back."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from .common import add_common, emit, nonnegative_int, positive_int
+from .common import add_common, add_set, emit, nonnegative_int, parse_settings, positive_int
 
 FIGURES_PER_RUN = 8  # per-fact figures written with --out
 
@@ -43,6 +44,28 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default=None, help="folder: result.json with every fact's grids, "
                    "average.png and the first facts' figures")
     p.set_defaults(func=trace)
+
+    from ..erase.run import METHODS
+    from .erase import add_concept
+
+    p = sub.add_parser("dissect", help="where an erasure left the knowledge: patch the "
+                       "unedited activations back window by window (KRS, Hong et al. 2024)")
+    add_common(p)
+    add_concept(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--delta", default=None,
+                     help="an erasure's folder from `engram erase --out` (or its delta folder)")
+    src.add_argument("--method", choices=METHODS, default=None, help="erase first, this way")
+    add_set(p, "with --method: its settings, as for engram erase")
+    p.add_argument("--split-seed", type=nonnegative_int, default=None,
+                   help="the split the erasure was tuned on (default: the saved report's, "
+                        "else 0); the held-out probes and the paraphrases are dissected")
+    p.add_argument("--window", type=positive_int, default=5, help="layers patched together")
+    p.add_argument("--tokens", type=positive_int, default=8,
+                   help="continuation tokens the loss is read on")
+    p.add_argument("--kinds", nargs="+", choices=["mlp", "attn"], default=["mlp", "attn"])
+    p.add_argument("--png", default=None, help="KRS per window, as a figure")
+    p.set_defaults(func=dissect)
 
 
 def trace(args: argparse.Namespace) -> int:
@@ -95,3 +118,47 @@ def _rome_layers(lm: Any) -> list[int] | None:
         return list(ROME().hparams_for(lm).layers)
     except EngramError:
         return None
+
+
+def dissect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..delta import WeightDelta
+    from ..erase.run import make_eraser
+    from ..errors import EngramError
+    from ..inspect import dissect as run_dissect
+    from ..inspect import plot_dissection
+    from ..models import load_model
+    from .erase import concept_of
+
+    concept = concept_of(args)
+    seed = args.split_seed
+    folder = Path(args.delta) if args.delta else None
+    if folder is not None:
+        if not folder.is_dir():
+            raise EngramError(f"--delta {folder} is not a folder; give the folder "
+                              "`engram erase --out` wrote, or its delta folder")
+        report = folder / "report.json"
+        if seed is None and report.is_file():
+            seed = json.loads(report.read_text()).get("split", {}).get("seed")
+        if (folder / "delta").is_dir():
+            folder = folder / "delta"
+    tuned, held = concept.split(0 if seed is None else seed)
+    eraser = None
+    if args.method:
+        eraser = make_eraser(args.method, layers=args.layers, **parse_settings(args.set))
+    lm = load_model(args.model, progress=not args.json)
+    delta = WeightDelta.load(folder, lm) if folder is not None else eraser.erase(lm, tuned)
+    prompts = [p.prompt for p in [*held, *concept.paraphrases]]
+    d = run_dissect(lm, delta, prompts, window=args.window, tokens=args.tokens,
+                    kinds=args.kinds)
+    obj: dict[str, Any] = {"model": lm.name, "concept": concept.name,
+                           "split_seed": 0 if seed is None else seed,
+                           "prompts": "held-out probes and paraphrases", **d.to_json()}
+    lines = d.lines(f"{concept.name}: knowledge recovered by patching the unedited model's "
+                    f"activations back, {args.window} layers at a time (KRS)")
+    if args.png:
+        obj["png"] = str(plot_dissection(d, args.png, f"{lm.label}: {concept.name}"))
+        lines.append(f"wrote {args.png}")
+    emit(args, obj, lines)
+    return 0

@@ -230,6 +230,23 @@ def delta_layers(lm: LM, delta: WeightDelta) -> list[int]:
 
 
 @torch.no_grad()
+def patched_logits(lm: LM, delta: WeightDelta, ids: torch.Tensor, mask: torch.Tensor,
+                   points: Sequence[str]) -> torch.Tensor:
+    """Logits of the model with ``delta`` applied, where the states at ``points`` (e.g. the MLP
+    coefficients ``mlp_key.{i}``) are replaced by the unedited model's on the same input.
+    ``lm`` must be unedited on entry; it is on exit."""
+    with Trace(lm).capture(*points) as tr:
+        lm.model(input_ids=ids, attention_mask=mask)
+    saved = {pt: tr[pt] for pt in points}
+    with delta.applied(lm):
+        trace = Trace(lm)
+        for pt in points:
+            trace.replace(pt, saved[pt])
+        with trace:
+            return lm.model(input_ids=ids, attention_mask=mask).logits
+
+
+@torch.no_grad()
 def coefficient_patch_accuracy(lm: LM, delta: WeightDelta, probes: Sequence[Probe],
                                layers: Sequence[int] | None = None, *,
                                batch_size: int = 32) -> float:
@@ -244,15 +261,7 @@ def coefficient_patch_accuracy(lm: LM, delta: WeightDelta, probes: Sequence[Prob
     for chunk in _batches(probes, batch_size):
         ids, lengths = encode_prompts(lm, [p.prompt for p in chunk])
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
-        with Trace(lm).capture(*points) as tr:
-            lm.model(input_ids=ids, attention_mask=mask)
-        saved = {pt: tr[pt] for pt in points}
-        with delta.applied(lm):
-            trace = Trace(lm)
-            for pt in points:
-                trace.replace(pt, saved[pt])
-            with trace:
-                logits = lm.model(input_ids=ids, attention_mask=mask).logits
+        logits = patched_logits(lm, delta, ids, mask, points)
         last = logits[torch.arange(len(chunk), device=ids.device), lengths - 1].argmax(-1)
         for p, guess in zip(chunk, last.tolist(), strict=True):
             hits.append(guess == target_ids(lm, p.prompt, p.answer)[0])

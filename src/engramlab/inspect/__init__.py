@@ -1,4 +1,5 @@
-"""Where knowledge lives: analyses that read a model without changing it (causal tracing)."""
+"""Where knowledge lives: analyses that read a model without changing it (causal tracing,
+and where an unlearned model's knowledge can be patched back)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from .tracing import (
     trace_fact,
     trace_facts,
 )
+from .unlearning import Dissection, dissect, plot_dissection
 
 __all__ = [
     "GROUPS",
     "STATES",
+    "Dissection",
     "FactTrace",
     "TraceConfig",
     "TraceReport",
+    "dissect",
+    "plot_dissection",
     "plot_fact",
     "plot_trace",
     "subject_embedding_std",
