@@ -52,7 +52,7 @@ def tables(out: dict) -> str:
     lines += ["", "| exit rule | check (blocks) | 95 %: agreement / saved / net | "
               "99 %: agreement / saved / net |", "|---|---|---|---|"]
     for name, points in out["early_exit_operating_points"].items():
-        cost = out["early_exit_check_in_blocks"].get(name.split("+")[0])
+        cost = out["early_exit_check_in_blocks"].get(name)
         cells = []
         for target in ("0.95", "0.99"):
             t = points[target]["test"]
@@ -63,7 +63,9 @@ def tables(out: dict) -> str:
     g, facts = out["depth"]["guess_then_refine"], out["depth"]["facts"]
     lines += ["", "| frequency bucket | first top-1 layer | settled layer |", "|---|---|---|"]
     for b in g["buckets"]:
-        lines.append(f"| rank {b} | {g['first_top1_layer'][b]} | {g['settled_layer'][b]} |")
+        first, settled = g["first_top1_layer"][b], g["settled_layer"][b]
+        lines.append(f"| rank {b} | {'-' if first is None else f'{first:.1f}'} | "
+                     f"{'-' if settled is None else f'{settled:.1f}'} |")
     if facts.get("known"):
         lines.append(f"| fact answers ({facts['known']} known), first token | "
                      f"{facts['first_token_layer']:.1f} | - |")
