@@ -318,3 +318,22 @@ def test_dissect_command_reads_a_saved_erasure(tmp_path, capsys):
     assert (tmp_path / "k.png").stat().st_size > 0
     assert main([*args, "--delta", str(tmp_path / "nowhere")]) == 2
     assert "--delta" in capsys.readouterr().err
+
+
+@pytest.mark.embedded
+def test_embedded_fine_tuning_unlearning_is_undone_by_patching_coefficients(smol):
+    """Hong et al.'s finding on SmolLM2: after gradient ascent, putting the unedited MLP
+    coefficients back in a window of layers restores most of the behaviour, far more than
+    putting the attention outputs back."""
+    from engramlab.data import general_text, get_concept
+    from engramlab.erase.run import make_eraser
+    from engramlab.inspect import dissect
+
+    concept = get_concept("Harry Potter")
+    tuned, held = concept.split(0)
+    prompts = [p.prompt for p in [*held, *concept.paraphrases]]
+    ga = make_eraser("ga", tune=False, steps=10, lr=4e-5).erase(
+        smol, tuned, retain=list(general_text())[:4])
+    d = dissect(smol, ga, prompts, window=10, stride=10, tokens=4)
+    assert d.loss_unlearned > d.loss_original + 0.5
+    assert max(d.krs["mlp"]) > 0.6 and max(d.krs["mlp"]) > max(d.krs["attn"]) + 0.2

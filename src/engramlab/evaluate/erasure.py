@@ -231,13 +231,16 @@ def delta_layers(lm: LM, delta: WeightDelta) -> list[int]:
 
 @torch.no_grad()
 def patched_logits(lm: LM, delta: WeightDelta, ids: torch.Tensor, mask: torch.Tensor,
-                   points: Sequence[str]) -> torch.Tensor:
+                   points: Sequence[str], saved: dict[str, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """Logits of the model with ``delta`` applied, where the states at ``points`` (e.g. the MLP
-    coefficients ``mlp_key.{i}``) are replaced by the unedited model's on the same input.
-    ``lm`` must be unedited on entry; it is on exit."""
-    with Trace(lm).capture(*points) as tr:
-        lm.model(input_ids=ids, attention_mask=mask)
-    saved = {pt: tr[pt] for pt in points}
+    coefficients ``mlp_key.{i}``) are replaced by the unedited model's on the same input
+    (``saved``: those states, already captured). ``lm`` must be unedited on entry; it is on
+    exit."""
+    if saved is None:
+        with Trace(lm).capture(*points) as tr:
+            lm.model(input_ids=ids, attention_mask=mask)
+        saved = {pt: tr[pt] for pt in points}
     with delta.applied(lm):
         trace = Trace(lm)
         for pt in points:

@@ -37,6 +37,7 @@ from ..delta import WeightDelta
 from ..errors import SettingsError
 from ..evaluate.erasure import patched_logits
 from ..models.lm import LM
+from ..trace import Trace
 
 PATCHED = {"mlp": "mlp_key", "attn": "attn_out"}
 
@@ -135,7 +136,11 @@ def dissect(lm: LM, delta: WeightDelta, prompts: Sequence[str], *, window: int =
     if not prompts:
         raise SettingsError("no prompts to dissect the unlearning on")
     c = continue_greedily(lm, prompts, tokens)
-    original = continuation_losses(lm.model(input_ids=c.ids, attention_mask=c.mask).logits, c)
+    # the unedited run once, with every activation a window may patch back
+    every = [f"{PATCHED[k]}.{i}" for k in kinds for i in range(lm.n_layers)]
+    with Trace(lm).capture(*every) as unedited:
+        logits = lm.model(input_ids=c.ids, attention_mask=c.mask).logits
+    original = continuation_losses(logits, c)
     with delta.applied(lm):
         unlearned = continuation_losses(
             lm.model(input_ids=c.ids, attention_mask=c.mask).logits, c)
@@ -149,7 +154,9 @@ def dissect(lm: LM, delta: WeightDelta, prompts: Sequence[str], *, window: int =
         krs[kind] = []
         for a, b in windows:
             points = [f"{PATCHED[kind]}.{i}" for i in range(a, b)]
-            patched = continuation_losses(patched_logits(lm, delta, c.ids, c.mask, points), c)
+            logits = patched_logits(lm, delta, c.ids, c.mask, points,
+                                    {p: unedited[p] for p in points})
+            patched = continuation_losses(logits, c)
             krs[kind].append(1 - float(((patched - original) ** 2).mean()) / base)
     return Dissection(windows, krs, float(original.mean()), float(unlearned.mean()),
                       len(prompts))
