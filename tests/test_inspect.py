@@ -337,3 +337,74 @@ def test_embedded_fine_tuning_unlearning_is_undone_by_patching_coefficients(smol
     d = dissect(smol, ga, prompts, window=10, stride=10, tokens=4)
     assert d.loss_unlearned > d.loss_original + 0.5
     assert max(d.krs["mlp"]) > 0.6 and max(d.krs["mlp"]) > max(d.krs["attn"]) + 0.2
+
+
+def _known_probes(lm, prompts):
+    """Probes whose answers are what ``lm`` predicts: a tiny random model "knows" them."""
+    from engramlab.batching import encode_prompts
+    from engramlab.data.concepts import Probe
+    from engramlab.evaluate.erasure import last_logits
+
+    ids, lengths = encode_prompts(lm, prompts)
+    with torch.no_grad():
+        pred = last_logits(lm, ids, lengths).argmax(-1).tolist()
+    return [Probe(p, lm.tokenizer.decode([t]).strip()) for p, t in zip(prompts, pred,
+                                                                        strict=True)]
+
+
+def _tiny_concept(lm):
+    from engramlab.data.concepts import Concept
+
+    probes = _known_probes(lm, [f"w{i} w{i + 1}" for i in range(10, 30, 2)])
+    controls = _known_probes(lm, [f"w{i} w{i + 3}" for i in range(40, 70, 3)])
+    return Concept("tiny", probes, keywords=["w10"], controls=controls,
+                   text="w10 w11 w12 w13 w14 w15")
+
+
+def test_specialisation_score_follows_its_formula_and_its_random_baseline():
+    from engramlab.erase.concept_vectors import vectors_delta
+    from engramlab.evaluate.erasure import accuracy
+    from engramlab.inspect import specialisation
+
+    lm = make_tiny("llama")
+    concept = _tiny_concept(lm)
+    r = specialisation(lm, concept, top_k=150, random_draws=2)
+    _, held = concept.split(0)
+    general = concept.controls[1::2]
+    assert r["concept_before"] == 1.0 and r["general_before"] == 1.0  # the model's own answers
+    with vectors_delta(lm, [tuple(v) for v in r["vectors"]], damping=0.0).applied(lm):
+        c_after, g_after = accuracy(lm, held), accuracy(lm, general)
+    assert r["pss"] == pytest.approx((1 - c_after) - (1 - g_after))
+    assert len(r["vectors"]) == 150 and r["random_pss"] is not None
+
+
+def test_specialisation_is_zero_when_the_vectors_are_zero_already():
+    from engramlab.erase.concept_vectors import vectors_delta
+    from engramlab.inspect import masked_pss, specialisation
+
+    lm = make_tiny("llama")
+    concept = _tiny_concept(lm)
+    first = specialisation(lm, concept, top_k=150, random_draws=0)
+    vectors = [tuple(v) for v in first["vectors"]]
+    _, held = concept.split(0)
+    general = concept.controls[1::2]
+    assert first["concept_drop"] != 0 or first["general_drop"] != 0  # masking did something
+    with vectors_delta(lm, vectors, damping=0.0).applied(lm):
+        again = masked_pss(lm, vectors, held, general)
+    assert again["pss"] == 0.0 and again["concept_drop"] == 0.0 and again["general_drop"] == 0.0
+
+
+def test_specialise_command(tmp_path, capsys):
+    lm = make_tiny("llama")
+    src = lm.save(tmp_path / "m")
+    concept = _tiny_concept(lm)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(concept.to_dict()))
+    assert main(["specialise", "--model", str(src), "--concept-file", str(path), "--top-k",
+                 "150", "--random-draws", "1", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    [row] = table["concepts"]
+    assert row["concept"] == "tiny" and row["top_k"] == 150
+    assert table["mean_pss"] == pytest.approx(row["pss"]) and table["sd_pss"] is None
+    assert main(["specialise", "--concepts", "Atlantis"]) == 2
+    assert "Atlantis" in capsys.readouterr().err

@@ -67,6 +67,22 @@ def register(sub: Any) -> None:
     p.add_argument("--png", default=None, help="KRS per window, as a figure")
     p.set_defaults(func=dissect)
 
+    p = sub.add_parser("specialise", help="MLP specialisation: mask each concept's most "
+                       "relevant value vectors, compare its drop with everything else's")
+    add_common(p)
+    p.add_argument("--concepts", nargs="+", default=None,
+                   help="bundled concept names (default: all of them)")
+    p.add_argument("--concept-file", default=None, help="a concept file of your own instead")
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--top-k", type=positive_int, default=16, help="value vectors masked")
+    p.add_argument("--selection", default="activation",
+                   choices=["activation", "answer", "distinct", "vocab", "effect", "combined"])
+    p.add_argument("--split-seed", type=nonnegative_int, default=0,
+                   help="which half of each concept's probes ranks the vectors")
+    p.add_argument("--random-draws", type=nonnegative_int, default=3,
+                   help="masks of random vectors, the baseline")
+    p.set_defaults(func=specialise)
+
 
 def trace(args: argparse.Namespace) -> int:
     from .._io import atomic_dir
@@ -161,4 +177,23 @@ def dissect(args: argparse.Namespace) -> int:
         obj["png"] = str(plot_dissection(d, args.png, f"{lm.label}: {concept.name}"))
         lines.append(f"wrote {args.png}")
     emit(args, obj, lines)
+    return 0
+
+
+def specialise(args: argparse.Namespace) -> int:
+    from ..data import bundled_concepts, get_concept, load_concept
+    from ..inspect import specialisation_lines, specialisation_table
+    from ..models import load_model
+
+    if args.concept_file:
+        concepts = [load_concept(args.concept_file)]
+    elif args.concepts:
+        concepts = [get_concept(name) for name in args.concepts]
+    else:
+        concepts = bundled_concepts()
+    lm = load_model(args.model, progress=not args.json)
+    table = specialisation_table(lm, concepts, top_k=args.top_k, split_seed=args.split_seed,
+                                 selection=args.selection, layers=args.layers,
+                                 random_draws=args.random_draws)
+    emit(args, table, specialisation_lines(table))
     return 0

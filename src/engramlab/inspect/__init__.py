@@ -1,8 +1,14 @@
 """Where knowledge lives: analyses that read a model without changing it (causal tracing,
-and where an unlearned model's knowledge can be patched back)."""
+MLP specialisation, and where an unlearned model's knowledge can be patched back)."""
 
 from __future__ import annotations
 
+from .specialisation import (
+    masked_pss,
+    specialisation,
+    specialisation_lines,
+    specialisation_table,
+)
 from .tracing import (
     GROUPS,
     STATES,
@@ -25,9 +31,13 @@ __all__ = [
     "TraceConfig",
     "TraceReport",
     "dissect",
+    "masked_pss",
     "plot_dissection",
     "plot_fact",
     "plot_trace",
+    "specialisation",
+    "specialisation_lines",
+    "specialisation_table",
     "subject_embedding_std",
     "trace_fact",
     "trace_facts",
