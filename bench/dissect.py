@@ -1,0 +1,65 @@
+"""Where erasures leave the knowledge: KRS per window for each method and concept (Hong et al.
+2024). Prints one JSON object.
+
+    .venv/bin/python bench/dissect.py [--concepts "Harry Potter" Japan] [--methods ga npo rmu
+        concept-vectors features] [--split-seed 0] [--window 5] [--save inspect/RUN]
+
+Each method erases each concept as ``engram erase`` does (tuned under the specificity budget on
+the tuning half of the probes); the dissection reads the held-out probes and the paraphrases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import engramlab as eg
+from engramlab.data import get_concept
+from engramlab.erase.run import make_eraser
+from engramlab.inspect import dissect, plot_dissection
+from results import save_run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--concepts", nargs="+", default=["Harry Potter", "Japan"])
+    ap.add_argument("--methods", nargs="+",
+                    default=["ga", "npo", "rmu", "concept-vectors", "features"])
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
+    args = ap.parse_args()
+    concepts = [get_concept(name) for name in args.concepts]  # bad names fail before loading
+    lm = eg.load_model(args.model, progress=False)
+    out: dict = {"model": lm.name, "split_seed": args.split_seed, "window": args.window,
+                 "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for concept in concepts:
+            tuned, held = concept.split(args.split_seed)
+            prompts = [p.prompt for p in [*held, *concept.paraphrases]]
+            for method in args.methods:
+                print(f"{concept.name} / {method}", file=sys.stderr, flush=True)
+                t = time.perf_counter()
+                delta = make_eraser(method).erase(lm, tuned)
+                d = dissect(lm, delta, prompts, window=args.window, tokens=args.tokens)
+                out["runs"].append({"concept": concept.name, "method": method,
+                                    "seconds": time.perf_counter() - t, **d.to_json()})
+                name = f"krs_{concept.name.lower().replace(' ', '_')}_{method}.png"
+                files[name] = plot_dissection(d, Path(tmp) / name,
+                                              f"{lm.label}: {concept.name}, {method}")
+        print(json.dumps(out, indent=1))
+        if args.save:
+            area, run = args.save.split("/", 1)
+            save_run(area, run, out, vars(args), files)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
