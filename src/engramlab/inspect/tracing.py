@@ -177,8 +177,8 @@ def _restore_masks(jobs: Sequence[tuple[str, int, int]], rows: int, n_tok: int,
 
 
 @torch.no_grad()
-def trace_fact(lm: LM, fact: Fact, noise_std: float, config: TraceConfig | None = None
-               ) -> FactTrace:
+def trace_fact(lm: LM, fact: Fact, noise_std: float, config: TraceConfig | None = None, *,
+               progress: bool = False) -> FactTrace:
     """Restore every state of every kind in ``config.states`` at every layer and every token
     from the subject on, and read the answer's probability (see the module docstring)."""
     config = config or TraceConfig()
@@ -211,8 +211,12 @@ def trace_fact(lm: LM, fact: Fact, noise_std: float, config: TraceConfig | None 
             for t in range(start, n_tok)]
     first = [layer if s == "resid" else _window(layer, n_layers, config.window).start
              for s, layer, _ in jobs]
+    from tqdm.auto import tqdm
+
     p_all = torch.empty(len(jobs))
-    for chunk in _chunks(first, max(1, config.rows // config.samples)):
+    chunks = _chunks(first, max(1, config.rows // config.samples))
+    for chunk in tqdm(chunks, desc="restored states", unit="pass", leave=False,
+                      disable=not progress):
         rows = len(chunk) * config.samples
         run = Trace(lm).capture(last)
         for point, mask in _restore_masks([jobs[j] for j in chunk], rows, n_tok, n_layers,
@@ -328,7 +332,7 @@ def trace_facts(lm: LM, facts: Sequence[Fact], config: TraceConfig | None = None
     noise_std = subject_embedding_std(lm, facts)
     traces = []
     for fact in tqdm(facts, desc="causal tracing", unit="fact", disable=not progress):
-        tr = trace_fact(lm, fact, noise_std, config)
+        tr = trace_fact(lm, fact, noise_std, config, progress=progress)
         if tr.known is not False or not known_only:
             traces.append(tr)
     if not traces:
