@@ -63,6 +63,17 @@ MUTANTS = (
            "kl = kl_to_final(lm, final_logp, lens.predict(lm, st.hidden[layer][:n], layer))",
            "kl = F.cross_entropy(lens.predict(lm, st.hidden[layer][:n], layer).float(), "
            "st.next_ids[:n].clamp_min(0), reduction='none')"),
+    Mutant("tracing_noise_rows_mixed", "inspect/tracing.py",
+           "noise.repeat(reps, 1, 1)", "noise.repeat_interleave(reps, 0)"),
+    Mutant("tracing_restores_corrupted_state", "inspect/tracing.py",
+           "return torch.where(mask[..., None], clean.to(t.dtype).expand_as(t), t)",
+           "return t"),
+    Mutant("krs_against_the_unlearned_loss", "inspect/unlearning.py",
+           "krs[kind].append(1 - float(((patched - original) ** 2).mean()) / base)",
+           "krs[kind].append(1 - float(((patched - unlearned) ** 2).mean()) / base)"),
+    Mutant("specialisation_without_general_drop", "inspect/specialisation.py",
+           '"general_drop": drop_g, "pss": drop_c - drop_g}',
+           '"general_drop": drop_g, "pss": drop_c}'),
 )
 
 
