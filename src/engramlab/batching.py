@@ -66,7 +66,12 @@ def make_batch(lm: LM, rows: list[list[int]], owner: list[int], lookup: list[lis
 def encode_prompts(lm: LM, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids of ``prompts`` and each one's length (its last real token is at
     ``length - 1``)."""
-    rows = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    return pad_rows(lm, [lm.tokenizer(p)["input_ids"] for p in prompts])
+
+
+def pad_rows(lm: LM, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded into one tensor on the model's device, and each row's
+    length."""
     pad = lm.tokenizer.pad_token_id or 0
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..batching import pad_rows
 from ..delta import WeightDelta
 from ..errors import SettingsError
 from ..evaluate.erasure import patched_logits
@@ -69,13 +70,8 @@ def continue_greedily(lm: LM, prompts: Sequence[str], tokens: int) -> Continued:
 
 
 def _pad(lm: LM, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), lm.tokenizer.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids.to(lm.device), mask.to(lm.device)
+    ids, lengths = pad_rows(lm, rows)
+    return ids, (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
 
 
 def continuation_losses(logits: torch.Tensor, c: Continued) -> torch.Tensor:
