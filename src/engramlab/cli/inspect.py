@@ -1,15 +1,27 @@
-"""``engram trace`` and ``engram dissect``: where a model's hidden states carry its facts, and
-where an unlearned model's knowledge can be patched back."""
+"""``engram trace``, ``dissect``, ``specialise`` and ``directions``: where a model's hidden
+states carry its facts, where an unlearned model's knowledge can be patched back, how much a
+concept owns its value vectors, and the direction that tells reasoning from recall."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from .common import add_common, add_set, emit, nonnegative_int, parse_settings, positive_int
 
 FIGURES_PER_RUN = 8  # per-fact figures written with --out
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def _noise(text: str) -> float:
@@ -82,6 +94,33 @@ def register(sub: Any) -> None:
     p.add_argument("--random-draws", type=nonnegative_int, default=3,
                    help="masks of random vectors, the baseline")
     p.set_defaults(func=specialise)
+
+    from ..inspect import DEFAULT_ALPHAS, REASONING_KINDS, DirectionsConfig
+
+    c = DirectionsConfig()
+    p = sub.add_parser("directions", help="the residual direction that tells reasoning from "
+                       "recall, and steering along it (Hong et al. 2025)")
+    add_common(p)
+    p.add_argument("--facts", default=None, help="recall facts (known_1000-style or edit "
+                   "cases; default: the bundled facts)")
+    p.add_argument("--concepts", action="store_true",
+                   help="also the bundled concepts' probes as recall tasks")
+    p.add_argument("--per-kind", type=positive_int, default=24,
+                   help="generated tasks per reasoning template")
+    p.add_argument("--kinds", nargs="+", choices=list(REASONING_KINDS),
+                   default=list(REASONING_KINDS), help="reasoning templates")
+    p.add_argument("--layer", type=nonnegative_int, default=None,
+                   help="steering layer (default: chosen on the tuning half)")
+    p.add_argument("--mode", choices=["scale", "add"], default=c.mode,
+                   help="scale: the paper's x + α(x·r̂)r̂ at every layer (α = -1 ablates); "
+                        "add: x + α·r at the layer's input")
+    p.add_argument("--alphas", type=_finite, nargs="+", default=None,
+                   help="steering strengths (default: " + "; ".join(
+                       f"{m} {' '.join(map(str, a))}" for m, a in DEFAULT_ALPHAS.items()) + ")")
+    p.add_argument("--split-seed", type=nonnegative_int, default=c.split_seed,
+                   help="which half of each family the directions are computed on")
+    p.add_argument("--png", default=None, help="separation and steering, as a figure")
+    p.set_defaults(func=directions)
 
 
 def trace(args: argparse.Namespace) -> int:
@@ -196,4 +235,40 @@ def specialise(args: argparse.Namespace) -> int:
                                  selection=args.selection, layers=args.layers,
                                  random_draws=args.random_draws)
     emit(args, table, specialisation_lines(table))
+    return 0
+
+
+def directions(args: argparse.Namespace) -> int:
+    from ..data import bundled_concepts, load_facts
+    from ..data.bundled import bundled_facts_path
+    from ..errors import SettingsError
+    from ..inspect import (
+        DEFAULT_ALPHAS,
+        DirectionsConfig,
+        plot_directions,
+        reasoning_directions,
+        reasoning_tasks,
+        recall_tasks,
+    )
+    from ..models import load_model
+
+    alphas = args.alphas or DEFAULT_ALPHAS[args.mode]
+    config = DirectionsConfig(split_seed=args.split_seed, layer=args.layer, mode=args.mode,
+                              alphas=tuple(alphas))
+    config.check()
+    reasoning = reasoning_tasks(args.per_kind, kinds=args.kinds)
+    facts = load_facts(args.facts or bundled_facts_path("smollm2_facts"))
+    recall = recall_tasks(facts, bundled_concepts() if args.concepts else ())
+    if len(recall) < 2:
+        raise SettingsError(f"{args.facts or 'the bundled facts'} give(s) {len(recall)} recall "
+                            "task(s) with answers; "
+                            "give a fact file with at least 5 facts that have answers")
+    lm = load_model(args.model, progress=not args.json)
+    report = reasoning_directions(lm, reasoning, recall, config, progress=not args.json)
+    obj: dict[str, Any] = {"model": lm.name, **report.to_json()}
+    lines = report.lines()
+    if args.png:
+        obj["png"] = str(plot_directions(report, args.png, lm.label))
+        lines.append(f"wrote {args.png}")
+    emit(args, obj, lines)
     return 0

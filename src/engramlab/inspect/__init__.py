@@ -1,8 +1,23 @@
 """Where knowledge lives: analyses that read a model without changing it (causal tracing,
-MLP specialisation, and where an unlearned model's knowledge can be patched back)."""
+MLP specialisation, where an unlearned model's knowledge can be patched back, and the
+direction that tells reasoning from recall)."""
 
 from __future__ import annotations
 
+from .reasoning import (
+    DEFAULT_ALPHAS,
+    REASONING_KINDS,
+    DirectionsConfig,
+    DirectionsReport,
+    Task,
+    last_states,
+    plot_directions,
+    reasoning_directions,
+    reasoning_tasks,
+    recall_tasks,
+    split_tasks,
+    steered,
+)
 from .specialisation import (
     masked_pss,
     specialisation,
@@ -24,20 +39,32 @@ from .tracing import (
 from .unlearning import Dissection, dissect, plot_dissection
 
 __all__ = [
+    "DEFAULT_ALPHAS",
     "GROUPS",
+    "REASONING_KINDS",
     "STATES",
+    "DirectionsConfig",
+    "DirectionsReport",
     "Dissection",
     "FactTrace",
+    "Task",
     "TraceConfig",
     "TraceReport",
     "dissect",
+    "last_states",
     "masked_pss",
+    "plot_directions",
     "plot_dissection",
     "plot_fact",
     "plot_trace",
+    "reasoning_directions",
+    "reasoning_tasks",
+    "recall_tasks",
     "specialisation",
     "specialisation_lines",
     "specialisation_table",
+    "split_tasks",
+    "steered",
     "subject_embedding_std",
     "trace_fact",
     "trace_facts",
