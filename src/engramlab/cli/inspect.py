@@ -1,6 +1,7 @@
-"""``engram trace``, ``dissect``, ``specialise`` and ``directions``: where a model's hidden
-states carry its facts, where an unlearned model's knowledge can be patched back, how much a
-concept owns its value vectors, and the direction that tells reasoning from recall."""
+"""``engram trace``, ``dissect``, ``specialise``, ``directions`` and ``atlas``: where a model's
+hidden states carry its facts, where an unlearned model's knowledge can be patched back, how
+much a concept owns its value vectors, the direction that tells reasoning from recall, and what
+each MLP neuron reads and writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import json
 import math
 from typing import Any
 
-from .common import add_common, add_set, emit, nonnegative_int, parse_settings, positive_int
+from .common import (
+    CORPUS_HELP,
+    add_common,
+    add_set,
+    emit,
+    nonnegative_int,
+    parse_settings,
+    positive_int,
+)
 
 FIGURES_PER_RUN = 8  # per-fact figures written with --out
 
@@ -22,6 +31,13 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
+
+
+def _neuron(text: str) -> tuple[int, int]:
+    layer, _, index = text.partition(":")
+    if not (layer.isdigit() and index.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:INDEX, e.g. 1:42")
+    return int(layer), int(index)
 
 
 def _noise(text: str) -> float:
@@ -121,6 +137,26 @@ def register(sub: Any) -> None:
                    help="which half of each family the directions are computed on")
     p.add_argument("--png", default=None, help="separation and steering, as a figure")
     p.set_defaults(func=directions)
+
+    from ..inspect import AtlasConfig
+
+    a = AtlasConfig()
+    p = sub.add_parser("atlas", help="neuron atlas: each MLP neuron's top contexts, promoted "
+                       "tokens and token category (build with --out, page with --load)")
+    add_common(p)
+    p.add_argument("--load", default=None, help="an atlas folder to read instead of building")
+    p.add_argument("--neuron", type=_neuron, default=None, metavar="LAYER:INDEX",
+                   help="show one neuron's page")
+    p.add_argument("--layers", type=nonnegative_int, nargs="+", default=list(a.layers))
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
+    p.add_argument("--tokens", type=positive_int, default=a.tokens, help="corpus tokens read")
+    p.add_argument("--top-k", type=positive_int, default=a.top_k, help="contexts per neuron")
+    p.add_argument("--window", type=nonnegative_int, default=a.window,
+                   help="tokens shown before each activating token")
+    p.add_argument("--categories", type=positive_int, default=a.categories,
+                   help="token categories (k-means on the input embeddings)")
+    p.add_argument("--out", default=None, help="folder to save the atlas in")
+    p.set_defaults(func=atlas)
 
 
 def trace(args: argparse.Namespace) -> int:
@@ -270,5 +306,39 @@ def directions(args: argparse.Namespace) -> int:
     if args.png:
         obj["png"] = str(plot_directions(report, args.png, lm.label))
         lines.append(f"wrote {args.png}")
+    emit(args, obj, lines)
+    return 0
+
+
+def atlas(args: argparse.Namespace) -> int:
+    from ..data.corpus import check_corpus_spec, get_corpus
+    from ..errors import SettingsError
+    from ..inspect import Atlas, AtlasConfig, build_atlas
+    from ..models import load_model
+
+    if args.load:
+        book = Atlas.load(args.load)
+    else:
+        if args.neuron is None and args.out is None:
+            raise SettingsError("building an atlas needs --out DIR to keep it (or --neuron "
+                                "LAYER:INDEX to look at one neuron); --load DIR reads one")
+        config = AtlasConfig(layers=tuple(args.layers), tokens=args.tokens, top_k=args.top_k,
+                             window=args.window, categories=args.categories)
+        config.check()
+        spec = check_corpus_spec(args.corpus)
+        lm = load_model(args.model, progress=not args.json)
+        book = build_atlas(lm, get_corpus(lm, spec, progress=not args.json), config,
+                           progress=not args.json)
+        if args.out:
+            book.save(args.out)
+    if args.neuron is not None:
+        emit(args, book.neuron(*args.neuron), book.neuron_lines(*args.neuron))
+        return 0
+    obj = {k: v for k, v in book.index.items() if k != "tokens"}
+    lines = book.lines()
+    if args.out:
+        obj["out"] = args.out
+        lines.append(f"saved to {args.out}; page through it with "
+                     f"`engram atlas --load {args.out} --neuron LAYER:INDEX`")
     emit(args, obj, lines)
     return 0

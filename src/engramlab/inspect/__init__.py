@@ -1,9 +1,10 @@
 """Where knowledge lives: analyses that read a model without changing it (causal tracing,
-MLP specialisation, where an unlearned model's knowledge can be patched back, and the
-direction that tells reasoning from recall)."""
+MLP specialisation, where an unlearned model's knowledge can be patched back, the direction
+that tells reasoning from recall, and an atlas of what each MLP neuron reads and writes)."""
 
 from __future__ import annotations
 
+from .atlas import Atlas, AtlasConfig, build_atlas
 from .reasoning import (
     DEFAULT_ALPHAS,
     REASONING_KINDS,
@@ -43,6 +44,8 @@ __all__ = [
     "GROUPS",
     "REASONING_KINDS",
     "STATES",
+    "Atlas",
+    "AtlasConfig",
     "DirectionsConfig",
     "DirectionsReport",
     "Dissection",
@@ -50,6 +53,7 @@ __all__ = [
     "Task",
     "TraceConfig",
     "TraceReport",
+    "build_atlas",
     "dissect",
     "last_states",
     "masked_pss",
