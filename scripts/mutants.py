@@ -74,6 +74,17 @@ MUTANTS = (
     Mutant("specialisation_without_general_drop", "inspect/specialisation.py",
            '"general_drop": drop_g, "pss": drop_c - drop_g}',
            '"general_drop": drop_g, "pss": drop_c}'),
+    Mutant("directions_from_held_out_states", "inspect/reasoning.py",
+           'dirs = mean_difference(states["reasoning", "tune"], states["recall", "tune"])',
+           'dirs = mean_difference(states["reasoning", "held"], states["recall", "held"])'),
+    Mutant("steering_adds_the_unit_direction", "inspect/reasoning.py",
+           "return t + alpha * (t @ r).unsqueeze(-1) * r", "return t + alpha * r"),
+    Mutant("atlas_top_k_forgets_earlier_batches", "inspect/atlas.py",
+           "values = torch.cat([top_act[x], acts])",
+           "values = torch.cat([top_act[x] - math.inf, acts])"),
+    Mutant("atlas_homogeneity_counts_repeated_tokens", "inspect/atlas.py",
+           "differ = ids[..., :, None] != ids[..., None, :]",
+           "differ = ~torch.eye(ids.shape[-1], dtype=torch.bool).expand(*ids.shape, -1)"),
 )
 
 

@@ -23,7 +23,7 @@ from engramlab.inspect import (
     split_tasks,
     steered,
 )
-from engramlab.inspect.reasoning import SHOTS, auroc, mean_difference, solved
+from engramlab.inspect.reasoning import SHOTS, auroc, fisher_ratio, mean_difference, solved
 from engramlab.trace import Trace, run_model
 
 from .conftest import make_tiny
@@ -185,6 +185,9 @@ def test_report_reads_directions_on_the_tuning_half_and_figures_on_the_held_out_
         expected = auroc((states["hr"][lay].double() @ unit).tolist(),
                          (states["hm"][lay].double() @ unit).tolist())
         assert report.separation[lay]["auroc"] == pytest.approx(expected)
+        tune = [(states[k][lay].double() @ unit) for k in ("tr", "tm")]
+        assert report.separation[lay]["fisher_tune"] == pytest.approx(fisher_ratio(*tune))
+    assert report.direction_norms == pytest.approx([float(d.norm()) for d in dirs[:-1]])
     fisher = [s["fisher_tune"] for s in report.separation]
     assert report.layer == max(range(1, lm.n_layers), key=fisher.__getitem__)
     rows = {r["alpha"]: r for r in report.steering}
