@@ -140,7 +140,8 @@ def test_atlas_command(tmp_path, capsys):
     assert main(["atlas", "--load", str(out), "--neuron", "1:2", "--json"]) == 0
     page = json.loads(capsys.readouterr().out)
     assert len(page["contexts"]) == 4 and page["neuron"] == 2
-    assert main(["atlas", "--load", str(out)]) == 0
+    assert main(["atlas", "--load", str(out), "--png", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").stat().st_size > 0
     text = capsys.readouterr().out
     s = obj["summary"]["0"]
     assert f"{s['mean_purity']:>8.3f}" in text

@@ -156,6 +156,8 @@ def register(sub: Any) -> None:
     p.add_argument("--categories", type=positive_int, default=a.categories,
                    help="token categories (k-means on the input embeddings)")
     p.add_argument("--out", default=None, help="folder to save the atlas in")
+    p.add_argument("--png", default=None, help="homogeneity by zone and categories per "
+                   "neuron, as a figure")
     p.set_defaults(func=atlas)
 
 
@@ -313,7 +315,7 @@ def directions(args: argparse.Namespace) -> int:
 def atlas(args: argparse.Namespace) -> int:
     from ..data.corpus import check_corpus_spec, get_corpus
     from ..errors import SettingsError
-    from ..inspect import Atlas, AtlasConfig, build_atlas
+    from ..inspect import Atlas, AtlasConfig, build_atlas, plot_atlas
     from ..models import load_model
 
     if args.load:
@@ -336,6 +338,9 @@ def atlas(args: argparse.Namespace) -> int:
         return 0
     obj = {k: v for k, v in book.index.items() if k != "tokens"}
     lines = book.lines()
+    if args.png:
+        obj["png"] = str(plot_atlas(book, args.png, f"{book.index['model']}: neuron atlas"))
+        lines.append(f"wrote {args.png}")
     if args.out:
         obj["out"] = args.out
         lines.append(f"saved to {args.out}; page through it with "

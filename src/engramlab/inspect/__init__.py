@@ -4,7 +4,7 @@ that tells reasoning from recall, and an atlas of what each MLP neuron reads and
 
 from __future__ import annotations
 
-from .atlas import Atlas, AtlasConfig, build_atlas
+from .atlas import Atlas, AtlasConfig, build_atlas, plot_atlas
 from .reasoning import (
     DEFAULT_ALPHAS,
     REASONING_KINDS,
@@ -57,6 +57,7 @@ __all__ = [
     "dissect",
     "last_states",
     "masked_pss",
+    "plot_atlas",
     "plot_directions",
     "plot_dissection",
     "plot_fact",

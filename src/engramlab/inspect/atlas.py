@@ -315,3 +315,28 @@ def build_atlas(lm: LM, corpus: TextCorpus, config: AtlasConfig | None = None, *
              "tokens": {str(t): lm.decode(t) for t in sorted(referenced)}}
     return Atlas(arrays, index)
 
+
+
+def plot_atlas(atlas: Atlas, out: str | Path, title: str = "") -> Path:
+    """Left: homogeneity of each activation zone per layer, beside random tokens. Right: how
+    many token categories a neuron's top contexts span, per layer."""
+    from ..figures import figure
+
+    with figure(out, ncols=2, figsize=(10, 4)) as (_, (left, right)):
+        zones = list(range(1, ZONES + 1))
+        for layer in atlas.layers:
+            s = atlas.index["summary"][str(layer)]
+            left.plot(zones, s["homogeneity_by_zone"], marker="o", label=f"layer {layer}")
+            spanned = atlas.arrays[f"L{layer}.spanned"].float()
+            right.hist(spanned.tolist(), bins=range(1, int(spanned.max()) + 2), alpha=0.5,
+                       label=f"layer {layer}")
+        left.axhline(atlas.index["random_homogeneity"], color="grey", ls="--", lw=0.8,
+                     label="random tokens")
+        left.set(xticks=zones, xlabel="activation zone (1 = highest quarter of the top-k)",
+                 ylabel="mean cosine, pairs of different tokens",
+                 title=title or "categorical homogeneity by activation")
+        left.legend()
+        right.set(xlabel="token categories among a neuron's top contexts", ylabel="neurons",
+                  title="categories per neuron")
+        right.legend()
+    return Path(out)
