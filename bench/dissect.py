@@ -24,6 +24,29 @@ from engramlab.inspect import dissect, plot_dissection
 from results import save_run
 
 
+def plot_methods(runs: list[dict], out: Path, title: str) -> Path:
+    """KRS per window for every method on one concept: MLP patches solid, attention dashed."""
+    from engramlab.figures import figure
+
+    with figure(out, figsize=(7, 4.5)) as (_, ax):
+        for i, run in enumerate(runs):
+            starts = [a for a, _ in run["windows"]]
+            for kind, style in (("mlp", "-"), ("attn", "--")):
+                if kind in run["krs"]:
+                    ax.plot(starts, run["krs"][kind], style, color=f"C{i}", marker=".",
+                            label=f"{run['method']} ({kind})")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel=f"first layer of the {args_window(runs)}-layer window", ylabel="KRS",
+               title=f"{title}: knowledge recovered by patching")
+        ax.legend(fontsize=7, ncol=2)
+    return out
+
+
+def args_window(runs: list[dict]) -> int:
+    a, b = runs[0]["windows"][0]
+    return b - a
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -54,6 +77,10 @@ def main() -> int:
                 name = f"krs_{concept.name.lower().replace(' ', '_')}_{method}.png"
                 files[name] = plot_dissection(d, Path(tmp) / name,
                                               f"{lm.label}: {concept.name}, {method}")
+        for concept in concepts:
+            name = f"krs_{concept.name.lower().replace(' ', '_')}.png"
+            files[name] = plot_methods([r for r in out["runs"] if r["concept"] == concept.name],
+                                       Path(tmp) / name, f"{lm.label}: {concept.name}")
         print(json.dumps(out, indent=1))
         if args.save:
             area, run = args.save.split("/", 1)
