@@ -233,3 +233,21 @@ def test_directions_command_refuses_nan_before_loading(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["directions", "--alphas", "0", "nan"])
     assert exc.value.code == 2 and "--alphas" in capsys.readouterr().err
+
+
+@pytest.mark.embedded
+def test_embedded_direction_separates_held_out_reasoning_from_recall(smol):
+    """The paper's picture on SmolLM2: the tuning-half direction separates the held-out halves
+    once the question has been read (not at block 0, whose input at the last token is the same
+    for every task), and removing it everywhere costs the reasoning tasks accuracy."""
+    from engramlab.data import load_facts
+    from engramlab.data.bundled import bundled_facts_path
+    from engramlab.inspect import recall_tasks
+
+    reasoning = reasoning_tasks(6, kinds=["add", "multiply", "chain", "word"])
+    recall = recall_tasks(load_facts(bundled_facts_path("smollm2_facts"), limit=40))
+    report = reasoning_directions(smol, reasoning, recall, DirectionsConfig(alphas=(0.0, -1.0)))
+    assert report.separation[0]["auroc"] == 0.5
+    assert report.separation[report.layer]["auroc"] > 0.9
+    rows = {r["alpha"]: r for r in report.steering}
+    assert rows[-1.0]["reasoning"]["accuracy"] < rows[0.0]["reasoning"]["accuracy"]
