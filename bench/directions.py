@@ -79,6 +79,8 @@ def main() -> int:
             "layers_chosen": [r["layer"] for r in reports],
             "auroc_by_layer": [statistics.fmean(r["separation"][k]["auroc"] for r in reports)
                                for k in range(layers)],
+            "cohens_d_by_layer": [statistics.fmean(r["separation"][k]["cohens_d"]
+                                                   for r in reports) for k in range(layers)],
             "auroc_at_chosen": _spread([r["separation"][r["layer"]]["auroc"]
                                         for r in reports]),
             "summary": summary, "reports": reports}

@@ -187,6 +187,9 @@ def test_report_reads_directions_on_the_tuning_half_and_figures_on_the_held_out_
         assert report.separation[lay]["auroc"] == pytest.approx(expected)
         tune = [(states[k][lay].double() @ unit) for k in ("tr", "tm")]
         assert report.separation[lay]["fisher_tune"] == pytest.approx(fisher_ratio(*tune))
+        held = [(states[k][lay].double() @ unit) for k in ("hr", "hm")]
+        d = (held[0].mean() - held[1].mean()) / ((held[0].var() + held[1].var()) / 2).sqrt()
+        assert report.separation[lay]["cohens_d"] == pytest.approx(float(d))
     assert report.direction_norms == pytest.approx([float(d.norm()) for d in dirs[:-1]])
     fisher = [s["fisher_tune"] for s in report.separation]
     assert report.layer == max(range(1, lm.n_layers), key=fisher.__getitem__)

@@ -223,7 +223,8 @@ def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
 
 
 def fisher_ratio(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """(mean gap)² over the mean of the two variances: how far apart two 1-d samples lie."""
+    """(mean gap)² over the mean of the two variances: how far apart two 1-d samples lie
+    (its square root is Cohen's d)."""
     spread = (pos.var() + neg.var()) / 2
     gap = (pos.mean() - neg.mean()) ** 2
     return float(gap / spread) if spread > 0 else math.inf
@@ -323,7 +324,7 @@ class DirectionsReport:
                            "separation, steering accuracies": "held-out"}}
 
     def best_separation(self) -> dict[str, float]:
-        return max(self.separation, key=lambda s: s["auroc"])
+        return max(self.separation, key=lambda s: s["cohens_d"])
 
     def lines(self) -> list[str]:
         c = self.counts
@@ -333,8 +334,8 @@ class DirectionsReport:
                f"tasks, {c['reasoning']['held']} + {c['recall']['held']} held out",
                f"held-out separation at the steering layer {self.layer} "
                f"({self.layer_chosen_on}): AUROC {sep['auroc']:.3f}, threshold accuracy "
-               f"{sep['accuracy']:.3f}; best layer {int(best['layer'])}: AUROC "
-               f"{best['auroc']:.3f}",
+               f"{sep['accuracy']:.3f}, Cohen's d {sep['cohens_d']:.1f}; largest d at layer "
+               f"{int(best['layer'])}: {best['cohens_d']:.1f}",
                f"steering ({self.mode}), held-out accuracy [95 % interval]; change from α = 0 "
                "[paired interval]:",
                f"{'alpha':>7}  {'reasoning':<30}{'recall':<30}"]
@@ -359,7 +360,9 @@ def _separation(direction: torch.Tensor, tune: tuple[torch.Tensor, torch.Tensor]
     threshold = float((tr.mean() + tm.mean()) / 2)
     right = int((hr > threshold).sum()) + int((hm <= threshold).sum())
     return {"layer": layer, "auroc": auroc(hr.tolist(), hm.tolist()),
-            "accuracy": right / (len(hr) + len(hm)), "fisher_tune": fisher_ratio(tr, tm)}
+            "accuracy": right / (len(hr) + len(hm)), "fisher_tune": fisher_ratio(tr, tm),
+            "cohens_d": math.copysign(math.sqrt(fisher_ratio(hr, hm)),
+                                      float(hr.mean() - hm.mean()))}
 
 
 def reasoning_directions(lm: LM, reasoning: Sequence[Task], recall: Sequence[Task],
@@ -427,16 +430,17 @@ def _by_kind(tasks: Sequence[Task], hits: Sequence[bool]) -> dict[str, float]:
 
 
 def plot_directions(report: DirectionsReport, out: str | Path, title: str = "") -> Path:
-    """Left: held-out AUROC per layer (the steering layer marked). Right: held-out accuracy of
-    each family against α, with 95 % intervals."""
+    """Left: held-out separation per layer, as Cohen's d of the projections (AUROC saturates
+    at 1 once the families are apart at all), the steering layer marked. Right: held-out
+    accuracy of each family against α, with 95 % intervals."""
     from ..figures import figure
 
     with figure(out, ncols=2, figsize=(10, 4)) as (_, (left, right)):
         layers = [s["layer"] for s in report.separation]
-        left.plot(layers, [s["auroc"] for s in report.separation], marker=".")
+        left.plot(layers, [s["cohens_d"] for s in report.separation], marker=".")
         left.axvline(report.layer, color="grey", ls="--", lw=0.8)
-        left.set(xlabel="layer (block input)", ylabel="held-out AUROC",
-                 title="reasoning vs recall along the direction", ylim=(0.4, 1.02))
+        left.set(xlabel="layer (block input)", ylabel="held-out Cohen's d",
+                 title="reasoning vs recall along the direction")
         alphas = [r["alpha"] for r in report.steering]
         for fam in FAMILIES:
             acc = [r[fam]["accuracy"] for r in report.steering]
