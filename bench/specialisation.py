@@ -6,7 +6,8 @@ JSON object.
         [--seeds 0,1,2] [--save inspect/RUN]
 
 Each split seed ranks the vectors on another half of each concept's probes; the table gives each
-model's mean score over concepts and seeds with its spread, beside masking random vectors.
+model's mean score over concepts and seeds with its spread, beside masking random vectors. With
+``--save`` each model's first split seed is also drawn (``<model>.png``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 
 import engramlab as eg
 from engramlab.data import bundled_concepts
-from engramlab.inspect import specialisation_table
+from engramlab.inspect import plot_specialisation, specialisation_table
 from results import save_run
 
 
@@ -31,6 +34,8 @@ def main() -> int:
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict = {"top_k": args.top_k, "seeds": seeds, "models": []}
+    figures: dict[str, Path] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="specialisation."))
     for name in args.models:
         lm = eg.load_model(name, progress=False)
         tables = []
@@ -38,6 +43,9 @@ def main() -> int:
             print(f"{name}: split seed {seed}", file=sys.stderr, flush=True)
             tables.append(specialisation_table(lm, bundled_concepts(), top_k=args.top_k,
                                                split_seed=seed))
+        png = f"{Path(name).name}.png"
+        figures[png] = plot_specialisation(tables[0], tmp / png, f"{lm.label}: MLP "
+                                           f"specialisation, split seed {seeds[0]}")
         means = [t["mean_pss"] for t in tables if t["mean_pss"] is not None]
         randoms = [t["mean_random_pss"] for t in tables if t["mean_random_pss"] is not None]
         out["models"].append({
@@ -49,7 +57,7 @@ def main() -> int:
     print(json.dumps(out, indent=1))
     if args.save:
         area, run = args.save.split("/", 1)
-        save_run(area, run, out, vars(args))
+        save_run(area, run, out, vars(args), files=figures)
     return 0
 
 

@@ -405,8 +405,9 @@ def test_specialise_command(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(concept.to_dict()))
     assert main(["specialise", "--model", str(src), "--concept-file", str(path), "--top-k",
-                 "150", "--random-draws", "1", "--json"]) == 0
+                 "150", "--random-draws", "1", "--json", "--png", str(tmp_path / "s.png")]) == 0
     table = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "s.png").stat().st_size > 0
     [row] = table["concepts"]
     assert row["concept"] == "tiny" and row["top_k"] == 150
     assert table["mean_pss"] == pytest.approx(row["pss"]) and table["sd_pss"] is None

@@ -109,6 +109,7 @@ def register(sub: Any) -> None:
                    help="which half of each concept's probes ranks the vectors")
     p.add_argument("--random-draws", type=nonnegative_int, default=3,
                    help="masks of random vectors, the baseline")
+    p.add_argument("--png", default=None, help="the scores beside random masks, as a figure")
     p.set_defaults(func=specialise)
 
     from ..inspect import DEFAULT_ALPHAS, REASONING_KINDS, DirectionsConfig
@@ -259,7 +260,7 @@ def dissect(args: argparse.Namespace) -> int:
 
 def specialise(args: argparse.Namespace) -> int:
     from ..data import bundled_concepts, get_concept, load_concept
-    from ..inspect import specialisation_lines, specialisation_table
+    from ..inspect import plot_specialisation, specialisation_lines, specialisation_table
     from ..models import load_model
 
     if args.concept_file:
@@ -272,7 +273,12 @@ def specialise(args: argparse.Namespace) -> int:
     table = specialisation_table(lm, concepts, top_k=args.top_k, split_seed=args.split_seed,
                                  selection=args.selection, layers=args.layers,
                                  random_draws=args.random_draws)
-    emit(args, table, specialisation_lines(table))
+    lines = specialisation_lines(table)
+    if args.png:
+        table["png"] = str(plot_specialisation(table, args.png, f"{lm.label}: MLP "
+                                               "specialisation"))
+        lines.append(f"wrote {args.png}")
+    emit(args, table, lines)
     return 0
 
 

@@ -21,6 +21,7 @@ from .reasoning import (
 )
 from .specialisation import (
     masked_pss,
+    plot_specialisation,
     specialisation,
     specialisation_lines,
     specialisation_table,
@@ -61,6 +62,7 @@ __all__ = [
     "plot_directions",
     "plot_dissection",
     "plot_fact",
+    "plot_specialisation",
     "plot_trace",
     "reasoning_directions",
     "reasoning_tasks",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,3 +120,21 @@ def specialisation_lines(table: dict[str, Any]) -> list[str]:
         lines.append(f"mean PSS {table['mean_pss']:.2f}" + (f" ± {sd:.2f}" if sd else "")
                      + f" (random vectors {table['mean_random_pss']:.2f})")
     return lines
+
+
+def plot_specialisation(table: dict[str, Any], out: str | Path, title: str = "") -> Path:
+    """Each concept's score beside masking as many random vectors, as bars."""
+    from ..figures import figure
+
+    rows = table["concepts"]
+    with figure(out, figsize=(max(5.5, 0.6 * len(rows) + 2), 4)) as (_, ax):
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["pss"] for r in rows], width=0.4, label="top vectors")
+        ax.bar([i + 0.2 for i in x], [r["random_pss"] or 0 for r in rows], width=0.4,
+               label="random vectors")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(list(x), [r["concept"] for r in rows], rotation=45, ha="right")
+        ax.set(ylabel="PSS (concept drop − general drop)",
+               title=title or f"{table['model']}: MLP specialisation")
+        ax.legend()
+    return Path(out)
