@@ -379,13 +379,14 @@ def reasoning_directions(lm: LM, reasoning: Sequence[Task], recall: Sequence[Tas
     parts = {"reasoning": split_tasks(reasoning, config.split_seed, config.tune_share),
              "recall": split_tasks(recall, config.split_seed, config.tune_share)}
     states = {}
-    bar = tqdm(total=2 + len(config.alphas), desc="reasoning directions", unit="step",
+    # one step per pass over one family's tasks: states of each half, then each α
+    bar = tqdm(total=2 * (2 + len(config.alphas)), desc="reasoning directions", unit="pass",
                disable=not progress)
     for which, i in (("tune", 0), ("held", 1)):
         for fam in FAMILIES:
             states[fam, which] = last_states(lm, [t.prompt for t in parts[fam][i]],
                                              batch_size=batch_size)
-        bar.update()
+            bar.update()
     dirs = mean_difference(states["reasoning", "tune"], states["recall", "tune"])
     separation = [_separation(dirs[lay], (states["reasoning", "tune"][lay],
                                           states["recall", "tune"][lay]),
@@ -413,8 +414,8 @@ def reasoning_directions(lm: LM, reasoning: Sequence[Task], recall: Sequence[Tas
                             "change": sum(diffs) / len(diffs),
                             "change_interval": _interval(diffs, config.seed),
                             "by_kind": _by_kind(parts[fam][1], hits)}
+                bar.update()
         steering.append(row)
-        bar.update()
     bar.close()
     steering.sort(key=lambda r: r["alpha"])
     counts = {fam: {"tune": len(parts[fam][0]), "held": len(parts[fam][1])} for fam in FAMILIES}
