@@ -62,7 +62,7 @@ from ..trace import Trace, run_model
 FAMILIES = ("reasoning", "recall")
 MODES = ("scale", "add")
 #: α values that neither leave the model untouched nor wreck it on SmolLM2 (the paper's default
-#: scale is 0.1; for ``add`` α = ±1 already takes both families' accuracy to near zero there).
+#: scale is 0.1; for ``add``, α = ±1 already costs both families most of their accuracy there).
 DEFAULT_ALPHAS = {"scale": (-1.0, -0.1, 0.0, 0.05, 0.1), "add": (-0.5, -0.25, 0.0, 0.25, 0.5)}
 SHOTS = 3
 _NAMES = ("Tom", "Anna", "Sam", "Maria", "Ben", "Lena", "Omar", "Yuki")
