@@ -36,15 +36,11 @@ def plot_methods(runs: list[dict], out: Path, title: str) -> Path:
                     ax.plot(starts, run["krs"][kind], style, color=f"C{i}", marker=".",
                             label=f"{run['method']} ({kind})")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set(xlabel=f"first layer of the {args_window(runs)}-layer window", ylabel="KRS",
+        width = runs[0]["windows"][0][1] - runs[0]["windows"][0][0]
+        ax.set(xlabel=f"first layer of the {width}-layer window", ylabel="KRS",
                title=f"{title}: knowledge recovered by patching")
         ax.legend(fontsize=7, ncol=2)
     return out
-
-
-def args_window(runs: list[dict]) -> int:
-    a, b = runs[0]["windows"][0]
-    return b - a
 
 
 def main() -> int:

@@ -79,3 +79,8 @@ def pad_rows(lm: LM, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch
         ids[i, :len(r)] = torch.tensor(r)
     lengths = torch.tensor([len(r) for r in rows])
     return ids.to(lm.device), lengths.to(lm.device)
+
+
+def length_mask(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[rows, width]`` bool: True on each row's first ``lengths[row]`` (real) tokens."""
+    return torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import encode_prompts, target_ids
+from ..batching import encode_prompts, length_mask, target_ids
 from ..data.concepts import Concept, Probe
 from ..evaluate.erasure import last_logits
 from ..models.lm import LM
@@ -136,7 +136,7 @@ def _coefficients_and_effects(lm: LM, probes: Sequence[Probe], layers: Sequence[
     for s in range(0, len(probes), batch_size):
         chunk = probes[s:s + batch_size]
         ids, lengths = encode_prompts(lm, [p.prompt for p in chunk])
-        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None])
+        mask = length_mask(ids, lengths)
         answers = torch.tensor([target_ids(lm, p.prompt, p.answer)[0] for p in chunk],
                                device=ids.device)
         rows = torch.arange(len(chunk), device=ids.device)
@@ -164,7 +164,7 @@ def token_activations(lm: LM, texts: Sequence[str], points: Sequence[str],
     texts = sorted(texts, key=len)
     for s in range(0, len(texts), batch_size):
         ids, lengths = encode_prompts(lm, list(texts[s:s + batch_size]))
-        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None])
+        mask = length_mask(ids, lengths)
         with Trace(lm).capture(*points) as tr:
             run_model(lm, ids, mask.long(), stop_after=deepest_block(lm, points))
         yield {pt: tr[pt][mask].float().cpu() for pt in points}  # type: ignore[index]

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..batching import encode_prompts, target_ids
+from ..batching import encode_prompts, length_mask, target_ids
 from ..data.concepts import Concept, Probe
 from ..delta import WeightDelta
 from ..models.lm import LM
@@ -50,7 +50,7 @@ def last_logits(lm: LM, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
     Only the transformer body runs over every position; the unembedding (a fifth of SmolLM2's
     work, for a 49k vocabulary) runs at one position per row.
     """
-    mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+    mask = length_mask(ids, lengths).long()
     point = f"resid.{lm.n_layers - 1}"
     with Trace(lm).capture(point) as tr:
         run_model(lm, ids, mask)
@@ -263,7 +263,7 @@ def coefficient_patch_accuracy(lm: LM, delta: WeightDelta, probes: Sequence[Prob
     hits: list[bool] = []
     for chunk in _batches(probes, batch_size):
         ids, lengths = encode_prompts(lm, [p.prompt for p in chunk])
-        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+        mask = length_mask(ids, lengths).long()
         logits = patched_logits(lm, delta, ids, mask, points)
         last = logits[torch.arange(len(chunk), device=ids.device), lengths - 1].argmax(-1)
         for p, guess in zip(chunk, last.tolist(), strict=True):

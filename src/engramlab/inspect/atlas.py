@@ -248,7 +248,7 @@ def build_atlas(lm: LM, corpus: TextCorpus, config: AtlasConfig | None = None, *
             top_pos[x] = where.gather(0, order)
     flat = rows.reshape(-1)
     seen, counts = flat.unique(return_counts=True)
-    embed = lm.model.get_input_embeddings().weight.detach().float().cpu()
+    embed = lm.layout.embed.weight.detach().float().cpu()
     assign, _ = _spherical_kmeans(embed[seen], config.categories, seed=config.seed)
     n_cat = int(assign.max()) + 1
     token_category = torch.full((embed.shape[0],), -1, dtype=torch.long)

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from ..batching import encode_prompts
+from ..batching import encode_prompts, length_mask
 from ..data.concepts import Concept
 from ..data.records import Fact
 from ..errors import SettingsError
@@ -199,7 +199,7 @@ def last_states(lm: LM, prompts: Sequence[str], *, batch_size: int = 32) -> torc
     out = []
     for start in range(0, len(prompts), batch_size):
         ids, lengths = encode_prompts(lm, prompts[start:start + batch_size])
-        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+        mask = length_mask(ids, lengths).long()
         with Trace(lm).capture(*points) as tr:
             run_model(lm, ids, mask)
         rows = torch.arange(ids.shape[0], device=ids.device)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..batching import pad_rows
+from ..batching import length_mask, pad_rows
 from ..delta import WeightDelta
 from ..errors import SettingsError
 from ..evaluate.erasure import patched_logits
@@ -71,7 +71,7 @@ def continue_greedily(lm: LM, prompts: Sequence[str], tokens: int) -> Continued:
 
 def _pad(lm: LM, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids, lengths = pad_rows(lm, rows)
-    return ids, (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+    return ids, length_mask(ids, lengths).long()
 
 
 def continuation_losses(logits: torch.Tensor, c: Continued) -> torch.Tensor:
