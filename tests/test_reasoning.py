@@ -204,8 +204,10 @@ def test_report_reads_directions_on_the_tuning_half_and_figures_on_the_held_out_
     lines = report.lines()
     assert f"AUROC {report.separation[report.layer]['auroc']:.3f}" in lines[1]
     given = reasoning_directions(lm, reasoning, recall,
-                                 DirectionsConfig(alphas=(0.0,), layer=1, split_seed=3))
+                                 DirectionsConfig(alphas=(0.5,), layer=1, split_seed=3))
     assert given.layer == 1 and given.layer_chosen_on == "given"
+    assert [r["alpha"] for r in given.steering] == [0.0, 0.5]  # the base is always measured
+    assert given.steering[0]["reasoning"]["accuracy"] == sum(base) / len(base)
 
 
 def test_directions_command(tmp_path, capsys):

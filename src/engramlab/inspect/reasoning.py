@@ -279,7 +279,8 @@ def _interval(values: Sequence[float], seed: int) -> list[float] | None:
 @dataclass(frozen=True)
 class DirectionsConfig:
     """What :func:`reasoning_directions` measures: the split, the steering layer (``None``:
-    chosen on the tuning half), the mode and the α values."""
+    chosen on the tuning half), the mode and the α values (α = 0, the unsteered base, is
+    measured whether listed or not)."""
 
     split_seed: int = 0
     tune_share: float = 0.5
@@ -380,7 +381,9 @@ def reasoning_directions(lm: LM, reasoning: Sequence[Task], recall: Sequence[Tas
              "recall": split_tasks(recall, config.split_seed, config.tune_share)}
     states = {}
     # one step per pass over one family's tasks: states of each half, then each α
-    bar = tqdm(total=2 * (2 + len(config.alphas)), desc="reasoning directions", unit="pass",
+    # α = 0 is always run, first: every change is read against it
+    alphas = sorted({0.0, *config.alphas}, key=lambda a: (a != 0, a))
+    bar = tqdm(total=2 * (2 + len(alphas)), desc="reasoning directions", unit="pass",
                disable=not progress)
     for which, i in (("tune", 0), ("held", 1)):
         for fam in FAMILIES:
@@ -401,7 +404,7 @@ def reasoning_directions(lm: LM, reasoning: Sequence[Task], recall: Sequence[Tas
         layer, chosen_on = config.layer, "given"
     base: dict[str, list[bool]] = {}
     steering = []
-    for alpha in sorted(config.alphas, key=lambda a: (a != 0, a)):  # α = 0 first: the base
+    for alpha in alphas:
         row: dict[str, Any] = {"alpha": alpha}
         with steered(lm, dirs[layer], alpha, mode=config.mode, layer=layer):
             for fam in FAMILIES:
