@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,12 +33,8 @@ def _number(kind: type, ok: Any, what: str) -> Any:
 positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
 nonnegative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
 positive_float = _number(float, lambda v: v > 0, "a number above 0")
-
-
-
-positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
-nonnegative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
-positive_float = _number(float, lambda v: v > 0, "a number above 0")
+nonnegative_float = _number(float, lambda v: v >= 0, "a number of at least 0")
+finite_float = _number(float, math.isfinite, "a finite number")
 
 
 def add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:

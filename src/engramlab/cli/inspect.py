@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
 from .common import (
@@ -15,6 +14,8 @@ from .common import (
     add_common,
     add_set,
     emit,
+    finite_float,
+    nonnegative_float,
     nonnegative_int,
     parse_settings,
     positive_int,
@@ -23,31 +24,11 @@ from .common import (
 FIGURES_PER_RUN = 8  # per-fact figures written with --out
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
 def _neuron(text: str) -> tuple[int, int]:
     layer, _, index = text.partition(":")
     if not (layer.isdigit() and index.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:INDEX, e.g. 1:42")
     return int(layer), int(index)
-
-
-def _noise(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{text} is not a number of at least 0")
-    return value
 
 
 def register(sub: Any) -> None:
@@ -60,7 +41,7 @@ def register(sub: Any) -> None:
                    "attribute) or any edit-case file (default: the bundled facts)")
     p.add_argument("--limit", type=positive_int, default=10, help="trace the first N facts")
     p.add_argument("--samples", type=positive_int, default=d.samples, help="noise draws")
-    p.add_argument("--noise", type=_noise, default=d.noise,
+    p.add_argument("--noise", type=nonnegative_float, default=d.noise,
                    help="noise std in std's of the subject embeddings")
     p.add_argument("--window", type=positive_int, default=d.window,
                    help="MLP / attention blocks restored together")
@@ -128,10 +109,10 @@ def register(sub: Any) -> None:
                    default=list(REASONING_KINDS), help="reasoning templates")
     p.add_argument("--layer", type=nonnegative_int, default=None,
                    help="steering layer (default: chosen on the tuning half)")
-    p.add_argument("--mode", choices=["scale", "add"], default=c.mode,
+    p.add_argument("--mode", choices=list(DEFAULT_ALPHAS), default=c.mode,
                    help="scale: the paper's x + α(x·r̂)r̂ at every layer (α = -1 ablates); "
                         "add: x + α·r at the layer's input")
-    p.add_argument("--alphas", type=_finite, nargs="+", default=None,
+    p.add_argument("--alphas", type=finite_float, nargs="+", default=None,
                    help="steering strengths (default: " + "; ".join(
                        f"{m} {' '.join(map(str, a))}" for m, a in DEFAULT_ALPHAS.items()) + ")")
     p.add_argument("--split-seed", type=nonnegative_int, default=c.split_seed,
