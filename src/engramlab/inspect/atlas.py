@@ -266,6 +266,7 @@ def build_atlas(lm: LM, corpus: TextCorpus, config: AtlasConfig | None = None, *
         hist = torch.zeros(lm.d_mlp, n_cat).scatter_add_(1, cats.T, torch.ones(cats.T.shape))
         purity, label = (hist / k).max(1)
         present = hist > 0
+        spanned = present.sum(1)
         zone = k // ZONES  # zone z holds the contexts ranked z*zone .. (z+1)*zone - 1
         by_zone = homogeneity(embed, tokens[:zone * ZONES].view(ZONES, zone, -1)
                               .transpose(1, 2))  # [zones, n]
@@ -278,14 +279,14 @@ def build_atlas(lm: LM, corpus: TextCorpus, config: AtlasConfig | None = None, *
             promoted_logit.append(v)
         arrays |= {f"L{x}.top_act": top_act[x], f"L{x}.top_pos": top_pos[x].to(torch.int32),
                    f"L{x}.category": label.to(torch.int32), f"L{x}.purity": purity,
-                   f"L{x}.spanned": present.sum(1).to(torch.int32),
+                   f"L{x}.spanned": spanned.to(torch.int32),
                    f"L{x}.homogeneity": by_zone.T.contiguous(),
                    f"L{x}.promoted": torch.cat(promoted).to(torch.int32),
                    f"L{x}.promoted_logit": torch.cat(promoted_logit)}
         gap = (by_zone[0] - by_zone[-1])
         gap = gap[~gap.isnan()].tolist()
         summary[str(x)] = {"mean_purity": float(purity.mean()),
-                           "mean_spanned": float(present.sum(1).float().mean()),
+                           "mean_spanned": float(spanned.float().mean()),
                            "homogeneity_by_zone": by_zone.nanmean(1).tolist(),
                            "top_minus_bottom_zone": {
                                "mean": sum(gap) / len(gap) if gap else math.nan,
@@ -298,13 +299,14 @@ def build_atlas(lm: LM, corpus: TextCorpus, config: AtlasConfig | None = None, *
     upper = torch.ones(n_cat, n_cat, dtype=torch.bool).triu(1)  # each pair of categories once
     pairs = upper.nonzero().tolist()
     for a, b in itertools.pairwise(layers):
-        rise = (co[b] - co[a])[upper]
+        before, after = co[a][upper], co[b][upper]
+        rise = after - before
         order = [i for i in rise.argsort(descending=True)[:10].tolist() if rise[i] > 0]
         regrouping.append({
-            "from": a, "to": b, "share_from": float(co[a][upper].mean()),
-            "share_to": float(co[b][upper].mean()),
-            "rising": [{"a": pairs[i][0], "b": pairs[i][1], "before": float(co[a][upper][i]),
-                        "after": float(co[b][upper][i])} for i in order]})
+            "from": a, "to": b, "share_from": float(before.mean()),
+            "share_to": float(after.mean()),
+            "rising": [{"a": pairs[i][0], "b": pairs[i][1], "before": float(before[i]),
+                        "after": float(after[i])} for i in order]})
     referenced = set(flat.tolist())
     for x in layers:
         referenced |= set(arrays[f"L{x}.promoted"].flatten().tolist())
@@ -314,7 +316,6 @@ def build_atlas(lm: LM, corpus: TextCorpus, config: AtlasConfig | None = None, *
              "regrouping": regrouping,
              "tokens": {str(t): lm.decode(t) for t in sorted(referenced)}}
     return Atlas(arrays, index)
-
 
 
 def plot_atlas(atlas: Atlas, out: str | Path, title: str = "") -> Path:
