@@ -32,12 +32,7 @@ from engramlab.inspect import (
     reasoning_tasks,
     recall_tasks,
 )
-from results import save_run
-
-
-def _spread(values: list[float]) -> dict[str, float | None]:
-    return {"mean": statistics.fmean(values),
-            "sd": statistics.stdev(values) if len(values) > 1 else None}
+from results import mean_sd, save_run
 
 
 def main() -> int:
@@ -71,8 +66,8 @@ def main() -> int:
             row: dict = {"alpha": alpha}
             for fam in ("reasoning", "recall"):
                 row[fam] = {
-                    "accuracy": _spread([r["steering"][i][fam]["accuracy"] for r in reports]),
-                    "change": _spread([r["steering"][i][fam]["change"] for r in reports])}
+                    "accuracy": mean_sd([r["steering"][i][fam]["accuracy"] for r in reports]),
+                    "change": mean_sd([r["steering"][i][fam]["change"] for r in reports])}
             summary.append(row)
         layers = len(reports[0]["separation"])
         out["modes"][mode] = {
@@ -81,7 +76,7 @@ def main() -> int:
                                for k in range(layers)],
             "cohens_d_by_layer": [statistics.fmean(r["separation"][k]["cohens_d"]
                                                    for r in reports) for k in range(layers)],
-            "auroc_at_chosen": _spread([r["separation"][r["layer"]]["auroc"]
+            "auroc_at_chosen": mean_sd([r["separation"][r["layer"]]["auroc"]
                                         for r in reports]),
             "summary": summary, "reports": reports}
     print(json.dumps(out, indent=1))

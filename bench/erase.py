@@ -40,7 +40,7 @@ from engramlab.data.concepts import Concept, bundled_concepts
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.features import FeatureEraser
 from engramlab.erase.run import make_eraser, run_erasure
-from results import run_folder, save_run
+from results import mean_sd, run_folder, save_run
 
 METHODS = ("concept-vectors", "concept-vectors:vocab", "features", "ga", "npo", "rmu",
            "rmu:down")
@@ -129,8 +129,7 @@ def summarise(parts: dict, methods: list[str], seeds: list[int]) -> tuple[dict, 
             for name in ("post_target", "post_paraphrase", "control_drop",
                          "near_control_drop", "perplexity_rise"):
                 vs = [v for r in ok if (v := FIGURES[name](r)) is not None]
-                figures[name] = {"mean": _mean(vs),
-                                 "sd": statistics.stdev(vs) if len(vs) > 1 else None}
+                figures[name] = mean_sd(vs)
             per_concept[concept][method] = {"seeds": len(ok), **figures}
     return summary, per_concept
 

@@ -2,7 +2,8 @@
 its parameters and its JSON (and any figures the benchmark draws there).
 
 Written into a temporary sibling folder and moved into place, so a run that fails or is
-interrupted leaves the previous result as it was.
+interrupted leaves the previous result as it was. Also the mean-and-spread summary the benches
+share.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -46,3 +48,10 @@ def save_run(area: str, run: str, result: dict[str, Any], params: dict[str, Any]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def mean_sd(values: list[float]) -> dict[str, float | None]:
+    """``{"mean", "sd"}`` of ``values``: the mean (None for none) and the sample standard
+    deviation (None for fewer than two), the spread every bench summary reports."""
+    return {"mean": sum(values) / len(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) > 1 else None}
