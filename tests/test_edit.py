@@ -12,9 +12,11 @@ from engramlab.edit.prefix import length_groups
 from engramlab.edit.prompts import encode_with_subject, pick_positions
 from engramlab.edit.solve import (
     alphaedit_update,
+    cov_factor,
     memit_update,
     null_space_projector,
     rome_update,
+    solve_cov,
 )
 from engramlab.edit.targets import TargetConfig, optimise_targets
 from engramlab.errors import PointError, RequestError
@@ -52,6 +54,31 @@ def test_rank_one_update_maps_key_to_target_value():
     # minimal change under C: ΔW is proportional to (C⁻¹k)ᵀ
     ck = torch.linalg.solve(c, k.double())
     assert torch.allclose(v[:, 0] / v[0, 0], ck / ck[0], atol=1e-8)
+
+
+def test_a_kept_cholesky_factor_solves_c_like_a_fresh_solve():
+    c = _psd(16)
+    keys = torch.randn(16, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    factor = cov_factor(c)
+    assert torch.allclose(factor @ factor.T, c.double(), atol=1e-10)
+    assert torch.allclose(c.double() @ solve_cov(factor, keys), keys, atol=1e-8)
+    # a singular C (rank 4 of 16) still factorises, with the smallest working ridge
+    low = torch.randn(16, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    singular = low @ low.T
+    f = cov_factor(singular)
+    assert torch.isfinite(f).all()
+    assert torch.allclose(f @ f.T, singular, atol=1e-5 * float(singular.diagonal().mean()))
+
+
+def test_rome_edits_with_its_kept_factor_as_with_a_fresh_solve():
+    lm = make_tiny("llama")
+    stats = _stats(lm, [1])
+    rome = ROME(layers=[1], key_stats=stats, templates=[], **{"target.steps": 3})
+    d = rome.edit(lm, _req())
+    v = next(iter(d.entries.values())).v[:, 0]
+    keys = at_subject(lm, [_req()], ["mlp_key.1"], ["{}"], "last")["mlp_key.1"]
+    fresh = torch.linalg.solve(stats[1].moment().double(), keys[0].double())
+    assert torch.allclose(v.double() / v[0].double(), fresh / fresh[0], rtol=1e-4)
 
 
 def test_memit_update_solves_regularised_least_squares():
@@ -187,6 +214,21 @@ def test_prefix_cache_gives_the_same_targets_as_plain_forwards(family):
     assert torch.allclose(a.init, b.init, atol=1e-5)
     assert torch.allclose(a.nll, b.nll, atol=1e-4)
     assert torch.allclose(a.delta, b.delta, atol=1e-4)
+
+
+def test_target_steps_after_the_first_skip_the_blocks_before_the_edited_one():
+    """δ enters at block 1, so block 0 computes the same suffix states on every step: it runs
+    on the first step only, while the last block runs on every step."""
+    lm = make_tiny("llama")
+    calls = {0: 0, 2: 0}
+    handles = [lm.layout.block(i).register_forward_hook(
+        lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+    steps = 4
+    optimise_targets(lm, [_req()], "mlp_out.1", ["{}", "w11 w12 . {}"],
+                     TargetConfig(steps=steps, lr=0.1, early_stop=0.0))
+    for h in handles:
+        h.remove()
+    assert calls[2] - calls[0] == steps - 1
 
 
 @pytest.mark.parametrize("group_rows", [None, 1, 2])

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as T
 
 from engramlab import Trace, record
 from engramlab.errors import PointError
-from tests.conftest import tiny_text
+from tests.conftest import VOCAB, make_tiny, tiny_text
 
 
 def _forward(lm, text, **kw):
@@ -44,6 +45,41 @@ def test_a_pass_started_at_a_block_from_its_input_state_finishes_as_the_full_pas
     with torch.no_grad(), Trace(tiny).capture(last) as other:  # another input state: not a no-op
         run_model(tiny, ids, start=(layer, full["embed"]))
     assert not torch.allclose(other[last], full[last], atol=1e-3)
+
+
+MIXED_ATTENTION = {  # sliding windows shorter than the text, so the two kinds of layer differ
+    "gemma2": lambda: T.Gemma2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=64,
+                                     vocab_size=VOCAB, head_dim=8, sliding_window=2),
+    "gemma3_text": lambda: T.Gemma3TextConfig(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=VOCAB, head_dim=8, sliding_window=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "qwen2": lambda: T.Qwen2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64,
+                                   vocab_size=VOCAB, use_sliding_window=True, sliding_window=2,
+                                   max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MIXED_ATTENTION))
+def test_a_pass_started_mid_model_keeps_each_blocks_own_attention_kind(family):
+    """Models whose blocks alternate full and sliding-window attention pick a block's mask (and
+    Gemma 3 its rotary table) by its place in the loop: starting at block 1 must still give
+    block 1 its own kind, not block 0's."""
+    from engramlab.trace import run_model
+
+    lm = make_tiny(family, config=MIXED_ATTENTION[family]())
+    kinds = lm.model.config.layer_types
+    assert kinds[0] != kinds[1]  # the premise: the first two blocks differ
+    ids = lm.tokenize([tiny_text(10), tiny_text(10, seed=1)])["input_ids"]
+    last = f"resid.{lm.n_layers - 1}"
+    with torch.no_grad(), Trace(lm).capture("resid.0", last) as full:
+        run_model(lm, ids)
+    with torch.no_grad(), Trace(lm).capture(last) as part:
+        run_model(lm, ids, start=(1, full["resid.0"]))
+    assert torch.allclose(part[last], full[last], atol=1e-5)
+    assert lm.model.config.layer_types == kinds  # restored
 
 
 def test_mlp_key_through_value_weight_gives_mlp_out(tiny):

@@ -21,7 +21,8 @@ of ints, or a boolean ``[batch, seq]`` mask.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -205,6 +206,30 @@ class Trace:
         self.close()
 
 
+@contextmanager
+def started_at(lm: LM, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Inside the block, a forward of the model begins at block ``layer`` with ``hidden``
+    (``[batch, seq, d_model]``, e.g. a captured ``resid.{layer-1}``) as that block's input. The
+    earlier blocks cost nothing and hooks on them (``embed`` included) do not fire; a key/value
+    cache passed to the forward grows only in the blocks that run."""
+    if layer <= 0:
+        yield
+        return
+
+    def begin(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            return (hidden.to(args[0].dtype), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
+
+    handle = lm.layout.block(layer).register_forward_pre_hook(begin, with_kwargs=True,
+                                                             prepend=True)
+    try:
+        with lm.layout.blocks_from(layer):
+            yield
+    finally:
+        handle.remove()
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the last needed block has run."""
 
@@ -223,21 +248,8 @@ def run_model(lm: LM, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     blocks cost nothing, and hooks on them (``embed`` included) do not fire.
     """
     if start is not None and start[0] > 0:
-        layer, hidden = start
-
-        def begin(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if args:
-                return (hidden.to(args[0].dtype), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
-
-        handle = lm.layout.block(layer).register_forward_pre_hook(begin, with_kwargs=True,
-                                                                 prepend=True)
-        try:
-            with lm.layout.blocks_from(layer):
-                return run_model(lm, input_ids, attention_mask, stop_after=stop_after,
-                                 logits=logits)
-        finally:
-            handle.remove()
+        with started_at(lm, *start):
+            return run_model(lm, input_ids, attention_mask, stop_after=stop_after, logits=logits)
     model = lm.model if logits else lm.body
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:

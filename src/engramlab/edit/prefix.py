@@ -7,6 +7,10 @@ in front of the prompt, the suffix is typically a quarter of the row, and the st
 much less — the reason a full ROME edit (templates, KL term) is faster here than a bare
 single-prompt one.
 
+The same holds for the blocks before the one δ is added in: their states at the suffix's tokens
+never change either. ``run(lm, start=l)`` records the state entering block l on its first call
+and begins there on every later call, so a step runs only the blocks δ can reach.
+
 Rows are right-padded in both parts; padding inside the prefix is masked out of the suffix's
 attention, and explicit position ids keep every real token at its unpadded position, so the
 result equals a plain forward of each row (tested).
@@ -14,14 +18,16 @@ result equals a plain forward of each row (tested).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..batching import Batch, make_batch
-from ..models.kv import extend, map_cache, prefill
+from ..models.kv import crop_each, extend, map_cache, prefill
 from ..models.lm import LM
+from ..trace import Trace, started_at
 
 
 def length_groups(lengths: list[int], max_groups: int = 3) -> list[list[int]]:
@@ -52,12 +58,15 @@ def length_groups(lengths: list[int], max_groups: int = 3) -> list[list[int]]:
 
 @dataclass
 class PrefixBatch:
-    """``batch`` holds the suffixes (positions shifted: suffix index = row index − split)."""
+    """``batch`` holds the suffixes (positions shifted: suffix index = row index − split);
+    ``entry`` the suffixes' state entering block ``entry_block``, once a run has recorded it."""
 
     batch: Batch
     splits: list[int]
     prefix_mask: torch.Tensor | None
     cache: Any
+    entry: torch.Tensor | None = None
+    entry_block: int = 0
 
     @classmethod
     @torch.no_grad()
@@ -96,26 +105,40 @@ class PrefixBatch:
                            [b.owner[r] for r in rows], [b.lookup[r] for r in rows],
                            [b.labels[r] for r in rows] if b.labels else [])
         self.splits = [self.splits[r] for r in rows]
+        if self.entry is not None:
+            self.entry = self.entry[index, :width]
         if self.cache is not None:
             self.prefix_mask = self.prefix_mask[index]  # type: ignore[index]
             self.cache.batch_select_indices(index)
 
-    def run(self, lm: LM) -> None:
-        """One forward of the suffixes (hooks entered by the caller see it)."""
+    def run(self, lm: LM, start: int = 0) -> None:
+        """One forward of the suffixes (hooks entered by the caller see it).
+
+        ``start`` > 0 promises that nothing the caller does changes the blocks before it: the
+        first call records the suffixes' state entering block ``start``, later calls begin
+        there (hooks on the earlier blocks then do not fire)."""
         b = self.batch
         if self.cache is None:
             lm.body(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
             return
         width = self.prefix_mask.shape[1]  # type: ignore[union-attr]
         mask = torch.cat([self.prefix_mask, b.attention_mask], 1)  # type: ignore[list-item]
-        start = torch.tensor(self.splits, device=lm.device)[:, None]
-        pos = start + torch.arange(b.input_ids.shape[1], device=lm.device)[None]
+        begin = torch.tensor(self.splits, device=lm.device)[:, None]
+        pos = begin + torch.arange(b.input_ids.shape[1], device=lm.device)[None]
+        record = start > 0 and (self.entry is None or self.entry_block != start)
+        if record:
+            context: Any = Trace(lm).capture(f"resid.{start - 1}")
+        elif start > 0:
+            context = started_at(lm, start, self.entry)  # type: ignore[arg-type]
+        else:
+            context = nullcontext()
         try:
-            extend(lm, self.cache, b.input_ids, mask, pos)
-        finally:  # drop the suffix again (a negative count works across transformers versions)
-            extra = self.cache.get_seq_length() - width
-            if extra > 0:
-                self.cache.crop(-extra)
+            with context as tr:
+                extend(lm, self.cache, b.input_ids, mask, pos)
+            if record:
+                self.entry, self.entry_block = tr[f"resid.{start - 1}"], start
+        finally:  # drop the suffix again, layer by layer (a pass from `start` grows only some)
+            crop_each(self.cache, width)
             _detach(self.cache)
 
 

@@ -31,26 +31,46 @@ import torch
 from ..data.records import EditRequest
 from ..delta import WeightDelta
 from ..models.lm import LM
-from .base import Editor
+from .base import EditHParams, Editor
 from .keys import at_subject
-from .solve import rome_update, solve_cov
+from .solve import cov_factor, rome_update, solve_cov
 from .targets import KL_PROMPT, optimise_targets
 
 
 class ROME(Editor):
     method = "rome"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cov_factor(self, lm: LM, layer: int, hp: EditHParams) -> torch.Tensor:
+        """C₀'s Cholesky factor at ``layer`` (:func:`~.solve.cov_factor`), kept with the C₀
+        it was made from: every edit at the layer then solves C₀⁻¹k without factorising.
+        Factorised in float64 and kept in float32, as C₀ itself is (module docstring of
+        :mod:`.base`): the rounding perturbs L Lᵀ about as much as C₀'s own."""
+        cov = self.moments(lm, [layer], hp)[layer]
+        held = self._factors.get(layer)
+        if held is None or held[0] is not cov:  # C₀ was collected anew (another model)
+            held = self._factors[layer] = (cov, cov_factor(cov).float())
+        return held[1]
+
+    def prepare(self, lm: LM) -> None:
+        super().prepare(lm)
+        hp = self.hparams_for(lm)
+        if hp.use_cov:
+            self.cov_factor(lm, hp.layers[0], hp)
+
     def edit_each(self, lm: LM, requests: Sequence[EditRequest]) -> list[WeightDelta]:
         hp = self.hparams_for(lm)
         layer = hp.layers[0]
-        cov = self.moments(lm, [layer], hp)[layer] if hp.use_cov else None
+        factor = self.cov_factor(lm, layer, hp) if hp.use_cov else None
         templates = self.templates(lm, hp)
         point = f"mlp_key.{layer}"
         per_template = at_subject(lm, requests, [point], templates, hp.subject_pos,
                                   reduce=False)[point]  # [n, T, d_mlp]
         keys = per_template.mean(1)
-        cov_k = solve_cov(cov, keys.T) if cov is not None else keys.T.double()
-        del cov  # the editor keeps C₀; no reference of ours outlives the solve
+        cov_k = solve_cov(factor, keys.T) if factor is not None else keys.T.double()
         row_scale = None
         if hp.consistent_targets:
             kl_reqs = [EditRequest(prompt=KL_PROMPT, subject=r.subject, target_new="x",

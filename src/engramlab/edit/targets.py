@@ -435,6 +435,7 @@ def run_group(lm: LM, g: Group, point: str, last: str, delta: torch.Tensor,
                 record_init[r] = t[local, pos].detach().float()
         return t + g.lookup.to(t.dtype) * (delta[g.owner] * g.scale).unsqueeze(1).to(t.dtype)
 
+    # δ enters at its point's block: the blocks before it are the same on every step
     with Trace(lm).edit(point, add_delta).capture(last, detach=False) as tr:
-        g.prefix.run(lm)
+        g.prefix.run(lm, start=parse_point(lm, point)[1])
     return tr[last]

@@ -40,6 +40,20 @@ def _cache_argument(module_type: type[torch.nn.Module]) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def crop_each(cache: Any, width: int) -> None:
+    """Cut every layer of ``cache`` back to its first ``width`` tokens. Each layer is measured
+    on its own: a pass that skips the first blocks (:func:`engramlab.trace.started_at`) grows
+    only the layers it runs."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers < 4.56: lists of key and value tensors
+        map_cache(cache, lambda t: t[..., :width, :])
+        return
+    for layer in layers:
+        extra = layer.get_seq_length() - width
+        if extra > 0:  # a negative count removes tokens in every version that has layers
+            layer.crop(-extra)
+
+
 def map_cache(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Replace every key and value tensor of a transformers cache by ``fn(tensor)``, in the
     cache layout of any transformers version."""

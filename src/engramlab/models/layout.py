@@ -193,11 +193,20 @@ class Layout:
         parent_path, _, name = self.spec.blocks.rpartition(".")
         parent = _get(self._model, parent_path) if parent_path else self._model
         full = getattr(parent, name)
+        # models with mixed attention (Gemma 2/3, Qwen2 with sliding layers) look a block's mask
+        # and rotary table up by its position in the loop, so the list of types is cut alike
+        config = getattr(self._model, "config", None)
+        types = getattr(config, "layer_types", None)
+        cut_types = isinstance(types, list) and len(types) == len(full)
         setattr(parent, name, nn.ModuleList(list(full)[layer:]))
+        if cut_types:
+            config.layer_types = types[layer:]
         try:
             yield
         finally:
             setattr(parent, name, full)
+            if cut_types:
+                config.layer_types = types
 
     def block(self, layer: int) -> nn.Module:
         return self.blocks[self.check_layer(layer)]
