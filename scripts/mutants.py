@@ -85,6 +85,15 @@ MUTANTS = (
     Mutant("atlas_homogeneity_counts_repeated_tokens", "inspect/atlas.py",
            "differ = ids[..., :, None] != ids[..., None, :]",
            "differ = ~torch.eye(ids.shape[-1], dtype=torch.bool).expand(*ids.shape, -1)"),
+    Mutant("deltaedit_never_avoids_the_past_directions", "edit/deltaedit.py",
+           "subject_pos=hp.subject_pos, avoid=avoid,", "subject_pos=hp.subject_pos, avoid=None,"),
+    Mutant("deltaedit_avoids_the_weakest_directions", "edit/deltaedit.py",
+           "vectors[:, values.numel() - keep:].flip(1)", "vectors[:, :keep]"),
+    Mutant("deltaedit_forgets_the_past_update", "edit/deltaedit.py",
+           "update if past is None else past + update", "update"),
+    Mutant("targets_skip_the_edited_block_too", "edit/targets.py",
+           "g.prefix.run(lm, start=parse_point(lm, point)[1])",
+           "g.prefix.run(lm, start=parse_point(lm, point)[1] + 1)"),
 )
 
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from .alphaedit import AlphaEdit
 from .base import EditHParams, Editor
+from .deltaedit import DeltaEdit
 from .demo import demo_edit
 from .memit import MEMIT
 from .protocols import PROTOCOLS, RunResult, run_protocol
 from .rome import ROME
 from .solve import EditState
 
-METHODS: dict[str, type[Editor]] = {"rome": ROME, "memit": MEMIT, "alphaedit": AlphaEdit}
+METHODS: dict[str, type[Editor]] = {"rome": ROME, "memit": MEMIT, "alphaedit": AlphaEdit,
+                                    "deltaedit": DeltaEdit}
 
 
 def get_editor(method: str, **kwargs: object) -> Editor:
-    """An editor by name (``rome``, ``memit``, ``alphaedit``)."""
+    """An editor by name (``rome``, ``memit``, ``alphaedit``, ``deltaedit``)."""
     from ..errors import RequestError
 
     key = method.lower()
@@ -29,6 +31,7 @@ __all__ = [
     "PROTOCOLS",
     "ROME",
     "AlphaEdit",
+    "DeltaEdit",
     "EditHParams",
     "EditState",
     "Editor",

@@ -53,7 +53,8 @@ class AlphaEdit(MEMIT):
         return alphaedit_update(keys, resid, state.projectors[layer], prev, hp.alpha)
 
     def _after(self, lm: LM, hp: EditHParams, requests: Sequence[EditRequest],
-               templates: list[str], state: EditState) -> EditState:
+               templates: list[str], state: EditState,
+               factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> EditState:
         points = [f"mlp_key.{layer}" for layer in hp.layers]
         keys = at_subject(lm, requests, points, templates, hp.subject_pos)
         return state.updated({layer: keys[f"mlp_key.{layer}"].T for layer in hp.layers},

@@ -46,11 +46,27 @@ class StatsConfig:
     batch: int = 8
 
 
-# the settings only one method reads; every other field is shared
+@dataclass
+class BandConfig:
+    """DeltaEdit's trigger and projection (defaults: the reference code's GPT-2 XL values).
+
+    A request's superimposed noise (the norm of the past updates' response to its key) leaves
+    the band when it is more than ``width`` running standard deviations from the running mean;
+    its target change then avoids the directions in which the past updates write most."""
+
+    width: float = 3.0
+    warmup: int = 20  # requests seen before the band can trigger
+    momentum: float = 0.9  # of the running mean and variance (exponential averages)
+    space: float = 0.25  # at most this share of d_model is avoided
+    floor: float = 0.1  # eigenvalues of the past updates' Gram matrix above this are avoided
+
+
+# the settings only some methods read; every other field is shared
 METHOD_FIELDS: dict[str, frozenset[str]] = {
     "rome": frozenset({"consistent_targets"}),
     "memit": frozenset({"mom2_weight"}),
     "alphaedit": frozenset({"nullspace_threshold", "alpha"}),
+    "deltaedit": frozenset({"nullspace_threshold", "alpha", "band"}),
 }
 # names of the flat settings these came from, for a message that says where each went
 RENAMED = {"v_steps": "target.steps", "v_lr": "target.lr", "kl_factor": "target.kl_factor",
@@ -63,9 +79,10 @@ RENAMED = {"v_steps": "target.steps", "v_lr": "target.lr", "kl_factor": "target.
 
 @dataclass
 class EditHParams:
-    """Every knob of ROME / MEMIT / AlphaEdit; presets fill them per model family. The target
-    optimisation's settings are a :class:`TargetConfig` (``target``), the statistics' a
-    :class:`StatsConfig` (``stats``); nested keys are written ``target.lr`` in ``--set``."""
+    """Every knob of ROME / MEMIT / AlphaEdit / DeltaEdit; presets fill them per model family.
+    The target optimisation's settings are a :class:`TargetConfig` (``target``), the
+    statistics' a :class:`StatsConfig` (``stats``), DeltaEdit's band a :class:`BandConfig`
+    (``band``); nested keys are written ``target.lr`` in ``--set``."""
 
     layers: list[int] = field(default_factory=lambda: [0])
     subject_pos: str = "last"
@@ -77,15 +94,17 @@ class EditHParams:
     consistent_targets: bool = True
     # MEMIT
     mom2_weight: float = 20_000.0
-    # AlphaEdit
+    # AlphaEdit (and DeltaEdit)
     nullspace_threshold: float = 2e-2
     alpha: float = 10.0
+    # DeltaEdit
+    band: BandConfig = field(default_factory=BandConfig)
 
     def replace(self, **changes: Any) -> EditHParams:
         """A copy with ``changes``: top-level fields, ``target`` / ``stats`` as dicts of some of
         their fields, or dotted names (``**{"target.lr": 1.0}``); strings are typed by the
         field (as ``--set`` gives them)."""
-        nested: dict[str, dict[str, Any]] = {"target": {}, "stats": {}}
+        nested: dict[str, dict[str, Any]] = {"target": {}, "stats": {}, "band": {}}
         top: dict[str, Any] = {}
         for key, value in changes.items():
             head, dot, rest = key.partition(".")
@@ -111,7 +130,7 @@ class EditHParams:
         """Refuse settings that belong to another method (ROME has no ``alpha``)."""
         mine = METHOD_FIELDS.get(method, frozenset())
         others = set().union(*METHOD_FIELDS.values()) - mine
-        wrong = sorted(k for k in keys if k in others)
+        wrong = sorted(k for k in keys if k.partition(".")[0] in others)
         if wrong:
             raise RequestError(f"{wrong} {'is' if len(wrong) == 1 else 'are'} not "
                                f"setting{'' if len(wrong) == 1 else 's'} of {method}; its own "

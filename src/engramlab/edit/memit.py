@@ -38,8 +38,23 @@ class MEMIT(Editor):
         return state
 
     def _after(self, lm: LM, hp: EditHParams, requests: Sequence[EditRequest],
-               templates: list[str], state: Any) -> Any:
+               templates: list[str], state: Any,
+               factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """The state after this batch (called with the batch's updates applied)."""
         return state
+
+    def _targets(self, lm: LM, hp: EditHParams, requests: Sequence[EditRequest],
+                 templates: list[str], point: str, state: Any) -> tuple[Targets, Any]:
+        """The batch's target values at ``point`` (and the state, which DeltaEdit updates)."""
+
+        def compute() -> Targets:
+            return optimise_targets(lm, requests, point, templates, hp.target,
+                                    subject_pos=hp.subject_pos, progress=self.progress)
+
+        if self.target_memo is None:
+            return compute(), state
+        return self.target_memo.get(lm, requests, point, templates, hp.target,
+                                    hp.subject_pos, compute), state
 
     def step(self, lm: LM, requests: Sequence[EditRequest], state: Any = None
              ) -> tuple[WeightDelta, Any]:
@@ -50,14 +65,7 @@ class MEMIT(Editor):
         templates = self.templates(lm, hp)
         z_layer = layers[-1]
         z_point = f"resid.{z_layer}"
-
-        def compute() -> Targets:
-            return optimise_targets(lm, requests, z_point, templates, hp.target,
-                                    subject_pos=hp.subject_pos, progress=self.progress)
-
-        targets = (compute() if self.target_memo is None else
-                   self.target_memo.get(lm, requests, z_point, templates, hp.target,
-                                        hp.subject_pos, compute))
+        targets, state = self._targets(lm, hp, requests, templates, z_point, state)
         z = targets.value  # [n, d_model]
         factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         applied: list[WeightDelta] = []
@@ -72,7 +80,7 @@ class MEMIT(Editor):
                 # applied unstamped: the final delta is stamped once, on the unedited weights
                 one = WeightDelta(self._entries(lm, {layer: (u, v)}))
                 applied.append(one.apply(lm, force=True))
-            state = self._after(lm, hp, requests, templates, state)
+            state = self._after(lm, hp, requests, templates, state, factors)
         finally:
             for d in reversed(applied):
                 d.revert(lm)

@@ -147,6 +147,10 @@ class EditState:
     keys_cov: dict[int, torch.Tensor]
     n_edits: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    # DeltaEdit: the sum of every update so far at a layer (dense ``[d_model, d_mlp]``), and
+    # the running band of the superimposed noise (see engramlab.edit.deltaedit)
+    past: dict[int, torch.Tensor] = field(default_factory=dict)
+    band: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_moments(cls, moments: dict[int, torch.Tensor], threshold: float, **meta: Any
@@ -163,12 +167,15 @@ class EditState:
         """A new state with ``K Kᵀ`` of ``new_keys[layer]`` (``[d_mlp, n]``) added."""
         cov = {layer: c + (new_keys[layer].double() @ new_keys[layer].double().T).to(c)
                if layer in new_keys else c for layer, c in self.keys_cov.items()}
-        return EditState(self.projectors, cov, self.n_edits + n, dict(self.meta))
+        return EditState(self.projectors, cov, self.n_edits + n, dict(self.meta),
+                         dict(self.past), dict(self.band))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         tensors = {f"P.{layer}": p.contiguous().cpu() for layer, p in self.projectors.items()}
         tensors |= {f"KpKp.{layer}": c.contiguous().cpu() for layer, c in self.keys_cov.items()}
-        doc = {"format": FORMAT_VERSION, "n_edits": self.n_edits, "meta": self.meta}
+        tensors |= {f"past.{layer}": w.contiguous().cpu() for layer, w in self.past.items()}
+        doc = {"format": FORMAT_VERSION, "n_edits": self.n_edits, "meta": self.meta,
+               "band": self.band}
         path = Path(path)
         with atomic_dir(path) as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
@@ -187,4 +194,6 @@ class EditState:
             raise CacheError(f"edit state {path} has format {doc.get('format')}")
         proj = {int(k[2:]): v for k, v in tensors.items() if k.startswith("P.")}
         cov = {int(k[5:]): v for k, v in tensors.items() if k.startswith("KpKp.")}
-        return cls(proj, cov, int(doc["n_edits"]), doc.get("meta", {}))
+        past = {int(k[5:]): v for k, v in tensors.items() if k.startswith("past.")}
+        return cls(proj, cov, int(doc["n_edits"]), doc.get("meta", {}), past,
+                   {k: float(v) for k, v in doc.get("band", {}).items()})

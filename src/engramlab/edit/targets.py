@@ -164,6 +164,7 @@ def build_rows(lm: LM, requests: Sequence[EditRequest], templates: Sequence[str]
 def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
                      templates: Sequence[str], config: TargetConfig | None = None, *,
                      subject_pos: str = "last", row_scale: torch.Tensor | None = None,
+                     avoid: Sequence[torch.Tensor | None] | None = None,
                      progress: bool = False) -> Targets:
     """Optimise δ for every request at ``point`` (``"mlp_out.{l}"`` or ``"resid.{l}"``), read
     at each prompt's ``subject_pos`` token (:func:`.prompts.pick_positions`).
@@ -171,6 +172,8 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
     ``row_scale`` (``[n_requests, n_templates + 1]``, the last column for the KL prompt)
     multiplies δ per prompt: ROME passes the share of δ its rank-one update will actually write
     at each prompt's key, so the optimised objective is the edited model's.
+    ``avoid[r]``, an orthonormal basis ``[d_model, m]`` or None, keeps request r's δ orthogonal
+    to its span: after every step δ loses its component there (DeltaEdit).
     """
     config = config or TargetConfig()
     parse_point(lm, point)
@@ -190,6 +193,7 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
         parts.append(_optimise_chunk(lm, list(requests[i:i + size]), point, templates, config,
                                      subject_pos,
                                      None if row_scale is None else row_scale[i:i + size],
+                                     None if avoid is None else list(avoid[i:i + size]),
                                      cost=cost,
                                      act_budget=None if budget is None else budget / 2,
                                      progress=progress))
@@ -339,20 +343,27 @@ class _Objective:
 
 
 def _decay_and_step(delta: torch.Tensor, opt: torch.optim.Optimizer, done: torch.Tensor,
-                    norm0: torch.Tensor, config: TargetConfig) -> None:
-    """Add the weight decay's gradient, take the Adam step, clamp each δ to ``clamp`` × the
-    norm of its original value, and keep finished requests' δ where they were."""
+                    norm0: torch.Tensor, config: TargetConfig,
+                    avoid: Sequence[torch.Tensor | None] | None = None) -> None:
+    """Add the weight decay's gradient, take the Adam step, remove each δ's component in the
+    span it must avoid, clamp each δ to ``clamp`` × the norm of its original value, and keep
+    finished requests' δ where they were."""
     frozen = delta.detach()[done].clone()
     (config.weight_decay * delta.norm(dim=1) / norm0**2).sum().backward()
     opt.step()
     with torch.no_grad():
+        for r, basis in enumerate(avoid or ()):
+            if basis is not None:
+                basis = basis.to(delta)
+                delta[r] -= basis @ (basis.T @ delta[r])
         shrink = (config.clamp * norm0 / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
         delta.mul_(shrink[:, None])
         delta[done] = frozen
 
 
 def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: Sequence[str],
-                    config: TargetConfig, subject_pos: str, row_scale: torch.Tensor | None, *,
+                    config: TargetConfig, subject_pos: str, row_scale: torch.Tensor | None,
+                    avoid: list[torch.Tensor | None] | None = None, *,
                     cost: Costs | None = None, act_budget: float | None = None,
                     progress: bool) -> Targets:
     from tqdm.auto import tqdm
@@ -404,7 +415,7 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
             bar.update(1)
             if bool(done.all()) or not backprop:
                 break
-            _decay_and_step(delta, opt, done, norm0, config)
+            _decay_and_step(delta, opt, done, norm0, config, avoid)
     return Targets(point, delta.detach(), init, nll_r.detach(), steps)
 
 

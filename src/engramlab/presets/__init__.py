@@ -2,8 +2,9 @@
 
 Each file has a ``match`` block (``model_type``, ``n_layers``, ``d_model``) compared with the
 loaded model's config, so a preset applies whether the model came from the hub, a folder or a
-GGUF file, and one section per method. Models without a preset get ``default.yaml``, whose
-layers are placed at the same relative depth as GPT-2 XL's (ROME's layer 17 of 48).
+GGUF file, and one section per method; ``like: METHOD`` starts a section from another
+method's (DeltaEdit is AlphaEdit plus its band). Models without a preset get ``default.yaml``,
+whose layers are placed at the same relative depth as GPT-2 XL's (ROME's layer 17 of 48).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def load_preset(lm: LM, method: str, name: str | None = None) -> Any:
     if section is None:
         raise RequestError(f"preset {name!r} has no section for method {method!r}")
     section = dict(section)
+    like = section.pop("like", None)  # a method's section written as another's plus changes
+    if like is not None:
+        if like not in doc or "like" in doc[like]:
+            raise RequestError(f"preset {name!r}: {method} is written like {like!r}, which "
+                               "is missing or itself written like another")
+        section = {**doc[like], **section}
     if "layers_relative" in section:  # default preset: fractions of the depth
         rel = section.pop("layers_relative")
         section["layers"] = sorted({min(lm.n_layers - 1, round(f * lm.n_layers)) for f in rel})
