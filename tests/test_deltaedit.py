@@ -11,6 +11,7 @@ from engramlab import EditRequest
 from engramlab.edit import AlphaEdit, DeltaEdit, EditState, get_editor
 from engramlab.edit.base import BandConfig
 from engramlab.edit.deltaedit import band_decisions, dominant_directions
+from engramlab.edit.keys import at_subject
 from engramlab.edit.targets import TargetConfig, optimise_targets
 from engramlab.errors import RequestError
 from engramlab.stats import KeyStats
@@ -152,3 +153,63 @@ def test_deltaedit_settings_are_its_own():
     # the preset writes DeltaEdit as AlphaEdit plus its band
     alpha = get_editor("alphaedit").hparams_for(lm)
     assert (hp.layers, hp.target, hp.alpha) == (alpha.layers, alpha.target, alpha.alpha)
+
+
+# superimposed noise --------------------------------------------------------------------------
+def _cases(requests):
+    from engramlab.data.records import EditCase
+
+    return [EditCase(r, paraphrase_prompts=("w3 " + r.prompt.format(r.subject),)) for r in requests]
+
+
+def test_noise_recorder_measures_the_past_updates_response_and_the_drift(isolated_cache):
+    from engramlab.edit import run_protocol
+
+    lm = make_tiny("llama")
+    batches = [REQUESTS[:2], REQUESTS[2:4], REQUESTS[4:]]
+    result = run_protocol(lm, _editor(AlphaEdit, lm), _cases(REQUESTS), protocol="sequential",
+                          batch_size=2, eval_every=1, noise=True)
+    noise = result.noise
+    assert [s["edits"] for s in noise["steps"]] == [2, 4, 6]
+    assert "noise" not in noise["steps"][0]["per_request"]  # nothing was edited before
+    # recomputed by hand: the same steps, the past update's response at each new key
+    editor = _editor(AlphaEdit, lm)
+    name = lm.layout.value_param_name(1)
+    state, deltas, targets = None, [], []
+    for batch in batches:
+        d, state = editor.step(lm, batch, state)
+        targets.append(editor.last_targets.value)
+        if deltas:
+            past = sum(x.entries[name].to_dense().double() for x in deltas)
+            keys = at_subject(lm, batch, ["mlp_key.1"], ["{}"], "last")["mlp_key.1"].double()
+            want = (keys @ lm.layout.dense_to_storage(1, past).T).norm(dim=1)
+            got = torch.tensor(noise["steps"][len(deltas)]["per_request"]["noise"])
+            assert torch.allclose(got.double(), want, rtol=1e-4)
+        d.apply(lm, force=True)
+        deltas.append(d)
+    # the drift at the end: every edit's state at layer 1 against its target
+    states = at_subject(lm, REQUESTS, ["resid.1"], ["{}"], "last")["resid.1"]
+    drift = (states - torch.cat(targets)).norm(dim=1)
+    keys = at_subject(lm, REQUESTS, ["mlp_key.1"], ["{}"], "last")["mlp_key.1"].double()
+    dense = [lm.layout.dense_to_storage(1, x.entries[name].to_dense().double()) for x in deltas]
+    later = torch.stack([sum((dense[j] @ keys[i] for j in range(i // 2 + 1, 3)),
+                             torch.zeros(lm.d_model, dtype=torch.float64)) for i in range(6)])
+    for d in reversed(deltas):
+        d.revert(lm)
+    last = noise["points"][-1]
+    assert last["edits"] == 6
+    assert last["mean_drift"] == pytest.approx(float(drift.mean()), rel=1e-4)
+    assert last["mean_later_noise"] == pytest.approx(float(later.norm(dim=1).mean()), rel=1e-4)
+    assert float(later.norm(dim=1)[:4].min()) > 0  # the check above is not of zeros
+    assert [p["edits"] for p in noise["points"]] == [2, 4, 6]
+    assert result.curve[-1]["mean_drift"] == last["mean_drift"]
+
+
+def test_noise_is_refused_outside_a_sequential_memit_family_run(capsys):
+    from engramlab.cli import main
+
+    assert main(["edit", "--method", "alphaedit", "--noise", "--model", "none"]) == 2
+    assert "--protocol sequential" in capsys.readouterr().err
+    assert main(["edit", "--method", "rome", "--protocol", "sequential", "--noise",
+                 "--model", "none"]) == 2
+    assert "target layer" in capsys.readouterr().err

@@ -30,6 +30,9 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N cases")
     p.add_argument("--fluency-tokens", type=nonnegative_int, default=0,
                    help="greedy tokens generated per prompt for the fluency metric (0: skip)")
+    p.add_argument("--noise", action="store_true",
+                   help="sequential memit/alphaedit/deltaedit: record the superimposed noise "
+                        "per batch and the drift of earlier edits (JSON; noise.png with --out)")
     p.add_argument("--out", default=None, help="folder for deltas, per-case JSONL and report")
     p.set_defaults(func=edit)
 
@@ -38,6 +41,7 @@ def edit(args: argparse.Namespace) -> int:
     from ..data import load_cases
     from ..data.bundled import bundled_cases
     from ..edit import get_editor, run_protocol
+    from ..edit.protocols import check_noise
     from ..models import load_model
 
     cases = load_cases(args.facts) if args.facts else bundled_cases()
@@ -48,10 +52,11 @@ def edit(args: argparse.Namespace) -> int:
         overrides["layers"] = args.layers
     # the editor checks names, types and the method's own settings: before the model loads
     editor = get_editor(args.method, preset=args.preset, progress=not args.json, **overrides)
+    check_noise(editor, args.protocol, args.noise)
     lm = load_model(args.model, progress=not args.json)
     result = run_protocol(lm, editor, cases, protocol=args.protocol, batch_size=args.batch_size,
                           eval_every=args.eval_every, fluency_tokens=args.fluency_tokens,
-                          progress=not args.json)
+                          progress=not args.json, noise=args.noise)
     obj = result.to_json()
     if args.out:
         _save_run(Path(args.out), result, obj)
@@ -77,4 +82,9 @@ def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
                 f.write(json.dumps(row, default=str) + "\n")
         (tmp / "result.json").write_text(json.dumps(obj, indent=1, default=str))
         (tmp / "report.md").write_text(result.report_markdown())
+        if result.noise is not None:
+            from ..edit.noise import plot_noise
+
+            plot_noise(result.noise, tmp / "noise.png",
+                       f"{result.method}, {result.n} edits in batches")
 

@@ -28,6 +28,8 @@ from .targets import Targets, optimise_targets
 
 class MEMIT(Editor):
     method = "memit"
+    # the target values of the latest step, at the last edited layer (None before any step)
+    last_targets: Targets | None = None
 
     def _layer_update(self, hp: EditHParams, layer: int, keys: torch.Tensor,
                       resid: torch.Tensor, moments: dict, state: Any
@@ -66,6 +68,7 @@ class MEMIT(Editor):
         z_layer = layers[-1]
         z_point = f"resid.{z_layer}"
         targets, state = self._targets(lm, hp, requests, templates, z_point, state)
+        self.last_targets = targets  # what a noise recorder reads after the step
         z = targets.value  # [n, d_model]
         factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         applied: list[WeightDelta] = []

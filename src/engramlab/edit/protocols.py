@@ -54,6 +54,7 @@ class RunResult:
     delta: WeightDelta | None = None
     deltas: list[WeightDelta] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
+    noise: dict[str, Any] | None = None  # sequential runs with noise=True (see .noise)
 
     def table(self) -> list[str]:
         """Before/after scores as text lines (what ``engram edit`` prints)."""
@@ -89,6 +90,8 @@ class RunResult:
             out["post_ci95"] = case_intervals(self.per_case, {k: METRICS[k] for k in HEADLINE})
         if self.curve:
             out["curve"] = self.curve
+        if self.noise is not None:
+            out["noise"] = self.noise
         return out
 
 
@@ -135,14 +138,16 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
                  eval_every: int | None = None, fluency_tokens: int = 0,
                  progress: bool = False,
                  on_point: Callable[[dict[str, Any]], None] | None = None,
-                 pre: dict[str, Any] | None = None) -> RunResult:
+                 pre: dict[str, Any] | None = None, noise: bool = False) -> RunResult:
     """Edit ``cases`` under ``protocol`` and score them; ``pre``, the unedited model's summary
     of these cases under this protocol (``RunResult.pre`` of an earlier run), skips scoring
-    them again."""
+    them again. ``noise`` (sequential, MEMIT-family editors) records the superimposed noise
+    and the drift of earlier edits (:mod:`.noise`) into ``RunResult.noise``."""
     if protocol not in PROTOCOLS:
         raise RequestError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     if not cases:
         raise RequestError("no cases to edit")
+    check_noise(editor, protocol, noise)
     cases = _as_scored(cases, protocol, batch_size)
     if pre is None:
         pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress))
@@ -152,6 +157,7 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
     curve: list[dict[str, Any]] = []
     deltas: list[WeightDelta] = []
     delta: WeightDelta | None = None
+    recorder = None
     if protocol == "independent":
         chunk = max(1, int(hp["target"]["chunk"]))
         results, deltas, times = _independent(lm, editor, cases, chunk, fluency_tokens,
@@ -162,13 +168,32 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
         if len(deltas) == 1:  # one batch: its delta is the run's
             delta, deltas = deltas[0], []
     else:
+        size = batch_size or 10
+        if noise:
+            from .noise import NoiseRecorder
+
+            n_batches = -(-len(cases) // size)
+            span = size * (eval_every or max(1, n_batches // 10))
+            recorder = NoiseRecorder(lm, max(hp["layers"]), span, hp["subject_pos"])
         results, delta, curve, times = _sequential(
-            lm, editor, cases, batch_size or 10, eval_every, fluency_tokens, progress,
-            on_point)
+            lm, editor, cases, size, eval_every, fluency_tokens, progress, on_point, recorder)
     post = summarize(results)
     return RunResult(editor.method, lm.name, protocol, len(cases), pre, post,
                      statistics.median(times), stats_seconds,
-                     [r.to_dict() for r in results], curve, delta, deltas, hp)
+                     [r.to_dict() for r in results], curve, delta, deltas, hp,
+                     None if recorder is None else recorder.to_json())
+
+
+def check_noise(editor: Editor, protocol: str, noise: bool) -> None:
+    """Noise is measured at the layer where an editor places its targets, in a sequential run;
+    refuse anything else before a model is loaded."""
+    from .memit import MEMIT
+
+    if noise and protocol != "sequential":
+        raise RequestError("noise is measured in sequential runs: add --protocol sequential")
+    if noise and not isinstance(editor, MEMIT):
+        raise RequestError(f"noise is measured for editors with a target layer (memit, "
+                           f"alphaedit, deltaedit), not {editor.method}")
 
 
 def _independent(lm: LM, editor: Editor, cases: list[EditCase], chunk: int,
@@ -220,7 +245,7 @@ def _batches(lm: LM, editor: Editor, cases: list[EditCase], size: int, fluency_t
 
 def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
                 eval_every: int | None, fluency_tokens: int, progress: bool,
-                on_point: Callable[[dict[str, Any]], None] | None
+                on_point: Callable[[dict[str, Any]], None] | None, recorder: Any = None
                 ) -> tuple[list[CaseScores], WeightDelta | None, list[dict[str, Any]], list[float]]:
     from tqdm.auto import tqdm
 
@@ -235,9 +260,15 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
                disable=not progress)
     try:
         for b, part in enumerate(batches, 1):
+            requests = [c.request for c in part]
+            if recorder is not None:
+                recorder.before(requests)
             t0 = time.perf_counter()
-            d, state = editor.step(lm, [c.request for c in part], state)
+            d, state = editor.step(lm, requests, state)
             times += [(time.perf_counter() - t0) / len(part)] * len(part)
+            if recorder is not None:
+                targets = editor.last_targets  # type: ignore[attr-defined]
+                recorder.after(requests, d, targets.value, targets.delta)
             for name in d.entries:
                 if name not in snapshot:
                     snapshot[name] = params[name].detach().clone()
@@ -248,9 +279,16 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
                 done = [c for p in batches[:b] for c in p]
                 s = summarize(case_scores(lm, done))
                 point = {"edits": len(done), **{k: s[k] for k in HEADLINE}}
+                if recorder is not None:
+                    drift = recorder.evaluate()
+                    point |= {"mean_drift": drift["mean_drift"],
+                              "mean_later_noise": drift["mean_later_noise"]}
                 curve.append(point)
                 if on_point is not None:
                     on_point(point)
+        if recorder is not None and not (recorder.points
+                                         and recorder.points[-1]["edits"] == len(cases)):
+            recorder.evaluate()
         results = case_scores(lm, cases, fluency_tokens=fluency_tokens)
     finally:
         bar.close()
