@@ -1,18 +1,28 @@
-"""Sequential editing: AlphaEdit vs MEMIT as edits accumulate (the AlphaEdit paper's Fig. 1).
+"""Sequential editing as edits accumulate: MEMIT, AlphaEdit and DeltaEdit (the AlphaEdit paper's
+Fig. 1, and DeltaEdit's superimposed noise).
 
 Counterfactual cases generated from ParaRel × T-REx (real paraphrases) are edited in batches of
-``--batch-size``, one batch after another on the weights the previous left; every
-``--eval-every`` batches all edits so far are scored. Prints JSON (final figures and curves) and
-draws both curves into ``--png``.
+each ``--batch-sizes``, one batch after another on the weights the previous left. Every
+``--eval-every`` edits all edits so far are scored, and the superimposed noise is recorded
+throughout (:mod:`engramlab.edit.noise`): per batch, the past updates' response at the new keys
+relative to the change the edit asks for; at each evaluation, the earlier edits' drift from their
+targets. Nothing is tuned here: every method runs its preset.
 
-    .venv/bin/python bench/sequential.py [--model smollm2-135m] [--n 500] [--batch-size 10] \
-        [--eval-every 10] [--methods memit alphaedit] [--png seq.png]
+The run is saved under ``docs/results/<--save>`` after each (method, batch size) part and
+resumes: parts already saved are kept (``--fresh`` drops them). Figures: ``sequential.png``
+(scores as edits accumulate) and ``noise.png`` (noise ratio per batch, drift at evaluations).
+
+    .venv/bin/python bench/sequential.py --data PARAREL_DIR --save edit/sequential_smollm2_cpu \
+        [--n 1000] [--batch-sizes 1 10] [--eval-every 100] [--methods memit alphaedit deltaedit]
+    .venv/bin/python bench/sequential.py --plot edit/sequential_smollm2_cpu   # figures only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,76 +31,149 @@ import torch
 import engramlab as eg
 from engramlab.data import pararel_cases
 from engramlab.edit import get_editor, run_protocol
+from results import run_folder, save_run
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/pararel"
+SEQUENTIAL = ("memit", "alphaedit", "deltaedit")
+HEADLINE = ("efficacy", "paraphrase", "neighborhood")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--n", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=10)
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=["memit", "alphaedit"])
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--set", nargs="*", default=[], help="overrides k=v for every method")
-    parser.add_argument("--png", default=None)
-    parser.add_argument("--plot-from", nargs="*", default=None,
-                        help="draw --png from earlier runs' JSON outputs instead of editing")
-    args = parser.parse_args()
-    if args.plot_from:
-        merged: dict = {"model": args.model, "batch_size": args.batch_size, "methods": {}}
-        for path in args.plot_from:
-            text = Path(path).read_text()
-            doc = json.loads(text[text.index("{\n"):])  # skip the progress lines
-            merged["methods"].update(doc["methods"])
-            merged["model"] = doc["model"]
-        _plot(merged, args.png or "sequential.png")
-        return
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=None, help="the ParaRel folder (pararel_cases)")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--eval-every", type=int, default=100, help="edits between evaluations")
+    ap.add_argument("--methods", nargs="+", default=list(SEQUENTIAL))
+    ap.add_argument("--set", nargs="*", default=[], help="overrides k=v for every method")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
+    ap.add_argument("--fresh", action="store_true", help="drop the parts already saved")
+    ap.add_argument("--plot", default=None, help="AREA/RUN: draw a saved run's figures only")
+    args = ap.parse_args()
+    if args.plot:
+        folder = run_folder(*args.plot.partition("/")[::2])
+        saved = json.loads((folder / "result.json").read_text())
+        plot_scores(saved, folder / "sequential.png")
+        plot_noise(saved, folder / "noise.png")
+        return 0
+    wrong = [m for m in args.methods if m not in SEQUENTIAL]
+    if wrong or not args.save or args.save.count("/") != 1 or not args.data:
+        print("sequential: error: " + (
+            f"methods {wrong} have no sequential target layer; choose from {SEQUENTIAL}"
+            if wrong else "--data PARAREL_DIR and --save AREA/RUN are required"),
+            file=sys.stderr)
+        return 2
+    if any(b < 1 or args.eval_every % b for b in args.batch_sizes):
+        print("sequential: error: every batch size must divide --eval-every", file=sys.stderr)
+        return 2
+    area, run = args.save.split("/")
+    params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh", "plot")}
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    for method in args.methods:  # bad settings fail before the model loads
+        get_editor(method, **overrides)
+    previous = run_folder(area, run) / "result.json"
+    parts: dict = {}
+    if previous.exists() and not args.fresh:
+        old = json.loads(previous.read_text())
+        same = ("model", "n", "eval_every", "set")
+        if any(old["params"].get(k) != params[k] for k in same):
+            print(f"sequential: error: {previous} was made with other settings "
+                  f"({ {k: old['params'].get(k) for k in same} }); pass --fresh",
+                  file=sys.stderr)
+            return 2
+        parts = old["parts"]
     lm = eg.load_model(args.model, progress=False, device=args.device)
     cases = pararel_cases(args.data, args.n, seed=0)
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    out = {"model": args.model, "n": len(cases), "batch_size": args.batch_size,
-           "device": str(lm.device),
+    out = {"model": args.model, "n": len(cases), "device": str(lm.device),
            "gpu": torch.cuda.get_device_name() if lm.device.type == "cuda" else None,
-           "methods": {}}
-    for method in args.methods:
-        editor = get_editor(method, **overrides)
-        t0 = time.perf_counter()
-        result = run_protocol(lm, editor, cases, protocol="sequential",
-                              batch_size=args.batch_size, eval_every=args.eval_every,
-                              on_point=lambda p, m=method: print(json.dumps({m: p}), flush=True))
-        out["methods"][method] = {"pre": result.pre, "post": result.post,
-                                  "curve": result.curve,
-                                  "seconds_per_edit": result.seconds_per_edit,
-                                  "hparams": editor.hparams_for(lm).to_dict(),
-                                  "wall_seconds": time.perf_counter() - t0}
-    print(json.dumps(out, indent=1, default=str))
-    if args.png:
-        _plot(out, args.png)
+           "threads": torch.get_num_threads(), "parts": parts}
+    for size in args.batch_sizes:
+        for method in args.methods:
+            key = f"{method}:b{size}"
+            if key in parts:
+                continue
+            print(f"{key}: {len(cases)} edits in batches of {size}", file=sys.stderr,
+                  flush=True)
+            editor = get_editor(method, progress=False, **overrides)
+            t0 = time.perf_counter()
+            result = run_protocol(
+                lm, editor, cases, protocol="sequential", batch_size=size,
+                eval_every=args.eval_every // size, noise=True, progress=True,
+                on_point=lambda p, k=key: print(json.dumps({k: p}), file=sys.stderr,
+                                                flush=True))
+            noise = result.noise or {}
+            parts[key] = {
+                "method": method, "batch_size": size, "pre": result.pre, "post": result.post,
+                "curve": result.curve, "seconds_per_edit": result.seconds_per_edit,
+                "wall_seconds": time.perf_counter() - t0,
+                "noise": {"layer": noise.get("layer"), "points": noise.get("points", []),
+                          "steps": [{k: v for k, v in s.items() if k != "per_request"}
+                                    for s in noise.get("steps", [])]},
+                "hparams": result.hparams}
+            save(area, run, out, params)
+    save(area, run, out, params)
+    print(json.dumps({k: {m: p["post"][m] for m in HEADLINE} for k, p in parts.items()},
+                     indent=1))
+    return 0
 
 
-def _plot(out: dict, png: str) -> None:
-    import matplotlib
+def save(area: str, run: str, out: dict, params: dict) -> None:
+    """The run's JSON with both figures beside it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = {"sequential.png": Path(tmp) / "s.png", "noise.png": Path(tmp) / "n.png"}
+        plot_scores(out, figures["sequential.png"])
+        plot_noise(out, figures["noise.png"])
+        save_run(area, run, out, params, files=figures)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharex=True)
-    for ax, key in zip(axes, ("efficacy", "paraphrase", "neighborhood"), strict=True):
-        for method, res in out["methods"].items():
-            curve = [{"edits": 0, key: res["pre"][key]}] + res["curve"]
-            ax.plot([p["edits"] for p in curve], [p[key] for p in curve], marker="o",
-                    label=method)
-        ax.set_title(key)
-        ax.set_xlabel("edits so far")
-        ax.set_ylim(0, 1.02)
-    axes[0].legend()
-    fig.suptitle(f"sequential editing, {out['model']}, batches of {out['batch_size']}")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
+def _style(key: str) -> dict:
+    method, _, size = key.partition(":b")
+    colours = {"memit": "tab:blue", "alphaedit": "tab:orange", "deltaedit": "tab:green"}
+    return {"color": colours.get(method, "black"), "ls": "-" if size == "1" else "--",
+            "label": f"{method}, batches of {size}"}
+
+
+def plot_scores(out: dict, png: Path) -> None:
+    from engramlab.figures import figure
+
+    with figure(png, ncols=3, figsize=(13, 3.8)) as (fig, axes):
+        for ax, metric in zip(axes, HEADLINE, strict=True):
+            for key, part in out["parts"].items():
+                curve = [{"edits": 0, metric: part["pre"][metric]}] + part["curve"]
+                ax.plot([p["edits"] for p in curve], [p[metric] for p in curve],
+                        marker="o", ms=3, **_style(key))
+            ax.set_title(metric)
+            ax.set_xlabel("edits so far")
+            ax.set_ylim(0, 1.02)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"sequential editing, {out['model']} (scores of every edit so far)")
+
+
+def plot_noise(out: dict, png: Path) -> None:
+    from engramlab.figures import figure
+
+    with figure(png, ncols=2, figsize=(11, 3.8)) as (_fig, (left, right)):
+        for key, part in out["parts"].items():
+            steps = [s for s in part["noise"]["steps"] if "mean_ratio" in s]
+            if not steps:
+                continue
+            window = max(1, 20 // part["batch_size"])  # the mean over about 20 edits
+            ratios = torch.tensor([s["mean_ratio"] for s in steps])
+            smooth = ratios.unfold(0, window, 1).mean(1) if len(ratios) >= window else ratios
+            x = [s["edits"] for s in steps][len(steps) - len(smooth):]
+            left.plot(x, smooth.tolist(), lw=1, **_style(key))
+            points = part["noise"]["points"]
+            right.plot([p["edits"] for p in points], [p["mean_drift"] for p in points],
+                       marker="o", ms=3, **_style(key))
+        left.set_xlabel("edits so far")
+        left.set_ylabel("‖ΔW_past k‖ / ‖z − h‖ (running mean)")
+        left.set_title("superimposed noise at each new key")
+        right.set_xlabel("edits so far")
+        right.set_ylabel("mean ‖h − z‖ over earlier edits")
+        right.set_title("earlier edits' drift from their targets")
+        left.legend(fontsize=7)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
