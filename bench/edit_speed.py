@@ -49,6 +49,7 @@ from engramlab.data import get_corpus
 from engramlab.data.bundled import bundled_cases
 from engramlab.edit import MEMIT, ROME
 from engramlab.stats import collect_key_stats
+from results import save_run
 from timing import forward_seconds, synchronizer
 
 
@@ -121,7 +122,10 @@ def main() -> None:
                              "measures it without what earlier phases left allocated)")
     parser.add_argument("--memory-budget", type=float, default=None,
                         help="hparam memory_budget for both editors (fraction of model bytes)")
+    parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     args = parser.parse_args()
+    if args.save is not None and args.save.count("/") != 1:
+        parser.error("--save takes AREA/RUN, e.g. speed/edit_speed_smollm2_cpu")
     if args.tokenizer and not args.random_arch:
         parser.error("--tokenizer only replaces the model's tokenizer with --random-arch")
     if args.random_arch and args.stats_tokens < 1:
@@ -175,6 +179,7 @@ def main() -> None:
                 rome.edit(lm, req)
                 singles.append(time.perf_counter() - t)
         out["rome_single_seconds_per_edit_median"] = statistics.median(singles)
+        out["rome_single_seconds"] = singles
     if "rome_batched" in phases:
         with track("rome_batched"):
             t = time.perf_counter()
@@ -204,6 +209,8 @@ def main() -> None:
             k: 1 + (v - ready_mb) / model_mb for k, v in peaks.items() if not k.endswith("_gpu")}
     if args.stats_tokens > 0:
         out.update(stats_speed(lm, memit, args.stats_tokens))
+    if args.save:
+        save_run(*args.save.split("/"), out, vars(args))
     print(json.dumps(out, indent=1))
 
 
