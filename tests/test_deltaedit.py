@@ -213,3 +213,16 @@ def test_noise_is_refused_outside_a_sequential_memit_family_run(capsys):
     assert main(["edit", "--method", "rome", "--protocol", "sequential", "--noise",
                  "--model", "none"]) == 2
     assert "target layer" in capsys.readouterr().err
+
+
+def test_noise_steps_count_deltaedits_projected_requests(isolated_cache):
+    from engramlab.edit import run_protocol
+
+    lm = make_tiny("llama")
+    editor = _editor(DeltaEdit, lm, width=0.0, warmup=0, floor=0.0, space=0.5)
+    result = run_protocol(lm, editor, _cases(REQUESTS), protocol="sequential", batch_size=1,
+                          noise=True)
+    counts = [s["projected"] for s in result.noise["steps"]]
+    _, state = _sequential(_editor(DeltaEdit, lm, width=0.0, warmup=0, floor=0.0, space=0.5),
+                           lm, [[r] for r in REQUESTS])
+    assert counts == sorted(counts) and counts[-1] == state.band["projected"] >= 1

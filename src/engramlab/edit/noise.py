@@ -55,15 +55,19 @@ class NoiseRecorder:
         self._noise = (self._keys(requests).cpu() @ self._past.T).norm(dim=1)
 
     def after(self, requests: Sequence[EditRequest], delta: WeightDelta,
-              targets: torch.Tensor, changes: torch.Tensor) -> None:
+              targets: torch.Tensor, changes: torch.Tensor, state: Any = None) -> None:
         """After the batch's step: its targets z (``[n, d_model]``), the changes ``z − h`` they
-        asked for, and the update it made at the layer (from ``delta``)."""
+        asked for, and the update it made at the layer (from ``delta``); with DeltaEdit's
+        ``state``, how many requests so far had their targets kept off the past directions."""
         layout = self.lm.layout
         entry = delta.entries.get(layout.value_param_name(self.layer))
         first = len(self._requests)
         need = changes.float().norm(dim=1).cpu()
         record: dict[str, Any] = {"edits": first + len(requests),
                                   "change_norm": need.tolist()}
+        band = getattr(state, "band", None)
+        if band:
+            record["projected"] = int(band.get("projected", 0))
         if self._noise is not None:
             record["noise"] = self._noise.tolist()
             record["ratio"] = (self._noise / need.clamp_min(1e-12)).tolist()
@@ -115,6 +119,8 @@ class NoiseRecorder:
         for s in self.steps:
             row = {"edits": s["edits"],
                    "mean_change_norm": sum(s["change_norm"]) / len(s["change_norm"])}
+            if "projected" in s:
+                row["projected"] = s["projected"]
             if "noise" in s:
                 row["mean_noise"] = sum(s["noise"]) / len(s["noise"])
                 row["mean_ratio"] = sum(s["ratio"]) / len(s["ratio"])

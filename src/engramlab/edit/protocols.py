@@ -268,7 +268,7 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
             times += [(time.perf_counter() - t0) / len(part)] * len(part)
             if recorder is not None:
                 targets = editor.last_targets  # type: ignore[attr-defined]
-                recorder.after(requests, d, targets.value, targets.delta)
+                recorder.after(requests, d, targets.value, targets.delta, state)
             for name in d.entries:
                 if name not in snapshot:
                     snapshot[name] = params[name].detach().clone()
