@@ -43,8 +43,8 @@ MUTANTS = (
            "resid = (z - current) / (len(layers) - i)",
            "resid = torch.randn_like(z - current)"),
     Mutant("alphaedit_without_projection", "edit/alphaedit.py",
-           "alphaedit_update(keys, resid, state.projectors[layer], prev, hp.alpha)",
-           "alphaedit_update(keys, resid, torch.eye(keys.shape[0], dtype=torch.float64), prev, "
+           "alphaedit_update(keys, resid, state.bases[layer], prev, hp.alpha)",
+           "alphaedit_update(keys, resid, torch.eye(keys.shape[0], dtype=torch.float64), None, "
            "hp.alpha)"),
     Mutant("npo_computes_ga_loss", "erase/finetune.py",
            "npo = -(2.0 / self.beta) * torch.nn.functional.logsigmoid(-self.beta * ratio).mean()",

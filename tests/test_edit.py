@@ -14,6 +14,7 @@ from engramlab.edit.solve import (
     alphaedit_update,
     cov_factor,
     memit_update,
+    null_space_basis,
     null_space_projector,
     rome_update,
     solve_cov,
@@ -96,10 +97,10 @@ def test_null_space_projection_leaves_preserved_keys_unchanged():
     g = torch.Generator().manual_seed(3)
     preserved = torch.randn(20, 8, generator=g, dtype=torch.float64)  # spans 8 of 20 dims
     cov = preserved @ preserved.T / 8
-    p = null_space_projector(cov, threshold=1e-6)
-    assert round(float(torch.trace(p))) == 12
+    basis = null_space_basis(cov, threshold=1e-6)
+    assert basis.shape == (20, 12)
     keys, resid = torch.randn(20, 3, generator=g), torch.randn(6, 3, generator=g)
-    u, v = alphaedit_update(keys, resid, p, None, alpha=1.0)
+    u, v = alphaedit_update(keys, resid, basis, None, alpha=1.0)
     dw = u @ v.T
     assert dw.abs().max() > 1e-3  # a real update ...
     assert (dw @ preserved).abs().max() < 1e-5  # ... invisible to the preserved keys
@@ -108,10 +109,13 @@ def test_null_space_projection_leaves_preserved_keys_unchanged():
 def test_alphaedit_update_matches_the_papers_closed_form():
     g = torch.Generator().manual_seed(4)
     keys, resid = torch.randn(10, 2, generator=g), torch.randn(5, 2, generator=g)
+    basis = null_space_basis(_psd(10), threshold=0.5)
     p = null_space_projector(_psd(10), threshold=0.5)
+    assert 0 < basis.shape[1] < 10 and torch.allclose(p, basis @ basis.T)
     prev = _psd(10, seed=9)
-    u, v = alphaedit_update(keys, resid, p, prev, alpha=2.0)
+    u, v = alphaedit_update(keys, resid, basis, basis.T @ prev @ basis, alpha=2.0)
     k = keys.double()
+    # the paper's d × d system, solved as written
     x = torch.linalg.solve(p @ (k @ k.T + prev) + 2.0 * torch.eye(10, dtype=torch.float64),
                            p @ k @ resid.double().T)
     assert torch.allclose(u @ v.T, x.T, atol=1e-10)
@@ -131,12 +135,14 @@ def test_updates_keep_their_algebra_and_scratch_when_c_is_float32():
     assert torch.allclose(v32, v64, rtol=1e-5, atol=1e-7)
     _, again = memit_update(keys, resid, c, lam=2.0)  # float64 C: .to() must still copy
     assert torch.equal(again, v64)
-    p = null_space_projector(c, threshold=float(torch.linalg.eigvalsh(c)[4]))
+    basis = null_space_basis(c, threshold=float(torch.linalg.eigvalsh(c)[4]))
+    p = basis @ basis.T
     prev = torch.randn(12, 3, generator=g)
     kp = (prev @ prev.T).float()
-    kp_keep = kp.clone()
-    _, va = alphaedit_update(keys, resid, p.float(), kp, alpha=1.0)
-    assert torch.equal(kp, kp_keep)
+    kp_basis = (basis.T @ kp.double() @ basis).float()
+    kp_keep = kp_basis.clone()
+    _, va = alphaedit_update(keys, resid, basis.float(), kp_basis, alpha=1.0)
+    assert torch.equal(kp_basis, kp_keep)
     k = keys.double()
     m = p @ (k @ k.T + kp.double()) + torch.eye(12, dtype=torch.float64)
     assert torch.allclose(m @ va, p @ k, atol=1e-5)
@@ -157,12 +163,34 @@ def test_edit_state_accumulates_keys_and_round_trips(tmp_path):
     keys = {1: torch.randn(lm.d_mlp, 3), 2: torch.randn(lm.d_mlp, 3)}
     new = state.updated(keys, 3)
     assert state.n_edits == 0 and new.n_edits == 3  # the old state is untouched
-    assert torch.allclose(new.keys_cov[1], (keys[1] @ keys[1].T).float(), atol=1e-5)
+    u = state.bases[1]
+    assert torch.allclose(new.keys_cov[1], u.T @ keys[1] @ keys[1].T @ u, atol=1e-4)
     new.save(tmp_path / "state")
     back = EditState.load(tmp_path / "state")
     assert back.n_edits == 3
-    assert torch.equal(back.projectors[2], new.projectors[2])
+    assert torch.equal(back.bases[2], new.bases[2])
     assert torch.equal(back.keys_cov[1], new.keys_cov[1])
+
+
+def test_an_edit_state_saved_in_the_first_format_still_loads(tmp_path):
+    """Format 1 kept P and K_pK_pᵀ at full size: they load as the same null space."""
+    import json
+
+    from safetensors.torch import save_file
+
+    c = _psd(12)
+    basis = null_space_basis(c, threshold=float(torch.linalg.eigvalsh(c)[5]))
+    kp = torch.randn(12, 2, dtype=torch.float64)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file({"P.3": (basis @ basis.T).float(), "KpKp.3": (kp @ kp.T).float()},
+              str(folder / "state.safetensors"))
+    (folder / "state.json").write_text(json.dumps({"format": 1, "n_edits": 2, "meta": {}}))
+    back = EditState.load(folder)
+    u = back.bases[3].double()
+    assert u.shape == basis.shape and back.n_edits == 2
+    assert torch.allclose(u @ u.T, basis @ basis.T, atol=1e-5)
+    assert torch.allclose(back.keys_cov[3].double(), u.T @ kp @ kp.T @ u, atol=1e-4)
 
 
 # prompts and positions ------------------------------------------------------------------------

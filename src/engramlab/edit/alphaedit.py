@@ -7,8 +7,9 @@ the keys of earlier edits enter the solve, so later batches do not overwrite ear
 (eigenvectors of C₀ with eigenvalue below ``nullspace_threshold``); the history lives in an
 :class:`~engramlab.edit.solve.EditState` that :meth:`AlphaEdit.step` takes and returns.
 
-Deviations: P from ``eigh`` rather than an SVD (identical for the symmetric C₀); updates kept as
-rank-n factors. As in the reference code, K_p is recomputed on the edited weights after each
+Deviations: P from ``eigh`` rather than an SVD (identical for the symmetric C₀); the system solved
+in P's range, an m × m positive-definite solve (the same ΔW; see :mod:`.solve`); updates kept
+as rank-n factors. As in the reference code, K_p is recomputed on the edited weights after each
 batch, averaged over context templates.
 """
 
@@ -37,9 +38,9 @@ class AlphaEdit(MEMIT):
                                         model_signature=lm.signature())
         if not isinstance(state, EditState):
             raise RequestError(f"AlphaEdit needs an EditState, got {type(state).__name__}")
-        missing = set(hp.layers) - set(state.projectors)
+        missing = set(hp.layers) - set(state.bases)
         if missing:
-            raise RequestError(f"edit state has no projector for layer(s) {sorted(missing)}; "
+            raise RequestError(f"edit state has no null space for layer(s) {sorted(missing)}; "
                                "it was made for other layers")
         sig = state.meta.get("model_signature")
         if sig and sig != lm.signature():
@@ -50,7 +51,7 @@ class AlphaEdit(MEMIT):
                       resid: torch.Tensor, moments: dict, state: EditState
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         prev = state.keys_cov[layer] if state.n_edits else None
-        return alphaedit_update(keys, resid, state.projectors[layer], prev, hp.alpha)
+        return alphaedit_update(keys, resid, state.bases[layer], prev, hp.alpha)
 
     def _after(self, lm: LM, hp: EditHParams, requests: Sequence[EditRequest],
                templates: list[str], state: EditState,

@@ -27,6 +27,7 @@ Deviations from the reference code (CaoD-USTC/DeltaEdit):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -108,8 +109,8 @@ class DeltaEdit(AlphaEdit):
             noise = keys.double() @ past.double().T.to(keys.device)  # [n, d_model]
             norms = [float(x) for x in noise.norm(dim=1)]
         leaves, band = band_decisions(state.band, norms, hp.band)
-        state = EditState(state.projectors, state.keys_cov, state.n_edits, dict(state.meta),
-                          dict(state.past), band)
+        state = dataclasses.replace(state, meta=dict(state.meta), past=dict(state.past),
+                                    band=band)
         if not any(leaves):  # plain AlphaEdit targets (shared with a sweep's memo)
             return super()._targets(lm, hp, requests, templates, point, state)
         assert past is not None and noise is not None

@@ -16,8 +16,11 @@ numbers.
 * AlphaEdit (Fang et al. 2025, eq. 12, as in their code): with P the projector onto the null
   space of C (eigenvectors whose eigenvalue is below a threshold), and K_p the keys of earlier
   edits, ``ΔWᵀ = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K Rᵀ``. The solution lies in P's range, so
-  preserved keys (those C spans) are mapped exactly as before. The sequential history (P,
-  accumulated K_p K_pᵀ, edit count) is an explicit :class:`EditState`.
+  preserved keys (those C spans) are mapped exactly as before. It is solved in the null space
+  itself: with P = U Uᵀ (U orthonormal, ``[d_mlp, m]``), the same ΔW is
+  ``R (U (Uᵀ(K Kᵀ + K_p K_pᵀ)U + α I)⁻¹ Uᵀ K)ᵀ``, an m × m positive-definite solve instead of a
+  d_mlp × d_mlp general one, with the history kept as ``Uᵀ K_p K_pᵀ U``. The sequential history
+  (U, that matrix, edit count) is an explicit :class:`EditState`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from .._io import atomic_dir
 from ..errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 kept P and K_pK_pᵀ at full size; still read
 
 
 def _solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -103,47 +106,49 @@ def solve_cov(factor: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(factor.mT, half, upper=True)
 
 
-def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U₀U₀ᵀ over the eigenvectors of ``cov`` with eigenvalue < ``threshold`` (float64).
-
-    ``cov`` is symmetric PSD, so its eigen- and singular vectors coincide (AlphaEdit's code
-    takes an SVD); ``eigh`` is the cheaper, exactly symmetric choice.
+def null_space_basis(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """U₀ ``[d, m]``: the eigenvectors of ``cov`` with eigenvalue below ``threshold``
+    (orthonormal, float64). ``cov`` is symmetric PSD, so its eigen- and singular vectors
+    coincide (AlphaEdit's code takes an SVD); ``eigh`` is the cheaper, exactly symmetric choice.
     """
     evals, evecs = torch.linalg.eigh(cov.double())
-    small = evecs[:, evals < threshold]
+    return evecs[:, evals < threshold]
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U₀U₀ᵀ (float64), the paper's projector, from :func:`null_space_basis`."""
+    small = null_space_basis(cov, threshold)
     return small @ small.T
 
 
-def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
+def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tensor,
                      prev_keys_cov: torch.Tensor | None, alpha: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AlphaEdit's layer update: ``u = R``, ``v = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K``.
-
-    Written to hold at most three float64 d_mlp² matrices at once besides the solve's
-    factorisation (P, KKᵀ + K_pK_pᵀ, their product).
-    """
-    k = keys.double()
-    p = projector.to(device=k.device, dtype=torch.float64)
-    if prev_keys_cov is None:
-        a = k @ k.T
-    else:
-        a = prev_keys_cov.to(device=k.device, dtype=torch.float64, copy=True).addmm_(k, k.T)
-    m = p @ a
-    del a
-    m.diagonal().add_(alpha)
-    return resid.double(), torch.linalg.solve(m, p @ k)
+    """AlphaEdit's layer update, ``u = R``, ``v = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K``, solved in the
+    null space. With P = U Uᵀ, applying (I − P) to the system gives α (I − P) v = 0, so
+    v = U y with ``(Uᵀ(KKᵀ + K_pK_pᵀ)U + αI) y = Uᵀ K``: ``basis`` is U ``[d_mlp, m]`` and
+    ``prev_keys_cov`` is Uᵀ K_pK_pᵀ U ``[m, m]`` (what :class:`EditState` keeps)."""
+    u0 = basis.double()
+    uk = u0.T @ keys.double().to(u0.device)  # [m, n]
+    a = uk @ uk.T
+    if prev_keys_cov is not None:
+        a += prev_keys_cov.to(device=a.device, dtype=torch.float64)
+    a.diagonal().add_(alpha)
+    factor = torch.linalg.cholesky(a)  # positive definite: α > 0 on a PSD matrix
+    return resid.double(), u0 @ torch.cholesky_solve(uk, factor)
 
 
 @dataclass
 class EditState:
     """What a sequential AlphaEdit run carries from one batch to the next.
 
-    ``projectors[l]`` is P for layer l (fixed, from the unedited model's statistics);
-    ``keys_cov[l]`` accumulates K_p K_pᵀ of every edit made so far. Pass it in, get a new one
-    back; nothing is kept anywhere else, so independent runs cannot share history by accident.
+    ``bases[l]`` is U for layer l, the orthonormal basis of C₀'s null space (fixed, from the
+    unedited model's statistics; P = U Uᵀ); ``keys_cov[l]`` accumulates Uᵀ K_p K_pᵀ U of every
+    edit made so far. Pass it in, get a new one back; nothing is kept anywhere else, so
+    independent runs cannot share history by accident.
     """
 
-    projectors: dict[int, torch.Tensor]
+    bases: dict[int, torch.Tensor]
     keys_cov: dict[int, torch.Tensor]
     n_edits: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
@@ -155,23 +160,26 @@ class EditState:
     @classmethod
     def from_moments(cls, moments: dict[int, torch.Tensor], threshold: float, **meta: Any
                      ) -> EditState:
-        """The state before any edit: P per layer from the unedited model's C₀."""
-        projectors = {layer: null_space_projector(c, threshold).float()
-                      for layer, c in moments.items()}
-        cov = {layer: torch.zeros_like(p) for layer, p in projectors.items()}
-        null_dims = {str(layer): round(float(torch.trace(p)))
-                     for layer, p in projectors.items()}
-        return cls(projectors, cov, 0, {"threshold": threshold, "null_dims": null_dims, **meta})
+        """The state before any edit: U per layer from the unedited model's C₀."""
+        bases = {layer: null_space_basis(c, threshold).float() for layer, c in moments.items()}
+        cov = {layer: torch.zeros(u.shape[1], u.shape[1]) for layer, u in bases.items()}
+        null_dims = {str(layer): u.shape[1] for layer, u in bases.items()}
+        return cls(bases, cov, 0, {"threshold": threshold, "null_dims": null_dims, **meta})
 
     def updated(self, new_keys: dict[int, torch.Tensor], n: int) -> EditState:
-        """A new state with ``K Kᵀ`` of ``new_keys[layer]`` (``[d_mlp, n]``) added."""
-        cov = {layer: c + (new_keys[layer].double() @ new_keys[layer].double().T).to(c)
-               if layer in new_keys else c for layer, c in self.keys_cov.items()}
-        return EditState(self.projectors, cov, self.n_edits + n, dict(self.meta),
+        """A new state with ``Uᵀ K Kᵀ U`` of ``new_keys[layer]`` (``[d_mlp, n]``) added."""
+        cov = {}
+        for layer, c in self.keys_cov.items():
+            if layer not in new_keys:
+                cov[layer] = c
+                continue
+            uk = self.bases[layer].double().T @ new_keys[layer].double().to(c.device)
+            cov[layer] = c + (uk @ uk.T).to(c)
+        return EditState(self.bases, cov, self.n_edits + n, dict(self.meta),
                          dict(self.past), dict(self.band))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        tensors = {f"P.{layer}": p.contiguous().cpu() for layer, p in self.projectors.items()}
+        tensors = {f"U.{layer}": u.contiguous().cpu() for layer, u in self.bases.items()}
         tensors |= {f"KpKp.{layer}": c.contiguous().cpu() for layer, c in self.keys_cov.items()}
         tensors |= {f"past.{layer}": w.contiguous().cpu() for layer, w in self.past.items()}
         doc = {"format": FORMAT_VERSION, "n_edits": self.n_edits, "meta": self.meta,
@@ -190,10 +198,16 @@ class EditState:
             tensors = load_file(str(path / "state.safetensors"))
         except Exception as exc:
             raise CacheError(f"edit state {path} is missing or corrupt ({exc})") from exc
-        if doc.get("format") != FORMAT_VERSION:
+        if doc.get("format") not in (1, FORMAT_VERSION):
             raise CacheError(f"edit state {path} has format {doc.get('format')}")
-        proj = {int(k[2:]): v for k, v in tensors.items() if k.startswith("P.")}
         cov = {int(k[5:]): v for k, v in tensors.items() if k.startswith("KpKp.")}
+        if doc["format"] == 1:  # projectors P and full-size K_pK_pᵀ: into the null space
+            bases = {int(k[2:]): null_space_basis(-p, -0.5).float()  # eigenvalue-1 vectors
+                     for k, p in tensors.items() if k.startswith("P.")}
+            cov = {layer: (bases[layer].double().T @ c.double() @ bases[layer].double()).float()
+                   for layer, c in cov.items()}
+        else:
+            bases = {int(k[2:]): v for k, v in tensors.items() if k.startswith("U.")}
         past = {int(k[5:]): v for k, v in tensors.items() if k.startswith("past.")}
-        return cls(proj, cov, int(doc["n_edits"]), doc.get("meta", {}), past,
+        return cls(bases, cov, int(doc["n_edits"]), doc.get("meta", {}), past,
                    {k: float(v) for k, v in doc.get("band", {}).items()})
