@@ -96,6 +96,8 @@ MUTANTS = (
            "self._past = update"),
     Mutant("noise_drops_the_later_updates", "edit/noise.py",
            "later[:first] += response", "later[:first] += 0 * response"),
+    Mutant("relation_specificity_rewards_the_new_object", "evaluate/counterfact.py",
+           'KEEPING = ("neighborhood", "relation")', 'KEEPING = ("neighborhood",)'),
     Mutant("targets_skip_the_edited_block_too", "edit/targets.py",
            "g.prefix.run(lm, start=parse_point(lm, point)[1])",
            "g.prefix.run(lm, start=parse_point(lm, point)[1] + 1)"),

@@ -1,7 +1,8 @@
 """Readers for the edit data formats the field uses, detected from the records themselves.
 
 * CounterFact (ROME release): ``case_id, requested_rewrite{prompt, subject, target_new{str},
-  target_true{str}}, paraphrase_prompts, neighborhood_prompts, generation_prompts``
+  target_true{str}}, paraphrase_prompts, neighborhood_prompts, generation_prompts``, and our
+  optional ``relation_prompts`` (``[{"prompt", "answer"}]``: the same subject, other relations)
 * flat CounterFact (EasyEdit): ``prompt, subject, target_new, ground_truth, rephrase_prompt,
   locality_prompt, locality_ground_truth`` — the prompt holds the subject in full
 * zsRE (MEND/EasyEdit): ``src, subject, alt, answers, rephrase, loc, loc_ans``
@@ -21,7 +22,7 @@ from typing import Any
 
 from .._io import atomic_file, read_text
 from ..errors import RequestError
-from .records import EditCase, EditRequest, Fact
+from .records import EditCase, EditRequest, Fact, relation_prompts_from
 
 
 def _counterfact(d: dict[str, Any]) -> EditCase:
@@ -30,9 +31,11 @@ def _counterfact(d: dict[str, Any]) -> EditCase:
                       target_new=rw["target_new"]["str"],
                       target_true=rw.get("target_true", {}).get("str"),
                       case_id=d.get("case_id"), relation_id=rw.get("relation_id"))
+    prompts, answers = relation_prompts_from(d.get("relation_prompts"), d.get("case_id"))
     return EditCase(req, tuple(d.get("paraphrase_prompts", ())),
                     tuple(d.get("neighborhood_prompts", ())),
-                    generation_prompts=tuple(d.get("generation_prompts", ())))
+                    generation_prompts=tuple(d.get("generation_prompts", ())),
+                    relation_prompts=prompts, relation_answers=answers)
 
 
 def _flat_counterfact(d: dict[str, Any]) -> EditCase:

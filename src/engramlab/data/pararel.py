@@ -5,7 +5,9 @@ Models") gives several human-written paraphrase patterns per Wikidata relation; 
 gives subject–object triples. A case takes one triple, rewrites its object to another object of
 the same relation (seeded choice), uses the first usable pattern as the edit prompt and the other
 patterns as *real* paraphrases, and other subjects with the same true object as neighbourhood
-prompts. This gives thousands of CounterFact-shaped cases for long sequential runs (the
+prompts. The same subject under up to ``relation_prompts`` other relations it has in T-REx
+gives the relation prompts (answers left to the unedited model, as the relation-specificity
+metric asks). This gives thousands of CounterFact-shaped cases for long sequential runs (the
 AlphaEdit paper's 2,000–3,000 edit setting) without the CounterFact files.
 
 Only patterns that end with the object (``[Y]``, optionally followed by a full stop) can be
@@ -36,24 +38,31 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def pararel_cases(root: str | os.PathLike[str], n: int, *, seed: int = 0,
-                  relations: list[str] | None = None, neighbours: int = 2) -> list[EditCase]:
+                  relations: list[str] | None = None, neighbours: int = 2,
+                  relation_prompts: int = 3) -> list[EditCase]:
     """``n`` generated cases, relations interleaved, reproducible for a given ``seed``."""
     root = Path(root)
     pattern_dir, trex_dir = root / "patterns", root / "trex"
     if not pattern_dir.is_dir() or not trex_dir.is_dir():
         raise FileNotFoundError(f"{root} is not a ParaRel folder (expected patterns/ and trex/)")
     rng = random.Random(seed)
+    pick = random.Random(f"{seed}/relations")  # apart, so the cases stay what they were
     pools = []
+    first_prompt: dict[str, str] = {}  # every relation's edit prompt, for relation prompts
+    subject_relations: dict[str, list[str]] = {}
     for path in sorted(pattern_dir.glob("P*.jsonl")):
         rel = path.stem
-        if relations and rel not in relations:
-            continue
         prompts = list(dict.fromkeys(p for p in (_prompt(d["pattern"]) for d in _read_jsonl(path))
                                      if p and p.count("{}") == 1))
         trex = trex_dir / f"{rel}.jsonl"
-        if len(prompts) < 2 or not trex.is_file():
+        if not prompts or not trex.is_file():
             continue
         triples = [(d["sub_label"], d["obj_label"]) for d in _read_jsonl(trex)]
+        first_prompt[rel] = prompts[0]
+        for subject in dict.fromkeys(sub for sub, _ in triples):
+            subject_relations.setdefault(subject, []).append(rel)
+        if (relations and rel not in relations) or len(prompts) < 2:
+            continue
         objects = sorted({o for _, o in triples})
         if len(objects) < 2:
             continue
@@ -77,11 +86,14 @@ def pararel_cases(root: str | os.PathLike[str], n: int, *, seed: int = 0,
             others = [s for s in by_object[true] if s != subject and s not in subject
                       and subject not in s]
             picked = rng.sample(others, min(neighbours, len(others)))
+            other_rels = [r for r in subject_relations[subject] if r != rel]
+            asked = pick.sample(other_rels, min(relation_prompts, len(other_rels)))
             cases.append(EditCase(
                 request=EditRequest(prompt=prompts[0], subject=subject, target_new=new,
                                     target_true=true, case_id=f"{rel}-{cursor[i]}",
                                     relation_id=rel),
                 paraphrase_prompts=tuple(p.replace("{}", subject) for p in prompts[1:4]),
                 neighborhood_prompts=tuple(prompts[0].replace("{}", s) for s in picked),
-                generation_prompts=()))
+                generation_prompts=(),
+                relation_prompts=tuple(first_prompt[r].replace("{}", subject) for r in asked)))
     return cases

@@ -104,6 +104,9 @@ class EditCase:
 
     ``neighborhood_prompts`` are about other subjects whose answer must stay ``target_true``
     (or the matching entry of ``neighborhood_answers`` when given, as in zsRE).
+    ``relation_prompts`` are about the same subject under other relations ("The Eiffel Tower
+    was designed by"); each must keep its ``relation_answers`` entry, what the unedited model
+    says there (:func:`engramlab.evaluate.fill_relation_answers` fills in missing ones).
     """
 
     request: EditRequest
@@ -112,12 +115,19 @@ class EditCase:
     neighborhood_answers: tuple[str, ...] | None = None
     generation_prompts: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    relation_prompts: tuple[str, ...] = ()
+    relation_answers: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.neighborhood_answers is not None and len(self.neighborhood_answers) != len(
                 self.neighborhood_prompts):
             raise RequestError(f"{len(self.neighborhood_prompts)} neighbourhood prompts but "
                                f"{len(self.neighborhood_answers)} answers"
+                               f"{_where(self.request.case_id)}")
+        if self.relation_answers is not None and len(self.relation_answers) != len(
+                self.relation_prompts):
+            raise RequestError(f"{len(self.relation_prompts)} relation prompts but "
+                               f"{len(self.relation_answers)} answers"
                                f"{_where(self.request.case_id)}")
 
     @property
@@ -139,6 +149,11 @@ class EditCase:
                                "generation_prompts": list(self.generation_prompts)}
         if self.neighborhood_answers is not None:
             out["neighborhood_answers"] = list(self.neighborhood_answers)
+        if self.relation_prompts:
+            answers = self.relation_answers or (None,) * len(self.relation_prompts)
+            out["relation_prompts"] = [{"prompt": p, "answer": a}
+                                       for p, a in zip(self.relation_prompts, answers,
+                                                       strict=True)]
         if self.extra:
             out["extra"] = self.extra
         return out
@@ -150,6 +165,7 @@ class EditCase:
         if missing:
             raise RequestError(f"record is missing {sorted(missing)}: {str(d)[:120]}")
         answers = d.get("neighborhood_answers")
+        prompts, rel_answers = relation_prompts_from(d.get("relation_prompts"), d.get("case_id"))
         return cls(
             request=EditRequest(**{k: d[k] for k in req_keys if k in d}),
             paraphrase_prompts=tuple(d.get("paraphrase_prompts", ())),
@@ -157,4 +173,22 @@ class EditCase:
             neighborhood_answers=tuple(answers) if answers is not None else None,
             generation_prompts=tuple(d.get("generation_prompts", ())),
             extra=dict(d.get("extra", {})),
+            relation_prompts=prompts,
+            relation_answers=rel_answers,
         )
+
+
+def relation_prompts_from(items: Any, case_id: Any = None
+                          ) -> tuple[tuple[str, ...], tuple[str | None, ...] | None]:
+    """``[{"prompt": ..., "answer": ...}, ...]`` (answer optional) as prompts and answers;
+    anything else is refused with the case it came from."""
+    if items is None:
+        return (), None
+    if not isinstance(items, list) or not all(
+            isinstance(x, dict) and isinstance(x.get("prompt"), str) and x["prompt"].strip()
+            and isinstance(x.get("answer", ""), str | None) for x in items):
+        raise RequestError("relation_prompts must be a list of {\"prompt\": text, \"answer\": "
+                           f"text or null}}{_where(case_id)}")
+    prompts = tuple(x["prompt"] for x in items)
+    answers = tuple(x.get("answer") for x in items)
+    return prompts, (answers if any(a is not None for a in answers) else None)

@@ -31,7 +31,13 @@ from ..data.records import EditCase
 from ..delta import WeightDelta
 from ..errors import RequestError
 from ..evaluate.bootstrap import case_intervals
-from ..evaluate.counterfact import METRICS, CaseScores, case_scores, summarize
+from ..evaluate.counterfact import (
+    METRICS,
+    CaseScores,
+    case_scores,
+    fill_relation_answers,
+    summarize,
+)
 from ..models.lm import LM
 from .base import Editor
 
@@ -67,6 +73,10 @@ class RunResult:
         for name, s in (("before", self.pre), ("after", self.post)):
             lines.append(f"{name:<14}{num(s['efficacy'], 10)}{num(s['paraphrase'], 12)}"
                          f"{num(s['neighborhood'], 15)}{num(s.get('fluency'), 9)}")
+        if self.post.get("relation_specificity") is not None:
+            lines.append(f"relation specificity (same subject, other relations): "
+                         f"{num(self.pre.get('relation_specificity'), 0)} before, "
+                         f"{num(self.post['relation_specificity'], 0)} after")
         lines.append(f"{self.seconds_per_edit:.2f} s per edit (median); statistics "
                      f"{self.stats_seconds:.1f} s")
         return lines
@@ -81,13 +91,14 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """The object ``engram edit --json`` prints."""
-        post = {k: self.post.get(k) for k in (*HEADLINE, "fluency")}
+        shown = (*HEADLINE, "relation_specificity")
+        post = {k: self.post.get(k) for k in (*shown, "fluency")}
         out = {"method": self.method, "model": self.model, "protocol": self.protocol,
-               "n": self.n, "pre": {k: self.pre.get(k) for k in HEADLINE}, "post": post,
+               "n": self.n, "pre": {k: self.pre.get(k) for k in shown}, "post": post,
                "seconds_per_edit": self.seconds_per_edit, "stats_seconds": self.stats_seconds,
                "pre_all": self.pre, "post_all": self.post, "hparams": self.hparams}
         if self.per_case:
-            out["post_ci95"] = case_intervals(self.per_case, {k: METRICS[k] for k in HEADLINE})
+            out["post_ci95"] = case_intervals(self.per_case, {k: METRICS[k] for k in shown})
         if self.curve:
             out["curve"] = self.curve
         if self.noise is not None:
@@ -148,7 +159,7 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
     if not cases:
         raise RequestError("no cases to edit")
     check_noise(editor, protocol, noise)
-    cases = _as_scored(cases, protocol, batch_size)
+    cases = fill_relation_answers(lm, _as_scored(cases, protocol, batch_size))
     if pre is None:
         pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress))
     editor.prepare(lm)

@@ -4,6 +4,9 @@ Definitions follow ROME (Meng et al. 2022, §4.2, Appendix B):
 
 * **score** (ES/PS/NS): share of prompts where P(new) > P(true) — for neighbourhood prompts
   the reverse, P(true) > P(new); averaged per case, then over cases.
+* **relation specificity** (RS; the subject + relation awareness paper's R-Specificity): the
+  same subject under other relations must keep what the unedited model said there: the share
+  of relation prompts where P(that answer) > P(new), with its magnitude and token accuracy.
 * **magnitude** (EM/PM/NM): mean of P(new) − P(true) (neighbourhood: P(true) − P(new)).
 * Multi-token targets use the mean token log-probability, P = exp(mean log P(token)).
 * **fluency**: weighted n-gram entropy of greedy generations (:mod:`.fluency`).
@@ -20,6 +23,7 @@ Other traditions, each under its own name so numbers are never confused:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import mean
@@ -43,12 +47,15 @@ class CaseScores:
     efficacy_acc: list[float] = field(default_factory=list)
     paraphrase_acc: list[float] = field(default_factory=list)
     neighborhood_acc: list[float] = field(default_factory=list)
+    relation: list[bool] = field(default_factory=list)
+    relation_magnitude: list[float] = field(default_factory=list)
+    relation_acc: list[float] = field(default_factory=list)
     fluency: float | None = None
     generations: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"case_id": self.case_id}
-        for name in ("efficacy", "paraphrase", "neighborhood"):
+        for name in ("efficacy", "paraphrase", "neighborhood", "relation"):
             for suffix in ("", "_magnitude", "_acc"):
                 values = getattr(self, name + suffix)
                 out[name + suffix] = mean(values) if values else None
@@ -66,7 +73,11 @@ METRICS = {
     "zsre_specificity": "neighborhood_acc",
     "easyedit_rewrite_acc": "efficacy_acc", "easyedit_rephrase_acc": "paraphrase_acc",
     "easyedit_locality_acc": "neighborhood_acc",
+    "relation_specificity": "relation", "relation_specificity_magnitude": "relation_magnitude",
+    "relation_specificity_acc": "relation_acc",
 }
+# groups scored as "keep the old answer rather than the new object"
+KEEPING = ("neighborhood", "relation")
 
 
 def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,
@@ -86,11 +97,16 @@ def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,
                         targets.append(target)
                         where.append((c, group, which))
         answers = case.neighborhood_targets() if case.neighborhood_prompts else []
-        for text, answer in zip(case.neighborhood_prompts, answers, strict=True):
+        kept = list(zip(case.neighborhood_prompts, answers, strict=True))
+        kept = [("neighborhood", t, a) for t, a in kept]
+        rel_answers = case.relation_answers or (None,) * len(case.relation_prompts)
+        kept += [("relation", t, a) for t, a in zip(case.relation_prompts, rel_answers,
+                                                    strict=True) if a is not None]
+        for group, text, answer in kept:
             for which, target in (("true", answer), ("new", req.target_new)):
                 prompts.append(text)
                 targets.append(target)
-                where.append((c, "neighborhood", which))
+                where.append((c, group, which))
     scores = score_targets(lm, prompts, targets, batch_size=batch_size, progress=progress)
     out = [CaseScores(case.case_id) for case in cases]
     pending: dict[tuple[int, str, int], dict[str, Any]] = {}
@@ -102,11 +118,11 @@ def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,
     for (c, group, _), pair in pending.items():
         res = out[c]
         new, true = pair.get("new"), pair.get("true")
-        wanted = true if group == "neighborhood" else new
+        wanted = true if group in KEEPING else new
         assert wanted is not None
         getattr(res, group + "_acc").append(wanted.token_accuracy)
         if new is not None and true is not None:
-            if group == "neighborhood":
+            if group in KEEPING:
                 getattr(res, group).append(true.logprob > new.logprob)
                 getattr(res, group + "_magnitude").append(true.prob - new.prob)
             else:
@@ -124,6 +140,29 @@ def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,
             for c, values in per_case.items():
                 out[c].fluency = mean(values)
     return out
+
+
+def fill_relation_answers(lm: LM, cases: Sequence[EditCase], max_tokens: int = 4
+                          ) -> list[EditCase]:
+    """The cases with every missing relation answer filled in by ``lm`` as it is now (call it
+    on the unedited model): the first word of its greedy continuation, with its leading space,
+    or the first token when the continuation starts with no word."""
+    missing = [(c, i) for c, case in enumerate(cases)
+               for i, a in enumerate(case.relation_answers or (None,) * len(case.relation_prompts))
+               if a is None]
+    if not missing:
+        return list(cases)
+    texts = lm.generate([cases[c].relation_prompts[i] for c, i in missing],
+                        max_new_tokens=max_tokens)
+    filled: dict[int, list[str | None]] = {}
+    for (c, i), text in zip(missing, texts, strict=True):
+        words = text.split()
+        answer = " " + words[0] if words else (text[:1] or " ")
+        row = filled.setdefault(c, list(cases[c].relation_answers
+                                        or (None,) * len(cases[c].relation_prompts)))
+        row[i] = answer
+    return [dataclasses.replace(case, relation_answers=tuple(filled[c])) if c in filled
+            else case for c, case in enumerate(cases)]
 
 
 def summarize(results: Sequence[CaseScores] | Sequence[dict[str, Any]]
