@@ -6,8 +6,10 @@ first token of " " + its true object. Paraphrases are kept when the model ranks 
 above the counterfactual target (mean token log-prob, as the metric scores them). Every
 third known subject of each object is held out of the cases and used only as a neighbourhood
 prompt (another subject with the same true object), so a batch edit of all cases is never
-judged on neighbours it edited itself. CounterFact's nested format is written, with the
-counterfactual ``target_new`` drawn from the same relation's other objects.
+judged on neighbours it edited itself. The subject's other known facts (other relations, kept
+or reserved) are its relation prompts, with their true objects as answers: what the model says
+there before any edit. CounterFact's nested format is written, with the counterfactual
+``target_new`` drawn from the same relation's other objects.
 
     .venv/bin/python scripts/build_facts.py
 """
@@ -205,11 +207,14 @@ def main() -> None:
     # edit may move "Germany is located in"); neighbours are other subjects, as in CounterFact
     case_subjects = {f[1] for f in known if f not in reserved}
     neighbours: dict[str, list[str]] = defaultdict(list)
-    for rel, subject, obj, _ in reserved:
+    for rel, subject, obj, _ in (f for f in known if f in reserved):  # a reproducible order
         if subject in case_subjects:
             continue
         neighbours[obj].append(RELATIONS[rel]["prompt"].replace("{}", subject))
 
+    facts_of: dict[str, list[tuple]] = defaultdict(list)
+    for fact in known:
+        facts_of[fact[1]].append(fact)
     cases = []
     for n, (rel, subject, obj, new) in enumerate(known):
         if (rel, subject, obj, new) in reserved:
@@ -230,8 +235,10 @@ def main() -> None:
             "paraphrase_prompts": paras,
             "neighborhood_prompts": neigh,
             "generation_prompts": [g.replace("{}", subject) for g in spec["generation"]],
+            "relation_prompts": [
+                {"prompt": RELATIONS[r]["prompt"].replace("{}", subject), "answer": " " + o}
+                for r, _, o, _ in facts_of[subject] if r != rel],
         })
-    edited = {c["requested_rewrite"]["subject"] for c in cases}
     edited = {c["requested_rewrite"]["subject"] for c in cases}
     assert not any(f" {s} " in f" {p} " for c in cases for p in c["neighborhood_prompts"]
                    for s in edited), "a neighbourhood prompt names an edited subject"

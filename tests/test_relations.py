@@ -109,3 +109,15 @@ def test_relation_specificity_is_in_the_protocols_json(isolated_cache):
     assert obj["post"]["relation_specificity"] == result.post["relation_specificity"]
     assert obj["pre"]["relation_specificity"] is not None
     assert any("relation specificity" in line for line in result.table())
+
+
+def test_bundled_facts_ask_their_subjects_other_relations():
+    from engramlab.data import bundled_cases
+
+    cases = [c for c in bundled_cases() if c.relation_prompts]
+    assert len(cases) >= 10
+    for case in cases:
+        assert all(case.request.subject in p for p in case.relation_prompts)
+        assert case.request.text not in case.relation_prompts  # other relations only
+        assert case.relation_answers and all(a and a.startswith(" ")
+                                             for a in case.relation_answers)
