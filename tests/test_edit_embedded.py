@@ -77,8 +77,9 @@ def test_cli_edit_prints_the_specified_json(capsys, tmp_path):
     for key in ("method", "model", "protocol", "n", "pre", "post", "seconds_per_edit",
                 "stats_seconds"):
         assert key in out
-    assert set(out["pre"]) == {"efficacy", "paraphrase", "neighborhood"}
-    assert set(out["post"]) == {"efficacy", "paraphrase", "neighborhood", "fluency"}
+    shown = {"efficacy", "paraphrase", "neighborhood", "relation_specificity"}
+    assert set(out["pre"]) == shown
+    assert set(out["post"]) == shown | {"fluency"}
     assert out["n"] == 3 and out["protocol"] == "independent"
     run = tmp_path / "run"
     assert (run / "report.md").is_file() and (run / "result.json").is_file()
