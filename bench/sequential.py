@@ -6,7 +6,9 @@ each ``--batch-sizes``, one batch after another on the weights the previous left
 ``--eval-every`` edits all edits so far are scored, and the superimposed noise is recorded
 throughout (:mod:`engramlab.edit.noise`): per batch, the past updates' response at the new keys
 relative to the change the edit asks for; at each evaluation, the earlier edits' drift from their
-targets. Nothing is tuned here: every method runs its preset.
+targets. Nothing is tuned here: every method runs its preset. ``--skip`` leaves out the first
+generated cases, so a development split (``--n 200``) and a reported one (``--skip 200``) never
+share a case.
 
 The run is saved under ``docs/results/<--save>`` after each (method, batch size) part and
 resumes: parts already saved are kept (``--fresh`` drops them). Figures: ``sequential.png``
@@ -42,6 +44,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=None, help="the ParaRel folder (pararel_cases)")
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first SKIP generated cases (a development split)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--eval-every", type=int, default=100, help="edits between evaluations")
     ap.add_argument("--methods", nargs="+", default=list(SEQUENTIAL))
@@ -76,7 +80,7 @@ def main() -> int:
     parts: dict = {}
     if previous.exists() and not args.fresh:
         old = json.loads(previous.read_text())
-        same = ("model", "n", "eval_every", "set")
+        same = ("model", "n", "skip", "eval_every", "set")
         if any(old["params"].get(k) != params[k] for k in same):
             print(f"sequential: error: {previous} was made with other settings "
                   f"({ {k: old['params'].get(k) for k in same} }); pass --fresh",
@@ -84,7 +88,7 @@ def main() -> int:
             return 2
         parts = old["parts"]
     lm = eg.load_model(args.model, progress=False, device=args.device)
-    cases = pararel_cases(args.data, args.n, seed=0)
+    cases = pararel_cases(args.data, args.skip + args.n, seed=0)[args.skip:]
     out = {"model": args.model, "n": len(cases), "device": str(lm.device),
            "gpu": torch.cuda.get_device_name() if lm.device.type == "cuda" else None,
            "threads": torch.get_num_threads(), "parts": parts}
