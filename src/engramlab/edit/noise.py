@@ -73,7 +73,7 @@ class NoiseRecorder:
             record["ratio"] = (self._noise / need.clamp_min(1e-12)).tolist()
         self.steps.append(record)
         if entry is not None:
-            if entry.is_low_rank:
+            if entry.is_low_rank:  # storage and [d_model, d_mlp] order differ by one swap
                 u, v = layout.to_storage(self.layer, entry.u.float(), entry.v.float())
             else:  # a dense update, as its own factors
                 dense = layout.dense_to_storage(self.layer, entry.to_dense().float())
@@ -99,7 +99,8 @@ class NoiseRecorder:
             response = (keys[:first] @ v) @ u.T  # [first, d_model]: ΔW_j at each earlier key
             later[:first] += response
             s = first // self.span
-            spans[s] = spans.get(s, torch.zeros(n, self.lm.d_model))
+            if s not in spans:
+                spans[s] = torch.zeros(n, self.lm.d_model)
             spans[s][:first] += response
         # each span against the edits made before it began: all of its updates came later
         by_span = [{"edits": [s * self.span, (s + 1) * self.span],
