@@ -98,6 +98,8 @@ MUTANTS = (
            "later[:first] += response", "later[:first] += 0 * response"),
     Mutant("relation_specificity_rewards_the_new_object", "evaluate/counterfact.py",
            'KEEPING = ("neighborhood", "relation")', 'KEEPING = ("neighborhood",)'),
+    Mutant("lora_delta_without_its_scaling", "adapt/finetune.py",
+           ' * module.scaling["default"]', ""),
     Mutant("targets_skip_the_edited_block_too", "edit/targets.py",
            "g.prefix.run(lm, start=parse_point(lm, point)[1])",
            "g.prefix.run(lm, start=parse_point(lm, point)[1] + 1)"),

@@ -72,7 +72,11 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
 def _load_hf(source: str, dtype: torch.dtype, *, local_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    # with peft installed, transformers also looks for an adapter config, and that lookup does
+    # not inherit local_files_only: offline it would retry the network for ~20 s
+    extra = {"adapter_kwargs": {"local_files_only": True}} if local_only else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only,
+                                                 **extra)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as exc:
