@@ -89,3 +89,93 @@ def test_adapter_delta_matches_the_adapter_peft_loads_back(family, mode, tmp_pat
         plain = lm.model(input_ids=rows).logits
     assert not torch.allclose(ours, plain, atol=1e-4)  # the adapter did something
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+# survival ------------------------------------------------------------------------------------
+def test_overlap_is_the_share_of_the_update_in_the_edits_column_and_row_spaces():
+    from engramlab import ParamDelta, WeightDelta
+    from engramlab.adapt import overlap
+
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(6, 2, generator=g), torch.randn(5, 2, generator=g)
+    q_u, _ = torch.linalg.qr(torch.cat([u, torch.randn(6, 4, generator=g)], 1))
+    inside, outside = q_u[:, :2] @ torch.randn(2, 5, generator=g), \
+        q_u[:, 2:] @ torch.randn(4, 5, generator=g)
+    edit = WeightDelta({"w": ParamDelta(u=u, v=v)})
+    update = WeightDelta({"w": ParamDelta(dense=inside + outside)})
+    (row,) = overlap(edit, update)
+    energy = lambda t: float((t.double() ** 2).sum())  # noqa: E731
+    assert row["column_space"] == pytest.approx(energy(inside) / energy(inside + outside),
+                                                rel=1e-5)
+    q_v, _ = torch.linalg.qr(v.double())
+    f = (inside + outside).double()
+    assert row["row_space"] == pytest.approx(energy(f @ q_v) / energy(f), rel=1e-5)
+    assert overlap(edit, WeightDelta({}))[0]["column_space"] == 0.0
+
+
+def test_survive_edits_finetunes_and_counts_the_edits_that_still_work(isolated_cache):
+    from engramlab.adapt import survive
+    from engramlab.data import EditCase, EditRequest
+    from engramlab.edit import MEMIT
+    from engramlab.evaluate import case_scores
+
+    lm = make_tiny("llama")
+    before = _weights(lm)
+    cases = [EditCase(EditRequest(f"w1 {{}} w2 w{3 + i}", f"w{5 + i}", f"w{40 + i}",
+                                  f"w{60 + i}"), paraphrase_prompts=(f"w9 w{5 + i} w2",))
+             for i in range(3)]
+    facts = [EditCase(EditRequest("w1 {} w2", f"w{20 + i}", " w70", " w71")) for i in range(4)]
+    # a random tiny model barely listens to one layer: a free, unclamped target
+    settings = {"layers": [0, 1], "templates": [], "mom2_weight": 1e-3,
+                "target": {"steps": 20, "clamp": 50.0, "weight_decay": 0.0, "lr": 1.0,
+                           "kl_factor": 0.0}, "stats": {"tokens": 2048, "seq_len": 32}}
+    editor = MEMIT(**settings)
+    cfg = FinetuneConfig(mode="edited", steps=4, lr=5e-2, batch_size=2, seq_len=16)
+    result = survive(lm, editor, cases, _corpus(), cfg, downstream=facts)
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+    # recomputed by hand: the same edit and fine-tune, the successes before and after
+    edit = MEMIT(**settings).edit(lm, [c.request for c in cases])
+    with edit.applied(lm):
+        ok = [s.efficacy[0] for s in case_scores(lm, cases)]
+        tuned = finetune(lm, _corpus(), cfg, edited=edit)
+        with tuned.delta.applied(lm):
+            still = [s.efficacy[0] for s in case_scores(lm, cases)]
+    kept = [b for a, b in zip(ok, still, strict=True) if a]
+    assert kept  # some edits worked, so survival is a share of something
+    assert result.survival["efficacy"] == pytest.approx(sum(kept) / len(kept))
+    assert [r["parameter"] for r in result.overlap] == list(edit.entries)
+    assert all(0 <= r["column_space"] <= 1 + 1e-9 for r in result.overlap)
+    assert result.downstream["before"] is not None
+    assert set(result.to_json()) == {"edit", "after_finetune", "survival", "downstream",
+                                     "overlap"}
+
+
+def test_survive_command_prints_the_specified_json(tmp_path, capsys, isolated_cache):
+    import json
+
+    from engramlab.cli import main
+
+    folder = make_tiny("llama").save(tmp_path / "tiny")
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(
+        {"prompt": f"w1 {{}} w2 w{3 + i}", "subject": f"w{5 + i}", "target_new": f"w{40 + i}",
+         "target_true": f"w{60 + i}", "paraphrase_prompts": [f"w9 w{5 + i} w2"]})
+        for i in range(4)))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(tiny_text(400, seed=s) for s in range(3)))
+    args = ["survive", "--model", str(folder), "--facts", str(facts), "--limit", "2",
+            "--edit-method", "alphaedit", "--finetune", "lora", "--data", str(text),
+            "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--rank", "2", "--json",
+            "--set", "stats.tokens=1024", "stats.seq_len=32", "target.steps=2",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("edit", "after_finetune", "survival", "downstream", "overlap"):
+        assert key in out
+    assert set(out["survival"]) == {"efficacy", "paraphrase"}
+    assert (out["n_edited"], out["n_downstream"]) == (2, 2)
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["survival"] == \
+        out["survival"]
+    with pytest.raises(SystemExit) as bad:
+        main(["survive", "--finetune", "qlora"])
+    assert bad.value.code == 2

@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_common, add_set, emit, nonnegative_int, parse_settings, positive_int
+from .common import (
+    add_common,
+    add_set,
+    emit,
+    nonnegative_int,
+    parse_settings,
+    positive_float,
+    positive_int,
+)
 
 
 def register(sub: Any) -> None:
@@ -35,6 +43,28 @@ def register(sub: Any) -> None:
                         "per batch and the drift of earlier edits (JSON; noise.png with --out)")
     p.add_argument("--out", default=None, help="folder for deltas, per-case JSONL and report")
     p.set_defaults(func=edit)
+
+    from ..adapt import MODES
+
+    s = sub.add_parser("survive", help="edit, fine-tune the edited model, and see which edits "
+                                       "survive (Cheng et al.)")
+    add_common(s)
+    s.add_argument("--edit-method", choices=sorted(METHODS), default="memit")
+    s.add_argument("--facts", default=None, help="cases file (default: bundled facts)")
+    s.add_argument("--limit", type=positive_int, default=20,
+                   help="edit the first N cases (one batch); the rest are the downstream facts")
+    s.add_argument("--finetune", choices=MODES, default="full")
+    s.add_argument("--data", default="wiki",
+                   help="fine-tuning text: wiki (bundled), sampled, or a text file / folder")
+    s.add_argument("--steps", type=positive_int, default=50)
+    s.add_argument("--lr", type=positive_float, default=1e-4)
+    s.add_argument("--batch-size", type=positive_int, default=4)
+    s.add_argument("--seq-len", type=positive_int, default=128)
+    s.add_argument("--rank", type=positive_int, default=8, help="lora / dora rank")
+    s.add_argument("--seed", type=nonnegative_int, default=0)
+    add_set(s, "editing hyper-parameter overrides")
+    s.add_argument("--out", default=None, help="folder for result.json (and the adapter)")
+    s.set_defaults(func=survive)
 
 
 def edit(args: argparse.Namespace) -> int:
@@ -88,3 +118,40 @@ def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
             plot_noise(result.noise, tmp / "noise.png",
                        f"{result.method}, {result.n} edits in batches")
 
+
+
+def survive(args: argparse.Namespace) -> int:
+    from ..adapt import FinetuneConfig
+    from ..adapt import survive as run_survival
+    from ..data import load_cases
+    from ..data.bundled import bundled_cases
+    from ..data.corpus import check_corpus_spec, get_corpus
+    from ..edit import get_editor
+    from ..models import load_model
+
+    cases = load_cases(args.facts) if args.facts else bundled_cases()
+    edited, downstream = cases[:args.limit], cases[args.limit:]
+    config = FinetuneConfig(mode=args.finetune, steps=args.steps, lr=args.lr,
+                            batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
+                            seed=args.seed)
+    check_corpus_spec(args.data)
+    editor = get_editor(args.edit_method, progress=False, **parse_settings(args.set))
+    lm = load_model(args.model, progress=not args.json)
+    corpus = get_corpus(lm, args.data, progress=not args.json)
+    result = run_survival(lm, editor, edited, corpus, config, downstream=downstream,
+                          progress=True)
+    obj = result.to_json()
+    obj.update(model=lm.name, edit_method=args.edit_method, finetune=vars(config),
+               n_edited=len(edited), n_downstream=len(downstream),
+               finetune_loss=[result.finetune_losses[0], result.finetune_losses[-1]])
+    lines = [f"{args.edit_method} edits of {len(edited)} facts on {lm.name}, then "
+             f"{args.finetune} fine-tuning for {args.steps} steps", *result.lines()]
+    if args.out:
+        from .._io import atomic_dir
+
+        with atomic_dir(Path(args.out)) as tmp:
+            (tmp / "result.json").write_text(json.dumps(obj, indent=1, default=str))
+        obj["out"] = args.out
+        lines.append(f"saved to {args.out}")
+    emit(args, obj, lines)
+    return 0

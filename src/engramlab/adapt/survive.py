@@ -1,0 +1,131 @@
+"""Do edits survive fine-tuning? Edit, fine-tune, score again (Cheng et al., "Can Fine-Tuning
+Erase Your Edits? On the Fragile Coexistence of Knowledge Editing and Adaptation").
+
+:func:`survive` edits the cases into the model (one batch), fine-tunes the edited model
+(:func:`~.finetune.finetune`), and scores the cases before and after the fine-tune. Survival is
+the share of previously *successful* edit prompts (efficacy) and paraphrase prompts that still
+prefer the new object after it; the downstream score is the same model's accuracy on facts that
+were not edited (their true object above the counterfactual), before and after, so the
+fine-tune's cost is a number. ``overlap`` is the *why*: per edited parameter, the share of the
+fine-tune's update (squared Frobenius norm) inside the edit's column space and inside its row
+space, ‖P_U ΔW_f‖² / ‖ΔW_f‖² and ‖ΔW_f P_V‖² / ‖ΔW_f‖².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data.corpus import TextCorpus
+from ..data.records import EditCase
+from ..delta import WeightDelta
+from ..edit.base import Editor
+from ..evaluate.counterfact import case_scores, summarize
+from ..models.lm import LM
+from .finetune import FinetuneConfig, finetune
+
+HEADLINE = ("efficacy", "paraphrase", "neighborhood")
+
+
+@dataclass
+class SurvivalResult:
+    edit: dict[str, Any]
+    after_finetune: dict[str, Any]
+    survival: dict[str, float | None]
+    downstream: dict[str, float | None]
+    overlap: list[dict[str, Any]]
+    finetune_losses: list[float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"edit": {k: self.edit.get(k) for k in HEADLINE},
+                "after_finetune": {k: self.after_finetune.get(k) for k in HEADLINE},
+                "survival": self.survival, "downstream": self.downstream,
+                "overlap": self.overlap}
+
+    def lines(self) -> list[str]:
+        def num(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        out = [f"{'':<16}{'efficacy':>10}{'paraphrase':>12}{'neighbourhood':>15}"]
+        for name, s in (("edited", self.edit), ("after fine-tune", self.after_finetune)):
+            out.append(f"{name:<16}{num(s.get('efficacy')):>10}{num(s.get('paraphrase')):>12}"
+                       f"{num(s.get('neighborhood')):>15}")
+        out.append(f"survival: efficacy {num(self.survival['efficacy'])}, paraphrase "
+                   f"{num(self.survival['paraphrase'])} of the edits that worked")
+        out.append(f"downstream (facts not edited): {num(self.downstream['before'])} before, "
+                   f"{num(self.downstream['after'])} after the fine-tune")
+        for row in self.overlap:
+            out.append(f"{row['parameter']}: {row['column_space']:.3f} of the fine-tune's "
+                       f"update in the edit's column space, {row['row_space']:.3f} in its row "
+                       "space")
+        return out
+
+
+def _successes(lm: LM, cases: Sequence[EditCase]) -> dict[str, list[bool]]:
+    """Per edit and paraphrase prompt, in a fixed order, whether the new object wins."""
+    out: dict[str, list[bool]] = {"efficacy": [], "paraphrase": []}
+    for s in case_scores(lm, cases):
+        out["efficacy"] += s.efficacy
+        out["paraphrase"] += s.paraphrase
+    return out
+
+
+def _kept(before: list[bool], after: list[bool]) -> float | None:
+    worked = [a for b, a in zip(before, after, strict=True) if b]
+    return sum(worked) / len(worked) if worked else None
+
+
+def _downstream(lm: LM, facts: Sequence[EditCase]) -> float | None:
+    """Accuracy on facts that were not edited: the true object above the counterfactual."""
+    if not facts:
+        return None
+    scores = case_scores(lm, facts)
+    return sum(not s.efficacy[0] for s in scores) / len(scores)
+
+
+def overlap(edit: WeightDelta, update: WeightDelta) -> list[dict[str, Any]]:
+    """Per parameter the edit changed: the share of ``update``'s squared norm in the edit's
+    column space and in its row space (0 when the update leaves the parameter alone)."""
+    rows = []
+    for name, entry in edit.entries.items():
+        other = update.entries.get(name)
+        dense = entry.to_dense().double()
+        if other is None:
+            rows.append({"parameter": name, "column_space": 0.0, "row_space": 0.0})
+            continue
+        f = other.to_dense().double()
+        total = float((f * f).sum())
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+        keep = s > s.max() * 1e-6 if s.numel() else s.bool()
+        cols, rows_ = u[:, keep], vh[keep].T
+        col = float(((cols.T @ f) ** 2).sum()) / total if total else 0.0
+        row = float(((f @ rows_) ** 2).sum()) / total if total else 0.0
+        rows.append({"parameter": name, "column_space": col, "row_space": row})
+    return rows
+
+
+def survive(lm: LM, editor: Editor, cases: Sequence[EditCase], corpus: TextCorpus,
+            config: FinetuneConfig | None = None, *, downstream: Sequence[EditCase] = (),
+            progress: bool = False) -> SurvivalResult:
+    """Edit ``cases`` (one batch), fine-tune the edited model on ``corpus``, score again.
+    ``downstream``: facts that are not edited, scored before and after the fine-tune. The model
+    is left as it was."""
+    config = config or FinetuneConfig()
+    edit = editor.edit(lm, [c.request for c in cases])
+    with edit.applied(lm):
+        edited = summarize(case_scores(lm, cases))
+        worked = _successes(lm, cases)
+        before = _downstream(lm, downstream)
+        tuned = finetune(lm, corpus, config, edited=edit, progress=progress)
+        with tuned.delta.applied(lm):
+            after = summarize(case_scores(lm, cases))
+            still = _successes(lm, cases)
+            later = _downstream(lm, downstream)
+    return SurvivalResult(
+        edit=edited, after_finetune=after,
+        survival={k: _kept(worked[k], still[k]) for k in worked},
+        downstream={"before": before, "after": later},
+        overlap=overlap(edit, tuned.delta), finetune_losses=tuned.losses)
