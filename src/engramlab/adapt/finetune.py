@@ -171,7 +171,9 @@ def _adapter(lm: LM, rows: torch.Tensor, order: list[int], config: FinetuneConfi
     before = {n: p.detach().clone() for n, p in params.items()}
     peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
                              target_modules=config.target_modules,
-                             use_dora=config.mode == "dora", bias="none")
+                             use_dora=config.mode == "dora", bias="none",
+                             # GPT-2-style Conv1D layers store Wᵀ
+                             fan_in_fan_out=lm.layout.value_is_transposed(0))
     torch.manual_seed(config.seed)  # the adapters' initialisation
     was_training = lm.model.training
     model = get_peft_model(lm.model, peft_config)
