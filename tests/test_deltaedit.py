@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -153,6 +154,14 @@ def test_deltaedit_settings_are_its_own():
     # the preset writes DeltaEdit as AlphaEdit plus its band
     alpha = get_editor("alphaedit").hparams_for(lm)
     assert (hp.layers, hp.target, hp.alpha) == (alpha.layers, alpha.target, alpha.alpha)
+    # a nested group it changes merges field by field (Llama-3: only the weight decay)
+    from engramlab.presets import load_preset
+
+    llama_d, llama_a = (load_preset(lm, m, "llama3-8b") for m in ("deltaedit", "alphaedit"))
+    assert llama_d.target.weight_decay == 0.5 != llama_a.target.weight_decay
+    assert dataclasses.replace(llama_d.target, weight_decay=llama_a.target.weight_decay) == \
+        llama_a.target
+    assert llama_d.stats == llama_a.stats and llama_d.band.width == 1.5
 
 
 # superimposed noise --------------------------------------------------------------------------

@@ -55,7 +55,11 @@ def load_preset(lm: LM, method: str, name: str | None = None) -> Any:
         if like not in doc or "like" in doc[like]:
             raise RequestError(f"preset {name!r}: {method} is written like {like!r}, which "
                                "is missing or itself written like another")
-        section = {**doc[like], **section}
+        base = doc[like]
+        # nested groups (target, stats, band) merge field by field, as --set does
+        section = {**base, **{k: {**base[k], **v} if isinstance(v, dict)
+                              and isinstance(base.get(k), dict) else v
+                              for k, v in section.items()}}
     if "layers_relative" in section:  # default preset: fractions of the depth
         rel = section.pop("layers_relative")
         section["layers"] = sorted({min(lm.n_layers - 1, round(f * lm.n_layers)) for f in rel})
