@@ -142,6 +142,10 @@ class EditCase:
                                f"{_where(self.case_id)}")
         return [self.request.target_true] * len(self.neighborhood_prompts)
 
+    def relation_targets(self) -> list[str | None]:
+        """One answer per relation prompt; None where none is known yet."""
+        return list(self.relation_answers or (None,) * len(self.relation_prompts))
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.request.to_dict(),
                                "paraphrase_prompts": list(self.paraphrase_prompts),
@@ -150,10 +154,9 @@ class EditCase:
         if self.neighborhood_answers is not None:
             out["neighborhood_answers"] = list(self.neighborhood_answers)
         if self.relation_prompts:
-            answers = self.relation_answers or (None,) * len(self.relation_prompts)
-            out["relation_prompts"] = [{"prompt": p, "answer": a}
-                                       for p, a in zip(self.relation_prompts, answers,
-                                                       strict=True)]
+            out["relation_prompts"] = [{"prompt": p, "answer": a} for p, a in
+                                       zip(self.relation_prompts, self.relation_targets(),
+                                           strict=True)]
         if self.extra:
             out["extra"] = self.extra
         return out

@@ -97,11 +97,11 @@ def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,
                         targets.append(target)
                         where.append((c, group, which))
         answers = case.neighborhood_targets() if case.neighborhood_prompts else []
-        kept = list(zip(case.neighborhood_prompts, answers, strict=True))
-        kept = [("neighborhood", t, a) for t, a in kept]
-        rel_answers = case.relation_answers or (None,) * len(case.relation_prompts)
-        kept += [("relation", t, a) for t, a in zip(case.relation_prompts, rel_answers,
-                                                    strict=True) if a is not None]
+        kept = [("neighborhood", t, a)
+                for t, a in zip(case.neighborhood_prompts, answers, strict=True)]
+        kept += [("relation", t, a) for t, a in zip(case.relation_prompts,
+                                                    case.relation_targets(), strict=True)
+                 if a is not None]
         for group, text, answer in kept:
             for which, target in (("true", answer), ("new", req.target_new)):
                 prompts.append(text)
@@ -146,10 +146,9 @@ def fill_relation_answers(lm: LM, cases: Sequence[EditCase], max_tokens: int = 4
                           ) -> list[EditCase]:
     """The cases with every missing relation answer filled in by ``lm`` as it is now (call it
     on the unedited model): the first word of its greedy continuation, with its leading space,
-    or the first token when the continuation starts with no word."""
+    or, when the continuation holds no word, its first character."""
     missing = [(c, i) for c, case in enumerate(cases)
-               for i, a in enumerate(case.relation_answers or (None,) * len(case.relation_prompts))
-               if a is None]
+               for i, a in enumerate(case.relation_targets()) if a is None]
     if not missing:
         return list(cases)
     texts = lm.generate([cases[c].relation_prompts[i] for c, i in missing],
@@ -158,9 +157,7 @@ def fill_relation_answers(lm: LM, cases: Sequence[EditCase], max_tokens: int = 4
     for (c, i), text in zip(missing, texts, strict=True):
         words = text.split()
         answer = " " + words[0] if words else (text[:1] or " ")
-        row = filled.setdefault(c, list(cases[c].relation_answers
-                                        or (None,) * len(cases[c].relation_prompts)))
-        row[i] = answer
+        filled.setdefault(c, cases[c].relation_targets())[i] = answer
     return [dataclasses.replace(case, relation_answers=tuple(filled[c])) if c in filled
             else case for c, case in enumerate(cases)]
 
