@@ -23,7 +23,7 @@ from ..data.corpus import TextCorpus
 from ..data.records import EditCase
 from ..delta import WeightDelta
 from ..edit.base import Editor
-from ..evaluate.counterfact import case_scores, summarize
+from ..evaluate.counterfact import CaseScores, case_scores, summarize
 from ..models.lm import LM
 from .finetune import FinetuneConfig, finetune
 
@@ -64,13 +64,10 @@ class SurvivalResult:
         return out
 
 
-def _successes(lm: LM, cases: Sequence[EditCase]) -> dict[str, list[bool]]:
+def _successes(scores: Sequence[CaseScores]) -> dict[str, list[bool]]:
     """Per edit and paraphrase prompt, in a fixed order, whether the new object wins."""
-    out: dict[str, list[bool]] = {"efficacy": [], "paraphrase": []}
-    for s in case_scores(lm, cases):
-        out["efficacy"] += s.efficacy
-        out["paraphrase"] += s.paraphrase
-    return out
+    return {"efficacy": [x for s in scores for x in s.efficacy],
+            "paraphrase": [x for s in scores for x in s.paraphrase]}
 
 
 def _kept(before: list[bool], after: list[bool]) -> float | None:
@@ -116,16 +113,15 @@ def survive(lm: LM, editor: Editor, cases: Sequence[EditCase], corpus: TextCorpu
     config = config or FinetuneConfig()
     edit = editor.edit(lm, [c.request for c in cases])
     with edit.applied(lm):
-        edited = summarize(case_scores(lm, cases))
-        worked = _successes(lm, cases)
+        edited = case_scores(lm, cases)
         before = _downstream(lm, downstream)
         tuned = finetune(lm, corpus, config, edited=edit, progress=progress)
         with tuned.delta.applied(lm):
-            after = summarize(case_scores(lm, cases))
-            still = _successes(lm, cases)
+            after = case_scores(lm, cases)
             later = _downstream(lm, downstream)
+    worked, still = _successes(edited), _successes(after)
     return SurvivalResult(
-        edit=edited, after_finetune=after,
+        edit=summarize(edited), after_finetune=summarize(after),
         survival={k: _kept(worked[k], still[k]) for k in worked},
         downstream={"before": before, "after": later},
         overlap=overlap(edit, tuned.delta), finetune_losses=tuned.losses)
