@@ -21,9 +21,10 @@ prompt/answer masking (every token is trained on).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -167,8 +168,6 @@ def _adapter(lm: LM, rows: torch.Tensor, order: list[int], config: FinetuneConfi
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise RequestError("LoRA and DoRA need peft: pip install 'engramlab[adapt]'") from None
-    params = dict(lm.model.named_parameters())
-    before = {n: p.detach().clone() for n, p in params.items()}
     peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
                              target_modules=config.target_modules,
                              use_dora=config.mode == "dora", bias="none",
@@ -177,7 +176,7 @@ def _adapter(lm: LM, rows: torch.Tensor, order: list[int], config: FinetuneConfi
     torch.manual_seed(config.seed)  # the adapters' initialisation
     was_training = lm.model.training
     model = get_peft_model(lm.model, peft_config)
-    saved = None
+    saved, originals = None, {}
     try:
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -185,18 +184,18 @@ def _adapter(lm: LM, rows: torch.Tensor, order: list[int], config: FinetuneConfi
         if adapter_out is not None:
             saved = Path(adapter_out)
             model.save_pretrained(str(saved))
-        entries = _lora_entries(model) if config.mode == "lora" else {}
-        if config.mode == "dora":  # the merged weights against the originals
-            merged = model.merge_and_unload()
-            entries = {n: ParamDelta(dense=(p.detach() - before[n]).cpu())
-                       for n, p in merged.named_parameters()
-                       if not torch.equal(p.detach(), before[n])}
-    finally:  # the wrappers out, every weight back as it was
-        base = model.unload()
+        if config.mode == "lora":
+            entries = _lora_entries(model)
+        else:  # DoRA rescales columns: the merged weights against the frozen originals
+            originals = {name: m.base_layer.weight.detach().clone() for name, m in _adapted(model)}
+            merged = dict(model.merge_and_unload().named_parameters())
+            entries = {n: ParamDelta(dense=(merged[n].detach() - w).cpu())
+                       for n, w in originals.items()}
+    finally:  # the wrappers out (a no-op once merged), the merged weights back as they were
+        base = dict(model.unload().named_parameters())
         with torch.no_grad():
-            for n, p in base.named_parameters():
-                if n in before and not torch.equal(p, before[n]):
-                    p.copy_(before[n])
+            for n, w in originals.items():
+                base[n].copy_(w)
         lm.model.train(was_training)
         lm.invalidate_fingerprint()
     delta = WeightDelta.for_model(lm, entries, method=f"finetune:{config.mode}",
@@ -205,20 +204,24 @@ def _adapter(lm: LM, rows: torch.Tensor, order: list[int], config: FinetuneConfi
     return FinetuneResult(delta, losses, saved)
 
 
-def _lora_entries(model: torch.nn.Module) -> dict[str, ParamDelta]:
-    """Each adapted module's change ``scaling · B A`` as low-rank factors, under the base
-    model's name of its weight."""
+def _adapted(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
+    """Each module PEFT wrapped, under the base model's name of its weight (PEFT keeps the
+    base weights frozen: training leaves them as they were)."""
     from peft.tuners.lora import LoraLayer
 
-    entries = {}
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
-            continue
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            yield f"{name.removeprefix('base_model.model.')}.weight", module
+
+
+def _lora_entries(model: torch.nn.Module) -> dict[str, ParamDelta]:
+    """Each adapted module's change ``scaling · B A`` as low-rank factors."""
+    entries = {}
+    for name, module in _adapted(model):
         a = module.lora_A["default"].weight.detach().float().cpu()  # [r, in]
         b = module.lora_B["default"].weight.detach().float().cpu() * module.scaling["default"]
-        base = name.removeprefix("base_model.model.")
         if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D stores Wᵀ
-            entries[f"{base}.weight"] = ParamDelta(u=a.T, v=b)
+            entries[name] = ParamDelta(u=a.T, v=b)
         else:
-            entries[f"{base}.weight"] = ParamDelta(u=b, v=a.T)
+            entries[name] = ParamDelta(u=b, v=a.T)
     return entries
