@@ -109,8 +109,7 @@ class DeltaEdit(AlphaEdit):
             noise = keys.double() @ past.double().T.to(keys.device)  # [n, d_model]
             norms = [float(x) for x in noise.norm(dim=1)]
         leaves, band = band_decisions(state.band, norms, hp.band)
-        state = dataclasses.replace(state, meta=dict(state.meta), past=dict(state.past),
-                                    band=band)
+        state = dataclasses.replace(state, band=band)  # the caller's state stays as it was
         if not any(leaves):  # plain AlphaEdit targets (shared with a sweep's memo)
             return super()._targets(lm, hp, requests, templates, point, state)
         assert past is not None and noise is not None
@@ -129,5 +128,5 @@ class DeltaEdit(AlphaEdit):
         u, v = factors[z_layer]
         update = (u.double() @ v.double().T).float().cpu()
         past = state.past.get(z_layer)
-        state.past[z_layer] = update if past is None else past + update
-        return state
+        return dataclasses.replace(
+            state, past={**state.past, z_layer: update if past is None else past + update})
