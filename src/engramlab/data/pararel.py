@@ -46,7 +46,8 @@ def pararel_cases(root: str | os.PathLike[str], n: int, *, seed: int = 0,
     if not pattern_dir.is_dir() or not trex_dir.is_dir():
         raise FileNotFoundError(f"{root} is not a ParaRel folder (expected patterns/ and trex/)")
     rng = random.Random(seed)
-    pick = random.Random(f"{seed}/relations")  # apart, so the cases stay what they were
+    # a stream of its own: which cases are drawn does not depend on the relation prompts
+    pick = random.Random(f"{seed}/relations")
     pools = []
     first_prompt: dict[str, str] = {}  # every relation's edit prompt, for relation prompts
     subject_relations: dict[str, list[str]] = {}
