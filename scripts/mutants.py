@@ -103,6 +103,9 @@ MUTANTS = (
     Mutant("targets_skip_the_edited_block_too", "edit/targets.py",
            "g.prefix.run(lm, start=parse_point(lm, point)[1])",
            "g.prefix.run(lm, start=parse_point(lm, point)[1] + 1)"),
+    Mutant("probe_answers_in_length_order", "evaluate/erasure.py",
+           "hits[i] = guess == target_ids(lm, texts[i], probes[i].answer)[0]",
+           "hits[batch[0] + batch.index(i)] = guess == target_ids(lm, texts[i], probes[i].answer)[0]"),
 )
 
 

@@ -21,7 +21,7 @@ from engramlab.erase.finetune import (
     sentences,
 )
 from engramlab.erase.run import make_eraser, report_lines, run_erasure
-from engramlab.erase.vectors import vocab_scores
+from engramlab.erase.vectors import answer_logprob, vocab_scores
 from engramlab.errors import ConceptError, EngramError
 from engramlab.evaluate.erasure import (
     accuracy,
@@ -42,6 +42,27 @@ def _known_probes(lm, n: int = 6, seed: int = 0) -> list[Probe]:
         if answer:
             probes.append(Probe(prompt, answer))
     return probes
+
+
+def test_probes_batched_by_length_score_as_each_alone():
+    """Batching prompts by length must hand every answer back to its own probe."""
+    lm = make_tiny("llama")
+    lengths = [7, 2, 5, 3, 8, 2, 6, 4, 3]
+    prompts = [tiny_text(n, seed=20 + i) for i, n in enumerate(lengths)]
+    guesses = [_greedy_word(lm, p) for p in prompts]
+    # every other probe gets its own greedy answer, the rest a wrong one
+    mixed = [Probe(p, g if i % 2 == 0 else ("w1" if g != "w1" else "w2"))
+             for i, (p, g) in enumerate(zip(prompts, guesses, strict=True))]
+    assert probe_hits(lm, mixed, batch_size=2) == [i % 2 == 0 for i in range(len(mixed))]
+    alone = sum(answer_logprob(lm, [p]) for p in mixed) / len(mixed)
+    assert answer_logprob(lm, mixed, batch_size=2) == pytest.approx(alone, abs=1e-5)
+
+
+def _greedy_word(lm, prompt: str) -> str:
+    ids = torch.tensor([lm.tokenizer(prompt)["input_ids"]])
+    word = lm.decode(int(lm.model(input_ids=ids).logits[0, -1].argmax())).strip()
+    assert word, f"the tiny model's greedy token after {prompt!r} decodes to nothing"
+    return word
 
 
 def test_vectors_delta_zeroes_or_damps_columns_and_reverts_exactly(tiny):

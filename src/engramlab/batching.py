@@ -81,6 +81,19 @@ def pad_rows(lm: LM, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch
     return ids.to(lm.device), lengths.to(lm.device)
 
 
+def by_length(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Row indices in batches of at most ``size``, shortest rows first.
+
+    A batch pads every row to its longest, so batching rows of similar length wastes fewest
+    padded positions (the bundled concepts' 178 control prompts: 1,896 positions instead of
+    3,164 in their given order). Callers put each row's result back at its index.
+    """
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s:s + size] for s in range(0, len(order), size)]
+
+
 def length_mask(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """``[rows, width]`` bool: True on each row's first ``lengths[row]`` (real) tokens."""
     return torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import encode_prompts, length_mask, target_ids
+from ..batching import by_length, encode_prompts, length_mask, pad_rows, target_ids
 from ..data.concepts import Concept, Probe
 from ..evaluate.erasure import last_logits
 from ..models.lm import LM
@@ -268,16 +268,16 @@ def vector_evidence(lm: LM, concept: Concept, controls: Sequence[Probe],
 
 @torch.no_grad()
 def answer_logprob(lm: LM, probes: Sequence[Probe], batch_size: int = 64) -> float:
-    """Mean log-probability of each probe's first answer token."""
+    """Mean log-probability of each probe's first answer token (prompts batched by length)."""
+    rows = [lm.tokenizer(p.prompt)["input_ids"] for p in probes]
     total = 0.0
-    for s in range(0, len(probes), batch_size):
-        chunk = probes[s:s + batch_size]
-        ids, lengths = encode_prompts(lm, [p.prompt for p in chunk])
-        rows = torch.arange(len(chunk), device=ids.device)
-        answers = torch.tensor([target_ids(lm, p.prompt, p.answer)[0] for p in chunk],
-                               device=ids.device)
+    for batch in by_length([len(r) for r in rows], batch_size):
+        ids, lengths = pad_rows(lm, [rows[i] for i in batch])
+        at = torch.arange(len(batch), device=ids.device)
+        answers = torch.tensor([target_ids(lm, probes[i].prompt, probes[i].answer)[0]
+                                for i in batch], device=ids.device)
         logits = last_logits(lm, ids, lengths)
-        total += float(torch.log_softmax(logits.float(), -1)[rows, answers].sum())
+        total += float(torch.log_softmax(logits.float(), -1)[at, answers].sum())
     return total / len(probes)
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..batching import encode_prompts, length_mask, target_ids
+from ..batching import by_length, encode_prompts, length_mask, pad_rows, target_ids
 from ..data.concepts import Concept, Probe
 from ..delta import WeightDelta
 from ..models.lm import LM
@@ -61,18 +61,19 @@ def last_logits(lm: LM, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def probe_hits(lm: LM, probes: Sequence[Probe], *, prefix: str | Sequence[str] = "",
                batch_size: int = 32) -> list[bool]:
-    """Whether the greedy next token after ``prefix + prompt`` starts each answer."""
+    """Whether the greedy next token after ``prefix + prompt`` starts each answer (prompts are
+    batched by length, the answers come back in the order of ``probes``)."""
     prefixes = [prefix] * len(probes) if isinstance(prefix, str) else list(prefix)
     if len(prefixes) != len(probes):
         raise ValueError(f"{len(prefixes)} prefixes for {len(probes)} probes")
-    hits: list[bool] = []
-    for start in range(0, len(probes), batch_size):
-        chunk = probes[start:start + batch_size]
-        texts = [pre + p.prompt for pre, p in zip(prefixes[start:], chunk, strict=False)]
-        ids, lengths = encode_prompts(lm, texts)
+    texts = [pre + p.prompt for pre, p in zip(prefixes, probes, strict=True)]
+    rows = [lm.tokenizer(t)["input_ids"] for t in texts]
+    hits = [False] * len(probes)
+    for batch in by_length([len(r) for r in rows], batch_size):
+        ids, lengths = pad_rows(lm, [rows[i] for i in batch])
         pred = last_logits(lm, ids, lengths).argmax(-1).tolist()
-        for t, p, guess in zip(texts, chunk, pred, strict=True):
-            hits.append(guess == target_ids(lm, t, p.answer)[0])
+        for i, guess in zip(batch, pred, strict=True):
+            hits[i] = guess == target_ids(lm, texts[i], probes[i].answer)[0]
     return hits
 
 
