@@ -319,13 +319,22 @@ class _Objective:
                    ) -> torch.Tensor:
         """This group's share of the loss (recording its token log-probs and KL terms)."""
         part = hidden.new_zeros((), dtype=torch.float32)
-        if len(g.lab_row):
-            logp = F.log_softmax(lm.logits_from_hidden(hidden[g.lab_row, g.lab_pos]).float(), -1)
+        kl = self.config.kl_factor > 0 and len(g.kl_local) > 0
+        n_lab = len(g.lab_row)
+        if not n_lab and not kl:
+            return part
+        # one unembedding for the label and KL positions: reading the vocabulary matrix is
+        # most of its cost (SmolLM2: 113 MB per read, forward and backward, every step)
+        rows, pos = (torch.cat([g.lab_row, g.kl_local]), torch.cat([g.lab_pos, g.kl_pos])) \
+            if kl else (g.lab_row, g.lab_pos)
+        logp_all = F.log_softmax(lm.logits_from_hidden(hidden[rows, pos]).float(), -1)
+        if n_lab:
+            logp = logp_all[:n_lab]
             got = logp.gather(1, self.lab_tok[g.lab_index][:, None]).squeeze(1)
             self.tok_lp[g.lab_index] = got.detach()
             part = part - (got * self.weight[g.lab_index]).sum()
-        if self.config.kl_factor > 0 and len(g.kl_local):
-            lp = F.log_softmax(lm.logits_from_hidden(hidden[g.kl_local, g.kl_pos]).float(), -1)
+        if kl:
+            lp = logp_all[n_lab:]
             if self.kl_init is None:
                 self.kl_init = torch.zeros(self.n, lp.shape[-1], device=self.device)
             if first:  # δ = 0: the unedited distribution, the KL's reference
@@ -399,8 +408,9 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
                 live = sum(len(g.rows) for g in groups)
             opt.zero_grad()
             backprop = it < config.steps - 1  # nothing follows the last step
-            nll_now, kl_now = _forward_backward(lm, groups, objective, point, last, delta,
-                                                init if it == 0 else None, backprop)
+            nll_now, kl_now, pending = _forward_backward(lm, groups, objective, point, last,
+                                                         delta, init if it == 0 else None,
+                                                         backprop)
             nll_r = torch.where(done, nll_r, nll_now)  # finished rows are not rerun
             # stop on what the edit must achieve (target NLL + KL), not on the weight decay:
             # the paper's stop on the full loss never fires when |value| is small (SmolLM2)
@@ -415,24 +425,33 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
             bar.update(1)
             if bool(done.all()) or not backprop:
                 break
+            if pending is not None:
+                pending.backward()
+            del pending
             _decay_and_step(delta, opt, done, norm0, config, avoid)
     return Targets(point, delta.detach(), init, nll_r.detach(), steps)
 
 
 def _forward_backward(lm: LM, groups: list[Group], objective: _Objective, point: str,
                       last: str, delta: torch.Tensor, record_init: torch.Tensor | None,
-                      backprop: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      backprop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One step's loss, group by group: the loss is a sum of per-row terms, so each group is
     backpropagated as soon as it has run and its graph freed; peak memory follows the largest
-    group, not the chunk, with the same gradient. Returns the step's NLL and KL per request."""
+    group, not the chunk, with the same gradient. Returns the step's NLL and KL per request
+    and the last group's loss, not yet backpropagated: when this step's forward shows every
+    request finished, that backward (for a single edit, the whole step's) is never needed."""
     objective.start_step()
-    for g in groups:
+    pending: torch.Tensor | None = None
+    for k, g in enumerate(groups):
         hidden = run_group(lm, g, point, last, delta, record_init)
         part = objective.group_loss(lm, g, hidden, first=record_init is not None)
         if backprop and part.requires_grad:
-            part.backward()
+            if k < len(groups) - 1:
+                part.backward()
+            else:
+                pending = part
         del hidden, part
-    return objective.step_nll(), objective.kl_now
+    return objective.step_nll(), objective.kl_now, pending
 
 
 def run_group(lm: LM, g: Group, point: str, last: str, delta: torch.Tensor,
