@@ -104,8 +104,14 @@ MUTANTS = (
            "g.prefix.run(lm, start=parse_point(lm, point)[1])",
            "g.prefix.run(lm, start=parse_point(lm, point)[1] + 1)"),
     Mutant("probe_answers_in_length_order", "evaluate/erasure.py",
-           "hits[i] = guess == target_ids(lm, texts[i], probes[i].answer)[0]",
-           "hits[batch[0] + batch.index(i)] = guess == target_ids(lm, texts[i], probes[i].answer)[0]"),
+           "hits[i] = guess",
+           "hits[batch[0] + batch.index(i)] = guess"),
+    Mutant("scoring_starts_at_the_last_changed_block", "evaluate/erasure.py",
+           "return layers[0] if layers and inside else 0",
+           "return layers[-1] if layers and inside else 0"),
+    Mutant("entry_states_kept_without_their_block", "evaluate/erasure.py",
+           "kept = self._kept.pop(self.block, {})\n        self._kept[self.block] = kept",
+           "kept = self._kept.pop(-1, {})\n        self._kept[-1] = kept"),
 )
 
 

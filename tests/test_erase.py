@@ -11,7 +11,7 @@ import torch
 from engramlab.data import Concept, Probe, bundled_concepts, get_concept, load_concept
 from engramlab.delta import ParamDelta, WeightDelta
 from engramlab.erase import ConceptVectors, find_concept_vectors, vectors_delta
-from engramlab.erase.budget import Budget
+from engramlab.erase.budget import Budget, BudgetSearch
 from engramlab.erase.finetune import (
     FineTuneUnlearner,
     _nll,
@@ -26,6 +26,7 @@ from engramlab.errors import ConceptError, EngramError
 from engramlab.evaluate.erasure import (
     accuracy,
     coefficient_patch_accuracy,
+    first_block,
     probe_hits,
 )
 from tests.conftest import assert_halves, make_tiny, tiny_text
@@ -63,6 +64,38 @@ def _greedy_word(lm, prompt: str) -> str:
     word = lm.decode(int(lm.model(input_ids=ids).logits[0, -1].argmax())).strip()
     assert word, f"the tiny model's greedy token after {prompt!r} decodes to nothing"
     return word
+
+
+def test_trials_scored_from_their_first_changed_block_equal_whole_passes():
+    """The budget's scoring passes start at the first block a trial's delta changes, from
+    states kept across trials: the figures are those of whole passes, and starting any later
+    would show."""
+    lm = make_tiny("llama")
+    concept = Concept("tiny", probes=_known_probes(lm, 6),
+                      near_controls=_known_probes(lm, 4, seed=100))
+    controls = _known_probes(lm, 8, seed=30)
+    search = BudgetSearch(Budget(), lm, concept, controls, [tiny_text(12, seed=s)
+                                                             for s in range(3)])
+    keys = ("target_accuracy", "control_accuracy", "near_control_accuracy", "perplexity")
+    first = vectors_delta(lm, [(1, 2), (1, 9), (2, 5)], damping=-6.0)
+    assert first_block(lm, first) == 1
+    for vectors in ([(1, 2), (1, 9), (2, 5)], [(2, 3), (2, 7)], [(1, 2), (1, 9), (2, 5)]):
+        delta = vectors_delta(lm, vectors, damping=-6.0)
+        search.score_delta({}, delta)
+        with delta.applied(lm):
+            search.score({}, from_block=0)
+        kept, whole = search.trials[-2:]
+        assert [kept[k] for k in keys[:3]] == [whole[k] for k in keys[:3]]
+        assert kept["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    assert search.entries._kept.keys() == {1, 2}  # states kept per starting block
+    with first.applied(lm):
+        search.score({}, from_block=2)  # a promise the delta breaks (it changes block 1)
+    assert search.trials[-1]["perplexity"] != pytest.approx(search.trials[0]["perplexity"],
+                                                           rel=1e-4)
+    embed = lm.layout.module_name(lm.model.get_input_embeddings()) + ".weight"
+    outside = WeightDelta.for_model(lm, {**first.entries, embed: ParamDelta(
+        dense=torch.ones_like(lm.model.get_input_embeddings().weight))})
+    assert first_block(lm, outside) == 0
 
 
 def test_vectors_delta_zeroes_or_damps_columns_and_reverts_exactly(tiny):

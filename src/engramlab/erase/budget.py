@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.concepts import Concept, Probe
+from ..delta import WeightDelta
+from ..evaluate.erasure import EntryStates, accuracy, first_block, perplexity
 from ..models.lm import LM
 
 NEAR_DROP = 0.15  # near controls: at most one probe of an 8-11 probe tuning half
@@ -65,12 +67,11 @@ class Budget:
                 f"perplexity within {self.max_perplexity_rise:.0%}")
 
 
-def budget_scores(lm: LM, concept: Concept, controls: Sequence[Probe],
-                  neutral: Sequence[str]) -> tuple[float, float, float]:
+def budget_scores(lm: LM, concept: Concept, controls: Sequence[Probe], neutral: Sequence[str],
+                  entries: EntryStates | None = None) -> tuple[float, float, float]:
     """(concept accuracy, control accuracy, perplexity) of the model as it is now."""
-    from ..evaluate.erasure import accuracy, perplexity
-
-    return accuracy(lm, concept.probes), accuracy(lm, controls), perplexity(lm, neutral)
+    return (accuracy(lm, concept.probes, entries=entries),
+            accuracy(lm, controls, entries=entries), perplexity(lm, neutral, entries))
 
 
 class BudgetSearch:
@@ -85,6 +86,7 @@ class BudgetSearch:
                  neutral: Sequence[str]) -> None:
         self.budget, self.lm, self.concept = budget, lm, concept
         self.controls, self.neutral = list(controls), list(neutral)
+        self.entries = EntryStates()
         # the tuning half only: the other half is what reports show
         self.near = concept.near("tune") if budget.max_near_drop is not None else []
         _, self.base_control, self.base_perplexity = budget_scores(lm, concept, self.controls,
@@ -94,11 +96,21 @@ class BudgetSearch:
         self.best: tuple[dict[str, Any], Any] | None = None
         self.best_target = float("inf")  # the best trial's concept accuracy
 
-    def score(self, setting: dict[str, Any],
-              keep: Callable[[], Any] = lambda: None) -> tuple[bool, float]:
-        """(inside the budget, concept accuracy) of the current model under ``setting``."""
-        t, c, p = budget_scores(self.lm, self.concept, self.controls, self.neutral)
-        near = self._near()
+    def score(self, setting: dict[str, Any], keep: Callable[[], Any] = lambda: None, *,
+              from_block: int = 0) -> tuple[bool, float]:
+        """(inside the budget, concept accuracy) of the current model under ``setting``.
+
+        ``from_block``: the current model equals the one the search began with in every block
+        before it (and outside the blocks), so the scoring passes start there from states
+        kept across trials (:class:`~engramlab.evaluate.erasure.EntryStates`); 0 runs them
+        whole."""
+        self.entries.block = from_block
+        try:
+            t, c, p = budget_scores(self.lm, self.concept, self.controls, self.neutral,
+                                    self.entries)
+            near = self._near()
+        finally:
+            self.entries.block = 0
         ok = (self.budget.allows(self.base_control, c, self.base_perplexity, p)
               and self.budget.keeps_near(self.base_near, near))
         self.trials.append({**setting, "target_accuracy": t, "control_accuracy": c,
@@ -107,7 +119,10 @@ class BudgetSearch:
             self.best, self.best_target = (setting, keep()), t
         return ok, t
 
-    def _near(self) -> float | None:
-        from ..evaluate.erasure import accuracy
+    def score_delta(self, setting: dict[str, Any], delta: WeightDelta) -> tuple[bool, float]:
+        """:meth:`score` with ``delta`` applied, from the first block it changes."""
+        with delta.applied(self.lm):
+            return self.score(setting, from_block=first_block(self.lm, delta))
 
-        return accuracy(self.lm, self.near) if self.near else None
+    def _near(self) -> float | None:
+        return accuracy(self.lm, self.near, entries=self.entries) if self.near else None

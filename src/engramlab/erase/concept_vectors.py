@@ -247,8 +247,8 @@ class ConceptVectors:
                 for d in dampings:
                     delta = vectors_delta(lm, [(c.layer, c.index) for c in found[:k]],
                                           damping=d)
-                    with delta.applied(lm):
-                        ok, _ = search.score({"selection": sel, "top_k": k, "damping": d})
+                    ok, _ = search.score_delta({"selection": sel, "top_k": k, "damping": d},
+                                               delta)
                     if not ok:
                         break
         if search.best is None:

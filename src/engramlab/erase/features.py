@@ -302,8 +302,7 @@ class FeatureEraser:
                 for mu in self._mu_row():
                     delta = output_features_delta(lm, saes, self.ranked[:n], on, off,
                                                   tau=tau, mu=mu)
-                    with delta.applied(lm):
-                        ok, _ = search.score({"n_features": n, "tau": tau, "mu": mu})
+                    ok, _ = search.score_delta({"n_features": n, "tau": tau, "mu": mu}, delta)
                     if not ok:
                         break  # a stronger push would leave the budget too
         if search.best is None:

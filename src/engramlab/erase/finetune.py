@@ -245,11 +245,13 @@ class FineTuneUnlearner:
         controls = list(controls_for(concept) if controls is None else controls)
         search = BudgetSearch(self.budget, lm, concept, controls, neutral)
         self.trials = search.trials
+        first = min(self._layers(lm))  # the blocks before it keep their weights
         lrs, max_steps = self.grid()
         for lr in lrs:
             def check(step: int, lr: float = lr) -> bool:
                 lm.invalidate_fingerprint()
-                ok, t = search.score({"lr": lr, "steps": step}, lambda: _diff(params, backup))
+                ok, t = search.score({"lr": lr, "steps": step}, lambda: _diff(params, backup),
+                                     from_block=first)
                 return ok and t > 0  # nothing left to erase: longer runs cannot do better
 
             _train(params, backup, loss, max_steps, lr, self.method, every=self.every,

@@ -44,25 +44,73 @@ def _batches(items: Sequence[Probe], size: int) -> Iterator[Sequence[Probe]]:
         yield items[i:i + size]
 
 
-def last_logits(lm: LM, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+class EntryStates:
+    """The residual stream entering one block, kept per batch of fixed prompts or texts, so that
+    models equal to each other before that block (an erasure tuner's trials) are scored from
+    it: the earlier blocks would compute the same states for every one of them.
+
+    Set :attr:`block` before each scoring to the first block where the current model may differ
+    from the ones scored before at that block; 0 runs whole passes. States are read on first
+    use under the current model, which by that promise are also every other such model's. At
+    most ``max_blocks`` blocks' states are kept (the least recently used go first), so memory
+    stays a few batches of activations per block whatever the tuner's grid."""
+
+    def __init__(self, max_blocks: int = 4) -> None:
+        self.block = 0
+        self.max_blocks = max_blocks
+        self._kept: dict[int, dict[tuple[bytes, bytes], torch.Tensor]] = {}
+
+    def start(self, lm: LM, ids: torch.Tensor,
+              mask: torch.Tensor | None) -> tuple[int, torch.Tensor] | None:
+        """``run_model``'s ``start`` for this batch: (block, state entering it), or None."""
+        if self.block <= 0:
+            return None
+        kept = self._kept.pop(self.block, {})
+        self._kept[self.block] = kept  # most recently used last
+        while len(self._kept) > self.max_blocks:
+            del self._kept[next(iter(self._kept))]
+        key = (ids.cpu().numpy().tobytes(),
+               b"" if mask is None else mask.cpu().numpy().tobytes())
+        if key not in kept:
+            point = f"resid.{self.block - 1}"
+            with Trace(lm).capture(point) as tr:
+                run_model(lm, ids, mask, stop_after=self.block - 1)
+            kept[key] = tr[point]
+        return self.block, kept[key]
+
+
+def first_block(lm: LM, delta: WeightDelta) -> int:
+    """The first block whose parameters ``delta`` changes; 0 when it changes anything outside
+    the blocks (embedding, final norm, unembedding), where no pass may skip a block."""
+    layers = delta_layers(lm, delta)
+    prefixes = [lm.layout.module_name(lm.layout.block(i)) + "." for i in layers]
+    inside = all(any(name.startswith(p) for p in prefixes) for name in delta.entries)
+    return layers[0] if layers and inside else 0
+
+
+def last_logits(lm: LM, ids: torch.Tensor, lengths: torch.Tensor,
+                entries: EntryStates | None = None) -> torch.Tensor:
     """Next-token logits at each row's last real token, ``[rows, vocab]``.
 
     Only the transformer body runs over every position; the unembedding (a fifth of SmolLM2's
-    work, for a 49k vocabulary) runs at one position per row.
+    work, for a 49k vocabulary) runs at one position per row. With ``entries`` the pass begins
+    at their block.
     """
     mask = length_mask(ids, lengths).long()
     point = f"resid.{lm.n_layers - 1}"
+    start = entries.start(lm, ids, mask) if entries is not None else None
     with Trace(lm).capture(point) as tr:
-        run_model(lm, ids, mask)
+        run_model(lm, ids, mask, start=start)
     rows = torch.arange(ids.shape[0], device=ids.device)
     return lm.logits_from_hidden(tr[point][rows, lengths - 1])
 
 
 @torch.no_grad()
 def probe_hits(lm: LM, probes: Sequence[Probe], *, prefix: str | Sequence[str] = "",
-               batch_size: int = 32) -> list[bool]:
+               batch_size: int = 32, entries: EntryStates | None = None) -> list[bool]:
     """Whether the greedy next token after ``prefix + prompt`` starts each answer (prompts are
-    batched by length, the answers come back in the order of ``probes``)."""
+    batched by length, the answers come back in the order of ``probes``; ``entries``: see
+    :class:`EntryStates`)."""
     prefixes = [prefix] * len(probes) if isinstance(prefix, str) else list(prefix)
     if len(prefixes) != len(probes):
         raise ValueError(f"{len(prefixes)} prefixes for {len(probes)} probes")
@@ -71,7 +119,7 @@ def probe_hits(lm: LM, probes: Sequence[Probe], *, prefix: str | Sequence[str] =
     hits = [False] * len(probes)
     for batch in by_length([len(r) for r in rows], batch_size):
         ids, lengths = pad_rows(lm, [rows[i] for i in batch])
-        pred = last_logits(lm, ids, lengths).argmax(-1).tolist()
+        pred = last_logits(lm, ids, lengths, entries).argmax(-1).tolist()
         for i, guess in zip(batch, pred, strict=True):
             hits[i] = guess == target_ids(lm, texts[i], probes[i].answer)[0]
     return hits
@@ -86,7 +134,8 @@ def accuracy(lm: LM, probes: Sequence[Probe], **kw: object) -> float:
 
 
 @torch.no_grad()
-def text_nlls(lm: LM, texts: Sequence[str]) -> list[tuple[float, int]]:
+def text_nlls(lm: LM, texts: Sequence[str],
+              entries: EntryStates | None = None) -> list[tuple[float, int]]:
     """Per text (each scored on its own, no packing): summed next-token NLL and token count."""
     out = []
     for text in texts:
@@ -94,7 +143,8 @@ def text_nlls(lm: LM, texts: Sequence[str]) -> list[tuple[float, int]]:
         if ids.shape[1] < 2:
             out.append((0.0, 0))
             continue
-        logits = lm.model(input_ids=ids).logits[0, :-1].float()
+        start = entries.start(lm, ids, None) if entries is not None else None
+        logits = run_model(lm, ids, logits=True, start=start).logits[0, :-1].float()
         nll = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         out.append((nll, ids.shape[1] - 1))
     return out
@@ -107,9 +157,9 @@ def pooled_perplexity(nlls: Sequence[tuple[float, int]]) -> float:
     return math.exp(sum(n for n, _ in nlls) / count)
 
 
-def perplexity(lm: LM, texts: Sequence[str]) -> float:
+def perplexity(lm: LM, texts: Sequence[str], entries: EntryStates | None = None) -> float:
     """Token-weighted perplexity of ``texts`` (each scored on its own, no packing)."""
-    return pooled_perplexity(text_nlls(lm, texts))
+    return pooled_perplexity(text_nlls(lm, texts, entries))
 
 
 def worst_rise(before: Sequence[float], after: Sequence[float]) -> float:
