@@ -112,6 +112,11 @@ MUTANTS = (
     Mutant("entry_states_kept_without_their_block", "evaluate/erasure.py",
            "kept = self._kept.pop(self.block, {})\n        self._kept[self.block] = kept",
            "kept = self._kept.pop(-1, {})\n        self._kept[-1] = kept"),
+    Mutant("task_rows_train_the_prompt", "adapt/finetune.py",
+           "targets[i, start:len(seq)] = ids[i, start:len(seq)]",
+           "targets[i, :len(seq)] = ids[i, :len(seq)]"),
+    Mutant("resume_without_the_optimiser_state", "adapt/finetune.py",
+           'opt.load_state_dict(state["opt"])', "pass"),
 )
 
 

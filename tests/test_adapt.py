@@ -114,7 +114,7 @@ def test_overlap_is_the_share_of_the_update_in_the_edits_column_and_row_spaces()
 
 
 def test_survive_edits_finetunes_and_counts_the_edits_that_still_work(isolated_cache):
-    from engramlab.adapt import survive
+    from engramlab.adapt import downstream_accuracy, fact_rows, survive
     from engramlab.data import EditCase, EditRequest
     from engramlab.edit import MEMIT
     from engramlab.evaluate import case_scores
@@ -131,21 +131,23 @@ def test_survive_edits_finetunes_and_counts_the_edits_that_still_work(isolated_c
                            "kl_factor": 0.0}, "stats": {"tokens": 2048, "seq_len": 32}}
     editor = MEMIT(**settings)
     cfg = FinetuneConfig(mode="edited", steps=4, lr=5e-2, batch_size=2, seq_len=16)
-    result = survive(lm, editor, cases, _corpus(), cfg, downstream=facts)
+    result = survive(lm, editor, cases, _corpus(), cfg, downstream=fact_rows(facts))
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
     # recomputed by hand: the same edit and fine-tune, the successes before and after
     edit = MEMIT(**settings).edit(lm, [c.request for c in cases])
     with edit.applied(lm):
         ok = [s.efficacy[0] for s in case_scores(lm, cases)]
+        known = downstream_accuracy(lm, fact_rows(facts))
         tuned = finetune(lm, _corpus(), cfg, edited=edit)
         with tuned.delta.applied(lm):
             still = [s.efficacy[0] for s in case_scores(lm, cases)]
+            later = downstream_accuracy(lm, fact_rows(facts))
     kept = [b for a, b in zip(ok, still, strict=True) if a]
     assert kept  # some edits worked, so survival is a share of something
     assert result.survival["efficacy"] == pytest.approx(sum(kept) / len(kept))
     assert [r["parameter"] for r in result.overlap] == list(edit.entries)
     assert all(0 <= r["column_space"] <= 1 + 1e-9 for r in result.overlap)
-    assert result.downstream["before"] is not None
+    assert result.downstream == {"before": known, "after": later}
     assert set(result.to_json()) == {"edit", "after_finetune", "survival", "downstream",
                                      "overlap"}
 
@@ -179,3 +181,155 @@ def test_survive_command_prints_the_specified_json(tmp_path, capsys, isolated_ca
     with pytest.raises(SystemExit) as bad:
         main(["survive", "--finetune", "qlora"])
     assert bad.value.code == 2
+    # a task: trained on its completions, scored on its test part
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"prompt": f"w1 w{i} w2", "completion": f"w{30 + i}"})
+                              for i in range(3, 23)))
+    assert main([*args[:args.index("--data")], "--data", str(task),
+                 *args[args.index("--data") + 2:-2]]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["data"] == "task" and out["n_downstream"] == 4  # a fifth of 20 prompts
+    assert out["downstream"]["before"] is not None
+    # nothing to train on: one line, exit 2, before the model loads
+    bad_task = tmp_path / "bad.jsonl"
+    bad_task.write_text('{"prompt": "w1", "completion": " "}\n')
+    assert main(["survive", "--model", str(tmp_path / "missing"), "--data", str(bad_task)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no usable rows" in err and len(err.splitlines()) == 1
+
+
+def test_task_rows_train_the_completion_and_never_the_prompt():
+    from engramlab.adapt import training_rows
+    from engramlab.adapt.finetune import IGNORE
+    from engramlab.data.tasks import TaskRow
+
+    lm = make_tiny("llama")
+    rows = [TaskRow("w1 w2 w3", "w4 w5"), TaskRow("w6", "w7")]
+    ids, targets = training_rows(lm, rows, FinetuneConfig(seq_len=16))
+    eos = lm.tokenizer.eos_token_id
+    assert ids[0, :6].tolist() == [*lm.encode("w1 w2 w3 w4 w5"), eos]
+    trained = [(targets[r] != IGNORE).nonzero().flatten().tolist() for r in range(2)]
+    assert trained == [[3, 4, 5], [1, 2]]  # completion and end of text only
+    assert torch.equal(targets[0, 3:6], ids[0, 3:6])
+    cfg = FinetuneConfig(steps=6, lr=1e-2, batch_size=2, seq_len=16)
+    delta = finetune(lm, rows, cfg).delta
+
+    def logp(prompt: str, word: str) -> float:
+        row = torch.tensor([lm.encode(f"{prompt} {word}")])
+        with torch.no_grad():
+            out = torch.log_softmax(lm.model(input_ids=row).logits[0, -2], -1)
+        return float(out[row[0, -1]])
+
+    before = logp("w1 w2 w3", "w4"), logp("w1 w2", "w3")
+    with delta.applied(lm):
+        after = logp("w1 w2 w3", "w4"), logp("w1 w2", "w3")
+    assert after[0] > before[0] + 0.5  # the completion is learnt
+    assert after[1] < before[1] + 0.5 * (after[0] - before[0])  # the prompt far less, if at all
+
+
+def test_an_interrupted_finetune_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import importlib
+
+    from engramlab.errors import InputError
+
+    ft_module = importlib.import_module("engramlab.adapt.finetune")  # the module, not the function
+
+    lm = make_tiny("llama")
+    cfg = FinetuneConfig(steps=6, lr=3e-3, batch_size=2, seq_len=16, save_every=2)
+    whole = finetune(lm, _corpus(), cfg)
+    path = tmp_path / "ft.pt"
+    save = ft_module._Checkpoint.save
+
+    def save_then_stop(self, step, *args):
+        save(self, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft_module._Checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(lm, _corpus(), cfg, checkpoint=path)
+    assert path.is_file()
+    monkeypatch.setattr(ft_module._Checkpoint, "save", save)
+    with pytest.raises(InputError, match="another fine-tune"):
+        finetune(lm, _corpus(), FinetuneConfig(steps=6, lr=1e-3, batch_size=2, seq_len=16),
+                 checkpoint=path)
+    resumed = finetune(lm, _corpus(), cfg, checkpoint=path)
+    assert not path.exists()  # complete: nothing left to resume
+    assert resumed.losses == pytest.approx(whole.losses, abs=1e-6)
+    for name, entry in whole.delta.entries.items():
+        assert torch.allclose(entry.to_dense(), resumed.delta.entries[name].to_dense(),
+                              atol=1e-6)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot be read"):
+        finetune(lm, _corpus(), cfg, checkpoint=path)
+
+
+def test_bfloat16_finetune_trains_under_autocast_and_returns_float32():
+    lm = make_tiny("llama")
+    base = dict(steps=8, lr=3e-3, batch_size=4, seq_len=16)
+    rows = _corpus().token_rows(lm, seq_len=16)
+    full = finetune(lm, _corpus(), FinetuneConfig(**base)).delta
+    half = finetune(lm, _corpus(), FinetuneConfig(**base, precision="bfloat16"))
+    loss0 = _loss(lm, rows)
+    with half.delta.applied(lm):
+        assert _loss(lm, rows) < loss0 - 0.05  # it trains
+    name = next(iter(full.entries))
+    mixed = half.delta.entries[name].to_dense()
+    assert mixed.dtype == torch.float32
+    assert not torch.equal(mixed, full.entries[name].to_dense())  # bfloat16 arithmetic ran
+    cos = F.cosine_similarity(mixed.flatten(), full.entries[name].to_dense().flatten(), dim=0)
+    assert cos > 0.9  # the same training, rounded
+    with pytest.raises(RequestError, match="precision"):
+        FinetuneConfig(precision="float8")
+
+
+def _pararel(root, triples: dict[str, list[tuple[str, str]]]):
+    import json
+
+    (root / "patterns").mkdir(parents=True)
+    (root / "trex").mkdir()
+    for rel, pairs in triples.items():
+        (root / "patterns" / f"{rel}.jsonl").write_text(
+            json.dumps({"pattern": f"[X] {rel.lower()} [Y]."}) + "\n")
+        (root / "trex" / f"{rel}.jsonl").write_text("".join(
+            json.dumps({"sub_label": s, "obj_label": o}) + "\n" for s, o in pairs))
+    return root
+
+
+def test_trex_questions_split_by_subject_and_leave_out_edited_and_ambiguous_facts(tmp_path):
+    from engramlab.data.tasks import is_task, load_task
+
+    subjects = [f"S{i}" for i in range(20)]
+    root = _pararel(tmp_path / "pararel", {
+        "P1": [(s, f"A{i % 3}") for i, s in enumerate(subjects)],
+        "P2": [(s, f"B{i % 2}") for i, s in enumerate(subjects)] + [("S0", "B9")]})
+    assert is_task(root)
+    task = load_task(root, exclude_subjects={"S5"}, test_share=0.25, seed=1)
+    def subject(r):
+        return r.prompt.split()[0]
+    train, test = {subject(r) for r in task.train}, {subject(r) for r in task.test}
+    assert train and test and not train & test
+    assert "S5" not in train | test
+    # S0 has two objects under P2: that question is left out, its P1 question kept
+    assert [r for r in task.train + task.test if r.prompt == "S0 p2"] == []
+    assert any(r.prompt == "S0 p1" for r in task.train + task.test)
+    assert len(task.train) + len(task.test) == 2 * 19 - 1
+    assert load_task(root, seed=1).test != load_task(root, seed=2).test
+
+
+def test_task_files_with_nothing_to_train_on_are_refused(tmp_path):
+    from engramlab.data.tasks import is_task, load_task
+    from engramlab.errors import InputError
+
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "a b c"}\n')
+    assert not is_task(text)  # a text corpus, not a task
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"prompt": "a", "completion": ""}\n')
+    assert is_task(empty)
+    with pytest.raises(InputError, match="no usable rows"):
+        load_task(empty)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "caf\u00e9", "completion": "x"}\n'.encode("latin-1"))
+    with pytest.raises(InputError, match="UTF-8"):
+        load_task(latin)

@@ -3,8 +3,17 @@ each fine-tune a :class:`~engramlab.WeightDelta` like an edit."""
 
 from __future__ import annotations
 
-from .finetune import MODES, FinetuneConfig, FinetuneResult, finetune, trainable_names
-from .survive import SurvivalResult, overlap, survive
+from .finetune import (
+    MODES,
+    PRECISIONS,
+    FinetuneConfig,
+    FinetuneResult,
+    finetune,
+    trainable_names,
+    training_rows,
+)
+from .survive import SurvivalResult, downstream_accuracy, fact_rows, overlap, survive
 
-__all__ = ["MODES", "FinetuneConfig", "FinetuneResult", "SurvivalResult", "finetune", "overlap",
-           "survive", "trainable_names"]
+__all__ = ["MODES", "PRECISIONS", "FinetuneConfig", "FinetuneResult", "SurvivalResult",
+           "downstream_accuracy", "fact_rows", "finetune", "overlap", "survive",
+           "trainable_names", "training_rows"]

@@ -11,11 +11,18 @@ edit changed (its delta's names); ``non-edited`` every parameter but those; ``lo
 ``dora`` train PEFT adapters (Hu et al. 2022; Liu et al. 2024) on the model's linear layers, or
 on ``target_modules``, and can be saved as a standard PEFT adapter folder that ``peft`` loads
 back. LoRA's delta is low-rank (``scaling · B A`` per module); DoRA's, which rescales each
-column, is dense. The loss is next-token cross-entropy on packed rows of the text, the
-optimiser AdamW; rows are drawn in a seeded order, so a fine-tune is reproducible.
+column, is dense. The optimiser is AdamW; rows are drawn in a seeded order, so a fine-tune is
+reproducible.
 
-Not here yet: mixed precision, resuming from a checkpoint, and instruction data with
-prompt/answer masking (every token is trained on).
+Data is plain text (a :class:`~engramlab.data.corpus.TextCorpus`: next-token cross-entropy on
+packed rows) or a task's prompt-completion rows (:class:`~engramlab.data.tasks.TaskRow`: the
+loss falls on the completion and its end-of-text token only, as in instruction tuning).
+``precision="bfloat16"`` runs the forward and backward under bfloat16 autocast while the
+weights, the optimiser state and the returned delta stay float32 (mixed precision).
+``checkpoint`` names a file the trained weights and the optimiser state are saved to every
+``save_every`` steps; a run given the same file, settings and starting model resumes from it
+and ends where an uninterrupted run would have (the row order is a function of the seed, and
+the random state is saved too). The file is removed once the run completes.
 """
 
 from __future__ import annotations
@@ -29,12 +36,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_file
+from ..batching import target_ids
 from ..data.corpus import TextCorpus
+from ..data.tasks import TaskRow
 from ..delta import ParamDelta, WeightDelta
-from ..errors import RequestError
+from ..errors import InputError, RequestError
 from ..models.lm import LM
 
 MODES = ("full", "edited", "non-edited", "lora", "dora")
+PRECISIONS = ("float32", "bfloat16")
+IGNORE = -100  # cross-entropy's ignore_index: positions that carry no loss
 
 
 @dataclass
@@ -49,11 +61,16 @@ class FinetuneConfig:
     rank: int = 8  # lora / dora
     alpha: float = 16.0
     target_modules: list[str] | str = "all-linear"
+    precision: str = "float32"
+    save_every: int = 25  # steps between checkpoints, when a checkpoint file is given
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RequestError(f"unknown fine-tuning mode {self.mode!r}; choose one of {MODES}")
-        for name in ("steps", "batch_size", "seq_len", "rank"):
+        if self.precision not in PRECISIONS:
+            raise RequestError(f"unknown precision {self.precision!r}; choose one of "
+                               f"{PRECISIONS}")
+        for name in ("steps", "batch_size", "seq_len", "rank", "save_every"):
             if getattr(self, name) < 1:
                 raise RequestError(f"fine-tuning {name} must be at least 1")
         if not self.lr > 0:
@@ -88,16 +105,16 @@ def trainable_names(lm: LM, mode: str, edited: Sequence[str] | WeightDelta = ())
     raise RequestError(f"mode {mode!r} trains adapters, not named parameters")
 
 
-def finetune(lm: LM, corpus: TextCorpus, config: FinetuneConfig | None = None, *,
-             edited: Sequence[str] | WeightDelta = (), adapter_out: str | Path | None = None,
-             progress: bool = False) -> FinetuneResult:
-    """Fine-tune ``lm`` on ``corpus`` and return what changed; the model is left unchanged."""
+def finetune(lm: LM, data: TextCorpus | Sequence[TaskRow], config: FinetuneConfig | None = None,
+             *, edited: Sequence[str] | WeightDelta = (), adapter_out: str | Path | None = None,
+             checkpoint: str | Path | None = None, progress: bool = False) -> FinetuneResult:
+    """Fine-tune ``lm`` on ``data`` and return what changed; the model is left unchanged."""
     config = config or FinetuneConfig()
-    rows = corpus.token_rows(lm, seq_len=config.seq_len,
-                             max_tokens=config.steps * config.batch_size * config.seq_len)
-    order = _row_order(len(rows), config)
+    rows = training_rows(lm, data, config)
+    order = _row_order(len(rows[0]), config)
+    saver = _Checkpoint(Path(checkpoint), config, lm.fingerprint()) if checkpoint else None
     if config.mode in ("lora", "dora"):
-        return _adapter(lm, rows, order, config, adapter_out, progress)
+        return _adapter(lm, rows, order, config, adapter_out, saver, progress)
     if adapter_out is not None:
         raise RequestError(f"mode {config.mode!r} trains the weights themselves; there is no "
                            "adapter to save (save the returned delta instead)")
@@ -113,7 +130,7 @@ def finetune(lm: LM, corpus: TextCorpus, config: FinetuneConfig | None = None, *
             p.requires_grad_(n in names)
         opt = torch.optim.AdamW([p for p in trained.values() if p.requires_grad], lr=config.lr,
                                 weight_decay=config.weight_decay)
-        losses = _train(lm, lm.model, rows, order, opt, config, progress)
+        losses = _train(lm, lm.model, rows, order, opt, config, saver, progress)
         entries = {n: ParamDelta(dense=(p.detach() - before[n]).cpu())
                    for n, p in trained.items()}
     finally:
@@ -129,6 +146,39 @@ def finetune(lm: LM, corpus: TextCorpus, config: FinetuneConfig | None = None, *
     return FinetuneResult(delta, losses)
 
 
+Rows = tuple[torch.Tensor, torch.Tensor]  # token ids and targets (IGNORE: no loss), [rows, len]
+
+
+def training_rows(lm: LM, data: TextCorpus | Sequence[TaskRow], config: FinetuneConfig) -> Rows:
+    """Token rows and their targets: packed text trains every token; a task row trains its
+    completion and the end-of-text token after it, never its prompt."""
+    if isinstance(data, TextCorpus):
+        ids = data.token_rows(lm, seq_len=config.seq_len,
+                              max_tokens=config.steps * config.batch_size * config.seq_len)
+        return ids, ids.clone()
+    rows = list(data)
+    if not rows:
+        raise InputError("the fine-tuning task has no rows")
+    eos = lm.tokenizer.eos_token_id
+    tokens, starts = [], []
+    for row in rows:
+        prompt = lm.tokenizer(row.prompt)["input_ids"]
+        seq = [*prompt, *target_ids(lm, row.prompt, row.completion)]
+        seq = (seq + ([eos] if eos is not None else []))[:config.seq_len]
+        tokens.append(seq)
+        starts.append(len(prompt))
+    width = max(len(t) for t in tokens)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (seq, start) in enumerate(zip(tokens, starts, strict=True)):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        targets[i, start:len(seq)] = ids[i, start:len(seq)]
+    if not bool((targets[:, 1:] != IGNORE).any()):
+        raise InputError("no task row leaves a completion token within seq_len; raise seq_len")
+    return ids, targets
+
+
 def _row_order(n_rows: int, config: FinetuneConfig) -> list[int]:
     """Row indices for every step, a seeded permutation repeated as often as needed."""
     rng = random.Random(config.seed)
@@ -141,28 +191,86 @@ def _row_order(n_rows: int, config: FinetuneConfig) -> list[int]:
     return order[:need]
 
 
-def _train(lm: LM, model: torch.nn.Module, rows: torch.Tensor, order: list[int],
-           opt: torch.optim.Optimizer, config: FinetuneConfig, progress: bool) -> list[float]:
+def _train(lm: LM, model: torch.nn.Module, rows: Rows, order: list[int],
+           opt: torch.optim.Optimizer, config: FinetuneConfig, saver: _Checkpoint | None,
+           progress: bool) -> list[float]:
     from tqdm.auto import tqdm
 
+    ids_all, targets_all = rows
     torch.manual_seed(config.seed)  # dropout, where the model has it
-    losses = []
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    first, losses = saver.resume(trained, opt) if saver is not None else (0, [])
     model.train()  # the caller puts the model back in the mode it was in
-    for step in tqdm(range(config.steps), desc=f"fine-tune ({config.mode})", unit="step",
-                     disable=not progress):
-        idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-        ids = rows[idx].to(lm.device)
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    autocast = torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16,
+                              enabled=config.precision == "bfloat16")
+    bar = tqdm(total=config.steps, initial=first, desc=f"fine-tune ({config.mode})",
+               unit="step", disable=not progress)
+    with bar:
+        for step in range(first, config.steps):
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            targets = targets_all[idx].to(lm.device)
+            # task rows pad to the longest row of the set; this batch needs only its own
+            width = int((targets != IGNORE).nonzero()[:, 1].max()) + 1 \
+                if bool((targets != IGNORE).any()) else targets.shape[1]
+            ids, targets = ids_all[idx, :width].to(lm.device), targets[:, :width]
+            with autocast:
+                logits = model(input_ids=ids).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                   targets[:, 1:].flatten(), ignore_index=IGNORE)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if saver is not None and (step + 1) % config.save_every == 0 \
+                    and step + 1 < config.steps:
+                saver.save(step + 1, trained, opt, losses)
+    if saver is not None:
+        saver.path.unlink(missing_ok=True)  # the run is complete: nothing to resume
     return losses
 
 
-def _adapter(lm: LM, rows: torch.Tensor, order: list[int], config: FinetuneConfig,
-             adapter_out: str | Path | None, progress: bool) -> FinetuneResult:
+class _Checkpoint:
+    """A fine-tune's trained weights, optimiser state and losses after some step, in one file
+    (written atomically), valid only for the same settings and the same starting model."""
+
+    def __init__(self, path: Path, config: FinetuneConfig, model_fingerprint: str) -> None:
+        self.path = path
+        self.key = {"config": {k: v for k, v in vars(config).items() if k != "save_every"},
+                    "model": model_fingerprint}
+
+    def resume(self, params: dict[str, torch.nn.Parameter],
+               opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+        """Load the saved state into ``params`` and ``opt``: (step to go on from, losses)."""
+        if not self.path.is_file():
+            return 0, []
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file
+            raise InputError(f"checkpoint {self.path} cannot be read ({type(e).__name__}); "
+                             "delete it to start afresh") from None
+        if state.get("key") != self.key or set(state.get("params", {})) != set(params):
+            raise InputError(f"checkpoint {self.path} belongs to another fine-tune (settings, "
+                             "data or starting model differ); delete it or pass another file")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])  # dropout goes on as it would have
+        return int(state["step"]), list(state["losses"])
+
+    def save(self, step: int, params: dict[str, torch.nn.Parameter],
+             opt: torch.optim.Optimizer, losses: list[float]) -> None:
+        state = {"key": self.key, "step": step, "losses": losses, "opt": opt.state_dict(),
+                 "rng": torch.get_rng_state(),
+                 "params": {n: p.detach().cpu() for n, p in params.items()}}
+        with atomic_file(self.path) as tmp:
+            torch.save(state, tmp)
+
+
+def _adapter(lm: LM, rows: Rows, order: list[int], config: FinetuneConfig,
+             adapter_out: str | Path | None, saver: _Checkpoint | None,
+             progress: bool) -> FinetuneResult:
     """LoRA / DoRA with PEFT: train, save the adapter if asked, read the change, unload."""
     try:
         from peft import LoraConfig, get_peft_model
@@ -180,7 +288,7 @@ def _adapter(lm: LM, rows: torch.Tensor, order: list[int], config: FinetuneConfi
     try:
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        losses = _train(lm, model, rows, order, opt, config, progress)
+        losses = _train(lm, model, rows, order, opt, config, saver, progress)
         if adapter_out is not None:
             saved = Path(adapter_out)
             model.save_pretrained(str(saved))

@@ -4,9 +4,10 @@ Erase Your Edits? On the Fragile Coexistence of Knowledge Editing and Adaptation
 :func:`survive` edits the cases into the model (one batch), fine-tunes the edited model
 (:func:`~.finetune.finetune`), and scores the cases before and after the fine-tune. Survival is
 the share of previously *successful* edit prompts (efficacy) and paraphrase prompts that still
-prefer the new object after it; the downstream score is the same model's accuracy on facts that
-were not edited (their true object above the counterfactual), before and after, so the
-fine-tune's cost is a number. ``overlap`` is the *why*: per edited parameter, the share of the
+prefer the new object after it; the downstream score is the same model's accuracy on a task's
+test rows (:mod:`~engramlab.data.tasks`: questions about facts that were not edited, the greedy
+next token starting the answer), before and after, so what the fine-tune gained or cost is a
+number. ``overlap`` is the *why*: per edited parameter, the share of the
 fine-tune's update (squared Frobenius norm) inside the edit's column space and inside its row
 space, ‖P_U ΔW_f‖² / ‖ΔW_f‖² and ‖ΔW_f P_V‖² / ‖ΔW_f‖².
 """
@@ -15,15 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data.concepts import Probe
 from ..data.corpus import TextCorpus
 from ..data.records import EditCase
+from ..data.tasks import TaskRow
 from ..delta import WeightDelta
 from ..edit.base import Editor
 from ..evaluate.counterfact import CaseScores, case_scores, summarize
+from ..evaluate.erasure import accuracy
 from ..models.lm import LM
 from .finetune import FinetuneConfig, finetune
 
@@ -75,12 +80,17 @@ def _kept(before: list[bool], after: list[bool]) -> float | None:
     return sum(worked) / len(worked) if worked else None
 
 
-def _downstream(lm: LM, facts: Sequence[EditCase]) -> float | None:
-    """Accuracy on facts that were not edited: the true object above the counterfactual."""
-    if not facts:
+def downstream_accuracy(lm: LM, rows: Sequence[TaskRow]) -> float | None:
+    """Share of ``rows`` whose completion the model starts with its greedy next token."""
+    if not rows:
         return None
-    scores = case_scores(lm, facts)
-    return sum(not s.efficacy[0] for s in scores) / len(scores)
+    return accuracy(lm, [Probe(r.prompt, r.completion) for r in rows])
+
+
+def fact_rows(cases: Sequence[EditCase]) -> list[TaskRow]:
+    """Edit cases as questions about their true objects (the facts as the model knew them)."""
+    return [TaskRow(c.request.prompt.format(c.request.subject), c.request.target_true)
+            for c in cases if c.request.target_true]
 
 
 def overlap(edit: WeightDelta, update: WeightDelta) -> list[dict[str, Any]]:
@@ -104,21 +114,23 @@ def overlap(edit: WeightDelta, update: WeightDelta) -> list[dict[str, Any]]:
     return rows
 
 
-def survive(lm: LM, editor: Editor, cases: Sequence[EditCase], corpus: TextCorpus,
-            config: FinetuneConfig | None = None, *, downstream: Sequence[EditCase] = (),
+def survive(lm: LM, editor: Editor, cases: Sequence[EditCase],
+            data: TextCorpus | Sequence[TaskRow], config: FinetuneConfig | None = None, *,
+            downstream: Sequence[TaskRow] = (), checkpoint: str | Path | None = None,
             progress: bool = False) -> SurvivalResult:
-    """Edit ``cases`` (one batch), fine-tune the edited model on ``corpus``, score again.
-    ``downstream``: facts that are not edited, scored before and after the fine-tune. The model
-    is left as it was."""
+    """Edit ``cases`` (one batch), fine-tune the edited model on ``data`` (text or task rows),
+    score again. ``downstream``: task rows about facts that are not edited, scored before and
+    after the fine-tune. The model is left as it was."""
     config = config or FinetuneConfig()
     edit = editor.edit(lm, [c.request for c in cases])
     with edit.applied(lm):
         edited = case_scores(lm, cases)
-        before = _downstream(lm, downstream)
-        tuned = finetune(lm, corpus, config, edited=edit, progress=progress)
+        before = downstream_accuracy(lm, downstream)
+        tuned = finetune(lm, data, config, edited=edit, checkpoint=checkpoint,
+                         progress=progress)
         with tuned.delta.applied(lm):
             after = case_scores(lm, cases)
-            later = _downstream(lm, downstream)
+            later = downstream_accuracy(lm, downstream)
     worked, still = _successes(edited), _successes(after)
     return SurvivalResult(
         edit=summarize(edited), after_finetune=summarize(after),

@@ -44,7 +44,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default=None, help="folder for deltas, per-case JSONL and report")
     p.set_defaults(func=edit)
 
-    from ..adapt import MODES
+    from ..adapt import MODES, PRECISIONS
 
     s = sub.add_parser("survive", help="edit, fine-tune the edited model, and see which edits "
                                        "survive (Cheng et al.)")
@@ -52,16 +52,29 @@ def register(sub: Any) -> None:
     s.add_argument("--edit-method", choices=sorted(METHODS), default="memit")
     s.add_argument("--facts", default=None, help="cases file (default: bundled facts)")
     s.add_argument("--limit", type=positive_int, default=20,
-                   help="edit the first N cases (one batch); the rest are the downstream facts")
+                   help="edit the first N cases (one batch); without a task, the rest are the "
+                        "downstream facts")
     s.add_argument("--finetune", choices=MODES, default="full")
     s.add_argument("--data", default="wiki",
-                   help="fine-tuning text: wiki (bundled), sampled, or a text file / folder")
+                   help="fine-tuning data: text (wiki, sampled, a text file / folder) or a task "
+                        "(a JSONL of prompt/completion records, or a ParaRel folder for T-REx "
+                        "questions), trained on its completions")
+    s.add_argument("--downstream", default=None,
+                   help="task scored before and after the fine-tune (JSONL of prompt/"
+                        "completion records or a ParaRel folder; its test part is used). "
+                        "Default: the test part of --data when it is a task, else the cases "
+                        "not edited")
     s.add_argument("--steps", type=positive_int, default=50)
     s.add_argument("--lr", type=positive_float, default=1e-4)
     s.add_argument("--batch-size", type=positive_int, default=4)
     s.add_argument("--seq-len", type=positive_int, default=128)
     s.add_argument("--rank", type=positive_int, default=8, help="lora / dora rank")
     s.add_argument("--seed", type=nonnegative_int, default=0)
+    s.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="bfloat16: mixed-precision fine-tuning (the weights stay float32)")
+    s.add_argument("--checkpoint", default=None,
+                   help="file the fine-tune saves its state to every 25 steps; run again with "
+                        "it to resume an interrupted fine-tune")
     add_set(s, "editing hyper-parameter overrides")
     s.add_argument("--out", default=None, help="folder for result.json (and the adapter)")
     s.set_defaults(func=survive)
@@ -121,28 +134,45 @@ def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
 
 
 def survive(args: argparse.Namespace) -> int:
-    from ..adapt import FinetuneConfig
+    from ..adapt import FinetuneConfig, fact_rows
     from ..adapt import survive as run_survival
     from ..data import load_cases
     from ..data.bundled import bundled_cases
     from ..data.corpus import check_corpus_spec, get_corpus
+    from ..data.tasks import is_task, load_task
     from ..edit import get_editor
+    from ..errors import InputError
     from ..models import load_model
 
     cases = load_cases(args.facts) if args.facts else bundled_cases()
-    edited, downstream = cases[:args.limit], cases[args.limit:]
+    edited, rest = cases[:args.limit], cases[args.limit:]
     config = FinetuneConfig(mode=args.finetune, steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
-                            seed=args.seed)
-    check_corpus_spec(args.data)
+                            seed=args.seed, precision=args.precision)
+    subjects = {c.request.subject for c in edited}
+    # tasks are read before the model loads: a bad file costs nothing
+    task = load_task(args.data, exclude_subjects=subjects, seed=args.seed) \
+        if is_task(args.data) else None
+    if task is None:
+        check_corpus_spec(args.data)
+    if args.downstream is not None:
+        if not is_task(args.downstream):
+            raise InputError(f"--downstream {args.downstream!r} is neither a JSONL of prompt/"
+                             "completion records nor a ParaRel folder")
+        downstream = load_task(args.downstream, exclude_subjects=subjects,
+                               seed=args.seed).test
+    else:
+        downstream = task.test if task is not None else fact_rows(rest)
     editor = get_editor(args.edit_method, progress=False, **parse_settings(args.set))
     lm = load_model(args.model, progress=not args.json)
-    corpus = get_corpus(lm, args.data, progress=not args.json)
-    result = run_survival(lm, editor, edited, corpus, config, downstream=downstream,
-                          progress=True)
+    data = task.train if task is not None else get_corpus(lm, args.data,
+                                                          progress=not args.json)
+    result = run_survival(lm, editor, edited, data, config, downstream=downstream,
+                          checkpoint=args.checkpoint, progress=True)
     obj = result.to_json()
     obj.update(model=lm.name, edit_method=args.edit_method, finetune=vars(config),
                n_edited=len(edited), n_downstream=len(downstream),
+               data="task" if task is not None else "text",
                finetune_loss=[result.finetune_losses[0], result.finetune_losses[-1]])
     lines = [f"{args.edit_method} edits of {len(edited)} facts on {lm.name}, then "
              f"{args.finetune} fine-tuning for {args.steps} steps", *result.lines()]

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .records import EditCase, EditRequest
@@ -98,3 +99,32 @@ def pararel_cases(root: str | os.PathLike[str], n: int, *, seed: int = 0,
                 generation_prompts=(),
                 relation_prompts=tuple(first_prompt[r].replace("{}", subject) for r in asked)))
     return cases
+
+
+def pararel_qa(root: str | os.PathLike[str], *, exclude_subjects: Iterable[str] = (),
+               seed: int = 0) -> list[tuple[str, str, str, str]]:
+    """Every T-REx triple as a cloze question: ``(relation, subject, prompt, object)``, the
+    relation's first usable ParaRel pattern filled with the subject, in a seeded order.
+    Triples of ``exclude_subjects`` (e.g. the subjects being edited) are left out, and so are
+    questions with more than one answer in T-REx (twin cities, shared borders): a single
+    greedy answer cannot be right for all of them."""
+    root = Path(root)
+    pattern_dir, trex_dir = root / "patterns", root / "trex"
+    if not pattern_dir.is_dir() or not trex_dir.is_dir():
+        raise FileNotFoundError(f"{root} is not a ParaRel folder (expected patterns/ and trex/)")
+    skip = set(exclude_subjects)
+    rows = []
+    for path in sorted(pattern_dir.glob("P*.jsonl")):
+        prompts = [p for p in (_prompt(d["pattern"]) for d in _read_jsonl(path))
+                   if p and p.count("{}") == 1]
+        trex = trex_dir / f"{path.stem}.jsonl"
+        if not prompts or not trex.is_file():
+            continue
+        rows += [(path.stem, d["sub_label"], prompts[0].replace("{}", d["sub_label"]),
+                  d["obj_label"]) for d in _read_jsonl(trex) if d["sub_label"] not in skip]
+    answers: dict[str, set[str]] = {}
+    for _, _, prompt, obj in rows:
+        answers.setdefault(prompt, set()).add(obj)
+    rows = [r for r in dict.fromkeys(rows) if len(answers[r[2]]) == 1]
+    random.Random(seed).shuffle(rows)
+    return rows
