@@ -117,12 +117,14 @@ def overlap(edit: WeightDelta, update: WeightDelta) -> list[dict[str, Any]]:
 def survive(lm: LM, editor: Editor, cases: Sequence[EditCase],
             data: TextCorpus | Sequence[TaskRow], config: FinetuneConfig | None = None, *,
             downstream: Sequence[TaskRow] = (), checkpoint: str | Path | None = None,
-            progress: bool = False) -> SurvivalResult:
+            edit: WeightDelta | None = None, progress: bool = False) -> SurvivalResult:
     """Edit ``cases`` (one batch), fine-tune the edited model on ``data`` (text or task rows),
     score again. ``downstream``: task rows about facts that are not edited, scored before and
-    after the fine-tune. The model is left as it was."""
+    after the fine-tune. ``edit``: ``editor``'s edit of ``cases``, already made (several
+    fine-tunes of one edit need it once). The model is left as it was."""
     config = config or FinetuneConfig()
-    edit = editor.edit(lm, [c.request for c in cases])
+    if edit is None:
+        edit = editor.edit(lm, [c.request for c in cases])
     with edit.applied(lm):
         edited = case_scores(lm, cases)
         before = downstream_accuracy(lm, downstream)

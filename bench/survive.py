@@ -1,0 +1,255 @@
+"""Do edits survive fine-tuning? The grid of Cheng et al., "Can Fine-Tuning Erase Your Edits? On
+the Fragile Coexistence of Knowledge Editing and Adaptation", on one model.
+
+For each seed, ``--n`` counterfactual cases generated from ParaRel × T-REx (a different draw per
+seed) are edited in one batch by each editor; each edit is then fine-tuned in every mode (full,
+edited layers only, every layer but those, LoRA, DoRA) on each data set: ``wiki`` (plain text)
+and ``trex`` (T-REx cloze questions whose subjects are not edited, trained on the answers). The
+downstream score of every cell is accuracy on the T-REx questions' test part (subjects neither
+edited nor trained on), before and after the fine-tune. Nothing is tuned: the fine-tuning
+settings are fixed in advance (``--steps``, ``--lr`` for full-weight modes, ``--adapter-lr`` for
+LoRA / DoRA, as PEFT practice trains adapters at a larger rate).
+
+The summary answers the paper's four findings per data set, each with its numbers, mean ± sd
+over seeds: (1) edits decay (efficacy survival below 1 in every mode); (2) AlphaEdit's edits
+decay more than MEMIT's; (3) fine-tuning only the edited layers removes more edits than full
+fine-tuning, at a small downstream cost; (4) fine-tuning every layer but the edited ones impairs
+more edits than full fine-tuning.
+
+The run is saved under ``docs/results/<--save>`` after every cell and resumes (``--fresh``
+starts over); ``survival.png`` draws survival and downstream per mode and editor.
+
+    .venv/bin/python bench/survive.py --pararel PARAREL_DIR --save adapt/survive_smollm2_cpu \
+        [--editors memit alphaedit] [--modes full edited non-edited lora dora] \
+        [--data wiki trex] [--seeds 0 1 2] [--n 100] [--steps 50]
+    .venv/bin/python bench/survive.py --plot adapt/survive_smollm2_cpu   # the figure only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import engramlab as eg
+from engramlab.adapt import MODES, FinetuneConfig, survive
+from engramlab.data import pararel_cases
+from engramlab.data.corpus import get_corpus
+from engramlab.data.tasks import load_task
+from engramlab.edit import get_editor
+from results import mean_sd, run_folder, save_run
+
+DATA = ("wiki", "trex")
+ADAPTERS = ("lora", "dora")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--pararel", default=None, help="the ParaRel folder (cases and questions)")
+    ap.add_argument("--editors", nargs="+", default=["memit", "alphaedit"])
+    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--data", nargs="+", default=list(DATA))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--n", type=int, default=100, help="edits per seed")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-4, help="full, edited, non-edited")
+    ap.add_argument("--adapter-lr", type=float, default=1e-3, help="lora, dora")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--downstream-rows", type=int, default=500)
+    ap.add_argument("--set", nargs="*", default=[], help="editing overrides k=v")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--plot", default=None, help="AREA/RUN: draw a saved run's figure only")
+    args = ap.parse_args()
+    if args.plot:
+        folder = run_folder(*args.plot.partition("/")[::2])
+        plot(json.loads((folder / "result.json").read_text()), folder / "survival.png")
+        return 0
+    problem = _check(args)
+    if problem:
+        print(f"survive: error: {problem}", file=sys.stderr)
+        return 2
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    for editor in args.editors:  # bad settings fail before the model loads
+        get_editor(editor, **overrides)
+    area, run = args.save.split("/")
+    params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh", "plot")}
+    cells: dict = {}
+    previous = run_folder(area, run) / "result.json"
+    if previous.exists() and not args.fresh:
+        old = json.loads(previous.read_text())
+        same = ("model", "n", "steps", "batch_size", "seq_len", "lr", "adapter_lr", "rank",
+                "downstream_rows", "set")
+        if any(old["params"].get(k) != params[k] for k in same):
+            print(f"survive: error: {previous} was made with other settings; pass --fresh",
+                  file=sys.stderr)
+            return 2
+        cells = old["cells"]
+    lm = eg.load_model(args.model, progress=False, device=args.device)
+    out = {"model": args.model, "device": str(lm.device), "threads": torch.get_num_threads(),
+           "cells": cells}
+    todo = [(s, e, d, m) for s in args.seeds for e in args.editors for d in args.data
+            for m in args.modes if _key(s, e, d, m) not in cells]
+    print(f"survive: {len(todo)} cells to run ({len(cells)} saved)", file=sys.stderr,
+          flush=True)
+    wiki = get_corpus(lm, "wiki", progress=False)
+    edits: dict = {}
+    for i, (seed, editor_name, data, mode) in enumerate(todo, 1):
+        cases = pararel_cases(args.pararel, args.n, seed=seed)
+        task = load_task(args.pararel, exclude_subjects={c.request.subject for c in cases},
+                         max_test=args.downstream_rows, seed=seed)
+        editor = get_editor(editor_name, progress=False, **overrides)
+        if (seed, editor_name) not in edits:
+            edits.clear()  # one edit in memory at a time: the cells run seed- and editor-major
+            t0 = time.perf_counter()
+            edits[(seed, editor_name)] = (editor.edit(lm, [c.request for c in cases]),
+                                          time.perf_counter() - t0)
+        edit, edit_seconds = edits[(seed, editor_name)]
+        config = FinetuneConfig(mode=mode, steps=args.steps, batch_size=args.batch_size,
+                                seq_len=args.seq_len, rank=args.rank, seed=seed,
+                                lr=args.adapter_lr if mode in ADAPTERS else args.lr)
+        t0 = time.perf_counter()
+        result = survive(lm, editor, cases, wiki if data == "wiki" else task.train, config,
+                         downstream=task.test, edit=edit, progress=False)
+        cells[_key(seed, editor_name, data, mode)] = {
+            "seed": seed, "editor": editor_name, "data": data, "mode": mode,
+            **result.to_json(), "finetune_loss": [result.finetune_losses[0],
+                                                  result.finetune_losses[-1]],
+            "edit_seconds": edit_seconds, "seconds": time.perf_counter() - t0}
+        c = cells[_key(seed, editor_name, data, mode)]
+        print(f"[{i}/{len(todo)}] seed {seed} · {editor_name} · {data} · {mode}: survival "
+              f"{_fmt(c['survival']['efficacy'])} / {_fmt(c['survival']['paraphrase'])}, "
+              f"downstream {_fmt(c['downstream']['before'])} → "
+              f"{_fmt(c['downstream']['after'])} ({c['seconds']:.0f} s)", file=sys.stderr,
+              flush=True)
+        out["summary"], out["findings"] = summarise(cells)
+        save(area, run, out, params)
+    out["summary"], out["findings"] = summarise(cells)
+    save(area, run, out, params)
+    print(json.dumps(out["findings"], indent=1))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    if not args.pararel or not args.save or args.save.count("/") != 1:
+        return "--pararel PARAREL_DIR and --save AREA/RUN are required"
+    if not (Path(args.pararel) / "trex").is_dir():
+        return f"{args.pararel} is not a ParaRel folder (expected patterns/ and trex/)"
+    wrong = [m for m in args.modes if m not in MODES] + [d for d in args.data if d not in DATA]
+    if wrong:
+        return f"unknown modes or data sets {wrong}; modes {MODES}, data {DATA}"
+    if min(args.n, args.steps, args.batch_size, args.seq_len, args.rank,
+           args.downstream_rows) < 1:
+        return "--n, --steps, --batch-size, --seq-len, --rank and --downstream-rows must be >= 1"
+    return None
+
+
+def _key(seed: int, editor: str, data: str, mode: str) -> str:
+    return f"{editor}/{data}/{mode}/{seed}"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def summarise(cells: dict) -> tuple[dict, dict]:
+    """Mean ± sd over seeds per (editor, data, mode), and the four findings per data set."""
+    groups: dict = {}
+    for c in cells.values():
+        groups.setdefault((c["editor"], c["data"], c["mode"]), []).append(c)
+    summary = {}
+    for (editor, data, mode), rows in sorted(groups.items()):
+        def stat(get, rows=rows):
+            return mean_sd([v for v in (get(r) for r in rows) if v is not None])
+        summary[f"{editor}/{data}/{mode}"] = {
+            "seeds": len(rows),
+            "survival_efficacy": stat(lambda r: r["survival"]["efficacy"]),
+            "survival_paraphrase": stat(lambda r: r["survival"]["paraphrase"]),
+            "downstream_before": stat(lambda r: r["downstream"]["before"]),
+            "downstream_after": stat(lambda r: r["downstream"]["after"])}
+    findings: dict = {}
+    for data in sorted({d for _, d, _ in groups}):
+        def mean(editor, mode, key="survival_efficacy", data=data):
+            cell = summary.get(f"{editor}/{data}/{mode}")
+            return None if cell is None else cell[key]["mean"]
+
+        editors = sorted({e for e, d, _ in groups if d == data})
+        f: dict = {}
+        survivals = {f"{e}/{m}": mean(e, m) for e, d, m in groups if d == data}
+        f["edits_decay"] = {"answer": all(v is not None and v < 1 for v in survivals.values()),
+                            "survival_efficacy": survivals}
+        if {"memit", "alphaedit"} <= set(editors):
+            pairs = {m: (mean("alphaedit", m), mean("memit", m)) for m in MODES
+                     if mean("alphaedit", m) is not None and mean("memit", m) is not None}
+            f["alphaedit_decays_more_than_memit"] = {
+                "answer": bool(pairs) and all(a < b for a, b in pairs.values()),
+                "alphaedit_vs_memit": pairs}
+        for editor in editors:
+            full, edited, non = (mean(editor, m) for m in ("full", "edited", "non-edited"))
+            if full is not None and edited is not None:
+                cost = (mean(editor, "full", "downstream_after"),
+                        mean(editor, "edited", "downstream_after"))
+                f[f"{editor}: edited_layers_only_removes_more"] = {
+                    "answer": edited < full, "survival_edited": edited, "survival_full": full,
+                    "downstream_after_full": cost[0], "downstream_after_edited": cost[1]}
+            if full is not None and non is not None:
+                f[f"{editor}: non_edited_layers_impair_more"] = {
+                    "answer": non < full, "survival_non_edited": non, "survival_full": full}
+        findings[data] = f
+    return summary, findings
+
+
+def save(area: str, run: str, out: dict, params: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "survival.png"
+        plot(out, png)
+        save_run(area, run, out, params, files={"survival.png": png})
+
+
+def plot(out: dict, png: Path) -> None:
+    """Per data set: efficacy survival and downstream accuracy after the fine-tune, grouped by
+    mode, one bar per editor (error bars: sd over seeds; the dashed line, downstream before)."""
+    from engramlab.figures import figure
+
+    summary = out["summary"]
+    data_sets = sorted({k.split("/")[1] for k in summary})
+    editors = sorted({k.split("/")[0] for k in summary})
+    modes = [m for m in MODES if any(k.endswith(f"/{m}") for k in summary)]
+    with figure(png, ncols=2 * len(data_sets), figsize=(5 * len(data_sets) * 2, 3.8)) \
+            as (fig, axes):
+        axes = list(axes) if hasattr(axes, "__len__") else [axes]
+        width = 0.8 / max(len(editors), 1)
+        for d, data in enumerate(data_sets):
+            for ax, key, title in ((axes[2 * d], "survival_efficacy", "edits still working"),
+                                   (axes[2 * d + 1], "downstream_after",
+                                    "downstream after fine-tuning")):
+                for e, editor in enumerate(editors):
+                    cells = [summary.get(f"{editor}/{data}/{m}") for m in modes]
+                    x = [i + (e - (len(editors) - 1) / 2) * width for i in range(len(modes))]
+                    ys = [c[key]["mean"] if c and c[key]["mean"] is not None else 0
+                          for c in cells]
+                    err = [c[key]["sd"] or 0 if c else 0 for c in cells]
+                    ax.bar(x, ys, width, yerr=err, capsize=2, label=editor)
+                    if key == "downstream_after":
+                        before = [c["downstream_before"]["mean"] for c in cells if c]
+                        if before:
+                            ax.axhline(sum(before) / len(before), ls="--", lw=1,
+                                       color="grey")
+                ax.set_xticks(range(len(modes)), modes, fontsize=8)
+                ax.set_ylim(0, 1.02)
+                ax.set_title(f"{title} ({data})", fontsize=9)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"edit survival under fine-tuning, {out['model']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
