@@ -40,7 +40,7 @@ from engramlab.data.concepts import Concept, bundled_concepts
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.features import FeatureEraser
 from engramlab.erase.run import make_eraser, run_erasure
-from results import mean_sd, run_folder, save_run
+from results import mean_sd, run_folder, save_run, saved_parts
 
 METHODS = ("concept-vectors", "concept-vectors:vocab", "features", "ga", "npo", "rmu",
            "rmu:down")
@@ -208,16 +208,10 @@ def main() -> int:
     area, run = args.save.split("/")
     params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh", "markdown")}
 
-    parts: dict = {}
-    previous = run_folder(area, run) / "result.json"
-    if previous.exists() and not args.fresh:
-        old = json.loads(previous.read_text())
-        same = {k: old["params"].get(k) for k in ("model", "relearn_steps")}
-        if same != {"model": args.model, "relearn_steps": args.relearn_steps}:
-            print(f"erase: error: {previous} was made with {same}; pass --fresh to start over",
-                  file=sys.stderr)
-            return 2
-        parts = old["parts"]
+    parts = saved_parts("erase", area, run, params, ("model", "relearn_steps"), "parts",
+                        args.fresh)
+    if parts is None:
+        return 2
     result: dict = {"model": args.model, "params": params, "methods": methods, "seeds": seeds,
                     "parts": parts, "timing": {}}
     lm = eg.load_model(args.model, progress=False)

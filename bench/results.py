@@ -15,6 +15,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,24 @@ def save_run(area: str, run: str, result: dict[str, Any], params: dict[str, Any]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def saved_parts(bench: str, area: str, run: str, params: dict[str, Any], same: Sequence[str],
+                key: str, fresh: bool) -> dict[str, Any] | None:
+    """What a resumable bench saved earlier under ``docs/results/<area>/<run>``: the result's
+    ``key`` entry ({} when nothing is saved, or with ``fresh``). None, after a one-line error
+    on stderr, when the saved run was made with other values of the ``same`` parameters (the
+    caller exits with status 2): parts of different settings must not mix."""
+    previous = run_folder(area, run) / "result.json"
+    if fresh or not previous.exists():
+        return {}
+    old = json.loads(previous.read_text())
+    made = {k: old["params"].get(k) for k in same}
+    if made != {k: params[k] for k in same}:
+        print(f"{bench}: error: {previous} was made with {made}; pass --fresh to start over",
+              file=sys.stderr)
+        return None
+    return dict(old[key])
 
 
 def mean_sd(values: list[float]) -> dict[str, float | None]:

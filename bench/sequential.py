@@ -33,7 +33,7 @@ import torch
 import engramlab as eg
 from engramlab.data import pararel_cases
 from engramlab.edit import get_editor, run_protocol
-from results import run_folder, save_run
+from results import run_folder, save_run, saved_parts
 
 SEQUENTIAL = ("memit", "alphaedit", "deltaedit")
 HEADLINE = ("efficacy", "paraphrase", "neighborhood")
@@ -76,17 +76,10 @@ def main() -> int:
     overrides = dict(kv.split("=", 1) for kv in args.set)
     for method in args.methods:  # bad settings fail before the model loads
         get_editor(method, **overrides)
-    previous = run_folder(area, run) / "result.json"
-    parts: dict = {}
-    if previous.exists() and not args.fresh:
-        old = json.loads(previous.read_text())
-        same = ("model", "n", "skip", "eval_every", "set")
-        if any(old["params"].get(k) != params[k] for k in same):
-            print(f"sequential: error: {previous} was made with other settings "
-                  f"({ {k: old['params'].get(k) for k in same} }); pass --fresh",
-                  file=sys.stderr)
-            return 2
-        parts = old["parts"]
+    parts = saved_parts("sequential", area, run, params,
+                        ("model", "n", "skip", "eval_every", "set"), "parts", args.fresh)
+    if parts is None:
+        return 2
     lm = eg.load_model(args.model, progress=False, device=args.device)
     cases = pararel_cases(args.data, args.skip + args.n, seed=0)[args.skip:]
     out = {"model": args.model, "n": len(cases), "device": str(lm.device),

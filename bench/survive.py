@@ -42,7 +42,7 @@ from engramlab.data import pararel_cases
 from engramlab.data.corpus import get_corpus
 from engramlab.data.tasks import load_task
 from engramlab.edit import get_editor
-from results import mean_sd, run_folder, save_run
+from results import mean_sd, run_folder, save_run, saved_parts
 
 DATA = ("wiki", "trex")
 ADAPTERS = ("lora", "dora")
@@ -83,17 +83,11 @@ def main() -> int:
         get_editor(editor, **overrides)
     area, run = args.save.split("/")
     params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh", "plot")}
-    cells: dict = {}
-    previous = run_folder(area, run) / "result.json"
-    if previous.exists() and not args.fresh:
-        old = json.loads(previous.read_text())
-        same = ("model", "n", "steps", "batch_size", "seq_len", "lr", "adapter_lr", "rank",
-                "downstream_rows", "set")
-        if any(old["params"].get(k) != params[k] for k in same):
-            print(f"survive: error: {previous} was made with other settings; pass --fresh",
-                  file=sys.stderr)
-            return 2
-        cells = old["cells"]
+    cells = saved_parts("survive", area, run, params,
+                        ("model", "n", "steps", "batch_size", "seq_len", "lr", "adapter_lr",
+                         "rank", "downstream_rows", "set"), "cells", args.fresh)
+    if cells is None:
+        return 2
     lm = eg.load_model(args.model, progress=False, device=args.device)
     out = {"model": args.model, "device": str(lm.device), "threads": torch.get_num_threads(),
            "cells": cells}
