@@ -57,16 +57,16 @@ def saved_parts(bench: str, area: str, run: str, params: dict[str, Any], same: S
     ``key`` entry ({} when nothing is saved, or with ``fresh``). None, after a one-line error
     on stderr, when the saved run was made with other values of the ``same`` parameters (the
     caller exits with status 2): parts of different settings must not mix."""
-    previous = run_folder(area, run) / "result.json"
-    if fresh or not previous.exists():
+    folder = run_folder(area, run)
+    if fresh or not (folder / "result.json").exists():
         return {}
-    old = json.loads(previous.read_text())
-    made = {k: old["params"].get(k) for k in same}
+    made_with = json.loads((folder / "params.json").read_text())
+    made = {k: made_with.get(k) for k in same}
     if made != {k: params[k] for k in same}:
-        print(f"{bench}: error: {previous} was made with {made}; pass --fresh to start over",
+        print(f"{bench}: error: {folder} was made with {made}; pass --fresh to start over",
               file=sys.stderr)
         return None
-    return dict(old[key])
+    return dict(json.loads((folder / "result.json").read_text())[key])
 
 
 def mean_sd(values: list[float]) -> dict[str, float | None]:
