@@ -23,6 +23,7 @@ starts over); ``survival.png`` draws survival and downstream per mode and editor
         [--editors memit alphaedit] [--modes full edited non-edited lora dora] \
         [--data wiki trex] [--seeds 0 1 2] [--n 100] [--steps 50]
     .venv/bin/python bench/survive.py --plot adapt/survive_smollm2_cpu   # the figure only
+    .venv/bin/python bench/survive.py --table adapt/survive_smollm2_cpu  # the summary table
 """
 
 from __future__ import annotations
@@ -69,10 +70,16 @@ def main() -> int:
     ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--plot", default=None, help="AREA/RUN: draw a saved run's figure only")
+    ap.add_argument("--table", default=None,
+                    help="AREA/RUN: print a saved run's summary as a Markdown table")
     args = ap.parse_args()
-    if args.plot:
-        folder = run_folder(*args.plot.partition("/")[::2])
-        plot(json.loads((folder / "result.json").read_text()), folder / "survival.png")
+    if args.plot or args.table:
+        folder = run_folder(*(args.plot or args.table).partition("/")[::2])
+        saved = json.loads((folder / "result.json").read_text())
+        if args.plot:
+            plot(saved, folder / "survival.png")
+        else:
+            print(markdown(saved["summary"]))
         return 0
     problem = _check(args)
     if problem:
@@ -200,6 +207,26 @@ def summarise(cells: dict) -> tuple[dict, dict]:
                     "answer": non < full, "survival_non_edited": non, "survival_full": full}
         findings[data] = f
     return summary, findings
+
+
+def markdown(summary: dict) -> str:
+    """Survival and downstream per data set, editor and mode: mean ± sd over seeds."""
+    def cell(v: dict) -> str:
+        if v["mean"] is None:
+            return "–"
+        return f"{v['mean']:.2f}" + (f" ± {v['sd']:.2f}" if v["sd"] is not None else "")
+
+    lines = ["| data | editor | mode | seeds | efficacy survival | paraphrase survival | "
+             "downstream before → after |", "|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(MODES)}
+    for key in sorted(summary, key=lambda k: (k.split("/")[1], k.split("/")[0],
+                                              order.get(k.split("/")[2], 99))):
+        editor, data, mode = key.split("/")
+        row = summary[key]
+        lines.append(f"| {data} | {editor} | {mode} | {row['seeds']} | "
+                     f"{cell(row['survival_efficacy'])} | {cell(row['survival_paraphrase'])} | "
+                     f"{cell(row['downstream_before'])} → {cell(row['downstream_after'])} |")
+    return "\n".join(lines)
 
 
 def save(area: str, run: str, out: dict, params: dict) -> None:
