@@ -2,7 +2,7 @@
 
 Only the top-k ids and probabilities per (layer, position) leave this module — never the
 ``[layers × tokens × vocab]`` array — plus the probability each layer gives the model's final
-top-1 token, which is what the heatmap colours.
+top-1 token, which is what the heatmap colours, and that token's rank under each layer.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import RequestError
 from ..figures import figure
 from ..models.lm import LM
 from .base import Lens
 from .logit import LogitLens
 from .states import layer_states
+
+#: A view draws one column per token; longer prompts are refused rather than drawn unreadably.
+MAX_VIEW_TOKENS = 256
 
 
 @dataclass
@@ -28,12 +32,15 @@ class LayerView:
     final_prob: list[list[float]]  # [layer][position]: P_layer(final top-1 token)
     final_top: list[str]  # the model's own top-1 at each position
     lens_kind: str
+    final_rank: list[list[int]]  # [layer][position]: rank of the final top-1 (0 = top)
+    output_top: list[list[tuple[str, float]]]  # [position] -> the model's own top k
 
     def to_json(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "lens": self.lens_kind, "final_top": self.final_top,
                 "layers": [{"layer": i, "top": [[{"token": t, "prob": p} for t, p in pos]
                                                 for pos in row],
-                            "final_token_prob": self.final_prob[i]}
+                            "final_token_prob": self.final_prob[i],
+                            "final_token_rank": self.final_rank[i]}
                            for i, row in enumerate(self.top)]}
 
     def table(self, position: int = -1) -> list[str]:
@@ -50,21 +57,35 @@ class LayerView:
 
 @torch.no_grad()
 def layer_view(lm: LM, prompt: str, lens: Lens | None = None, *, k: int = 3) -> LayerView:
+    """Each layer's top ``k`` tokens at every position of ``prompt`` under ``lens``."""
     lens = lens or LogitLens(lm)
+    if not prompt.strip():
+        raise RequestError("the prompt is empty; give the text whose next tokens to read")
     enc = lm.tokenize(prompt)
+    n = enc["input_ids"].shape[1]
+    if n > MAX_VIEW_TOKENS:
+        raise RequestError(f"the prompt has {n} tokens; a layer view draws one column per token "
+                           f"and reads at most {MAX_VIEW_TOKENS}: shorten it")
     st = layer_states(lm, enc["input_ids"], enc["attention_mask"])
     final = F.softmax(lm.logits_from_hidden(st.final).float(), -1)
     final_top = final.argmax(-1)
+    def topk(p: torch.Tensor) -> list[list[tuple[str, float]]]:
+        vals, ids = p.topk(k, -1)
+        return [[(lm.decode(int(i)), float(v)) for v, i in zip(vr, ir, strict=True)]
+                for vr, ir in zip(vals, ids, strict=True)]
+
     top: list[list[list[tuple[str, float]]]] = []
     fprob: list[list[float]] = []
+    frank: list[list[int]] = []
     for layer in range(lm.n_layers):
         p = F.softmax(lens.predict(lm, st.hidden[layer], layer).float(), -1)
-        vals, ids = p.topk(k, -1)
-        top.append([[(lm.decode(int(i)), float(v)) for v, i in zip(vr, ir, strict=True)]
-                    for vr, ir in zip(vals, ids, strict=True)])
-        fprob.append(p.gather(1, final_top[:, None]).squeeze(1).tolist())
+        top.append(topk(p))
+        at = p.gather(1, final_top[:, None])
+        fprob.append(at.squeeze(1).tolist())
+        frank.append((p > at).sum(-1).tolist())
     tokens = [lm.decode(int(t)) for t in enc["input_ids"][0]]
-    return LayerView(tokens, top, fprob, [lm.decode(int(t)) for t in final_top], lens.kind)
+    return LayerView(tokens, top, fprob, [lm.decode(int(t)) for t in final_top], lens.kind,
+                     frank, topk(final))
 
 
 def plot_view(view: LayerView, out: str | Path, *, title: str = "") -> Path:

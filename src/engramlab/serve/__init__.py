@@ -1,0 +1,7 @@
+"""The local web workbench: one loaded model behind a JSON API and pages that read it."""
+
+from __future__ import annotations
+
+from .app import Workbench, make_app
+
+__all__ = ["Workbench", "make_app"]

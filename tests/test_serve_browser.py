@@ -1,0 +1,107 @@
+"""End to end in a real headless browser: Debian's Chromium, driven by Selenium, against the
+workbench served by uvicorn on a tiny model. Screenshots go to the test's folder (and to
+``$ENGRAMLAB_SCREENSHOTS`` when set)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny
+
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+selenium = pytest.importorskip("selenium", reason="the browser test needs selenium "
+                                                  "(pip install selenium)")
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+if not (BROWSER and DRIVER):
+    pytest.skip("no Chromium / chromedriver found: install Debian's chromium and "
+                "chromium-driver (make test does where apt is available) to run the browser "
+                "test", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def served():
+    from engramlab.serve import make_app
+
+    lm = make_tiny("llama")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(lm), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("the workbench did not start within 20 s")
+        time.sleep(0.05)
+    yield lm, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _screenshot(driver, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    driver.save_screenshot(str(path))
+    folder = os.environ.get("ENGRAMLAB_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(folder) / name)
+
+
+def test_the_lens_page_shows_the_models_own_prediction_in_its_output_row(served, browser,
+                                                                         tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    lm, url = served
+    prompt = "w3 w1 w4 w1 w5"
+    browser.get(f"{url}/lens")
+    wait = WebDriverWait(browser, 20)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "model"), lm.label))
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(prompt, Keys.ENTER)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "tr.output td")))
+    shown = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "tr.output td")]
+    with torch.no_grad():
+        logits = lm.model(**lm.tokenize(prompt)).logits[0]
+    own = [lm.decode(int(i)).replace("\n", "\\n") or "␣" for i in logits.argmax(-1)]
+    assert shown == own
+    rows = browser.find_elements(By.CSS_SELECTOR, "#grid tr")
+    assert len(rows) == 1 + lm.n_layers + 1  # header, the layers, the output
+    _screenshot(browser, tmp_path, "lens.png")
+    # bad input reaches the page as the server's reason, not as a broken grid
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(" ", Keys.ENTER)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "empty"))
+    _screenshot(browser, tmp_path, "lens_error.png")
