@@ -83,3 +83,85 @@ def test_serve_refuses_a_taken_port_before_loading_a_model(capsys):
     assert "cannot listen" in err and "--port" in err and len(err.splitlines()) == 1
     assert main(["serve", "--model", "no-such-model", "--port", "70000"]) == 2
     assert "not a TCP port" in capsys.readouterr().err
+
+
+# a random tiny model needs a free, unclamped target to take an edit
+TINY_ROME = {"layers": [1], "templates": [],
+             "target": {"steps": 40, "clamp": 50.0, "weight_decay": 0.0, "lr": 1.0,
+                        "kl_factor": 0.0}, "stats": {"tokens": 2048, "seq_len": 32}}
+
+
+def _wait(client, job_id: str) -> dict:
+    import time
+
+    for _ in range(600):
+        j = client.get(f"/api/jobs/{job_id}").json()
+        if j["state"] in ("done", "error"):
+            return j
+        time.sleep(0.05)
+    raise AssertionError("the edit job did not finish")
+
+
+def test_an_edit_runs_in_the_background_and_is_applied_only_where_asked(tmp_path,
+                                                                        isolated_cache):
+    from starlette.testclient import TestClient
+
+    from engramlab.delta import WeightDelta
+    from engramlab.serve import make_app
+
+    lm = make_tiny("llama")
+    weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    body = {"method": "rome", "prompt": "w1 {} w2", "subject": "w5", "target_new": "w40",
+            "target_true": "w60", "paraphrases": "w9 w5 w2\n\n", "neighbours": ["w1 w6 w2"],
+            "set": TINY_ROME}
+    with TestClient(make_app(lm, out=tmp_path / "saved")) as client:
+        r = client.post("/api/edit", json=body)
+        assert r.status_code == 202
+        job = _wait(client, r.json()["job"])
+        assert job["state"] == "done", job["error"]
+        assert job["step"] == job["steps"] == 3
+        result = job["result"]
+        assert result["request"]["paraphrases"] == ["w9 w5 w2"]  # blank lines dropped
+        assert result["scores"]["after"]["efficacy"] == 1.0
+        assert result["generations"][0]["after"].split()[0] == "w40"
+        # the model itself was never left edited
+        assert all(torch.equal(p, weights[n]) for n, p in lm.model.named_parameters())
+        delta_id = result["delta"]
+        assert [d["id"] for d in client.get("/api/deltas").json()] == [delta_id]
+        edited = client.get("/api/lens", params={"prompt": "w1 w5 w2", "delta": delta_id})
+        plain = client.get("/api/lens", params={"prompt": "w1 w5 w2"})
+        assert edited.json()["top"][-1][-1][0]["token"] == "w40"
+        assert plain.json()["top"][-1][-1][0]["token"] != "w40"
+        saved = client.post(f"/api/deltas/{delta_id}/save").json()["saved"]
+        assert WeightDelta.load(saved, lm).entries.keys() == \
+            bench_delta(client, delta_id).entries.keys()
+        assert client.delete(f"/api/deltas/{delta_id}").json() == {"deleted": delta_id}
+        assert client.get("/api/deltas").json() == []
+        assert client.get("/api/lens", params={"prompt": "w1", "delta": delta_id}
+                          ).status_code == 400
+        assert client.get("/api/jobs/nope").status_code == 404
+
+
+def bench_delta(client, delta_id: str):
+    return client.app.state.workbench.deltas[delta_id].delta
+
+
+def test_bad_edit_requests_are_refused_before_any_work(client):
+    cases = [({"method": "sculpt", "prompt": "w1 {}", "subject": "w2", "target_new": "w3"},
+              "unknown editing method"),
+             ({"prompt": "w1 w2", "subject": "w2", "target_new": "w3"}, "placeholder"),
+             ({"prompt": "w1 {}", "subject": "w2", "target_new": " "}, "empty target_new"),
+             ({"prompt": "w1 {}", "subject": "w2", "target_new": "w3", "neighbours": 5},
+              "list of strings"),
+             ({"prompt": "w1 {}", "subject": "w2", "target_new": "w3",
+               "paraphrases": ["w1"] * 50}, "at most"),
+             ({"prompt": "w1 {}", "subject": "w2", "target_new": "w3", "set": [1]}, "'set'")]
+    for body, needle in cases:
+        r = client.post("/api/edit", json=body)
+        assert r.status_code == 400 and needle in r.json()["error"], body
+    r = client.post("/api/edit", content=b"not json", headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]
+    r = client.post("/api/edit", content=b"x" * 70_000)
+    assert r.status_code == 400 and "at most" in r.json()["error"]
+    r = client.post("/api/deltas/abc/save")
+    assert r.status_code == 400 and "no edit" in r.json()["error"]

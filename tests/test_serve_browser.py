@@ -105,3 +105,39 @@ def test_the_lens_page_shows_the_models_own_prediction_in_its_output_row(served,
     box.send_keys(" ", Keys.ENTER)
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "empty"))
     _screenshot(browser, tmp_path, "lens_error.png")
+
+
+def test_an_edit_made_on_the_page_shows_its_new_object(served, browser, tmp_path,
+                                                       isolated_cache):
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_serve import TINY_ROME
+
+    lm, url = served
+    browser.get(f"{url}/edit")
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "model"), lm.label))
+    fields = {"prompt": "w1 {} w2", "subject": "w5", "target_new": "w40", "target_true": "w60",
+              "paraphrases": "w9 w5 w2", "neighbours": "w1 w6 w2",
+              "settings": json.dumps(TINY_ROME)}
+    for name, value in fields.items():
+        box = browser.find_element(By.ID, name)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "run").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#generations td.after")))
+    after = browser.find_elements(By.CSS_SELECTOR, "#generations td.after")[0].text
+    assert after.split()[0] == "w40"
+    efficacy_after = browser.find_elements(By.CSS_SELECTOR, "#scores tr")[2]
+    assert efficacy_after.find_elements(By.TAG_NAME, "td")[0].text == "1.00"
+    wait.until(ec.presence_of_element_located((By.LINK_TEXT, "view in lens")))
+    _screenshot(browser, tmp_path, "edit.png")
+    # the edit seen through the lens: its output row now ends on the new object
+    browser.find_element(By.LINK_TEXT, "view in lens").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "tr.output td")))
+    assert browser.find_elements(By.CSS_SELECTOR, "tr.output td")[-1].text == "w40"
+    _screenshot(browser, tmp_path, "lens_edited.png")

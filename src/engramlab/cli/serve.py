@@ -22,6 +22,7 @@ def register(sub: Any) -> None:
     s.add_argument("--host", default=LOOPBACK,
                    help="address to listen on (default: this machine only)")
     s.add_argument("--lens", nargs="*", default=[], help="trained lens folders to offer too")
+    s.add_argument("--out", default=None, help="folder the page's Save button writes edits to")
     s.set_defaults(func=serve)
 
 
@@ -67,5 +68,6 @@ def serve(args: argparse.Namespace) -> int:
         lenses[lens.kind if lens.kind not in lenses else f"{lens.kind}:{path}"] = lens
     print(f"engram: workbench for {lm.label} at http://{args.host}:{args.port}/ "
           "(Ctrl-C stops it)", file=sys.stderr)
-    uvicorn.run(make_app(lm, lenses), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(make_app(lm, lenses, out=args.out), host=args.host, port=args.port,
+                log_level="warning")
     return 0

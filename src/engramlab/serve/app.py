@@ -4,10 +4,20 @@ A Starlette app. The pages are static HTML with plain JavaScript (nothing for a 
 that read the same JSON API a script can call:
 
 * ``GET /api/info`` — the model's name, its layers and the lenses on offer;
-* ``GET /api/lens?prompt=...&lens=logit&k=5`` — every layer's top ``k`` tokens at every
-  position of the prompt: ``{"tokens": [...], "layers": [0, ..., n], "top": [[[{"token",
+* ``GET /api/lens?prompt=...&lens=logit&k=5[&delta=ID]`` — every layer's top ``k`` tokens at
+  every position of the prompt: ``{"tokens": [...], "layers": [0, ..., n], "top": [[[{"token",
   "prob"}, ...] per position] per layer], ...}``. The last layer, ``n``, is the model's own
-  output distribution, so the grid ends on what the model says.
+  output distribution, so the grid ends on what the model says. ``delta`` reads the model with
+  an edit of this session applied;
+* ``POST /api/edit`` with ``{"method", "prompt", "subject", "target_new", "target_true"?,
+  "paraphrases"?, "neighbours"?, "set"?}`` — starts an edit in the background and answers
+  ``{"job": ID}``; ``GET /api/jobs/ID`` reports its phase and, once done, the scores and greedy
+  continuations before and after, and the id of the kept delta;
+* ``GET /api/deltas`` lists this session's edits; ``POST /api/deltas/ID/save`` writes one to
+  the ``--out`` folder as a saved ``WeightDelta``; ``DELETE /api/deltas/ID`` forgets it.
+
+Edits never stay in the model: each is kept as a delta and applied, under the lock, only for
+the request that asks for it, then reverted.
 
 The model is loaded once and every request that runs it holds one lock, so two browser tabs are
 served one after the other and never see each other's work half done. Bad input (an empty or
@@ -16,44 +26,80 @@ over-long prompt, an unknown lens, a non-numeric ``k``) gets a 400 with ``{"erro
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.records import EditCase, EditRequest
+from ..delta import WeightDelta
 from ..errors import EngramError
 from ..lens import Lens, LogitLens, layer_view
 from ..models.lm import LM
+from .jobs import Job, Jobs
 
 PAGES = Path(__file__).parent / "pages"
 MAX_K = 20
+MAX_BODY = 64 * 1024  # bytes of JSON a request may send
+MAX_PROMPTS = 20  # paraphrases or neighbours per edit
+GENERATE_TOKENS = 12
+
+
+@dataclass
+class Kept:
+    """An edit made in this session: its delta and what it was asked and scored."""
+
+    id: str
+    method: str
+    delta: WeightDelta
+    request: dict[str, Any]
+    scores: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "method": self.method, "request": self.request,
+                "scores": self.scores}
 
 
 class Workbench:
     """The model, its lenses and the lock every use of the model holds."""
 
-    def __init__(self, lm: LM, lenses: Mapping[str, Lens] | None = None) -> None:
+    def __init__(self, lm: LM, lenses: Mapping[str, Lens] | None = None, *,
+                 out: str | Path | None = None) -> None:
         self.lm = lm
         self.lenses: dict[str, Lens] = {"logit": LogitLens(lm), **(lenses or {})}
         self.lock = threading.Lock()
+        self.jobs = Jobs()
+        self.deltas: dict[str, Kept] = {}
+        self.out = Path(out) if out is not None else None
 
     def info(self) -> dict[str, Any]:
         return {"model": self.lm.label, "n_layers": self.lm.n_layers,
                 "lenses": list(self.lenses)}
 
-    def lens(self, prompt: str, lens: str = "logit", k: int = 5) -> dict[str, Any]:
+    def kept(self, delta_id: str) -> Kept:
+        if delta_id not in self.deltas:
+            raise EngramError(f"no edit {delta_id!r} in this session")
+        return self.deltas[delta_id]
+
+    def lens(self, prompt: str, lens: str = "logit", k: int = 5,
+             delta: str | None = None) -> dict[str, Any]:
         if lens not in self.lenses:
             raise EngramError(f"unknown lens {lens!r}; this workbench has {list(self.lenses)}")
         if not 1 <= k <= MAX_K:
             raise EngramError(f"k must lie between 1 and {MAX_K}, got {k}")
-        with self.lock:
+        edit = self.kept(delta).delta if delta else None
+        with self.lock, (edit.applied(self.lm) if edit is not None else nullcontext()):
             view = layer_view(self.lm, prompt, self.lenses[lens], k=k)
         n = len(view.top)
 
         def cells(rows: list[list[tuple[str, float]]]) -> list[list[dict[str, Any]]]:
             return [[{"token": t, "prob": p} for t, p in pos] for pos in rows]
 
-        return {"tokens": view.tokens, "lens": lens, "layers": list(range(n + 1)),
+        return {"tokens": view.tokens, "lens": lens, "delta": delta,
+                "layers": list(range(n + 1)),
                 "top": [cells(row) for row in view.top] + [cells(view.output_top)],
                 "final_top": view.final_top,
                 # the output row is the final distribution itself: rank 0 by definition
@@ -61,15 +107,93 @@ class Workbench:
                 "final_rank": [*view.final_rank, [0] * len(view.tokens)]}
 
 
-def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None) -> Any:
+    def start_edit(self, body: dict[str, Any]) -> Job:
+        """Check an edit request at once (a 400, not a failed job) and run it in the
+        background."""
+        from ..edit import get_editor
+
+        settings = body.get("set") or {}
+        if not isinstance(settings, dict):
+            raise EngramError("'set' must be an object of editing settings")
+        method = str(body.get("method", "rome"))
+        editor = get_editor(method, progress=False, **settings)
+        fields = {k: body.get(k) for k in ("prompt", "subject", "target_new", "target_true")}
+        if any(v is not None and not isinstance(v, str) for v in fields.values()):
+            raise EngramError("prompt, subject, target_new and target_true must be strings")
+        request = EditRequest(prompt=fields["prompt"] or "", subject=fields["subject"] or "",
+                              target_new=fields["target_new"] or "",
+                              target_true=(fields["target_true"] or "").strip() or None)
+        prompts = {k: _prompt_list(body.get(k), k) for k in ("paraphrases", "neighbours")}
+        return self.jobs.start("edit", 3, lambda job: self._edit(job, method, editor, request,
+                                                                 **prompts))
+
+    def _edit(self, job: Job, method: str, editor: Any, request: EditRequest,
+              paraphrases: list[str], neighbours: list[str]) -> dict[str, Any]:
+        from dataclasses import replace
+
+        from ..evaluate.counterfact import case_scores, summarize
+
+        lm = self.lm
+        with self.lock:
+            job.advance("reading the model before the edit")
+            if request.target_true is None:  # what the model says now is what the edit replaces
+                said = lm.generate(request.text, max_new_tokens=3)[0].strip().split()
+                request = replace(request, target_true=said[0] if said else None)
+            case = EditCase(request, tuple(paraphrases), tuple(neighbours))
+            prompts = [request.text, *paraphrases]
+            before = summarize(case_scores(lm, [case]))
+            said_before = lm.generate(prompts, max_new_tokens=GENERATE_TOKENS)
+            job.advance(f"editing with {method}")
+            delta = editor.edit(lm, [request])
+            job.advance("reading the edited model")
+            with delta.applied(lm):
+                after = summarize(case_scores(lm, [case]))
+                said_after = lm.generate(prompts, max_new_tokens=GENERATE_TOKENS)
+        kept = Kept(job.id, method, delta,
+                    {"prompt": request.prompt, "subject": request.subject,
+                     "target_new": request.target_new, "target_true": request.target_true,
+                     "paraphrases": paraphrases, "neighbours": neighbours},
+                    {"before": _headline(before), "after": _headline(after)})
+        self.deltas[kept.id] = kept
+        return {"delta": kept.id, **kept.to_json(),
+                "generations": [{"prompt": p, "before": b, "after": a}
+                                for p, b, a in zip(prompts, said_before, said_after,
+                                                   strict=True)]}
+
+    def save(self, delta_id: str) -> str:
+        kept = self.kept(delta_id)
+        if self.out is None:
+            raise EngramError("this workbench has no folder to save to: start it with --out DIR")
+        return str(kept.delta.save(self.out / f"{kept.method}-{kept.id}"))
+
+
+def _prompt_list(value: Any, name: str) -> list[str]:
+    """A list of prompts from a JSON list or newline-separated text, blank lines dropped."""
+    if value is None:
+        return []
+    items = value.splitlines() if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise EngramError(f"{name} must be a list of strings or lines of text")
+    items = [x.strip() for x in items if x.strip()]
+    if len(items) > MAX_PROMPTS:
+        raise EngramError(f"at most {MAX_PROMPTS} {name}, got {len(items)}")
+    return items
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary.get(k) for k in ("efficacy", "paraphrase", "neighborhood")}
+
+
+def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
+             out: str | Path | None = None) -> Any:
     """The Starlette application serving ``lm`` (and any trained ``lenses`` beside the logit
-    lens)."""
+    lens); ``out`` is where saved edits go."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, RedirectResponse
     from starlette.routing import Route
 
-    bench = Workbench(lm, lenses)
+    bench = Workbench(lm, lenses, out=out)
 
     def bad(message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=400)
@@ -84,7 +208,44 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None) -> Any:
         except ValueError:
             return bad(f"k must be a whole number, got {q.get('k')!r}")
         try:
-            return JSONResponse(bench.lens(q.get("prompt", ""), q.get("lens", "logit"), k))
+            return JSONResponse(bench.lens(q.get("prompt", ""), q.get("lens", "logit"), k,
+                                           q.get("delta") or None))
+        except EngramError as e:
+            return bad(str(e))
+
+    async def edit(request: Request) -> JSONResponse:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            return bad(f"the request is {len(raw)} bytes; at most {MAX_BODY} are read")
+        try:
+            body = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return bad("the request body must be a JSON object")
+        if not isinstance(body, dict):
+            return bad("the request body must be a JSON object")
+        try:
+            job = bench.start_edit(body)
+        except (EngramError, TypeError) as e:  # TypeError: a setting the editor does not take
+            return bad(str(e))
+        return JSONResponse({"job": job.id}, status_code=202)
+
+    def job(request: Request) -> JSONResponse:
+        found = bench.jobs.get(request.path_params["job_id"])
+        if found is None:
+            return JSONResponse({"error": "no such job"}, status_code=404)
+        return JSONResponse(found.to_json())
+
+    def deltas(_request: Request) -> JSONResponse:
+        return JSONResponse([k.to_json() for k in bench.deltas.values()])
+
+    def delta(request: Request) -> JSONResponse:
+        delta_id = request.path_params["delta_id"]
+        try:
+            if request.method == "DELETE":
+                bench.kept(delta_id)
+                del bench.deltas[delta_id]
+                return JSONResponse({"deleted": delta_id})
+            return JSONResponse({"saved": bench.save(delta_id)})
         except EngramError as e:
             return bad(str(e))
 
@@ -95,8 +256,14 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None) -> Any:
 
     routes = [Route("/", lambda _r: RedirectResponse("/lens")),
               Route("/lens", page("lens.html")),
+              Route("/edit", page("edit.html")),
               Route("/api/info", info),
-              Route("/api/lens", lens)]
+              Route("/api/lens", lens),
+              Route("/api/edit", edit, methods=["POST"]),
+              Route("/api/jobs/{job_id}", job),
+              Route("/api/deltas", deltas),
+              Route("/api/deltas/{delta_id}/save", delta, methods=["POST"]),
+              Route("/api/deltas/{delta_id}", delta, methods=["DELETE"])]
     app = Starlette(routes=routes)
     app.state.workbench = bench
     return app
