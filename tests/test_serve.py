@@ -165,3 +165,25 @@ def test_bad_edit_requests_are_refused_before_any_work(client):
     assert r.status_code == 400 and "at most" in r.json()["error"]
     r = client.post("/api/deltas/abc/save")
     assert r.status_code == 400 and "no edit" in r.json()["error"]
+
+
+def test_two_edits_at_once_each_keep_their_own_delta(isolated_cache):
+    from starlette.testclient import TestClient
+
+    from engramlab.serve import make_app
+
+    lm = make_tiny("llama")
+    weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    with TestClient(make_app(lm)) as client:
+        jobs = {new: client.post("/api/edit", json={
+                    "method": "rome", "prompt": "w1 {} w2", "subject": subject,
+                    "target_new": new, "set": TINY_ROME}).json()["job"]
+                for subject, new in (("w5", "w40"), ("w7", "w41"))}
+        done = {new: _wait(client, job) for new, job in jobs.items()}
+        assert all(j["state"] == "done" for j in done.values())
+        for new, j in done.items():
+            subject = j["result"]["request"]["subject"]
+            lens = client.get("/api/lens", params={"prompt": f"w1 {subject} w2",
+                                                   "delta": j["result"]["delta"]}).json()
+            assert lens["top"][-1][-1][0]["token"] == new
+        assert all(torch.equal(p, weights[n]) for n, p in lm.model.named_parameters())
