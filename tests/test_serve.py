@@ -187,3 +187,39 @@ def test_two_edits_at_once_each_keep_their_own_delta(isolated_cache):
                                                    "delta": j["result"]["delta"]}).json()
             assert lens["top"][-1][-1][0]["token"] == new
         assert all(torch.equal(p, weights[n]) for n, p in lm.model.named_parameters())
+
+
+def test_an_uploaded_concept_is_erased_in_the_background_and_reported(isolated_cache):
+    from starlette.testclient import TestClient
+
+    from engramlab.serve import make_app
+    from tests.test_erase import _known_probes
+
+    lm = make_tiny("llama")
+    concept = {"name": "tiny", "probes": [{"prompt": p.prompt, "answer": p.answer}
+                                          for p in _known_probes(lm, 8)],
+               "near_controls": [{"prompt": p.prompt, "answer": p.answer}
+                                 for p in _known_probes(lm, 4, seed=100)],
+               "text": ". ".join(" ".join(f"w{i + s}" for i in range(8)) for s in range(4))}
+    with TestClient(make_app(lm)) as client:
+        assert "Harry Potter" in client.get("/api/concepts").json()
+        r = client.post("/api/erase", json={"concept": concept, "method": "ga",
+                                            "relearn_steps": 2,
+                                            "set": {"steps": 3, "lr": 1e-3, "tune": False}})
+        assert r.status_code == 202, r.json()
+        job = _wait(client, r.json()["job"])
+        assert job["state"] == "done", job["error"]
+        report = job["result"]["report"]
+        assert report["concept"] == "tiny" and report["pre"]["target_accuracy"] == 1.0
+        assert report["split"]["held_out_probes"] == 4
+        assert job["result"]["lines"][0].startswith("ga erasure of 'tiny'")
+        for body, needle in (({"concept": "Atlantis"}, "Atlantis"),
+                             ({"concept": {"probes": []}}, "name"),
+                             ({"concept": concept, "method": "forget"}, "unknown erasure"),
+                             ({"concept": concept, "method": "ga", "set": {"speed": 1}},
+                              "unknown setting"),
+                             ({"concept": concept, "relearn_steps": -1}, "relearn_steps"),
+                             ({"concept": 3}, "bundled concept")):
+            r = client.post("/api/erase", json=body)
+            assert r.status_code == 400 and needle in r.json()["error"], body
+        assert client.get("/erase").status_code == 200

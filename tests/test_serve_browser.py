@@ -141,3 +141,37 @@ def test_an_edit_made_on_the_page_shows_its_new_object(served, browser, tmp_path
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "tr.output td")))
     assert browser.find_elements(By.CSS_SELECTOR, "tr.output td")[-1].text == "w40"
     _screenshot(browser, tmp_path, "lens_edited.png")
+
+
+def test_an_uploaded_concept_is_erased_from_the_page(served, browser, tmp_path,
+                                                     isolated_cache):
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_erase import _known_probes
+
+    lm, url = served
+    concept = tmp_path / "tiny.json"
+    concept.write_text(json.dumps({
+        "name": "tiny", "probes": [{"prompt": p.prompt, "answer": p.answer}
+                                   for p in _known_probes(lm, 8)],
+        "text": ". ".join(" ".join(f"w{i + s}" for i in range(8)) for s in range(4))}))
+    browser.get(f"{url}/erase")
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "model"), lm.label))
+    browser.find_element(By.ID, "file").send_keys(str(concept))
+    browser.find_element(By.ID, "method").send_keys("ga")
+    relearn = browser.find_element(By.ID, "relearn")
+    relearn.clear()
+    relearn.send_keys("2")
+    browser.find_element(By.ID, "settings").send_keys(
+        json.dumps({"steps": 3, "lr": 1e-3, "tune": False}))
+    browser.find_element(By.ID, "run").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#summary")))
+    first = browser.find_elements(By.CSS_SELECTOR, "#summary tr")[1]
+    assert first.find_elements(By.TAG_NAME, "td")[1].text == "1.00"  # held-out, before
+    assert "ga erasure of 'tiny'" in browser.find_element(By.TAG_NAME, "pre").text
+    _screenshot(browser, tmp_path, "erase.png")

@@ -13,6 +13,9 @@ that read the same JSON API a script can call:
   "paraphrases"?, "neighbours"?, "set"?}`` — starts an edit in the background and answers
   ``{"job": ID}``; ``GET /api/jobs/ID`` reports its phase and, once done, the scores and greedy
   continuations before and after, and the id of the kept delta;
+* ``POST /api/erase`` with ``{"concept": NAME or a concept object, "method", "relearn_steps"?,
+  "set"?}`` — erases a bundled or uploaded concept in the background (``GET /api/concepts``
+  lists the bundled ones); the finished job holds the erasure report and its text lines;
 * ``GET /api/deltas`` lists this session's edits; ``POST /api/deltas/ID/save`` writes one to
   the ``--out`` folder as a saved ``WeightDelta``; ``DELETE /api/deltas/ID`` forgets it.
 
@@ -27,6 +30,7 @@ over-long prompt, an unknown lens, a non-numeric ``k``) gets a 400 with ``{"erro
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -160,6 +164,40 @@ class Workbench:
                                 for p, b, a in zip(prompts, said_before, said_after,
                                                    strict=True)]}
 
+    def start_erase(self, body: dict[str, Any]) -> Job:
+        """Check an erasure request at once and run it in the background."""
+        from ..data.concepts import Concept, get_concept
+        from ..erase.run import make_eraser
+
+        spec = body.get("concept")
+        if isinstance(spec, str):
+            concept = get_concept(spec)
+        elif isinstance(spec, dict):
+            concept = Concept.from_dict(spec, "the uploaded concept")
+        else:
+            raise EngramError("'concept' must be a bundled concept's name or a concept object "
+                              "(name, probes, paraphrases, controls, near_controls, text)")
+        settings = body.get("set") or {}
+        if not isinstance(settings, dict):
+            raise EngramError("'set' must be an object of erasure settings")
+        method = str(body.get("method", "concept-vectors"))
+        relearn = body.get("relearn_steps", 10)
+        if not isinstance(relearn, int) or isinstance(relearn, bool) or relearn < 0:
+            raise EngramError("relearn_steps must be a whole number, 0 or more")
+        make_eraser(method, **settings)  # unknown methods and settings fail here, not later
+        return self.jobs.start("erase", 1, lambda job: self._erase(job, concept, method,
+                                                                   relearn, settings))
+
+    def _erase(self, job: Job, concept: Any, method: str, relearn: int,
+               settings: dict[str, Any]) -> dict[str, Any]:
+        from ..erase.run import report_lines, run_erasure
+
+        with self.lock:
+            job.advance(f"erasing {concept.name!r} with {method}: tuning under the budget, "
+                        "then the held-out report")
+            report = run_erasure(self.lm, concept, method, relearn_steps=relearn, **settings)
+        return {"report": report, "lines": report_lines(report, self.lm.label)}
+
     def save(self, delta_id: str) -> str:
         kept = self.kept(delta_id)
         if self.out is None:
@@ -180,6 +218,18 @@ def _prompt_list(value: Any, name: str) -> list[str]:
     return items
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as null: JSON has no such numbers (a report's accuracy
+    on an empty probe set is NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary.get(k) for k in ("efficacy", "paraphrase", "neighborhood")}
 
@@ -190,10 +240,15 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
     lens); ``out`` is where saved edits go."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse, RedirectResponse
+    from starlette.responses import FileResponse, RedirectResponse
+    from starlette.responses import JSONResponse as StarletteJSON
     from starlette.routing import Route
 
     bench = Workbench(lm, lenses, out=out)
+
+    class JSONResponse(StarletteJSON):
+        def render(self, content: Any) -> bytes:
+            return super().render(finite(content))
 
     def bad(message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=400)
@@ -213,21 +268,29 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
         except EngramError as e:
             return bad(str(e))
 
-    async def edit(request: Request) -> JSONResponse:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return bad(f"the request is {len(raw)} bytes; at most {MAX_BODY} are read")
-        try:
-            body = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return bad("the request body must be a JSON object")
-        if not isinstance(body, dict):
-            return bad("the request body must be a JSON object")
-        try:
-            job = bench.start_edit(body)
-        except (EngramError, TypeError) as e:  # TypeError: a setting the editor does not take
-            return bad(str(e))
-        return JSONResponse({"job": job.id}, status_code=202)
+    def starts(begin: Any) -> Any:
+        """A POST route that reads a size-limited JSON object and starts a job with it."""
+        async def route(request: Request) -> JSONResponse:
+            raw = await request.body()
+            if len(raw) > MAX_BODY:
+                return bad(f"the request is {len(raw)} bytes; at most {MAX_BODY} are read")
+            try:
+                body = json.loads(raw or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return bad("the request body must be a JSON object")
+            if not isinstance(body, dict):
+                return bad("the request body must be a JSON object")
+            try:
+                job = begin(body)
+            except (EngramError, TypeError) as e:  # TypeError: a setting nothing takes
+                return bad(str(e))
+            return JSONResponse({"job": job.id}, status_code=202)
+        return route
+
+    def concepts(_request: Request) -> JSONResponse:
+        from ..data.concepts import bundled_concepts
+
+        return JSONResponse([c.name for c in bundled_concepts()])
 
     def job(request: Request) -> JSONResponse:
         found = bench.jobs.get(request.path_params["job_id"])
@@ -257,9 +320,12 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
     routes = [Route("/", lambda _r: RedirectResponse("/lens")),
               Route("/lens", page("lens.html")),
               Route("/edit", page("edit.html")),
+              Route("/erase", page("erase.html")),
               Route("/api/info", info),
               Route("/api/lens", lens),
-              Route("/api/edit", edit, methods=["POST"]),
+              Route("/api/edit", starts(bench.start_edit), methods=["POST"]),
+              Route("/api/erase", starts(bench.start_erase), methods=["POST"]),
+              Route("/api/concepts", concepts),
               Route("/api/jobs/{job_id}", job),
               Route("/api/deltas", deltas),
               Route("/api/deltas/{delta_id}/save", delta, methods=["POST"]),
