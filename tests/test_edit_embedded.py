@@ -83,5 +83,7 @@ def test_cli_edit_prints_the_specified_json(capsys, tmp_path):
     assert out["n"] == 3 and out["protocol"] == "independent"
     run = tmp_path / "run"
     assert (run / "report.md").is_file() and (run / "result.json").is_file()
+    page = (run / "report.html").read_text()
+    assert f"engram edit: {out['method']}" in page and "efficacy" in page
     assert len((run / "cases.jsonl").read_text().splitlines()) == 3
     assert len(list((run / "deltas").iterdir())) == 3

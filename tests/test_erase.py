@@ -445,7 +445,7 @@ def test_concept_vectors_halve_harry_potter_on_the_embedded_model(smol):
     assert patched - post < 0.5 * (pre - post)
 
 
-def test_run_erasure_reports_every_measure_and_leaves_the_model(tiny_llama_concept):
+def test_run_erasure_reports_every_measure_and_leaves_the_model(tiny_llama_concept, tmp_path):
     """End to end on a tiny model: the report has each measure the CLI prints, the held-out
     relearning scores exactly the half it did not train on, and the weights come back."""
     from engramlab.erase.run import run_erasure
@@ -454,7 +454,9 @@ def test_run_erasure_reports_every_measure_and_leaves_the_model(tiny_llama_conce
     lm, concept = tiny_llama_concept
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     report = run_erasure(lm, concept, "ga", steps=3, lr=1e-3, relearn_steps=2,
-                         trace_vectors=4)
+                         trace_vectors=4, out=tmp_path / "run")
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "ga erasure of &#x27;tiny&#x27;" in page and "held-out probes" in page
     for n, p in lm.model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} left changed"
     json.dumps(report)  # what --json prints

@@ -171,6 +171,8 @@ def test_trace_command(tmp_path, capsys):
     assert len(saved["facts"]) == 2 and saved["states"] == obj["states"]
     assert (tmp_path / "out" / "average.png").stat().st_size > 0
     assert (tmp_path / "out" / "fact_01.png").stat().st_size > 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # the average and both facts, inline
     assert main(args) == 0
     text = capsys.readouterr().out
     mlp = obj["states"]["mlp"]

@@ -101,19 +101,20 @@ def edit(args: argparse.Namespace) -> int:
                           eval_every=args.eval_every, fluency_tokens=args.fluency_tokens,
                           progress=not args.json, noise=args.noise)
     obj = result.to_json()
-    if args.out:
-        _save_run(Path(args.out), result, obj)
-        obj["out"] = args.out
     lines = result.table()
     if args.out:
+        _save_run(Path(args.out), result, obj, lines)
+        obj["out"] = args.out
         lines[-1] += f"; saved to {args.out}"
     emit(args, obj, lines)
     return 0
 
 
-def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
-    """Deltas, per-case results (JSONL), the JSON summary and a short report, atomically."""
+def _save_run(out: Path, result: Any, obj: dict[str, Any], lines: list[str]) -> None:
+    """Deltas, per-case results (JSONL), the JSON summary, a short Markdown report and a
+    self-contained report.html, atomically."""
     from .._io import atomic_dir
+    from ..report import Report, Table
 
     with atomic_dir(out) as tmp:
         if result.delta is not None:
@@ -130,6 +131,17 @@ def _save_run(out: Path, result: Any, obj: dict[str, Any]) -> None:
 
             plot_noise(result.noise, tmp / "noise.png",
                        f"{result.method}, {result.n} edits in batches")
+        Report(title=f"engram edit: {result.method} on {result.model}",
+               note=f"protocol {result.protocol}, {result.n} facts",
+               params={"protocol": result.protocol, "facts": result.n,
+                       "seconds per edit (median)": result.seconds_per_edit,
+                       **{f"hparams.{k}": v for k, v in (result.hparams or {}).items()}},
+               tables=[Table("Scores before and after", ["metric", "before", "after"],
+                             [[k, result.pre.get(k), result.post.get(k)]
+                              for k in result.post if k != "n"])],
+               text=lines,
+               figures=[tmp / "noise.png"] if result.noise is not None else []
+               ).write(tmp / "report.html")
 
 
 

@@ -144,12 +144,15 @@ def register(sub: Any) -> None:
 
 
 def trace(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .._io import atomic_dir
     from ..data import load_facts
     from ..data.bundled import bundled_facts_path
     from ..errors import SettingsError
     from ..inspect import TraceConfig, plot_fact, plot_trace, trace_facts
     from ..models import load_model
+    from ..report import Report
 
     config = TraceConfig(samples=args.samples, noise=args.noise, window=args.window,
                          states=tuple(args.states), seed=args.seed)
@@ -178,6 +181,9 @@ def trace(args: argparse.Namespace) -> int:
             plot_trace(report, tmp / "average.png", title)
             for i, fact in enumerate(report.facts[:FIGURES_PER_RUN]):
                 plot_fact(fact, tmp / f"fact_{i:02d}.png", config.window)
+            Report(title=title, params=dataclasses.asdict(config), text=lines,
+                   figures=[tmp / "average.png", *sorted(tmp.glob("fact_*.png"))]
+                   ).write(tmp / "report.html")
         obj["out"] = args.out
         lines.append(f"saved to {args.out}")
     emit(args, obj, lines)

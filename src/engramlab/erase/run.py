@@ -27,6 +27,7 @@ from ..delta import WeightDelta
 from ..errors import ConceptError, SettingsError
 from ..evaluate import erasure as E
 from ..models.lm import LM
+from ..report import Report, Table
 from .budget import BUDGET_KEYS, Budget
 from .concept_vectors import ConceptVectors, find_concept_vectors
 from .features import FeatureEraser
@@ -218,7 +219,27 @@ def run_erasure(lm: LM, concept: Concept, method: str = "concept-vectors", *,
         with atomic_dir(out) as tmp:
             delta.save(Path(tmp) / "delta")
             (Path(tmp) / "report.json").write_text(json.dumps(report, indent=1))
+            html_report(report, lm.label).write(Path(tmp) / "report.html")
     return report
+
+
+def html_report(report: dict[str, Any], model: str) -> Report:
+    """The erasure report as a self-contained ``report.html``."""
+    shown = (("held-out probes", "target_accuracy"), ("tuning probes", "target_tuned_accuracy"),
+             ("paraphrases", "paraphrase_accuracy"), ("controls", "control_accuracy"),
+             ("unseen controls", "unseen_control_accuracy"),
+             ("near controls (held-out half)", "near_control_accuracy"),
+             ("perplexity (neutral text, held-out half)", "perplexity"))
+    return Report(
+        title=f"{report['method']} erasure of {report['concept']!r} on {model}",
+        note=f"reported on {report['split']['reported_on']}",
+        params={"method": report["method"], "concept": report["concept"],
+                "split seed": report["split"]["seed"], **report["delta"]["setting"],
+                "seconds": report["seconds"]},
+        tables=[Table("Behaviour before and after", ["", "before", "after"],
+                      [[label, report["pre"].get(key), report["post"].get(key)]
+                       for label, key in shown])],
+        text=report_lines(report, model))
 
 
 def report_lines(report: dict[str, Any], model: str) -> list[str]:
