@@ -223,3 +223,27 @@ def test_an_uploaded_concept_is_erased_in_the_background_and_reported(isolated_c
             r = client.post("/api/erase", json=body)
             assert r.status_code == 400 and needle in r.json()["error"], body
         assert client.get("/erase").status_code == 200
+
+
+def test_a_fact_is_traced_in_the_background_with_its_heatmap(client):
+    import base64
+
+    r = client.post("/api/trace", json={"prompt": "w3 {} w9 w4", "subject": "w7 w8",
+                                        "samples": 2, "window": 1})
+    assert r.status_code == 202, r.json()
+    job = _wait(client, r.json()["job"])
+    assert job["state"] == "done", job["error"]
+    result = job["result"]
+    assert result["prompt"] == "w3 w7 w8 w9 w4" and result["subject_range"] == [1, 3]
+    assert set(result["grids"]) == {"resid", "mlp", "attn"}
+    assert all(len(g) == client.lm.n_layers for g in result["grids"].values())
+    head, data = result["png"].split(",", 1)
+    assert head == "data:image/png;base64" and base64.b64decode(data)[:4] == b"\x89PNG"
+    for body, needle in (({"prompt": "w3 w9", "subject": "w7"}, "exactly once"),
+                         ({"prompt": "w3 {}", "subject": "w7", "samples": 0}, "at least 1"),
+                         ({"prompt": "w3 {}", "subject": "w7", "samples": 500}, "at most 50"),
+                         ({"prompt": "w3 {}", "subject": "w7", "window": "wide"},
+                          "whole numbers")):
+        r = client.post("/api/trace", json=body)
+        assert r.status_code == 400 and needle in r.json()["error"], body
+    assert client.get("/trace").status_code == 200

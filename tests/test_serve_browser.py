@@ -175,3 +175,25 @@ def test_an_uploaded_concept_is_erased_from_the_page(served, browser, tmp_path,
     assert first.find_elements(By.TAG_NAME, "td")[1].text == "1.00"  # held-out, before
     assert "ga erasure of 'tiny'" in browser.find_element(By.TAG_NAME, "pre").text
     _screenshot(browser, tmp_path, "erase.png")
+
+
+def test_a_fact_traced_from_the_page_shows_its_heatmap(served, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    lm, url = served
+    browser.get(f"{url}/trace")
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "model"), lm.label))
+    for name, value in (("prompt", "w3 {} w9 w4"), ("subject", "w7 w8"), ("samples", "2"),
+                        ("window", "1")):
+        box = browser.find_element(By.ID, name)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "run").click()
+    wait.until(ec.presence_of_element_located((By.ID, "heatmap")))
+    img = browser.find_element(By.ID, "heatmap")
+    assert img.get_attribute("src").startswith("data:image/png;base64,")
+    assert browser.execute_script("return arguments[0].naturalWidth", img) > 100  # it decoded
+    _screenshot(browser, tmp_path, "trace.png")

@@ -16,6 +16,9 @@ that read the same JSON API a script can call:
 * ``POST /api/erase`` with ``{"concept": NAME or a concept object, "method", "relearn_steps"?,
   "set"?}`` — erases a bundled or uploaded concept in the background (``GET /api/concepts``
   lists the bundled ones); the finished job holds the erasure report and its text lines;
+* ``POST /api/trace`` with ``{"prompt", "subject", "answer"?, "samples"?, "window"?}`` —
+  causal tracing of one fact in the background (ROME's fig. 1); the finished job holds the
+  grids and the heatmap as a PNG data URI;
 * ``GET /api/deltas`` lists this session's edits; ``POST /api/deltas/ID/save`` writes one to
   the ``--out`` folder as a saved ``WeightDelta``; ``DELETE /api/deltas/ID`` forgets it.
 
@@ -198,6 +201,41 @@ class Workbench:
             report = run_erasure(self.lm, concept, method, relearn_steps=relearn, **settings)
         return {"report": report, "lines": report_lines(report, self.lm.label)}
 
+    def start_trace(self, body: dict[str, Any]) -> Job:
+        """Check a tracing request at once and trace the fact in the background."""
+        from ..data.records import Fact
+        from ..inspect import TraceConfig
+
+        fields = {k: body.get(k) for k in ("prompt", "subject", "answer")}
+        if any(v is not None and not isinstance(v, str) for v in fields.values()):
+            raise EngramError("prompt, subject and answer must be strings")
+        fact = Fact(fields["prompt"] or "", fields["subject"] or "",
+                    (fields["answer"] or "").strip() or None)
+        numbers = {k: body.get(k, d) for k, d in (("samples", 10), ("window", 10))}
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in numbers.values()):
+            raise EngramError("samples and window must be whole numbers")
+        if numbers["samples"] > 50:
+            raise EngramError("at most 50 samples per state in the workbench")
+        config = TraceConfig(**numbers)
+        config.check()
+        return self.jobs.start("trace", 1, lambda job: self._trace(job, fact, config))
+
+    def _trace(self, job: Job, fact: Any, config: Any) -> dict[str, Any]:
+        import base64
+        import tempfile
+
+        from ..inspect import plot_fact, trace_facts
+
+        with self.lock:
+            job.advance(f"restoring each state of {fact.text!r} under noise")
+            report = trace_facts(self.lm, [fact], config, known_only=False)
+        traced = report.facts[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_fact(traced, Path(tmp) / "trace.png", config.window,
+                            f"{self.lm.label}: {fact.text!r}")
+            image = base64.b64encode(png.read_bytes()).decode("ascii")
+        return {**traced.to_json(), "png": f"data:image/png;base64,{image}"}
+
     def save(self, delta_id: str) -> str:
         kept = self.kept(delta_id)
         if self.out is None:
@@ -321,10 +359,12 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
               Route("/lens", page("lens.html")),
               Route("/edit", page("edit.html")),
               Route("/erase", page("erase.html")),
+              Route("/trace", page("trace.html")),
               Route("/api/info", info),
               Route("/api/lens", lens),
               Route("/api/edit", starts(bench.start_edit), methods=["POST"]),
               Route("/api/erase", starts(bench.start_erase), methods=["POST"]),
+              Route("/api/trace", starts(bench.start_trace), methods=["POST"]),
               Route("/api/concepts", concepts),
               Route("/api/jobs/{job_id}", job),
               Route("/api/deltas", deltas),
