@@ -76,6 +76,7 @@ def test_lens_train_eval_show_and_early_exit_on_a_tiny_model(tmp_path, capsys):
                  "--out", str(tmp_path / "sc"), "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["kind"] == "shortcut" and trained["params"] == 3 * 33 * 32
+    assert "<title>shortcut lens for src</title>" in (tmp_path / "sc" / "report.html").read_text()
     assert main(["lens", "eval", *args, "--kind", "logit", "--lens", str(tmp_path / "sc"),
                  "--tokens", "256", "--skip", "512", "--png", str(tmp_path / "e.png"),
                  "--json"]) == 0

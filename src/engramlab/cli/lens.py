@@ -98,9 +98,12 @@ def _register_depth(sub: Any) -> None:
 
 
 def lens_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..lens import fit_lens
     from ..lens.states import lens_corpus
     from ..models import load_model
+    from ..report import Report
 
     lm = load_model(args.model, progress=not args.json)
     corpus = lens_corpus(lm, args.corpus, progress=not args.json)
@@ -115,11 +118,14 @@ def lens_train(args: argparse.Namespace) -> int:
                     progress=not args.json)
     seconds = time.perf_counter() - t0
     lens.save(args.out)
-    emit(args, {"model": lm.name, "kind": lens.kind, "params": lens.n_params,
-                 "tokens": args.tokens, "seconds": seconds, "out": args.out,
-                 "config": lens.config},
-          [f"{lens.kind} lens for {lm.name}: {lens.n_params:,} parameters, fitted on "
-           f"{args.tokens:,} tokens in {seconds:.1f} s; wrote {args.out}"])
+    lines = [f"{lens.kind} lens for {lm.name}: {lens.n_params:,} parameters, fitted on "
+             f"{args.tokens:,} tokens in {seconds:.1f} s; wrote {args.out}"]
+    obj = {"model": lm.name, "kind": lens.kind, "params": lens.n_params,
+           "tokens": args.tokens, "seconds": seconds, "out": args.out, "config": lens.config}
+    Report(title=f"{lens.kind} lens for {lm.label}",
+           params={k: v for k, v in obj.items() if k not in ("out", "config")}
+           | dict(lens.config or {}), text=lines).write(Path(args.out) / "report.html")
+    emit(args, obj, lines)
     return 0
 
 
