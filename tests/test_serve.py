@@ -3,6 +3,7 @@ checks before any model loads."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -65,7 +66,7 @@ def test_bad_requests_get_a_400_with_the_reason(client):
 def test_pages_and_info(client):
     info = client.get("/api/info").json()
     assert info == {"model": client.lm.label, "n_layers": client.lm.n_layers,
-                    "lenses": ["logit"]}
+                    "lenses": ["logit"], "atlas": False}
     page = client.get("/lens")
     assert page.status_code == 200 and "/api/lens" in page.text
     assert client.get("/", follow_redirects=False).headers["location"] == "/lens"
@@ -247,3 +248,28 @@ def test_a_fact_is_traced_in_the_background_with_its_heatmap(client):
         r = client.post("/api/trace", json=body)
         assert r.status_code == 400 and needle in r.json()["error"], body
     assert client.get("/trace").status_code == 200
+
+
+def test_the_neuron_pages_read_the_atlas_the_workbench_was_given():
+    from starlette.testclient import TestClient
+
+    from engramlab.inspect import build_atlas
+    from engramlab.serve import make_app
+    from tests.test_atlas import CONFIG, CORPUS
+
+    lm = make_tiny("llama")
+    book = build_atlas(lm, CORPUS, CONFIG)
+    with TestClient(make_app(lm, atlas=book)) as c:
+        summary = c.get("/api/atlas").json()
+        assert summary["layers"] == [0, 2] and summary["lines"] == book.lines()
+        page = c.get("/api/neuron", params={"layer": 2, "index": 5}).json()
+        assert page == json.loads(json.dumps(book.neuron(2, 5)))
+        for params, needle in (({"layer": 1, "index": 0}, "not in this atlas"),
+                               ({"layer": 0, "index": 10_000}, "out of range"),
+                               ({"layer": "x", "index": 0}, "whole numbers")):
+            r = c.get("/api/neuron", params=params)
+            assert r.status_code == 400 and needle in r.json()["error"], params
+        assert c.get("/neurons").status_code == 200
+    with TestClient(make_app(lm)) as c:  # no atlas: the page says how to get one
+        r = c.get("/api/atlas")
+        assert r.status_code == 400 and "engram atlas --out" in r.json()["error"]

@@ -29,15 +29,12 @@ if not (BROWSER and DRIVER):
                 "test", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def served():
-    from engramlab.serve import make_app
-
-    lm = make_tiny("llama")
+def _start(app):
+    """Serve ``app`` on a free local port in a thread: (url, stop)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(lm), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -46,9 +43,22 @@ def served():
         if time.time() > deadline:
             raise RuntimeError("the workbench did not start within 20 s")
         time.sleep(0.05)
-    yield lm, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def served():
+    from engramlab.serve import make_app
+
+    lm = make_tiny("llama")
+    url, stop = _start(make_app(lm))
+    yield lm, url
+    stop()
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +207,28 @@ def test_a_fact_traced_from_the_page_shows_its_heatmap(served, browser, tmp_path
     assert img.get_attribute("src").startswith("data:image/png;base64,")
     assert browser.execute_script("return arguments[0].naturalWidth", img) > 100  # it decoded
     _screenshot(browser, tmp_path, "trace.png")
+
+
+def test_the_neuron_page_pages_through_the_atlas(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from engramlab.inspect import build_atlas
+    from engramlab.serve import make_app
+    from tests.test_atlas import CONFIG, CORPUS
+
+    lm = make_tiny("llama")
+    book = build_atlas(lm, CORPUS, CONFIG)
+    url, stop = _start(make_app(lm, atlas=book))
+    try:
+        browser.get(f"{url}/neurons")
+        wait = WebDriverWait(browser, 30)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "headline"), "layer 0 neuron 0"))
+        browser.find_element(By.ID, "next").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "headline"), "layer 0 neuron 1"))
+        marks = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#contexts mark")]
+        assert marks == [c["token"].strip() for c in book.neuron(0, 1)["contexts"]]
+        _screenshot(browser, tmp_path, "neurons.png")
+    finally:
+        stop()

@@ -23,6 +23,8 @@ def register(sub: Any) -> None:
                    help="address to listen on (default: this machine only)")
     s.add_argument("--lens", nargs="*", default=[], help="trained lens folders to offer too")
     s.add_argument("--out", default=None, help="folder the page's Save button writes edits to")
+    s.add_argument("--atlas", default=None,
+                   help="a neuron atlas folder (engram atlas --out DIR) to page through")
     s.set_defaults(func=serve)
 
 
@@ -58,6 +60,9 @@ def serve(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     check_address(args.host, args.port)
+    from ..inspect import Atlas
+
+    book = Atlas.load(args.atlas) if args.atlas else None  # a bad folder fails before the model
     if not is_loopback(args.host):
         print(f"engram: warning: listening on {args.host}: anyone who can reach this machine "
               "can run the model; the workbench has no login", file=sys.stderr)
@@ -68,6 +73,6 @@ def serve(args: argparse.Namespace) -> int:
         lenses[lens.kind if lens.kind not in lenses else f"{lens.kind}:{path}"] = lens
     print(f"engram: workbench for {lm.label} at http://{args.host}:{args.port}/ "
           "(Ctrl-C stops it)", file=sys.stderr)
-    uvicorn.run(make_app(lm, lenses, out=args.out), host=args.host, port=args.port,
+    uvicorn.run(make_app(lm, lenses, out=args.out, atlas=book), host=args.host, port=args.port,
                 log_level="warning")
     return 0

@@ -19,6 +19,8 @@ that read the same JSON API a script can call:
 * ``POST /api/trace`` with ``{"prompt", "subject", "answer"?, "samples"?, "window"?}`` —
   causal tracing of one fact in the background (ROME's fig. 1); the finished job holds the
   grids and the heatmap as a PNG data URI;
+* ``GET /api/atlas`` and ``GET /api/neuron?layer=L&index=I`` — with ``--atlas DIR``, the
+  neuron atlas's summary and one neuron's page (top contexts, promoted tokens, category);
 * ``GET /api/deltas`` lists this session's edits; ``POST /api/deltas/ID/save`` writes one to
   the ``--out`` folder as a saved ``WeightDelta``; ``DELETE /api/deltas/ID`` forgets it.
 
@@ -74,8 +76,9 @@ class Workbench:
     """The model, its lenses and the lock every use of the model holds."""
 
     def __init__(self, lm: LM, lenses: Mapping[str, Lens] | None = None, *,
-                 out: str | Path | None = None) -> None:
+                 out: str | Path | None = None, atlas: Any = None) -> None:
         self.lm = lm
+        self.atlas = atlas
         self.lenses: dict[str, Lens] = {"logit": LogitLens(lm), **(lenses or {})}
         self.lock = threading.Lock()
         self.jobs = Jobs()
@@ -84,7 +87,23 @@ class Workbench:
 
     def info(self) -> dict[str, Any]:
         return {"model": self.lm.label, "n_layers": self.lm.n_layers,
-                "lenses": list(self.lenses)}
+                "lenses": list(self.lenses), "atlas": self.atlas is not None}
+
+    def atlas_summary(self) -> dict[str, Any]:
+        book = self._atlas()
+        return {"model": book.index["model"], "layers": book.layers,
+                "neurons": {str(layer): int(book.arrays[f"L{layer}.top_act"].shape[1])
+                            for layer in book.layers},
+                "lines": book.lines()}
+
+    def neuron(self, layer: int, index: int) -> dict[str, Any]:
+        return self._atlas().neuron(layer, index)
+
+    def _atlas(self) -> Any:
+        if self.atlas is None:
+            raise EngramError("this workbench has no neuron atlas: build one with `engram atlas "
+                              "--out DIR` and start the workbench with --atlas DIR")
+        return self.atlas
 
     def kept(self, delta_id: str) -> Kept:
         if delta_id not in self.deltas:
@@ -273,16 +292,16 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
-             out: str | Path | None = None) -> Any:
+             out: str | Path | None = None, atlas: Any = None) -> Any:
     """The Starlette application serving ``lm`` (and any trained ``lenses`` beside the logit
-    lens); ``out`` is where saved edits go."""
+    lens); ``out`` is where saved edits go, ``atlas`` a loaded neuron atlas to page through."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import FileResponse, RedirectResponse
     from starlette.responses import JSONResponse as StarletteJSON
     from starlette.routing import Route
 
-    bench = Workbench(lm, lenses, out=out)
+    bench = Workbench(lm, lenses, out=out, atlas=atlas)
 
     class JSONResponse(StarletteJSON):
         def render(self, content: Any) -> bytes:
@@ -325,6 +344,23 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
             return JSONResponse({"job": job.id}, status_code=202)
         return route
 
+    def atlas_summary(_request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(bench.atlas_summary())
+        except EngramError as e:
+            return bad(str(e))
+
+    def neuron(request: Request) -> JSONResponse:
+        q = request.query_params
+        try:
+            layer, index = int(q.get("layer", "")), int(q.get("index", ""))
+        except ValueError:
+            return bad("layer and index must be whole numbers")
+        try:
+            return JSONResponse(bench.neuron(layer, index))
+        except EngramError as e:
+            return bad(str(e))
+
     def concepts(_request: Request) -> JSONResponse:
         from ..data.concepts import bundled_concepts
 
@@ -360,6 +396,9 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
               Route("/edit", page("edit.html")),
               Route("/erase", page("erase.html")),
               Route("/trace", page("trace.html")),
+              Route("/neurons", page("neurons.html")),
+              Route("/api/atlas", atlas_summary),
+              Route("/api/neuron", neuron),
               Route("/api/info", info),
               Route("/api/lens", lens),
               Route("/api/edit", starts(bench.start_edit), methods=["POST"]),
