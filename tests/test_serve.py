@@ -58,7 +58,8 @@ def test_bad_requests_get_a_400_with_the_reason(client):
                                                           "unknown lens"),
                            ({"prompt": "w1", "k": "many"}, "whole number"),
                            ({"prompt": "w1", "k": "0"}, "between"),
-                           ({"prompt": " ".join(["w1"] * 300)}, "at most")):
+                           ({"prompt": " ".join(["w1"] * 300)}, "at most"),
+                           ({"prompt": " ".join(["w1"] * 10_000)}, "10000 tokens")):
         r = client.get("/api/lens", params=params)
         assert r.status_code == 400 and needle in r.json()["error"], params
 
@@ -182,6 +183,15 @@ def test_two_edits_at_once_each_keep_their_own_delta(isolated_cache):
                 for subject, new in (("w5", "w40"), ("w7", "w41"))}
         done = {new: _wait(client, job) for new, job in jobs.items()}
         assert all(j["state"] == "done" for j in done.values())
+        ids = [j["result"]["delta"] for j in done.values()]
+        c = client.get("/api/deltas/compare", params={"a": ids[0], "b": ids[1]}).json()
+        bench = client.app.state.workbench
+        da, db = (bench.deltas[i].delta for i in ids)
+        assert c["cosine"] == pytest.approx(da.overlap(db))
+        assert -1 <= c["cosine"] < 0.999  # two different facts: two different deltas
+        assert [p["norm_a"] for p in c["parameters"]] == pytest.approx(list(da.norms().values()))
+        assert client.get("/api/deltas/compare", params={"a": ids[0], "b": "x"}
+                          ).status_code == 400
         for new, j in done.items():
             subject = j["result"]["request"]["subject"]
             lens = client.get("/api/lens", params={"prompt": f"w1 {subject} w2",

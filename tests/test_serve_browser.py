@@ -145,6 +145,8 @@ def test_an_edit_made_on_the_page_shows_its_new_object(served, browser, tmp_path
     efficacy_after = browser.find_elements(By.CSS_SELECTOR, "#scores tr")[2]
     assert efficacy_after.find_elements(By.TAG_NAME, "td")[0].text == "1.00"
     wait.until(ec.presence_of_element_located((By.LINK_TEXT, "view in lens")))
+    browser.find_element(By.ID, "compare").click()  # one edit with itself: cosine 1
+    wait.until(ec.text_to_be_present_in_element((By.ID, "cosine"), "1.000"))
     _screenshot(browser, tmp_path, "edit.png")
     # the edit seen through the lens: its output row now ends on the new object
     browser.find_element(By.LINK_TEXT, "view in lens").click()

@@ -21,8 +21,10 @@ that read the same JSON API a script can call:
   grids and the heatmap as a PNG data URI;
 * ``GET /api/atlas`` and ``GET /api/neuron?layer=L&index=I`` — with ``--atlas DIR``, the
   neuron atlas's summary and one neuron's page (top contexts, promoted tokens, category);
-* ``GET /api/deltas`` lists this session's edits; ``POST /api/deltas/ID/save`` writes one to
-  the ``--out`` folder as a saved ``WeightDelta``; ``DELETE /api/deltas/ID`` forgets it.
+* ``GET /api/deltas`` lists this session's edits; ``GET /api/deltas/compare?a=ID&b=ID`` sets
+  two side by side: their scores, their norms per parameter and their cosine similarity;
+  ``POST /api/deltas/ID/save`` writes one to the ``--out`` folder as a saved ``WeightDelta``;
+  ``DELETE /api/deltas/ID`` forgets it.
 
 Edits never stay in the model: each is kept as a delta and applied, under the lock, only for
 the request that asks for it, then reverted.
@@ -255,6 +257,17 @@ class Workbench:
             image = base64.b64encode(png.read_bytes()).decode("ascii")
         return {**traced.to_json(), "png": f"data:image/png;base64,{image}"}
 
+    def compare(self, a: str, b: str) -> dict[str, Any]:
+        """Two edits side by side: scores, per-parameter norms, and how aligned they are."""
+        first, second = self.kept(a), self.kept(b)
+        da, db = first.delta, second.delta
+        na, nb = da.norms(), db.norms()
+        shared = [n for n in na if n in nb]
+        return {"a": first.to_json(), "b": second.to_json(),
+                "parameters": [{"parameter": n, "norm_a": na.get(n), "norm_b": nb.get(n)}
+                               for n in sorted(set(na) | set(nb))],
+                "shared_parameters": shared, "cosine": da.overlap(db)}
+
     def save(self, delta_id: str) -> str:
         kept = self.kept(delta_id)
         if self.out is None:
@@ -375,6 +388,13 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
     def deltas(_request: Request) -> JSONResponse:
         return JSONResponse([k.to_json() for k in bench.deltas.values()])
 
+    def compare(request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(bench.compare(request.query_params.get("a", ""),
+                                              request.query_params.get("b", "")))
+        except EngramError as e:
+            return bad(str(e))
+
     def delta(request: Request) -> JSONResponse:
         delta_id = request.path_params["delta_id"]
         try:
@@ -407,6 +427,7 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
               Route("/api/concepts", concepts),
               Route("/api/jobs/{job_id}", job),
               Route("/api/deltas", deltas),
+              Route("/api/deltas/compare", compare),
               Route("/api/deltas/{delta_id}/save", delta, methods=["POST"]),
               Route("/api/deltas/{delta_id}", delta, methods=["DELETE"])]
     app = Starlette(routes=routes)
