@@ -137,6 +137,17 @@ def test_an_edit_runs_in_the_background_and_is_applied_only_where_asked(tmp_path
         saved = client.post(f"/api/deltas/{delta_id}/save").json()["saved"]
         assert WeightDelta.load(saved, lm).entries.keys() == \
             bench_delta(client, delta_id).entries.keys()
+    # a later workbench on the same folder lists the saved edit again, and can apply it
+    with TestClient(make_app(lm, out=tmp_path / "saved")) as again:
+        listed = again.get("/api/deltas").json()
+        assert [d["id"] for d in listed] == [delta_id]
+        assert listed[0]["request"]["target_new"] == "w40"
+        assert again.get("/api/lens", params={"prompt": "w1 w5 w2", "delta": delta_id}
+                         ).json()["top"][-1][-1][0]["token"] == "w40"
+    other = make_tiny("llama", seed=1)  # another model: its edits are not offered
+    with TestClient(make_app(other, out=tmp_path / "saved")) as elsewhere:
+        assert elsewhere.get("/api/deltas").json() == []
+    with TestClient(make_app(lm, out=tmp_path / "saved")) as client:
         assert client.delete(f"/api/deltas/{delta_id}").json() == {"deleted": delta_id}
         assert client.get("/api/deltas").json() == []
         assert client.get("/api/lens", params={"prompt": "w1", "delta": delta_id}

@@ -24,7 +24,8 @@ that read the same JSON API a script can call:
 * ``GET /api/deltas`` lists this session's edits; ``GET /api/deltas/compare?a=ID&b=ID`` sets
   two side by side: their scores, their norms per parameter and their cosine similarity;
   ``POST /api/deltas/ID/save`` writes one to the ``--out`` folder as a saved ``WeightDelta``;
-  ``DELETE /api/deltas/ID`` forgets it.
+  ``DELETE /api/deltas/ID`` forgets it. Edits saved in ``--out`` by an earlier workbench on
+  the same model are listed again at start.
 
 Edits never stay in the model: each is kept as a delta and applied, under the lock, only for
 the request that asks for it, then reverted.
@@ -37,6 +38,7 @@ over-long prompt, an unknown lens, a non-numeric ``k``) gets a 400 with ``{"erro
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections.abc import Mapping
@@ -52,11 +54,13 @@ from ..lens import Lens, LogitLens, layer_view
 from ..models.lm import LM
 from .jobs import Job, Jobs
 
+log = logging.getLogger(__name__)
 PAGES = Path(__file__).parent / "pages"
 MAX_K = 20
 MAX_BODY = 64 * 1024  # bytes of JSON a request may send
 MAX_PROMPTS = 20  # paraphrases or neighbours per edit
 GENERATE_TOKENS = 12
+SAVED = "workbench.json"  # beside a saved delta: the request and scores the page shows
 
 
 @dataclass
@@ -269,10 +273,34 @@ class Workbench:
                 "shared_parameters": shared, "cosine": da.overlap(db)}
 
     def save(self, delta_id: str) -> str:
+        """Write an edit to ``--out`` as a saved ``WeightDelta``, with what it was asked and
+        scored (``workbench.json``), so a later workbench on the same folder lists it again."""
+        from .._io import atomic_file
+
         kept = self.kept(delta_id)
         if self.out is None:
             raise EngramError("this workbench has no folder to save to: start it with --out DIR")
-        return str(kept.delta.save(self.out / f"{kept.method}-{kept.id}"))
+        path = kept.delta.save(self.out / f"{kept.method}-{kept.id}")
+        with atomic_file(path / SAVED) as tmp:
+            tmp.write_text(json.dumps(finite(kept.to_json()), indent=1))
+        return str(path)
+
+    def load_saved(self) -> list[str]:
+        """The edits saved earlier in ``--out`` for this model, back in the session's list;
+        returns what was skipped and why (another model's edits, unreadable folders)."""
+        skipped: list[str] = []
+        if self.out is None or not self.out.is_dir():
+            return skipped
+        for record in sorted(self.out.glob(f"*/{SAVED}")):
+            try:
+                info = json.loads(record.read_text())
+                delta = WeightDelta.load(record.parent, self.lm)
+            except (OSError, ValueError, KeyError, EngramError) as e:
+                skipped.append(f"{record.parent.name}: {e}")
+                continue
+            self.deltas[info["id"]] = Kept(info["id"], info["method"], delta, info["request"],
+                                           info["scores"])
+        return skipped
 
 
 def _prompt_list(value: Any, name: str) -> list[str]:
@@ -315,6 +343,8 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
     from starlette.routing import Route
 
     bench = Workbench(lm, lenses, out=out, atlas=atlas)
+    for reason in bench.load_saved():
+        log.warning("not listing a saved edit: %s", reason)
 
     class JSONResponse(StarletteJSON):
         def render(self, content: Any) -> bytes:
