@@ -436,13 +436,15 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
         except EngramError as e:
             return bad(str(e))
 
-    def page(name: str) -> Any:
+    def page(name: str, media_type: str = "text/html") -> Any:
         def serve(_request: Request) -> FileResponse:
-            return FileResponse(PAGES / name, media_type="text/html")
+            return FileResponse(PAGES / name, media_type=media_type)
         return serve
 
     routes = [Route("/", lambda _r: RedirectResponse("/lens")),
               Route("/lens", page("lens.html")),
+              Route("/static/common.css", page("common.css", "text/css")),
+              Route("/static/common.js", page("common.js", "text/javascript")),
               Route("/edit", page("edit.html")),
               Route("/erase", page("erase.html")),
               Route("/trace", page("trace.html")),
