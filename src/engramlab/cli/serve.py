@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 from ..errors import EngramError
-from .common import add_common
 
 LOOPBACK = "127.0.0.1"
 
@@ -17,7 +16,8 @@ LOOPBACK = "127.0.0.1"
 def register(sub: Any) -> None:
     s = sub.add_parser("serve", help="a local web workbench: lens grids in the browser, over "
                                      "a JSON API scripts can use too")
-    add_common(s)
+    s.add_argument("--model", default="smollm2-135m",
+                   help="registry name, model folder, .gguf file or hub id")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--host", default=LOOPBACK,
                    help="address to listen on (default: this machine only)")
