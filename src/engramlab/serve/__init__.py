@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .app import Workbench, make_app
+from .app import make_app
+from .workbench import Workbench
 
 __all__ = ["Workbench", "make_app"]
