@@ -333,3 +333,76 @@ def test_task_files_with_nothing_to_train_on_are_refused(tmp_path):
     latin.write_bytes('{"prompt": "caf\u00e9", "completion": "x"}\n'.encode("latin-1"))
     with pytest.raises(InputError, match="UTF-8"):
         load_task(latin)
+
+
+def test_zero_steps_change_nothing_and_a_zero_lora_is_bit_identical():
+    lm = make_tiny("llama")
+    before = _weights(lm)
+    for mode in ("full", "lora"):
+        result = finetune(lm, _corpus(), FinetuneConfig(mode=mode, steps=0, seq_len=16,
+                                                        batch_size=2, rank=2))
+        assert result.losses == []
+        assert all(float(e.to_dense().abs().max()) == 0 for e in result.delta.entries.values())
+        assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+    with pytest.raises(RequestError, match="0 or more"):
+        FinetuneConfig(steps=-1)
+
+
+def test_survival_is_one_without_a_change_and_zero_when_the_finetune_reverts_the_edit(
+        monkeypatch, isolated_cache):
+    import importlib
+
+    from engramlab.adapt import FinetuneResult, survive
+    from engramlab.data import EditCase, EditRequest
+    from engramlab.delta import WeightDelta
+    from engramlab.edit import ROME
+    from tests.test_serve import TINY_ROME
+
+    module = importlib.import_module("engramlab.adapt.survive")
+    lm = make_tiny("llama")
+    cases = [EditCase(EditRequest("w1 {} w2", s, t, "w60")) for s, t in (("w5", "w40"),
+                                                                        ("w7", "w41"))]
+    editor = ROME(**TINY_ROME)
+    edit = editor.edit(lm, [c.request for c in cases])
+    still = survive(lm, editor, cases, _corpus(), FinetuneConfig(steps=0, seq_len=16),
+                    edit=edit)
+    assert still.survival["efficacy"] == 1.0
+    # a "fine-tune" that is exactly the edit undone: every edit that worked stops working
+    def undo(model, *_a, **_k):  # made on the edited model, as a real fine-tune's delta is
+        return FinetuneResult(WeightDelta.for_model(model, edit.scaled(-1.0).entries))
+
+    monkeypatch.setattr(module, "finetune", undo)
+    undone = survive(lm, editor, cases, _corpus(), FinetuneConfig(), edit=edit)
+    assert undone.edit["efficacy"] > 0 and undone.survival["efficacy"] == 0.0
+    assert undone.overlap[0]["column_space"] == pytest.approx(1.0)
+
+
+def test_a_short_lora_run_lowers_the_margin_of_an_edit_on_the_embedded_model(smol):
+    from engramlab.batching import target_ids
+    from engramlab.data.bundled import bundled_cases
+    from engramlab.data.corpus import wiki_corpus
+    from engramlab.edit import MEMIT
+
+    cases = bundled_cases()[:5]
+    edit = MEMIT().edit(smol, [c.request for c in cases])
+
+    def margins() -> list[float]:
+        out = []
+        for c in cases:
+            text = c.request.text
+            with torch.no_grad():
+                logits = smol.model(**smol.tokenize(text)).logits[0, -1].float()
+            lp = torch.log_softmax(logits, -1)
+            new, true = (target_ids(smol, text, t)[0] for t in (c.request.target_new,
+                                                                 c.request.target_true))
+            out.append(float(lp[new] - lp[true]))
+        return out
+
+    with edit.applied(smol):
+        before = margins()
+        tuned = finetune(smol, wiki_corpus(), FinetuneConfig(mode="lora", steps=5, lr=1e-3,
+                                                             batch_size=2, seq_len=64))
+        with tuned.delta.applied(smol):
+            after = margins()
+    assert all(m > 0 for m in before)  # the edits took
+    assert any(a < b for a, b in zip(after, before, strict=True)), (before, after)

@@ -70,7 +70,9 @@ class FinetuneConfig:
         if self.precision not in PRECISIONS:
             raise RequestError(f"unknown precision {self.precision!r}; choose one of "
                                f"{PRECISIONS}")
-        for name in ("steps", "batch_size", "seq_len", "rank", "save_every"):
+        if self.steps < 0:
+            raise RequestError("fine-tuning steps must be 0 or more (0: no training)")
+        for name in ("batch_size", "seq_len", "rank", "save_every"):
             if getattr(self, name) < 1:
                 raise RequestError(f"fine-tuning {name} must be at least 1")
         if not self.lr > 0:
@@ -154,7 +156,8 @@ def training_rows(lm: LM, data: TextCorpus | Sequence[TaskRow], config: Finetune
     completion and the end-of-text token after it, never its prompt."""
     if isinstance(data, TextCorpus):
         ids = data.token_rows(lm, seq_len=config.seq_len,
-                              max_tokens=config.steps * config.batch_size * config.seq_len)
+                              max_tokens=max(config.steps, 1) * config.batch_size
+                              * config.seq_len)
         return ids, ids.clone()
     rows = list(data)
     if not rows:
