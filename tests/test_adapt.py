@@ -89,6 +89,13 @@ def test_adapter_delta_matches_the_adapter_peft_loads_back(family, mode, tmp_pat
         plain = lm.model(input_ids=rows).logits
     assert not torch.allclose(ours, plain, atol=1e-4)  # the adapter did something
     assert torch.allclose(ours, theirs, atol=1e-4)
+    if mode == "lora":  # the saved folder read back as a delta: the same change
+        from engramlab.adapt import load_adapter
+
+        loaded = load_adapter(tmp_path / "adapter", lm)
+        assert loaded.entries.keys() == result.delta.entries.keys()
+        for name, entry in result.delta.entries.items():
+            assert torch.allclose(loaded.entries[name].to_dense(), entry.to_dense(), atol=1e-6)
 
 
 # survival ------------------------------------------------------------------------------------
@@ -406,3 +413,39 @@ def test_a_short_lora_run_lowers_the_margin_of_an_edit_on_the_embedded_model(smo
             after = margins()
     assert all(m > 0 for m in before)  # the edits took
     assert any(a < b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_an_adapter_for_another_model_or_no_adapter_is_refused(tmp_path):
+    from engramlab.adapt import load_adapter
+    from engramlab.errors import InputError
+
+    lm = make_tiny("llama")
+    finetune(lm, _corpus(), FinetuneConfig(mode="lora", steps=1, seq_len=16, batch_size=2,
+                                           rank=2), adapter_out=tmp_path / "llama")
+    with pytest.raises(InputError, match="another model"):
+        load_adapter(tmp_path / "llama", make_tiny("gpt2"))
+    # engram apply takes the adapter folder too; another model's adapter is one line, exit 2
+    from engramlab.cli import main
+
+    gpt2 = make_tiny("gpt2").save(tmp_path / "gpt2")
+    assert main(["apply", "--model", str(gpt2), "--delta", str(tmp_path / "llama"),
+                 "--out", str(tmp_path / "merged")]) == 2
+    assert not (tmp_path / "merged").exists()
+    src = lm.save(tmp_path / "src")
+    assert main(["apply", "--model", str(src), "--delta", str(tmp_path / "llama"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    from engramlab.models import load_model
+
+    # the merged folder loads back with the adapter's change in its weights
+    back = load_model(str(tmp_path / "merged"), device="cpu", progress=False)
+    change = load_adapter(tmp_path / "llama", lm)
+    name = next(iter(change.entries))
+    assert torch.allclose(dict(back.model.named_parameters())[name] -
+                          dict(lm.model.named_parameters())[name],
+                          change.entries[name].to_dense(), atol=1e-6)
+    with pytest.raises(InputError, match="not a saved PEFT adapter"):
+        load_adapter(tmp_path, lm)
+    finetune(lm, _corpus(), FinetuneConfig(mode="dora", steps=1, seq_len=16, batch_size=2,
+                                           rank=2), adapter_out=tmp_path / "dora")
+    with pytest.raises(InputError, match="not a plain LoRA"):
+        load_adapter(tmp_path / "dora", lm)

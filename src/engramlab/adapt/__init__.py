@@ -3,6 +3,7 @@ each fine-tune a :class:`~engramlab.WeightDelta` like an edit."""
 
 from __future__ import annotations
 
+from .adapters import load_adapter
 from .finetune import (
     MODES,
     PRECISIONS,
@@ -15,5 +16,5 @@ from .finetune import (
 from .survive import SurvivalResult, downstream_accuracy, fact_rows, overlap, survive
 
 __all__ = ["MODES", "PRECISIONS", "FinetuneConfig", "FinetuneResult", "SurvivalResult",
-           "downstream_accuracy", "fact_rows", "finetune", "overlap", "survive",
+           "downstream_accuracy", "fact_rows", "finetune", "load_adapter", "overlap", "survive",
            "trainable_names", "training_rows"]

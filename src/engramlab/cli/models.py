@@ -25,7 +25,8 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("apply", help="write a full model folder with a saved delta applied")
     add_common(p)
-    p.add_argument("--delta", required=True, help="folder written by WeightDelta.save")
+    p.add_argument("--delta", required=True,
+                   help="folder written by WeightDelta.save, or a PEFT LoRA adapter folder")
     p.add_argument("--out", required=True, help="new model folder (never the source folder)")
     p.add_argument("--force", action="store_true",
                    help="apply even if the delta was made for other weights")
@@ -88,7 +89,12 @@ def apply(args: argparse.Namespace) -> int:
     lm = load_model(args.model, progress=not args.json)
     if lm.folder is not None and out.resolve() == Path(lm.folder).resolve():
         raise EngramError(f"--out {out} is the source model folder; refusing to overwrite it")
-    delta = WeightDelta.load(args.delta, lm, force=args.force)
+    if (Path(args.delta) / "adapter_config.json").is_file():  # a PEFT LoRA adapter folder
+        from ..adapt import load_adapter
+
+        delta = load_adapter(args.delta, lm)
+    else:
+        delta = WeightDelta.load(args.delta, lm, force=args.force)
     delta.apply(lm, force=args.force)
     lm.save(out, overwrite=args.overwrite)
     emit(args, {"model": lm.name, "delta": str(args.delta), "out": str(out),
