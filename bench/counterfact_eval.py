@@ -31,10 +31,9 @@ import engramlab as eg
 from engramlab.batching import target_ids
 from engramlab.data import load_cases
 from engramlab.edit import get_editor, run_protocol
-from engramlab.edit.protocols import HEADLINE
 from engramlab.edit.targets import TargetMemo
 from engramlab.evaluate.bootstrap import case_intervals
-from engramlab.evaluate.counterfact import METRICS, summarize
+from engramlab.evaluate.counterfact import HEADLINE, METRICS, summarize
 from results import run_folder, save_run
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/counterfact/counterfact-val.json"

@@ -33,10 +33,10 @@ import torch
 import engramlab as eg
 from engramlab.data import pararel_cases
 from engramlab.edit import get_editor, run_protocol
+from engramlab.evaluate.counterfact import HEADLINE
 from results import run_folder, save_run, saved_parts
 
 SEQUENTIAL = ("memit", "alphaedit", "deltaedit")
-HEADLINE = ("efficacy", "paraphrase", "neighborhood")
 
 
 def main() -> int:

@@ -104,10 +104,14 @@ def main() -> int:
           flush=True)
     wiki = get_corpus(lm, "wiki", progress=False)
     edits: dict = {}
+    drawn: dict = {}  # per seed: its cases and the task without their subjects, read once
     for i, (seed, editor_name, data, mode) in enumerate(todo, 1):
-        cases = pararel_cases(args.pararel, args.n, seed=seed)
-        task = load_task(args.pararel, exclude_subjects={c.request.subject for c in cases},
-                         max_test=args.downstream_rows, seed=seed)
+        if seed not in drawn:
+            cases = pararel_cases(args.pararel, args.n, seed=seed)
+            drawn = {seed: (cases, load_task(args.pararel, max_test=args.downstream_rows,
+                                             exclude_subjects={c.request.subject
+                                                               for c in cases}, seed=seed))}
+        cases, task = drawn[seed]
         editor = get_editor(editor_name, progress=False, **overrides)
         if (seed, editor_name) not in edits:
             edits.clear()  # one edit in memory at a time: the cells run seed- and editor-major

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .._io import atomic_file
-from ..batching import target_ids
+from ..batching import pad_rows, target_ids
 from ..data.corpus import TextCorpus
 from ..data.tasks import TaskRow
 from ..delta import ParamDelta, WeightDelta
@@ -170,12 +170,9 @@ def training_rows(lm: LM, data: TextCorpus | Sequence[TaskRow], config: Finetune
         seq = (seq + ([eos] if eos is not None else []))[:config.seq_len]
         tokens.append(seq)
         starts.append(len(prompt))
-    width = max(len(t) for t in tokens)
-    pad = lm.tokenizer.pad_token_id or 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    ids, _ = pad_rows(lm, tokens)
+    targets = torch.full_like(ids, IGNORE)
     for i, (seq, start) in enumerate(zip(tokens, starts, strict=True)):
-        ids[i, :len(seq)] = torch.tensor(seq)
         targets[i, start:len(seq)] = ids[i, start:len(seq)]
     if not bool((targets[:, 1:] != IGNORE).any()):
         raise InputError("no task row leaves a completion token within seq_len; raise seq_len")

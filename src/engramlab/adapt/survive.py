@@ -27,12 +27,10 @@ from ..data.records import EditCase
 from ..data.tasks import TaskRow
 from ..delta import WeightDelta
 from ..edit.base import Editor
-from ..evaluate.counterfact import CaseScores, case_scores, summarize
+from ..evaluate.counterfact import HEADLINE, CaseScores, case_scores, summarize
 from ..evaluate.erasure import accuracy
 from ..models.lm import LM
 from .finetune import FinetuneConfig, finetune
-
-HEADLINE = ("efficacy", "paraphrase", "neighborhood")
 
 
 @dataclass

@@ -76,7 +76,7 @@ def register(sub: Any) -> None:
                    help="file the fine-tune saves its state to every 25 steps; run again with "
                         "it to resume an interrupted fine-tune")
     add_set(s, "editing hyper-parameter overrides")
-    s.add_argument("--out", default=None, help="folder for result.json (and the adapter)")
+    s.add_argument("--out", default=None, help="folder for result.json")
     s.set_defaults(func=survive)
 
 
@@ -142,7 +142,6 @@ def _save_run(out: Path, result: Any, obj: dict[str, Any], lines: list[str]) -> 
                text=lines,
                figures=[tmp / "noise.png"] if result.noise is not None else []
                ).write(tmp / "report.html")
-
 
 
 def survive(args: argparse.Namespace) -> int:

@@ -131,14 +131,9 @@ def lens_train(args: argparse.Namespace) -> int:
 
 def lens_show(args: argparse.Namespace) -> int:
     from ..lens import layer_view, plot_view
-    from ..lens.show import MAX_VIEW_TOKENS
     from ..models import load_model
 
     lm = load_model(args.model, progress=not args.json)
-    n_tokens = len(lm.tokenize(args.prompt)["input_ids"][0])
-    if n_tokens > MAX_VIEW_TOKENS:  # before any lens loads
-        raise EngramError(f"--prompt has {n_tokens} tokens; lens show draws one column per "
-                          f"token and reads at most {MAX_VIEW_TOKENS}: shorten it")
     lenses = lenses_of(args, lm)
     lens = list(lenses.values())[-1]
     view = layer_view(lm, args.prompt, lens, k=args.k)

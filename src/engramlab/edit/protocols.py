@@ -32,6 +32,7 @@ from ..delta import WeightDelta
 from ..errors import RequestError
 from ..evaluate.bootstrap import case_intervals
 from ..evaluate.counterfact import (
+    HEADLINE,
     METRICS,
     CaseScores,
     case_scores,
@@ -42,7 +43,6 @@ from ..models.lm import LM
 from .base import Editor
 
 PROTOCOLS = ("independent", "batch", "sequential")
-HEADLINE = ("efficacy", "paraphrase", "neighborhood")
 
 
 @dataclass

@@ -78,6 +78,8 @@ METRICS = {
 }
 # groups scored as "keep the old answer rather than the new object"
 KEEPING = ("neighborhood", "relation")
+#: The three scores every editing report leads with.
+HEADLINE = ("efficacy", "paraphrase", "neighborhood")
 
 
 def case_scores(lm: LM, cases: Sequence[EditCase], *, fluency_tokens: int = 0,

@@ -82,10 +82,8 @@ class EntryStates:
 def first_block(lm: LM, delta: WeightDelta) -> int:
     """The first block whose parameters ``delta`` changes; 0 when it changes anything outside
     the blocks (embedding, final norm, unembedding), where no pass may skip a block."""
-    layers = delta_layers(lm, delta)
-    prefixes = [lm.layout.module_name(lm.layout.block(i)) + "." for i in layers]
-    inside = all(any(name.startswith(p) for p in prefixes) for name in delta.entries)
-    return layers[0] if layers and inside else 0
+    blocks = _entry_blocks(lm, delta)
+    return 0 if not blocks or None in blocks else min(b for b in blocks if b is not None)
 
 
 def last_logits(lm: LM, ids: torch.Tensor, lengths: torch.Tensor,
@@ -271,13 +269,15 @@ def value_cosines(lm: LM, vectors: Sequence[tuple[int, int]],
 
 def delta_layers(lm: LM, delta: WeightDelta) -> list[int]:
     """Blocks whose parameters ``delta`` touches."""
-    layers = set()
-    for name in delta.entries:
-        for i in range(lm.layout.n_layers):
-            prefix = lm.layout.module_name(lm.layout.block(i)) + "."
-            if name.startswith(prefix):
-                layers.add(i)
-    return sorted(layers)
+    return sorted({b for b in _entry_blocks(lm, delta) if b is not None})
+
+
+def _entry_blocks(lm: LM, delta: WeightDelta) -> list[int | None]:
+    """Per entry of ``delta``, the block its parameter lives in (None: outside the blocks)."""
+    prefixes = [(lm.layout.module_name(lm.layout.block(i)) + ".", i)
+                for i in range(lm.layout.n_layers)]
+    return [next((i for p, i in prefixes if name.startswith(p)), None)
+            for name in delta.entries]
 
 
 @torch.no_grad()

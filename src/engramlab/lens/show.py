@@ -69,6 +69,7 @@ def layer_view(lm: LM, prompt: str, lens: Lens | None = None, *, k: int = 3) -> 
     st = layer_states(lm, enc["input_ids"], enc["attention_mask"])
     final = F.softmax(lm.logits_from_hidden(st.final).float(), -1)
     final_top = final.argmax(-1)
+
     def topk(p: torch.Tensor) -> list[list[tuple[str, float]]]:
         vals, ids = p.topk(k, -1)
         return [[(lm.decode(int(i)), float(v)) for v, i in zip(vr, ir, strict=True)]

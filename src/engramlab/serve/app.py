@@ -71,6 +71,13 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
     def bad(message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=400)
 
+    def answer(compute: Any) -> JSONResponse:
+        """``compute()``'s answer, or a 400 with the reason the workbench refused it."""
+        try:
+            return JSONResponse(compute())
+        except EngramError as e:
+            return bad(str(e))
+
     def info(_request: Request) -> JSONResponse:
         return JSONResponse(bench.info())
 
@@ -80,11 +87,8 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
             k = int(q.get("k", "5"))
         except ValueError:
             return bad(f"k must be a whole number, got {q.get('k')!r}")
-        try:
-            return JSONResponse(bench.lens(q.get("prompt", ""), q.get("lens", "logit"), k,
-                                           q.get("delta") or None))
-        except EngramError as e:
-            return bad(str(e))
+        return answer(lambda: bench.lens(q.get("prompt", ""), q.get("lens", "logit"), k,
+                                         q.get("delta") or None))
 
     def starts(begin: Any) -> Any:
         """A POST route that reads a size-limited JSON object and starts a job with it."""
@@ -106,10 +110,7 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
         return route
 
     def atlas_summary(_request: Request) -> JSONResponse:
-        try:
-            return JSONResponse(bench.atlas_summary())
-        except EngramError as e:
-            return bad(str(e))
+        return answer(bench.atlas_summary)
 
     def neuron(request: Request) -> JSONResponse:
         q = request.query_params
@@ -117,10 +118,7 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
             layer, index = int(q.get("layer", "")), int(q.get("index", ""))
         except ValueError:
             return bad("layer and index must be whole numbers")
-        try:
-            return JSONResponse(bench.neuron(layer, index))
-        except EngramError as e:
-            return bad(str(e))
+        return answer(lambda: bench.neuron(layer, index))
 
     def concepts(_request: Request) -> JSONResponse:
         from ..data.concepts import bundled_concepts
@@ -137,22 +135,14 @@ def make_app(lm: LM, lenses: Mapping[str, Lens] | None = None, *,
         return JSONResponse([k.to_json() for k in bench.deltas.values()])
 
     def compare(request: Request) -> JSONResponse:
-        try:
-            return JSONResponse(bench.compare(request.query_params.get("a", ""),
-                                              request.query_params.get("b", "")))
-        except EngramError as e:
-            return bad(str(e))
+        q = request.query_params
+        return answer(lambda: bench.compare(q.get("a", ""), q.get("b", "")))
 
     def delta(request: Request) -> JSONResponse:
         delta_id = request.path_params["delta_id"]
-        try:
-            if request.method == "DELETE":
-                bench.kept(delta_id)
-                del bench.deltas[delta_id]
-                return JSONResponse({"deleted": delta_id})
-            return JSONResponse({"saved": bench.save(delta_id)})
-        except EngramError as e:
-            return bad(str(e))
+        if request.method == "DELETE":
+            return answer(lambda: {"deleted": bench.forget(delta_id)})
+        return answer(lambda: {"saved": bench.save(delta_id)})
 
     def page(name: str, media_type: str = "text/html") -> Any:
         def serve(_request: Request) -> FileResponse:

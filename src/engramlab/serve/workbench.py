@@ -23,6 +23,7 @@ from typing import Any
 from ..data.records import EditCase, EditRequest
 from ..delta import WeightDelta
 from ..errors import EngramError
+from ..evaluate.counterfact import HEADLINE
 from ..lens import Lens, LogitLens, layer_view
 from ..models.lm import LM
 from .jobs import Job, Jobs
@@ -87,6 +88,12 @@ class Workbench:
             raise EngramError(f"no edit {delta_id!r} in this session")
         return self.deltas[delta_id]
 
+    def forget(self, delta_id: str) -> str:
+        """Drop an edit from the session (a copy saved to ``--out`` stays there)."""
+        self.kept(delta_id)  # an unknown id is refused with the reason
+        del self.deltas[delta_id]
+        return delta_id
+
     def lens(self, prompt: str, lens: str = "logit", k: int = 5,
              delta: str | None = None) -> dict[str, Any]:
         if lens not in self.lenses:
@@ -109,20 +116,14 @@ class Workbench:
                 "final_prob": [*view.final_prob, [pos[0][1] for pos in view.output_top]],
                 "final_rank": [*view.final_rank, [0] * len(view.tokens)]}
 
-
     def start_edit(self, body: dict[str, Any]) -> Job:
         """Check an edit request at once (a 400, not a failed job) and run it in the
         background."""
         from ..edit import get_editor
 
-        settings = body.get("set") or {}
-        if not isinstance(settings, dict):
-            raise EngramError("'set' must be an object of editing settings")
         method = str(body.get("method", "rome"))
-        editor = get_editor(method, progress=False, **settings)
-        fields = {k: body.get(k) for k in ("prompt", "subject", "target_new", "target_true")}
-        if any(v is not None and not isinstance(v, str) for v in fields.values()):
-            raise EngramError("prompt, subject, target_new and target_true must be strings")
+        editor = get_editor(method, progress=False, **_settings(body, "editing"))
+        fields = _texts(body, ("prompt", "subject", "target_new", "target_true"))
         request = EditRequest(prompt=fields["prompt"] or "", subject=fields["subject"] or "",
                               target_new=fields["target_new"] or "",
                               target_true=(fields["target_true"] or "").strip() or None)
@@ -176,9 +177,7 @@ class Workbench:
         else:
             raise EngramError("'concept' must be a bundled concept's name or a concept object "
                               "(name, probes, paraphrases, controls, near_controls, text)")
-        settings = body.get("set") or {}
-        if not isinstance(settings, dict):
-            raise EngramError("'set' must be an object of erasure settings")
+        settings = _settings(body, "erasure")
         method = str(body.get("method", "concept-vectors"))
         relearn = body.get("relearn_steps", 10)
         if not isinstance(relearn, int) or isinstance(relearn, bool) or relearn < 0:
@@ -202,9 +201,7 @@ class Workbench:
         from ..data.records import Fact
         from ..inspect import TraceConfig
 
-        fields = {k: body.get(k) for k in ("prompt", "subject", "answer")}
-        if any(v is not None and not isinstance(v, str) for v in fields.values()):
-            raise EngramError("prompt, subject and answer must be strings")
+        fields = _texts(body, ("prompt", "subject", "answer"))
         fact = Fact(fields["prompt"] or "", fields["subject"] or "",
                     (fields["answer"] or "").strip() or None)
         numbers = {k: body.get(k, d) for k, d in (("samples", 10), ("window", 10))}
@@ -274,6 +271,22 @@ class Workbench:
         return skipped
 
 
+def _texts(body: dict[str, Any], names: tuple[str, ...]) -> dict[str, str | None]:
+    """The request's text fields by name (None where absent); anything but a string is refused."""
+    fields = {k: body.get(k) for k in names}
+    if any(v is not None and not isinstance(v, str) for v in fields.values()):
+        raise EngramError(f"{', '.join(names)} must be strings")
+    return fields
+
+
+def _settings(body: dict[str, Any], what: str) -> dict[str, Any]:
+    """The request's ``set`` object (settings passed on to the method)."""
+    settings = body.get("set") or {}
+    if not isinstance(settings, dict):
+        raise EngramError(f"'set' must be an object of {what} settings")
+    return settings
+
+
 def _prompt_list(value: Any, name: str) -> list[str]:
     """A list of prompts from a JSON list or newline-separated text, blank lines dropped."""
     if value is None:
@@ -300,4 +313,4 @@ def finite(obj: Any) -> Any:
 
 
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:
-    return {k: summary.get(k) for k in ("efficacy", "paraphrase", "neighborhood")}
+    return {k: summary.get(k) for k in HEADLINE}
