@@ -31,7 +31,8 @@ from ..errors import RequestError
 from ..models.lm import LM
 from ..stats import KeyStats, collect_key_stats
 from .prompts import SUBJECT_POSITIONS, context_templates
-from .targets import TargetConfig, TargetMemo
+from .relation import RelationConfig, check_mode, edit_targets
+from .targets import TargetConfig, TargetMemo, Targets
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,16 @@ class EditHParams:
     """Every knob of ROME / MEMIT / AlphaEdit / DeltaEdit; presets fill them per model family.
     The target optimisation's settings are a :class:`TargetConfig` (``target``), the
     statistics' a :class:`StatsConfig` (``stats``), DeltaEdit's band a :class:`BandConfig`
-    (``band``); nested keys are written ``target.lr`` in ``--set``."""
+    (``band``), TOP's second stage a :class:`~.relation.RelationConfig` (``relation``, read
+    when ``targets`` is ``two_stage``); nested keys are written ``target.lr`` in ``--set``."""
 
     layers: list[int] = field(default_factory=lambda: [0])
     subject_pos: str = "last"
     templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     target: TargetConfig = field(default_factory=TargetConfig)
+    # "one_stage" (ROME eq. 4) or "two_stage" (TOP's subject + relation aware targets)
+    targets: str = "one_stage"
+    relation: RelationConfig = field(default_factory=RelationConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     use_cov: bool = True  # solve against C₀ (the papers); False: plain least squares
     # ROME: optimise δ as the rank-one update will write it at each prompt (see rome.py)
@@ -104,7 +109,8 @@ class EditHParams:
         """A copy with ``changes``: top-level fields, ``target`` / ``stats`` as dicts of some of
         their fields, or dotted names (``**{"target.lr": 1.0}``); strings are typed by the
         field (as ``--set`` gives them)."""
-        nested: dict[str, dict[str, Any]] = {"target": {}, "stats": {}, "band": {}}
+        nested: dict[str, dict[str, Any]] = {"target": {}, "stats": {}, "band": {},
+                                             "relation": {}}
         top: dict[str, Any] = {}
         for key, value in changes.items():
             head, dot, rest = key.partition(".")
@@ -123,6 +129,7 @@ class EditHParams:
                                                                   f"{name}.")})
         if out.subject_pos not in SUBJECT_POSITIONS:
             raise RequestError(f"subject_pos {out.subject_pos!r}; use one of {SUBJECT_POSITIONS}")
+        check_mode(out.targets)
         check_corpus_spec(out.stats.corpus)
         return out
 
@@ -285,6 +292,14 @@ class Editor:
             su, sv = lm.layout.to_storage(layer, u.float(), v.float())
             entries[lm.layout.value_param_name(layer)] = ParamDelta(u=su.cpu(), v=sv.cpu())
         return entries
+
+    def optimise(self, lm: LM, hp: EditHParams, requests: Sequence[EditRequest], point: str,
+                 templates: Sequence[str], *, row_scale: torch.Tensor | None = None,
+                 avoid: Sequence[torch.Tensor | None] | None = None) -> Targets:
+        """The requests' target values at ``point``, as ``hp.targets`` says to find them."""
+        return edit_targets(lm, requests, point, templates, hp.target, hp.targets, hp.relation,
+                            subject_pos=hp.subject_pos, row_scale=row_scale, avoid=avoid,
+                            progress=self.progress)
 
     def _delta(self, lm: LM, hp: EditHParams, factors: dict[int, tuple[torch.Tensor, ...]],
                requests: Sequence[EditRequest], **meta: Any) -> WeightDelta:

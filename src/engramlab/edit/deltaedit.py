@@ -41,7 +41,7 @@ from .alphaedit import AlphaEdit
 from .base import BandConfig, EditHParams
 from .keys import at_subject
 from .solve import EditState
-from .targets import Targets, optimise_targets
+from .targets import Targets
 
 
 def dominant_directions(past: torch.Tensor, noise: torch.Tensor, band: BandConfig
@@ -115,9 +115,7 @@ class DeltaEdit(AlphaEdit):
         assert past is not None and noise is not None
         avoid = [dominant_directions(past, noise[r], hp.band) if leave else None
                  for r, leave in enumerate(leaves)]
-        targets = optimise_targets(lm, requests, point, templates, hp.target,
-                                   subject_pos=hp.subject_pos, avoid=avoid,
-                                   progress=self.progress)
+        targets = self.optimise(lm, hp, requests, point, templates, avoid=avoid)
         return targets, state
 
     def _after(self, lm: LM, hp: EditHParams, requests: Sequence[EditRequest],

@@ -12,6 +12,7 @@ instead of a dense matrix: the same ΔW, (d_model + d_mlp)·n numbers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..models.lm import LM
 from .base import EditHParams, Editor
 from .keys import at_subject
 from .solve import memit_update
-from .targets import Targets, optimise_targets
+from .targets import Targets
 
 
 class MEMIT(Editor):
@@ -50,13 +51,13 @@ class MEMIT(Editor):
         """The batch's target values at ``point`` (and the state, which DeltaEdit updates)."""
 
         def compute() -> Targets:
-            return optimise_targets(lm, requests, point, templates, hp.target,
-                                    subject_pos=hp.subject_pos, progress=self.progress)
+            return self.optimise(lm, hp, requests, point, templates)
 
         if self.target_memo is None:
             return compute(), state
-        return self.target_memo.get(lm, requests, point, templates, hp.target,
-                                    hp.subject_pos, compute), state
+        setting = (dataclasses.astuple(hp.target), hp.targets, dataclasses.astuple(hp.relation))
+        return self.target_memo.get(lm, requests, point, templates, setting, hp.subject_pos,
+                                    compute), state
 
     def step(self, lm: LM, requests: Sequence[EditRequest], state: Any = None
              ) -> tuple[WeightDelta, Any]:

@@ -34,7 +34,7 @@ from ..models.lm import LM
 from .base import EditHParams, Editor
 from .keys import at_subject
 from .solve import cov_factor, rome_update, solve_cov
-from .targets import KL_PROMPT, optimise_targets
+from .targets import KL_PROMPT
 
 
 class ROME(Editor):
@@ -79,9 +79,8 @@ class ROME(Editor):
             u = (cov_k / (keys.T.double() * cov_k).sum(0, keepdim=True)).T  # [n, d_mlp]
             all_keys = torch.cat([per_template, kl_keys[:, None]], 1).double()
             row_scale = torch.einsum("ntd,nd->nt", all_keys, u).float()
-        targets = optimise_targets(lm, requests, f"mlp_out.{layer}", templates,
-                                   hp.target, subject_pos=hp.subject_pos, row_scale=row_scale,
-                                   progress=self.progress)
+        targets = self.optimise(lm, hp, requests, f"mlp_out.{layer}", templates,
+                                row_scale=row_scale)
         out = []
         for i, req in enumerate(requests):
             u, v = rome_update(keys[i], targets.delta[i], cov_k=cov_k[:, i])

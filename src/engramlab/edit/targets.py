@@ -93,6 +93,19 @@ class Targets:
         return self.init + self.delta
 
 
+@dataclass
+class Anchor:
+    """A reading δ must move toward a goal: request r's ``weight · ‖h − goal[r]‖₂``, h the
+    residual at ``point`` on its plain prompt's last token (the one that predicts the target),
+    joins its loss, and the target NLL + KL are weighted by ``target_weight``. TOP's second
+    stage (:mod:`.relation`) is an anchor with ``target_weight`` 0."""
+
+    point: str
+    goal: torch.Tensor  # [n_requests, d_model]
+    weight: float
+    target_weight: float = 1.0
+
+
 class TargetMemo:
     """Optimised targets kept under everything that determines them: the weights (their
     fingerprint), the point, the templates, the optimisation's settings and the requests.
@@ -106,10 +119,11 @@ class TargetMemo:
         self.hits = 0
 
     def get(self, lm: LM, requests: Sequence[EditRequest], point: str,
-            templates: Sequence[str], config: TargetConfig, subject_pos: str,
+            templates: Sequence[str], setting: tuple, subject_pos: str,
             compute: Callable[[], Targets]) -> Targets:
-        key = (lm.fingerprint(), point, tuple(templates), dataclasses.astuple(config),
-               subject_pos, tuple(requests))
+        """``setting``: every other value the optimisation reads (its configs, as tuples)."""
+        key = (lm.fingerprint(), point, tuple(templates), setting, subject_pos,
+               tuple(requests))
         if key in self._store:
             self.hits += 1
         else:
@@ -165,7 +179,7 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
                      templates: Sequence[str], config: TargetConfig | None = None, *,
                      subject_pos: str = "last", row_scale: torch.Tensor | None = None,
                      avoid: Sequence[torch.Tensor | None] | None = None,
-                     progress: bool = False) -> Targets:
+                     anchor: Anchor | None = None, progress: bool = False) -> Targets:
     """Optimise δ for every request at ``point`` (``"mlp_out.{l}"`` or ``"resid.{l}"``), read
     at each prompt's ``subject_pos`` token (:func:`.prompts.pick_positions`).
 
@@ -174,6 +188,7 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
     at each prompt's key, so the optimised objective is the edited model's.
     ``avoid[r]``, an orthonormal basis ``[d_model, m]`` or None, keeps request r's δ orthogonal
     to its span: after every step δ loses its component there (DeltaEdit).
+    ``anchor`` adds a pull on a later reading of the plain prompt (:class:`Anchor`).
     """
     config = config or TargetConfig()
     parse_point(lm, point)
@@ -194,6 +209,8 @@ def optimise_targets(lm: LM, requests: Sequence[EditRequest], point: str,
                                      subject_pos,
                                      None if row_scale is None else row_scale[i:i + size],
                                      None if avoid is None else list(avoid[i:i + size]),
+                                     None if anchor is None else dataclasses.replace(
+                                         anchor, goal=anchor.goal[i:i + size]),
                                      cost=cost,
                                      act_budget=None if budget is None else budget / 2,
                                      progress=progress))
@@ -219,6 +236,9 @@ class Group:
     kl_pos: torch.Tensor
     kl_owner: torch.Tensor
     plain: list[tuple[int, int, int]]  # (request, local row, position)
+    # (request, local row, position of the prompt's last token) of the plain rows: an anchor's
+    # reading, the position of the row's first label
+    plain_last: list[tuple[int, int, int]]
 
 
 def _flat_labels(rows: Rows) -> list[tuple[int, int, int]]:
@@ -287,18 +307,21 @@ def make_group(lm: LM, rows: Rows, idx: list[int], pb: PrefixBatch,
         kl_pos=torch.tensor([x[1] for x in kls], device=device, dtype=torch.long),
         kl_owner=torch.tensor([x[2] for x in kls], device=device, dtype=torch.long),
         plain=[(plain_rows[i], local, b.lookup[local][-1]) for local, i in enumerate(idx)
-               if i in plain_rows])
+               if i in plain_rows],
+        plain_last=[(plain_rows[i], local, b.labels[local][0][0]) for local, i in enumerate(idx)
+                    if i in plain_rows])
 
 
 class _Objective:
     """The target loss of one chunk, read group by group: each request's mean over its rows of
     the rows' mean target-token NLL, plus ``kl_factor`` × the KL of its "{} is a" prompt to the
-    unedited distribution (recorded on the first step, where δ = 0)."""
+    unedited distribution (recorded on the first step, where δ = 0); with an anchor, those
+    weighted by its ``target_weight``, plus its pull."""
 
     def __init__(self, lm: LM, rows: Rows, flat: list[tuple[int, int, int]], n: int,
-                 config: TargetConfig) -> None:
+                 config: TargetConfig, anchor: Anchor | None = None) -> None:
         device = lm.device
-        self.n, self.config, self.device = n, config, device
+        self.n, self.config, self.device, self.anchor = n, config, device, anchor
         self.lab_tok = torch.tensor([t for _, _, t in flat], device=device)
         lab_row = torch.tensor([row for row, _, _ in flat], device=device)
         self.owner = torch.tensor(rows.owner, device=device)
@@ -314,10 +337,35 @@ class _Objective:
     def start_step(self) -> None:
         self.tok_lp = torch.zeros(len(self.lab_tok), device=self.device)
         self.kl_now = torch.zeros(self.n, device=self.device)
+        self.anchor_now = torch.zeros(self.n, device=self.device)
 
-    def group_loss(self, lm: LM, g: Group, hidden: torch.Tensor, *, first: bool
-                   ) -> torch.Tensor:
-        """This group's share of the loss (recording its token log-probs and KL terms)."""
+    def goal(self, nll: torch.Tensor) -> torch.Tensor:
+        """What the early stop tests per request: the target NLL + KL (weighted, with the
+        anchor's pull when there is one), without the weight decay."""
+        reached = nll + self.config.kl_factor * self.kl_now
+        if self.anchor is None:
+            return reached
+        return self.anchor.target_weight * reached + self.anchor.weight * self.anchor_now
+
+    def group_loss(self, lm: LM, g: Group, hidden: torch.Tensor, *, first: bool,
+                   anchor_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This group's share of the loss (recording its token log-probs, KL terms and
+        anchor distances)."""
+        part = self._target_loss(lm, g, hidden, first=first)
+        if self.anchor is None:
+            return part
+        part = self.anchor.target_weight * part
+        if anchor_hidden is not None and g.plain_last:
+            req, local, pos = (torch.tensor(c, device=self.device)
+                               for c in zip(*g.plain_last, strict=True))
+            h = anchor_hidden[local, pos].float()
+            dist = (h - self.anchor.goal[req].to(h)).norm(dim=1)
+            self.anchor_now[req] = dist.detach()
+            part = part + self.anchor.weight * dist.sum()
+        return part
+
+    def _target_loss(self, lm: LM, g: Group, hidden: torch.Tensor, *, first: bool
+                     ) -> torch.Tensor:
         part = hidden.new_zeros((), dtype=torch.float32)
         kl = self.config.kl_factor > 0 and len(g.kl_local) > 0
         n_lab = len(g.lab_row)
@@ -372,7 +420,8 @@ def _decay_and_step(delta: torch.Tensor, opt: torch.optim.Optimizer, done: torch
 
 def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: Sequence[str],
                     config: TargetConfig, subject_pos: str, row_scale: torch.Tensor | None,
-                    avoid: list[torch.Tensor | None] | None = None, *,
+                    avoid: list[torch.Tensor | None] | None = None,
+                    anchor: Anchor | None = None, *,
                     cost: Costs | None = None, act_budget: float | None = None,
                     progress: bool) -> Targets:
     from tqdm.auto import tqdm
@@ -391,7 +440,7 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
     delta = torch.zeros(n, lm.d_model, device=device, requires_grad=True)
     init = torch.zeros(n, lm.d_model, device=device)
 
-    objective = _Objective(lm, rows, flat, n, config)
+    objective = _Objective(lm, rows, flat, n, config, anchor)
     owner = objective.owner
 
     last = f"resid.{lm.n_layers - 1}"
@@ -408,13 +457,12 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
                 live = sum(len(g.rows) for g in groups)
             opt.zero_grad()
             backprop = it < config.steps - 1  # nothing follows the last step
-            nll_now, kl_now, pending = _forward_backward(lm, groups, objective, point, last,
-                                                         delta, init if it == 0 else None,
-                                                         backprop)
+            nll_now, pending = _forward_backward(lm, groups, objective, point, last,
+                                                 delta, init if it == 0 else None, backprop)
             nll_r = torch.where(done, nll_r, nll_now)  # finished rows are not rerun
             # stop on what the edit must achieve (target NLL + KL), not on the weight decay:
             # the paper's stop on the full loss never fires when |value| is small (SmolLM2)
-            goal = nll_now + config.kl_factor * kl_now
+            goal = objective.goal(nll_now)
             norm0 = init.norm(dim=1).clamp_min(1e-8)
             newly = (~done) & (goal < config.early_stop)
             for r in newly.nonzero().flatten().tolist():
@@ -434,30 +482,35 @@ def _optimise_chunk(lm: LM, requests: list[EditRequest], point: str, templates: 
 
 def _forward_backward(lm: LM, groups: list[Group], objective: _Objective, point: str,
                       last: str, delta: torch.Tensor, record_init: torch.Tensor | None,
-                      backprop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                      backprop: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step's loss, group by group: the loss is a sum of per-row terms, so each group is
     backpropagated as soon as it has run and its graph freed; peak memory follows the largest
-    group, not the chunk, with the same gradient. Returns the step's NLL and KL per request
-    and the last group's loss, not yet backpropagated: when this step's forward shows every
-    request finished, that backward (for a single edit, the whole step's) is never needed."""
+    group, not the chunk, with the same gradient. Returns the step's NLL per request (the KL
+    and anchor terms stay on ``objective``) and the last group's loss, not yet
+    backpropagated: when this step's forward shows every request finished, that backward (for
+    a single edit, the whole step's) is never needed."""
     objective.start_step()
     pending: torch.Tensor | None = None
     for k, g in enumerate(groups):
-        hidden = run_group(lm, g, point, last, delta, record_init)
-        part = objective.group_loss(lm, g, hidden, first=record_init is not None)
+        anchor_point = None if objective.anchor is None else objective.anchor.point
+        hidden, anchor_hidden = run_group(lm, g, point, last, delta, record_init, anchor_point)
+        part = objective.group_loss(lm, g, hidden, first=record_init is not None,
+                                    anchor_hidden=anchor_hidden)
         if backprop and part.requires_grad:
             if k < len(groups) - 1:
                 part.backward()
             else:
                 pending = part
-        del hidden, part
-    return objective.step_nll(), objective.kl_now, pending
+        del hidden, anchor_hidden, part
+    return objective.step_nll(), pending
 
 
 def run_group(lm: LM, g: Group, point: str, last: str, delta: torch.Tensor,
-              record_init: torch.Tensor | None) -> torch.Tensor:
-    """Forward one group with δ added at its lookup positions; returns the last block's output.
-    On the first step (``record_init``) the unmodified value at each plain row is stored."""
+              record_init: torch.Tensor | None, anchor_point: str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward one group with δ added at its lookup positions; returns the last block's output
+    (and the reading at ``anchor_point``). On the first step (``record_init``) the unmodified
+    value at each plain row is stored."""
 
     def add_delta(t: torch.Tensor) -> torch.Tensor:
         if record_init is not None:
@@ -466,6 +519,7 @@ def run_group(lm: LM, g: Group, point: str, last: str, delta: torch.Tensor,
         return t + g.lookup.to(t.dtype) * (delta[g.owner] * g.scale).unsqueeze(1).to(t.dtype)
 
     # δ enters at its point's block: the blocks before it are the same on every step
-    with Trace(lm).edit(point, add_delta).capture(last, detach=False) as tr:
+    reads = (last,) if anchor_point is None else (last, anchor_point)
+    with Trace(lm).edit(point, add_delta).capture(*reads, detach=False) as tr:
         g.prefix.run(lm, start=parse_point(lm, point)[1])
-    return tr[last]
+    return tr[last], None if anchor_point is None else tr[anchor_point]
