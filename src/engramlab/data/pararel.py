@@ -128,3 +128,27 @@ def pararel_qa(root: str | os.PathLike[str], *, exclude_subjects: Iterable[str] 
     rows = [r for r in dict.fromkeys(rows) if len(answers[r[2]]) == 1]
     random.Random(seed).shuffle(rows)
     return rows
+
+
+def pararel_patterns(root: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Each relation's paraphrases as whole sentences with ``[X]`` and ``[Y]`` (one of each),
+    the spacing before a final full stop removed."""
+    pattern_dir = Path(root) / "patterns"
+    out = {}
+    for path in sorted(pattern_dir.glob("P*.jsonl")):
+        sentences = []
+        for d in _read_jsonl(path):
+            p = d["pattern"]
+            if p.count("[X]") == 1 and p.count("[Y]") == 1:
+                sentences.append(re.sub(r"\s+\.$", ".", p.strip()))
+        if sentences:
+            out[path.stem] = list(dict.fromkeys(sentences))
+    return out
+
+
+def pararel_triples(root: str | os.PathLike[str], relation: str) -> list[tuple[str, str]]:
+    """The relation's T-REx ``(subject, object)`` pairs, in file order, without repeats."""
+    path = Path(root) / "trex" / f"{relation}.jsonl"
+    if not path.is_file():
+        return []
+    return list(dict.fromkeys((d["sub_label"], d["obj_label"]) for d in _read_jsonl(path)))

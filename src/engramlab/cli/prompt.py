@@ -1,0 +1,129 @@
+"""``engram prompt tune | eval | show``: soft prompts for a labelled task."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import add_common, emit, positive_float, positive_int
+
+TASK_HELP = ("'fact-check' or 'relation' (built from --pararel), or a JSONL file of "
+             "{\"text\", \"label\"} records")
+
+
+def register(sub: Any) -> None:
+    prompt = sub.add_parser("prompt", help="soft prompts: tune one for a labelled task, score "
+                                           "it, read its nearest tokens").add_subparsers(
+        dest="prompt_cmd", required=True)
+    p = prompt.add_parser("tune", help="tune a soft prompt on a task's train split")
+    add_common(p)
+    _task_args(p)
+    p.add_argument("--tokens", type=positive_int, default=20, help="soft prompt length")
+    p.add_argument("--steps", type=positive_int, default=150, help="Adam steps")
+    p.add_argument("--lr", type=positive_float, default=0.01)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--eval-every", type=positive_int, default=25,
+                   help="steps between validation scores (the best is kept)")
+    p.add_argument("--out", required=True, help="PEFT adapter folder to write")
+    p.set_defaults(func=tune)
+
+    p = prompt.add_parser("eval", help="accuracy with and without a soft prompt on a split")
+    add_common(p)
+    _task_args(p)
+    p.add_argument("--prompt", required=True, help="a folder `engram prompt tune` wrote")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.set_defaults(func=evaluate)
+
+    p = prompt.add_parser("show", help="the nearest vocabulary tokens of every prompt vector")
+    add_common(p)
+    p.add_argument("prompt_dir", metavar="DIR", help="a soft prompt folder")
+    p.add_argument("-k", type=positive_int, default=3, help="nearest tokens per position")
+    p.set_defaults(func=show)
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help=TASK_HELP)
+    p.add_argument("--pararel", default=None,
+                   help="ParaRel folder (patterns/ and trex/) for the built-in tasks")
+    p.add_argument("--seed", type=int, default=0, help="the task's split (and the tuning's)")
+
+
+def _progress(args: argparse.Namespace, total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="prompt tuning", unit="step", file=sys.stderr)
+
+    def on_step(info: dict[str, Any]) -> None:
+        if "loss" in info:
+            bar.update(1)
+            bar.set_postfix(loss=f"{info['loss']:.3f}")
+        else:
+            bar.write(f"step {info['step']}: validation accuracy {info['val_accuracy']:.3f}",
+                      file=sys.stderr)
+
+    return bar, on_step
+
+
+def tune(args: argparse.Namespace) -> int:
+    from ..models import load_model
+    from ..prompt import TuneConfig, accuracy, load_label_task
+    from ..prompt import tune as run_tune
+
+    config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=args.lr,
+                        batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed)
+    config.check()
+    task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
+    lm = load_model(args.model, progress=not args.json)
+    bar, on_step = _progress(args, config.steps)
+    with bar:
+        prompt = run_tune(lm, task, config, on_step=on_step)
+    val = prompt.meta["val_accuracy"]
+    zero = accuracy(lm, None, task, task.val)
+    prompt.meta["zero_shot_val_accuracy"] = zero
+    prompt.save(Path(args.out), lm)
+    obj = {"task": task.name, "split": "val", "n": len(task.val), "accuracy": val,
+           "zero_shot_accuracy": zero, "chosen_step": prompt.meta["chosen_step"],
+           "tokens": prompt.length, "sizes": task.sizes(), "out": args.out}
+    emit(args, obj, [f"{task.name}: validation accuracy {zero:.3f} zero-shot → {val:.3f} with a "
+                     f"{prompt.length}-token prompt (step {prompt.meta['chosen_step']} of "
+                     f"{config.steps}); saved to {args.out}",
+                     f"score the test split with: engram prompt eval --task {args.task} "
+                     f"--prompt {args.out}"])
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from ..models import load_model
+    from ..prompt import SoftPrompt, accuracy, load_label_task
+
+    task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
+    SoftPrompt.load(args.prompt)  # a bad folder is refused before the model loads
+    lm = load_model(args.model, progress=not args.json)
+    prompt = SoftPrompt.load(args.prompt, lm)
+    rows = task.split(args.split)
+    acc = accuracy(lm, prompt, task, rows)
+    zero = accuracy(lm, None, task, rows)
+    obj = {"task": task.name, "split": args.split, "n": len(rows), "accuracy": acc,
+           "zero_shot_accuracy": zero}
+    emit(args, obj, [f"{task.name} ({args.split}, {len(rows)} rows): accuracy {acc:.3f} with "
+                     f"the prompt, {zero:.3f} zero-shot"])
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    from ..models import load_model
+    from ..prompt import SoftPrompt, nearest_tokens
+
+    SoftPrompt.load(args.prompt_dir)
+    lm = load_model(args.model, progress=not args.json)
+    prompt = SoftPrompt.load(args.prompt_dir, lm)
+    rows = nearest_tokens(lm, prompt.embeddings, k=args.k)
+    lines = [f"{prompt.length}-token soft prompt for {prompt.meta.get('task', 'a task')} "
+             f"(nearest tokens by cosine)"]
+    for i, near in enumerate(rows):
+        lines.append(f"{i:3d}  " + "  ".join(f"{tok!r} {cos:.2f}" for tok, cos in near))
+    emit(args, {"positions": [[{"token": t, "cosine": c} for t, c in near] for near in rows]},
+         lines)
+    return 0

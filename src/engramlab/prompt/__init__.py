@@ -1,0 +1,13 @@
+"""Soft prompts: knowledge steered by a learned prompt instead of edited weights.
+
+:mod:`.tasks` holds the labelled tasks (built from ParaRel × T-REx, or a user's JSONL),
+:mod:`.soft` prompt tuning and its PEFT folder, :mod:`.nearest` the reading of a prompt as
+vocabulary tokens.
+"""
+
+from .nearest import nearest_ids, nearest_tokens
+from .soft import SoftPrompt, TuneConfig, accuracy, label_ids, label_logits, tune
+from .tasks import LabelRow, LabelTask, load_label_task
+
+__all__ = ["LabelRow", "LabelTask", "SoftPrompt", "TuneConfig", "accuracy", "label_ids",
+           "label_logits", "load_label_task", "nearest_ids", "nearest_tokens", "tune"]

@@ -1,0 +1,270 @@
+"""Soft prompts (Lester et al., "The Power of Scale for Parameter-Efficient Prompt Tuning",
+EMNLP 2021): P trainable vectors in the input-embedding space placed before every input, the
+model's weights left as they are.
+
+A task row is shown as ``[soft prompt] + template(text)`` and answered by the label whose token
+(the first token of ``" " + label``) the model ranks highest at the last position, among the
+task's labels only; zero-shot accuracy is the same readout without a prompt. Tuning minimises
+the cross-entropy of the right label over the label tokens with Adam, and keeps the prompt of
+the step with the best validation accuracy; the test split is scored once, at the end.
+
+A prompt is saved as a PEFT prompt-tuning adapter folder (``adapter_config.json`` with
+``peft_type: PROMPT_TUNING`` and ``adapter_model.safetensors`` holding ``prompt_embeddings``),
+which ``peft.PeftModel.from_pretrained`` loads as it is; ``engramlab.json`` beside them records
+the model's signature, the task and its template.
+
+Deviations from the paper: the prompt starts from the embeddings of randomly drawn vocabulary
+tokens (the paper samples from the 5,000 most common tokens or uses the class labels' embeddings);
+the loss is restricted to the label tokens (the paper trains the full-vocabulary loss of the
+label text), which is what the accuracy reads; the paper's T5 models and Adafactor are replaced
+by any causal LM here and Adam.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..models.lm import LM
+from .tasks import LabelRow, LabelTask
+
+CONFIG, WEIGHTS, META = "adapter_config.json", "adapter_model.safetensors", "engramlab.json"
+
+
+def label_ids(lm: LM, labels: Sequence[str]) -> list[int]:
+    """Each label's token: the first token of ``" " + label``; labels that share it, or that
+    give no token, cannot be told apart and are refused."""
+    ids = []
+    for label in labels:
+        enc = lm.encode(" " + label)
+        if not enc:
+            raise InputError(f"label {label!r} gives no token in {lm.label}'s vocabulary")
+        ids.append(enc[0])
+    seen: dict[int, str] = {}
+    for label, t in zip(labels, ids, strict=True):
+        if t in seen:
+            raise InputError(f"labels {seen[t]!r} and {label!r} start with the same token "
+                             f"({lm.decode(t)!r}) in {lm.label}'s vocabulary; rename one so "
+                             "their first tokens differ")
+        seen[t] = label
+    return ids
+
+
+@dataclass
+class SoftPrompt:
+    """``embeddings``: ``[P, d_model]``, the vectors put before every input."""
+
+    embeddings: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def save(self, folder: str | os.PathLike[str], lm: LM) -> Path:
+        """The PEFT adapter folder (written whole or not at all)."""
+        from peft import PromptTuningConfig, TaskType
+        from safetensors.torch import save_file
+
+        from .._io import atomic_dir
+
+        config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.length,
+            token_dim=lm.d_model, num_layers=lm.n_layers,
+            num_attention_heads=int(getattr(lm.config, "num_attention_heads", 0)
+                                    or getattr(lm.config, "n_head", 0)) or None,
+            base_model_name_or_path=lm.label)
+        with atomic_dir(Path(folder)) as tmp:
+            config.save_pretrained(str(tmp))
+            save_file({"prompt_embeddings": self.embeddings.detach().float().cpu().contiguous()},
+                      str(tmp / WEIGHTS))
+            meta = {**self.meta, "model": lm.label, "signature": lm.signature(),
+                    "tokens": self.length}
+            (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], lm: LM | None = None) -> SoftPrompt:
+        """A saved prompt-tuning adapter; with ``lm``, refused unless it was made for it."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+            raise InputError(f"{folder} is not a saved soft prompt (expected {CONFIG} and "
+                             f"{WEIGHTS}, as `engram prompt tune --out` writes)")
+        try:
+            config = json.loads((folder / CONFIG).read_text())
+            tensors = load_file(str(folder / WEIGHTS))
+            meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise InputError(f"{folder} holds an unreadable soft prompt ({e})") from None
+        if config.get("peft_type") != "PROMPT_TUNING" or "prompt_embeddings" not in tensors:
+            raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
+                             "a soft prompt (PEFT prompt tuning)")
+        emb = tensors["prompt_embeddings"].float()
+        if lm is not None:
+            made = meta.get("signature")
+            if emb.shape[1] != lm.d_model or (made is not None and made != lm.signature()):
+                raise InputError(f"{folder} was made for another model "
+                                 f"({meta.get('model', 'width ' + str(emb.shape[1]))}); tune "
+                                 f"a prompt for {lm.label}, or transfer this one")
+        return cls(emb, meta)
+
+
+def _batch(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str]
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input embeddings ``[prompt; text]``, their mask and last real position."""
+    emb = lm.model.get_input_embeddings()
+    ids = [lm.tokenizer(t)["input_ids"] for t in texts]
+    p = 0 if prompt is None else prompt.shape[0]
+    width = p + max(len(x) for x in ids)
+    dtype = emb.weight.dtype
+    mask = torch.zeros(len(ids), width, dtype=torch.long, device=lm.device)
+    flat = emb(torch.tensor([t for row in ids for t in row], device=lm.device))
+    start = 0
+    rows = []
+    for i, row in enumerate(ids):
+        piece = flat[start:start + len(row)]
+        start += len(row)
+        rows.append(piece if prompt is None else torch.cat([prompt.to(dtype), piece]))
+        mask[i, :p + len(row)] = 1
+    x = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+    last = mask.sum(1) - 1
+    return x, mask, last
+
+
+def label_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
+                 labels: Sequence[int]) -> torch.Tensor:
+    """``[len(texts), len(labels)]``: the logits of the label tokens after each text (with the
+    soft prompt before it, when given); differentiable in ``prompt``."""
+    x, mask, last = _batch(lm, prompt, texts)
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(_m: Any, _a: Any, out: Any) -> None:
+        kept["h"] = out[0] if isinstance(out, tuple) else out
+
+    handle = lm.layout.block(lm.n_layers - 1).register_forward_hook(keep)
+    try:
+        lm.body(inputs_embeds=x, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    h = kept["h"][torch.arange(len(texts), device=lm.device), last]
+    normed = lm.layout.final_norm(h)
+    rows = lm.layout.unembed.weight[torch.tensor(list(labels), device=lm.device)]
+    logits = normed @ rows.T
+    bias = getattr(lm.layout.unembed, "bias", None)
+    if bias is not None:
+        logits = logits + bias[torch.tensor(list(labels), device=lm.device)]
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+@torch.no_grad()
+def accuracy(lm: LM, prompt: SoftPrompt | torch.Tensor | None, task: LabelTask,
+             rows: Sequence[LabelRow], *, batch_size: int = 32) -> float:
+    """Share of ``rows`` whose label is ranked first among the task's labels."""
+    if not rows:
+        raise InputError("no rows to score")
+    ids = label_ids(lm, task.labels)
+    index = {label: i for i, label in enumerate(task.labels)}
+    emb = prompt.embeddings.to(lm.device) if isinstance(prompt, SoftPrompt) else prompt
+    right = 0
+    for s in range(0, len(rows), batch_size):
+        part = rows[s:s + batch_size]
+        logits = label_logits(lm, emb, [task.template.format(r.text) for r in part], ids)
+        want = torch.tensor([index[r.label] for r in part], device=logits.device)
+        right += int((logits.argmax(-1) == want).sum())
+    return right / len(rows)
+
+
+@dataclass
+class TuneConfig:
+    tokens: int = 20
+    steps: int = 150
+    lr: float = 0.01
+    batch_size: int = 16
+    eval_every: int = 25
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("tokens", "steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}")
+        if not self.lr > 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+
+
+def initial_prompt(lm: LM, tokens: int, seed: int) -> torch.Tensor:
+    """The embeddings of ``tokens`` vocabulary tokens drawn at random (seeded)."""
+    emb = lm.model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(emb.shape[0], (tokens,), generator=g)
+    return emb[pick.to(emb.device)].detach().float().clone()
+
+
+def tune(lm: LM, task: LabelTask, config: TuneConfig | None = None, *,
+         on_step: Callable[[dict[str, Any]], None] | None = None,
+         loss_fn: Callable[[torch.Tensor, Sequence[LabelRow]], torch.Tensor] | None = None
+         ) -> SoftPrompt:
+    """A soft prompt for ``task``: Adam on the label cross-entropy over ``task.train``, the
+    prompt of the best validation accuracy kept. ``on_step`` receives ``{"step", "loss"}``
+    each step and ``{"step", "val_accuracy"}`` at each evaluation. ``loss_fn(prompt, rows)``
+    replaces the loss (the private and interpretable variants build on this loop)."""
+    config = config or TuneConfig()
+    config.check()
+    ids = label_ids(lm, task.labels)
+    index = {label: i for i, label in enumerate(task.labels)}
+    prompt = initial_prompt(lm, config.tokens, config.seed).requires_grad_(True)
+    opt = torch.optim.Adam([prompt], lr=config.lr)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    best = (-1.0, prompt.detach().clone(), 0)
+    history = []
+
+    def default_loss(p: torch.Tensor, rows: Sequence[LabelRow]) -> torch.Tensor:
+        logits = label_logits(lm, p, [task.template.format(r.text) for r in rows], ids)
+        want = torch.tensor([index[r.label] for r in rows], device=logits.device)
+        return F.cross_entropy(logits, want)
+
+    loss_of = loss_fn or default_loss
+    with lm.frozen_weights():
+        for step in range(1, config.steps + 1):
+            if len(order) < config.batch_size:
+                fresh = list(range(len(task.train)))
+                rng.shuffle(fresh)
+                order += fresh
+            rows = [task.train[i] for i in order[:config.batch_size]]
+            del order[:config.batch_size]
+            opt.zero_grad()
+            loss = loss_of(prompt, rows)
+            loss.backward()
+            opt.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise InputError(f"the tuning loss became {value} at step {step}; lower --lr")
+            if on_step:
+                on_step({"step": step, "loss": value})
+            if step % config.eval_every == 0 or step == config.steps:
+                val = accuracy(lm, prompt.detach(), task, task.val)
+                history.append({"step": step, "loss": value, "val_accuracy": val})
+                if on_step:
+                    on_step({"step": step, "val_accuracy": val})
+                if val > best[0]:
+                    best = (val, prompt.detach().clone(), step)
+    meta = {"task": task.name, "labels": task.labels, "template": task.template,
+            "config": asdict(config), "val_accuracy": best[0], "chosen_step": best[2],
+            "history": history}
+    return SoftPrompt(best[1].cpu(), meta)
