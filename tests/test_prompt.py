@@ -138,3 +138,14 @@ def test_bad_tasks_and_prompts_get_one_line_errors(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("engram: error:") for line in err)
     with pytest.raises(InputError, match="--tokens must be at least 1"):
         TuneConfig(tokens=0).check()
+
+
+def test_a_tuned_prompt_beats_zero_shot_on_held_out_relation_sentences(smol, shared_data):
+    from engramlab.prompt.tasks import relation_task
+
+    task = relation_task(shared_data / "pararel", caps=(2000, 80, 120))
+    config = TuneConfig(tokens=10, steps=25, lr=0.003, batch_size=8, eval_every=25)
+    prompt = tune(smol, task, config)
+    tuned, zero = accuracy(smol, prompt, task, task.test), accuracy(smol, None, task, task.test)
+    # test sentences: subjects and wordings no training sentence has
+    assert tuned > zero + 0.2

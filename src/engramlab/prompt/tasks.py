@@ -6,8 +6,9 @@ triples), so nothing a model wrote is used as a label:
 
 * ``fact-check``: a relation's sentence with the true T-REx object, or with a distractor (the
   object of another triple of the same relation); labels ``true`` / ``false``, balanced.
-* ``relation``: a sentence made from a random ParaRel paraphrase of one of eight relations,
-  filled with a T-REx triple; the label names the relation.
+* ``relation``: a sentence made from a ParaRel paraphrase of one of eight relations,
+  filled with a T-REx triple; the label names the relation. Validation and test sentences
+  are worded by paraphrases no training sentence uses.
 
 Any JSONL file of ``{"text", "label"}`` records is a task too. Rows are split by a seeded draw
 into train / validation / test; the ParaRel tasks split by subject, so no test subject is seen
@@ -108,22 +109,37 @@ def fact_check_task(root: str | Path, *, seed: int = 0,
 
 def relation_task(root: str | Path, *, seed: int = 0,
                   caps: tuple[int, int, int] = (2000, 200, 500)) -> LabelTask:
-    """Which of eight relations a sentence expresses (a random ParaRel paraphrase of it),
-    split by subject."""
+    """Which of eight relations a sentence expresses, split by subject **and** by wording: a
+    third of each relation's ParaRel paraphrases are kept for the validation and test rows, so
+    a tuned prompt is scored on sentences worded as no training sentence was."""
     rng = random.Random(f"{seed}/relation")
     patterns = pararel_patterns(root)
-    rows, keys = [], []
-    for rel, word in RELATIONS.items():
-        if rel not in patterns:
-            raise InputError(f"{root} lacks relation {rel}; the relation task needs "
-                             f"{', '.join(RELATIONS)}")
+    triples, keys = [], []
+    for rel in RELATIONS:
+        if rel not in patterns or len(patterns[rel]) < 3:
+            raise InputError(f"{root} lacks relation {rel} (or its paraphrases); the relation "
+                             f"task needs {', '.join(RELATIONS)}")
         for subject, obj in pararel_triples(root, rel):
-            pattern = rng.choice(patterns[rel])
-            rows.append(LabelRow(pattern.replace("[X]", subject).replace("[Y]", obj), word))
+            triples.append((rel, subject, obj))
             keys.append(subject)
-    train, val, test = _split_by(rows, keys, seed, (0.1, 0.2), caps)
-    return LabelTask("relation", list(RELATIONS.values()), train, val, test,
-                     template="{}\nRelation:")
+    wording = {}
+    for rel in RELATIONS:
+        shuffled = patterns[rel][:]
+        rng.shuffle(shuffled)
+        cut = max(1, len(shuffled) // 3)
+        wording[rel] = (shuffled[cut:], shuffled[:cut])  # (tuning, held out)
+    placeholder = [LabelRow(str(i), "") for i in range(len(triples))]
+    parts = _split_by(placeholder, keys, seed, (0.1, 0.2), (len(triples),) * 3)
+    out = []
+    for held, part in enumerate(parts):
+        rows = []
+        for row in part:
+            rel, subject, obj = triples[int(row.text)]
+            pattern = rng.choice(wording[rel][min(held, 1)])
+            rows.append(LabelRow(pattern.replace("[X]", subject).replace("[Y]", obj),
+                                 RELATIONS[rel]))
+        out.append(rows[:caps[held]])
+    return LabelTask("relation", list(RELATIONS.values()), *out, template="{}\nRelation:")
 
 
 def jsonl_task(path: str | Path, *, seed: int = 0,
