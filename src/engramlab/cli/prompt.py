@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_common, emit, positive_float, positive_int
+from ..errors import EngramError
+from .common import CORPUS_HELP, add_common, emit, positive_float, positive_int
 
 TASK_HELP = ("'fact-check' or 'relation' (built from --pararel), or a JSONL file of "
              "{\"text\", \"label\"} records")
@@ -26,8 +27,44 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--eval-every", type=positive_int, default=25,
                    help="steps between validation scores (the best is kept)")
+    p.add_argument("--dp-epsilon", type=float, default=None,
+                   help="tune with DP-SGD to this (ε, δ) budget (the last prompt is kept)")
+    p.add_argument("--dp-delta", type=float, default=None,
+                   help="δ of DP-SGD (default: min(1e-5, 1 / training rows))")
+    p.add_argument("--dp-clip", type=positive_float, default=1.0,
+                   help="per-example gradient norm bound of DP-SGD")
     p.add_argument("--out", required=True, help="PEFT adapter folder to write")
     p.set_defaults(func=tune)
+
+    p = prompt.add_parser("distil", help="a small model distilled from a large one (POST's "
+                                         "provider side)")
+    add_common(p)
+    p.add_argument("--keep", type=positive_int, default=6, help="blocks the student keeps")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--lr", type=positive_float, default=2e-4)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
+    p.add_argument("--out", required=True, help="model folder to write (loads with --model)")
+    p.set_defaults(func=distil)
+
+    p = prompt.add_parser("transfer", help="move a small model's soft prompt to the large "
+                                           "model with public text (POST)")
+    _task_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--from", dest="source", required=True, help="the small model the prompt "
+                                                                "was tuned on")
+    p.add_argument("--to", dest="target", default="smollm2-135m", help="the large model")
+    p.add_argument("--prompt", required=True, help="the small model's soft prompt folder")
+    p.add_argument("--public", default=None,
+                   help="public text (default: the bundled wiki text): " + CORPUS_HELP)
+    p.add_argument("--n-public", type=positive_int, default=512, help="public texts used")
+    p.add_argument("--steps", type=positive_int, default=150)
+    p.add_argument("--lr", type=positive_float, default=0.003)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--eval-every", type=positive_int, default=25)
+    p.add_argument("--out", required=True, help="PEFT adapter folder to write")
+    p.set_defaults(func=transfer)
 
     p = prompt.add_parser("eval", help="accuracy with and without a soft prompt on a split")
     add_common(p)
@@ -68,24 +105,31 @@ def _progress(args: argparse.Namespace, total: int) -> Any:
 
 def tune(args: argparse.Namespace) -> int:
     from ..models import load_model
-    from ..prompt import TuneConfig, accuracy, load_label_task
+    from ..prompt import DPConfig, TuneConfig, accuracy, load_label_task
     from ..prompt import tune as run_tune
 
     config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=args.lr,
                         batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed)
     config.check()
+    dp = None
+    if args.dp_epsilon is not None or args.dp_delta is not None:
+        if args.dp_epsilon is None:
+            raise EngramError("--dp-delta needs --dp-epsilon")
+        dp = DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, clip=args.dp_clip)
+        dp.check()
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
     lm = load_model(args.model, progress=not args.json)
     bar, on_step = _progress(args, config.steps)
     with bar:
-        prompt = run_tune(lm, task, config, on_step=on_step)
+        prompt = run_tune(lm, task, config, dp=dp, on_step=on_step)
     val = prompt.meta["val_accuracy"]
     zero = accuracy(lm, None, task, task.val)
     prompt.meta["zero_shot_val_accuracy"] = zero
     prompt.save(Path(args.out), lm)
     obj = {"task": task.name, "split": "val", "n": len(task.val), "accuracy": val,
            "zero_shot_accuracy": zero, "chosen_step": prompt.meta["chosen_step"],
-           "tokens": prompt.length, "sizes": task.sizes(), "out": args.out}
+           "tokens": prompt.length, "sizes": task.sizes(), "dp": prompt.meta["dp"],
+           "out": args.out}
     emit(args, obj, [f"{task.name}: validation accuracy {zero:.3f} zero-shot → {val:.3f} with a "
                      f"{prompt.length}-token prompt (step {prompt.meta['chosen_step']} of "
                      f"{config.steps}); saved to {args.out}",
@@ -126,4 +170,68 @@ def show(args: argparse.Namespace) -> int:
         lines.append(f"{i:3d}  " + "  ".join(f"{tok!r} {cos:.2f}" for tok, cos in near))
     emit(args, {"positions": [[{"token": t, "cosine": c} for t, c in near] for near in rows]},
          lines)
+    return 0
+
+
+def distil(args: argparse.Namespace) -> int:
+    from ..data.corpus import check_corpus_spec, get_corpus
+    from ..models import load_model
+    from ..prompt.post import DistilConfig, save_student
+    from ..prompt.post import distil as run_distil
+
+    check_corpus_spec(args.corpus)
+    config = DistilConfig(keep=args.keep, steps=args.steps, lr=args.lr,
+                          batch_size=args.batch_size, seq_len=args.seq_len)
+    lm = load_model(args.model, progress=not args.json)
+    config.check(lm.n_layers)
+    corpus = get_corpus(lm, args.corpus, progress=not args.json)
+    from tqdm.auto import tqdm
+
+    losses: list[float] = []
+    with tqdm(total=config.steps, desc="distilling", unit="step", file=sys.stderr) as bar:
+        def on_step(info: dict[str, Any]) -> None:
+            losses.append(info["loss"])
+            bar.update(1)
+            bar.set_postfix(kd=f"{info['kd']:.3f}", clm=f"{info['clm']:.3f}")
+
+        student = run_distil(lm, corpus, config, on_step=on_step)
+    save_student(student, Path(args.out), {"teacher": lm.label, "distil": vars(config),
+                                            "loss": [losses[0], losses[-1]]})
+    obj = {"teacher": lm.label, "blocks": student.n_layers, "steps": config.steps,
+           "loss": [losses[0], losses[-1]], "out": args.out}
+    emit(args, obj, [f"a {student.n_layers}-block student of {lm.label} distilled for "
+                     f"{config.steps} steps (loss {losses[0]:.3f} → {losses[-1]:.3f}); saved to "
+                     f"{args.out}", f"tune a prompt on it: engram prompt tune --model {args.out} "
+                     "--task ... --out ..."])
+    return 0
+
+
+def transfer(args: argparse.Namespace) -> int:
+    from ..data.corpus import check_corpus_spec, get_corpus
+    from ..models import load_model
+    from ..prompt import SoftPrompt, accuracy, load_label_task
+    from ..prompt.post import TransferConfig, public_texts
+    from ..prompt.post import transfer as run_transfer
+
+    check_corpus_spec(args.public)
+    task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
+    SoftPrompt.load(args.prompt)  # a bad folder is refused before the models load
+    small = load_model(args.source, progress=not args.json)
+    prompt = SoftPrompt.load(args.prompt, small)
+    large = load_model(args.target, progress=not args.json)
+    public = public_texts(get_corpus(large, args.public, progress=not args.json),
+                          args.n_public, seed=args.seed)
+    config = TransferConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                            eval_every=args.eval_every, public=len(public), seed=args.seed)
+    bar, on_step = _progress(args, config.steps)
+    with bar:
+        moved = run_transfer(small, large, prompt, task, public, config, on_step=on_step)
+    moved.save(Path(args.out), large)
+    zero = accuracy(large, None, task, task.val)
+    obj = {"task": task.name, "split": "val", "n": len(task.val),
+           "accuracy": moved.meta["val_accuracy"], "zero_shot_accuracy": zero,
+           "public": len(public), "out": args.out}
+    emit(args, obj, [f"{task.name}: the prompt moved from {small.label} to {large.label}: "
+                     f"validation accuracy {zero:.3f} zero-shot → "
+                     f"{moved.meta['val_accuracy']:.3f}; saved to {args.out}"])
     return 0

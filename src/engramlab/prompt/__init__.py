@@ -6,8 +6,18 @@ vocabulary tokens.
 """
 
 from .nearest import nearest_ids, nearest_tokens
-from .soft import SoftPrompt, TuneConfig, accuracy, label_ids, label_logits, tune
+from .soft import (
+           DPConfig,
+           SoftPrompt,
+           TuneConfig,
+           accuracy,
+           label_ids,
+           label_logits,
+           last_logits,
+           tune,
+)
 from .tasks import LabelRow, LabelTask, load_label_task
 
-__all__ = ["LabelRow", "LabelTask", "SoftPrompt", "TuneConfig", "accuracy", "label_ids",
-           "label_logits", "load_label_task", "nearest_ids", "nearest_tokens", "tune"]
+__all__ = ["DPConfig", "LabelRow", "LabelTask", "SoftPrompt", "TuneConfig", "accuracy", "label_ids",
+           "label_logits", "last_logits", "load_label_task", "nearest_ids", "nearest_tokens",
+           "tune"]

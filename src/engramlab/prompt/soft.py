@@ -123,10 +123,12 @@ class SoftPrompt:
 
 def _batch(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str]
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input embeddings ``[prompt; text]``, their mask and last real position."""
+    """Right-padded input embeddings ``[prompt; text]``, their mask and last real position.
+    ``prompt`` is ``[P, d]`` (shared) or ``[len(texts), P, d]`` (a copy per row, whose
+    gradients are then the rows' own: DP-SGD's per-example gradients in one backward)."""
     emb = lm.model.get_input_embeddings()
     ids = [lm.tokenizer(t)["input_ids"] for t in texts]
-    p = 0 if prompt is None else prompt.shape[0]
+    p = 0 if prompt is None else prompt.shape[-2]
     width = p + max(len(x) for x in ids)
     dtype = emb.weight.dtype
     mask = torch.zeros(len(ids), width, dtype=torch.long, device=lm.device)
@@ -136,17 +138,19 @@ def _batch(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str]
     for i, row in enumerate(ids):
         piece = flat[start:start + len(row)]
         start += len(row)
-        rows.append(piece if prompt is None else torch.cat([prompt.to(dtype), piece]))
+        own = None if prompt is None else prompt[i] if prompt.dim() == 3 else prompt
+        rows.append(piece if own is None else torch.cat([own.to(dtype), piece]))
         mask[i, :p + len(row)] = 1
     x = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
     last = mask.sum(1) - 1
     return x, mask, last
 
 
-def label_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
-                 labels: Sequence[int]) -> torch.Tensor:
-    """``[len(texts), len(labels)]``: the logits of the label tokens after each text (with the
-    soft prompt before it, when given); differentiable in ``prompt``."""
+def last_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
+                labels: Sequence[int] | None = None) -> torch.Tensor:
+    """The logits after each text's last token (with the soft prompt before it, when given):
+    ``[len(texts), len(labels)]`` for the label tokens, or the whole vocabulary without
+    ``labels``; differentiable in ``prompt``. Only the last positions are unembedded."""
     x, mask, last = _batch(lm, prompt, texts)
     kept: dict[str, torch.Tensor] = {}
 
@@ -159,16 +163,23 @@ def label_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
     finally:
         handle.remove()
     h = kept["h"][torch.arange(len(texts), device=lm.device), last]
-    normed = lm.layout.final_norm(h)
-    rows = lm.layout.unembed.weight[torch.tensor(list(labels), device=lm.device)]
-    logits = normed @ rows.T
+    if labels is None:
+        return lm.logits_from_hidden(h).float()
+    index = torch.tensor(list(labels), device=lm.device)
+    logits = lm.layout.final_norm(h) @ lm.layout.unembed.weight[index].T
     bias = getattr(lm.layout.unembed, "bias", None)
     if bias is not None:
-        logits = logits + bias[torch.tensor(list(labels), device=lm.device)]
+        logits = logits + bias[index]
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
+
+
+def label_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
+                 labels: Sequence[int]) -> torch.Tensor:
+    """``[len(texts), len(labels)]``: the logits of the label tokens after each text."""
+    return last_logits(lm, prompt, texts, labels)
 
 
 @torch.no_grad()
@@ -187,6 +198,39 @@ def accuracy(lm: LM, prompt: SoftPrompt | torch.Tensor | None, task: LabelTask,
         want = torch.tensor([index[r.label] for r in part], device=logits.device)
         right += int((logits.argmax(-1) == want).sum())
     return right / len(rows)
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD on the prompt (Abadi et al., "Deep Learning with Differential Privacy", 2016):
+    every example's gradient is clipped to ``clip`` in L2 norm and Gaussian noise of standard
+    deviation σ·``clip`` is added to their sum, σ the smallest that keeps the whole run
+    (ε, δ)-private by Opacus's RDP accountant at sampling rate batch / training rows.
+    ``delta`` defaults to the smaller of 1e-5 and 1 / training rows."""
+
+    epsilon: float
+    delta: float | None = None
+    clip: float = 1.0
+
+    def check(self) -> None:
+        if not self.epsilon > 0 or not math.isfinite(self.epsilon):
+            raise InputError(f"--dp-epsilon must be a finite number above 0, got {self.epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise InputError(f"--dp-delta must lie in (0, 1), got {self.delta}")
+        if not self.clip > 0:
+            raise InputError(f"the clipping norm must be above 0, got {self.clip}")
+
+    def noise(self, n_rows: int, batch_size: int, steps: int) -> tuple[float, float]:
+        """(σ, δ) for ``steps`` steps of ``batch_size`` rows drawn from ``n_rows``."""
+        from opacus.accountants.utils import get_noise_multiplier
+
+        delta = self.delta if self.delta is not None else min(1e-5, 1.0 / n_rows)
+        # RDP orders past Opacus's default 63: large ε are tightest at high orders
+        alphas = [1 + x / 10 for x in range(1, 100)] + list(range(11, 512))
+        sigma = get_noise_multiplier(target_epsilon=self.epsilon, target_delta=delta,
+                                     sample_rate=min(1.0, batch_size / n_rows), steps=steps,
+                                     accountant="rdp", alphas=alphas)
+        return float(sigma), delta
 
 
 @dataclass
@@ -216,15 +260,25 @@ def initial_prompt(lm: LM, tokens: int, seed: int) -> torch.Tensor:
 
 
 def tune(lm: LM, task: LabelTask, config: TuneConfig | None = None, *,
+         dp: DPConfig | None = None,
          on_step: Callable[[dict[str, Any]], None] | None = None,
          loss_fn: Callable[[torch.Tensor, Sequence[LabelRow]], torch.Tensor] | None = None
          ) -> SoftPrompt:
     """A soft prompt for ``task``: Adam on the label cross-entropy over ``task.train``, the
-    prompt of the best validation accuracy kept. ``on_step`` receives ``{"step", "loss"}``
-    each step and ``{"step", "val_accuracy"}`` at each evaluation. ``loss_fn(prompt, rows)``
-    replaces the loss (the private and interpretable variants build on this loop)."""
+    prompt of the best validation accuracy kept (with ``dp``: DP-SGD, and the last prompt,
+    since choosing among steps by a score on private data would spend privacy the stated ε
+    does not count). ``on_step`` receives ``{"step", "loss"}`` each step and ``{"step",
+    "val_accuracy"}`` at each evaluation. ``loss_fn(prompt, rows)`` replaces the loss (the
+    interpretable variants build on this loop)."""
     config = config or TuneConfig()
     config.check()
+    sigma = delta = None
+    if dp is not None:
+        dp.check()
+        if loss_fn is not None:
+            raise ValueError("DP-SGD tuning uses the label loss; no loss_fn with dp")
+        sigma, delta = dp.noise(len(task.train), config.batch_size, config.steps)
+    noise = torch.Generator().manual_seed(config.seed + 1)
     ids = label_ids(lm, task.labels)
     index = {label: i for i, label in enumerate(task.labels)}
     prompt = initial_prompt(lm, config.tokens, config.seed).requires_grad_(True)
@@ -249,8 +303,11 @@ def tune(lm: LM, task: LabelTask, config: TuneConfig | None = None, *,
             rows = [task.train[i] for i in order[:config.batch_size]]
             del order[:config.batch_size]
             opt.zero_grad()
-            loss = loss_of(prompt, rows)
-            loss.backward()
+            if dp is None:
+                loss = loss_of(prompt, rows)
+                loss.backward()
+            else:
+                loss = _private_gradient(prompt, rows, loss_of, dp.clip, sigma, noise)
             opt.step()
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -262,9 +319,29 @@ def tune(lm: LM, task: LabelTask, config: TuneConfig | None = None, *,
                 history.append({"step": step, "loss": value, "val_accuracy": val})
                 if on_step:
                     on_step({"step": step, "val_accuracy": val})
-                if val > best[0]:
+                if val > best[0] or dp is not None:
                     best = (val, prompt.detach().clone(), step)
     meta = {"task": task.name, "labels": task.labels, "template": task.template,
             "config": asdict(config), "val_accuracy": best[0], "chosen_step": best[2],
-            "history": history}
+            "history": history,
+            "dp": None if dp is None else {**asdict(dp), "delta": delta, "noise_multiplier": sigma,
+                                           "accountant": "rdp (opacus)"}}
     return SoftPrompt(best[1].cpu(), meta)
+
+
+def _private_gradient(prompt: torch.Tensor, rows: Sequence[LabelRow],
+                      loss_of: Callable[[torch.Tensor, Sequence[LabelRow]], torch.Tensor],
+                      clip: float, sigma: float | None, noise: torch.Generator) -> torch.Tensor:
+    """Set ``prompt.grad`` to the DP-SGD gradient of the batch and return its mean loss. Each
+    row reads its own copy of the prompt, so one backward of the summed loss gives every row's
+    gradient exactly (rows never interact)."""
+    copies = prompt.detach().expand(len(rows), *prompt.shape).clone().requires_grad_(True)
+    loss = loss_of(copies, rows)
+    (grads,) = torch.autograd.grad(loss * len(rows), copies)
+    norms = grads.flatten(1).norm(dim=1)
+    clipped = grads * (clip / norms.clamp_min(1e-12)).clamp(max=1.0)[:, None, None]
+    total = clipped.sum(0)
+    if sigma:
+        total = total + sigma * clip * torch.randn(total.shape, generator=noise).to(total)
+    prompt.grad = total / len(rows)
+    return loss.detach()
