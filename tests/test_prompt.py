@@ -149,3 +149,28 @@ def test_a_tuned_prompt_beats_zero_shot_on_held_out_relation_sentences(smol, sha
     tuned, zero = accuracy(smol, prompt, task, task.test), accuracy(smol, None, task, task.test)
     # test sentences: subjects and wordings no training sentence has
     assert tuned > zero + 0.2
+
+
+def test_pez_projection_and_prompt_perplexity():
+    from engramlab.prompt.pez import PEZConfig, pez, project, prompt_nll, readability
+
+    lm = make_tiny("llama")
+    emb = lm.model.get_input_embeddings().weight
+    vectors = torch.randn(5, lm.d_model)
+    ids, hard = project(lm, vectors)
+    # real token ids, whose embeddings are the rows returned, nearest by cosine among all rows
+    assert torch.equal(hard, emb[ids].float())
+    cos = F.normalize(vectors, dim=-1) @ F.normalize(emb.float(), dim=-1).T
+    assert torch.equal(ids, cos.argmax(-1))
+    # the prompt's perplexity read from its embeddings is the model's loss on its tokens
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids[None]).logits[0, :-1]
+        want = F.cross_entropy(logits, ids[1:])
+        assert float(prompt_nll(lm, hard, ids)) == pytest.approx(float(want), rel=1e-5)
+    task = _task()
+    prompt = pez(lm, task, PEZConfig(tokens=3, steps=10, eval_every=5, batch_size=8))
+    # a hard prompt: every vector is its token's embedding
+    assert torch.equal(prompt.embeddings, emb[torch.tensor(prompt.meta["ids"])].float())
+    assert prompt.meta["val_accuracy"] == pytest.approx(accuracy(lm, prompt, task, task.val))
+    seen = readability(lm, prompt.embeddings, task, task.val)
+    assert seen["projected_accuracy"] == seen["accuracy"]  # projecting a hard prompt is a no-op

@@ -23,10 +23,15 @@ def register(sub: Any) -> None:
     _task_args(p)
     p.add_argument("--tokens", type=positive_int, default=20, help="soft prompt length")
     p.add_argument("--steps", type=positive_int, default=150, help="Adam steps")
-    p.add_argument("--lr", type=positive_float, default=0.01)
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="Adam's rate (default 0.003; PEZ: AdamW's, default the paper's 0.1)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--eval-every", type=positive_int, default=25,
                    help="steps between validation scores (the best is kept)")
+    p.add_argument("--method", choices=["soft", "pez"], default="soft",
+                   help="soft: continuous vectors; pez: a hard prompt of real tokens (PEZ)")
+    p.add_argument("--fluency", type=float, default=0.0,
+                   help="weight of the prompt's own perplexity (readability) in the loss")
     p.add_argument("--dp-epsilon", type=float, default=None,
                    help="tune with DP-SGD to this (ε, δ) budget (the last prompt is kept)")
     p.add_argument("--dp-delta", type=float, default=None,
@@ -108,7 +113,8 @@ def tune(args: argparse.Namespace) -> int:
     from ..prompt import DPConfig, TuneConfig, accuracy, load_label_task
     from ..prompt import tune as run_tune
 
-    config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=args.lr,
+    lr = args.lr or (0.1 if args.method == "pez" else TuneConfig.lr)
+    config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=lr,
                         batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed)
     config.check()
     dp = None
@@ -117,11 +123,27 @@ def tune(args: argparse.Namespace) -> int:
             raise EngramError("--dp-delta needs --dp-epsilon")
         dp = DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, clip=args.dp_clip)
         dp.check()
+    if args.fluency < 0:
+        raise EngramError(f"--fluency must be at least 0, got {args.fluency}")
+    if args.method == "pez" and dp is not None:
+        raise EngramError("--dp-epsilon applies to --method soft only")
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
     lm = load_model(args.model, progress=not args.json)
     bar, on_step = _progress(args, config.steps)
     with bar:
-        prompt = run_tune(lm, task, config, dp=dp, on_step=on_step)
+        if args.method == "pez":
+            from ..prompt.pez import PEZConfig, pez
+
+            prompt = pez(lm, task, PEZConfig(
+                tokens=args.tokens, steps=args.steps, lr=lr, batch_size=args.batch_size,
+                eval_every=args.eval_every, fluency=args.fluency, seed=args.seed),
+                on_step=on_step)
+        else:
+            from ..prompt.pez import fluency_loss
+
+            prompt = run_tune(lm, task, config, dp=dp, on_step=on_step,
+                              loss_fn=fluency_loss(lm, task, args.fluency)
+                              if args.fluency > 0 else None)
     val = prompt.meta["val_accuracy"]
     zero = accuracy(lm, None, task, task.val)
     prompt.meta["zero_shot_val_accuracy"] = zero

@@ -237,7 +237,7 @@ class DPConfig:
 class TuneConfig:
     tokens: int = 20
     steps: int = 150
-    lr: float = 0.01
+    lr: float = 0.003
     batch_size: int = 16
     eval_every: int = 25
     seed: int = 0

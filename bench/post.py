@@ -1,0 +1,153 @@
+"""POST end to end on the embedded model: distil a small model from it, tune a soft prompt on
+the small one (with and without DP-SGD), transfer the prompt with public text, and compare on
+the task's test split with zero-shot and with a prompt tuned on the large model directly.
+
+Per seed (the task's split, the prompts' initial tokens): test accuracy of
+
+* zero-shot (the large model, no prompt);
+* ``direct``: a prompt tuned on the large model (the cost POST avoids);
+* ``small as is``: the small model's prompt put before the large model's input unchanged
+  (possible here because a distilled student keeps the large model's width);
+* ``transferred``: POST's transfer of the small model's prompt, without and with DP;
+* the small model's own accuracy with its prompt.
+
+Reported: each figure per seed, their mean and spread over seeds, the share of direct tuning's
+gain over zero-shot that each transfer recovers, and the seconds each step took. Choices
+(the kept step of each tuning and transfer) read the validation split only.
+
+    .venv/bin/python bench/post.py [--task relation] [--seeds 0] [--keep 6]
+        [--distil-steps 200] [--steps 150] [--epsilon 8] [--save AREA/RUN]
+
+Resumable with ``--save``: every finished seed is saved, and the distilled student is kept in
+the engramlab cache under the settings that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import engramlab as eg
+from engramlab._io import cache_dir
+from engramlab.data.corpus import get_corpus
+from engramlab.prompt import DPConfig, SoftPrompt, TuneConfig, accuracy, load_label_task, tune
+from engramlab.prompt.post import (
+    DistilConfig,
+    TransferConfig,
+    distil,
+    public_texts,
+    save_student,
+    transfer,
+)
+from results import mean_sd, save_run, saved_parts
+
+DEFAULT_PARAREL = Path(__file__).resolve().parents[2] / "shared/data/pararel"
+
+
+def run_seed(args: argparse.Namespace, seed: int, large, small, public: list[str]) -> dict:
+    """Every figure of one seed (a seed is run whole: its prompts are not kept between runs)."""
+    task = load_label_task(args.task, pararel=args.pararel, seed=seed)
+    tune_config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=args.lr, seed=seed)
+    transfer_config = TransferConfig(steps=args.steps, lr=args.lr, seed=seed,
+                                     public=len(public))
+    cell: dict = {"zero_shot": {"test": accuracy(large, None, task, task.test)}}
+    prompts: dict[str, SoftPrompt] = {}
+    plan = [
+        ("direct", large, lambda: tune(large, task, tune_config)),
+        ("small", small, lambda: tune(small, task, tune_config)),
+        ("small_dp", small, lambda: tune(small, task, tune_config,
+                                         dp=DPConfig(epsilon=args.epsilon))),
+        ("transferred", large, lambda: transfer(small, large, prompts["small"], task, public,
+                                                transfer_config)),
+        ("transferred_dp", large, lambda: transfer(small, large, prompts["small_dp"], task,
+                                                   public, transfer_config)),
+    ]
+    for name, model, make in plan:
+        start = time.perf_counter()
+        prompts[name] = make()
+        cell[name] = {"test": accuracy(model, prompts[name], task, task.test),
+                      "val": prompts[name].meta.get("val_accuracy"),
+                      "seconds": time.perf_counter() - start}
+        print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
+    cell["small_as_is"] = {"test": accuracy(large, prompts["small"], task, task.test)}
+    zero, direct = cell["zero_shot"]["test"], cell["direct"]["test"]
+    gain = direct - zero
+    for name in ("small_as_is", "transferred", "transferred_dp"):
+        cell[name]["recovered"] = (cell[name]["test"] - zero) / gain if gain > 0 else None
+    if "dp" in prompts["small_dp"].meta:
+        cell["small_dp"]["dp"] = prompts["small_dp"].meta["dp"]
+    return cell
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--pararel", default=str(DEFAULT_PARAREL))
+    parser.add_argument("--task", default="relation")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--keep", type=int, default=6)
+    parser.add_argument("--distil-steps", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--public", type=int, default=512)
+    parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args()
+    params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh")}
+    parts: dict = {}
+    if args.save:
+        same = [k for k in params if k != "seeds"]
+        saved = saved_parts("post", *args.save.split("/"), params, same, "parts", args.fresh)
+        if saved is None:
+            return 2
+        parts = saved
+    large = eg.load_model(args.model, progress=False)
+    out = {"model": args.model, "task": args.task, "parts": parts, "summary": {}}
+
+    def save() -> None:
+        if args.save:
+            save_run(*args.save.split("/"), out, params)
+
+    # the student depends on the distillation settings only, not on the seed's task split
+    config = DistilConfig(keep=args.keep, steps=args.distil_steps)
+    folder = cache_dir("students") / f"{large.label}-keep{args.keep}-steps{args.distil_steps}"
+    if not (folder / "config.json").exists():
+        start = time.perf_counter()
+        student = distil(large, get_corpus(large, "wiki", progress=False), config,
+                         on_step=lambda i: print(f"distil step {i['step']}: kd {i['kd']:.3f} "
+                                                 f"clm {i['clm']:.3f}", file=sys.stderr,
+                                                 flush=True) if i["step"] % 20 == 0 else None)
+        save_student(student, folder, {"teacher": large.label, "distil": vars(config),
+                                       "seconds": time.perf_counter() - start})
+    small = eg.load_model(str(folder), progress=False)
+    out["student"] = {"blocks": small.n_layers,
+                      **json.loads((folder / "engramlab.json").read_text())}
+    public = public_texts(get_corpus(large, "wiki", progress=False), args.public)
+    for seed in args.seeds:
+        if str(seed) not in parts:
+            parts[str(seed)] = run_seed(args, seed, large, small, public)
+            save()
+    names = ["zero_shot", "direct", "small", "small_dp", "small_as_is", "transferred",
+             "transferred_dp"]
+    cells = [parts[str(s)] for s in args.seeds]
+    out["summary"] = {
+        "split": "test", "n": len(load_label_task(args.task, pararel=args.pararel).test),
+        "seeds": args.seeds, "epsilon": args.epsilon,
+        **{n: mean_sd([c[n]["test"] for c in cells]) for n in names},
+        "recovered": {n: mean_sd([c[n]["recovered"] for c in cells
+                                  if c[n].get("recovered") is not None])
+                      for n in ("small_as_is", "transferred", "transferred_dp")},
+        "seconds": {n: mean_sd([c[n]["seconds"] for c in cells])
+                    for n in ("direct", "small", "small_dp", "transferred", "transferred_dp")}}
+    save()
+    print(json.dumps({k: v for k, v in out.items() if k != "parts"}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

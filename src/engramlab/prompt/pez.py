@@ -1,0 +1,159 @@
+"""Readable prompts: PEZ's hard prompts and the interpretability terms of Patel et al.
+
+PEZ (Wen et al., "Hard Prompts Made Easy: Gradient-Based Discrete Optimization for Prompt
+Tuning and Discovery", NeurIPS 2023) keeps a continuous prompt P but always evaluates its
+projection P' onto the nearest vocabulary embeddings (cosine): each step computes the loss and
+its gradient at P' and applies that gradient to P (a straight-through step), so the prompt that
+is scored and kept is a sequence of real tokens.
+
+Patel et al. ("Towards Interpretable Soft Prompts", 2025) judge a trainable prompt by
+*faithfulness* (does what a person reads — its nearest tokens — do what the prompt does?) and
+*scrutability*, proxied by the prompt's perplexity under the model, and add that proxy to the
+tuning loss. Here the fluency term is the mean next-token negative log-likelihood of the prompt's
+nearest tokens, read with the prompt itself as input (``prompt_nll``): for PEZ the prompt's own
+tokens, for a soft prompt the tokens a reader would see. Its weight ``fluency`` sets the trade
+between task accuracy and readability.
+
+Deviations: PEZ's reference optimises CLIP image-text similarity with AdamW (lr 0.1, weight
+decay 0.1), here the label cross-entropy of a task (the same optimiser settings); the best
+validation step is kept, as for soft prompts; Patel et al. tune GPT-2 with RLPrompt as well,
+which is not offered.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..models.lm import LM
+from .nearest import nearest_ids
+from .soft import SoftPrompt, TuneConfig, accuracy, initial_prompt, label_ids, label_logits
+from .tasks import LabelRow, LabelTask
+
+
+def project(lm: LM, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [P], embeddings [P, d])``: each vector's nearest vocabulary token (cosine)."""
+    ids = nearest_ids(lm, vectors, 1)[0][:, 0]
+    emb = lm.model.get_input_embeddings().weight
+    return ids, emb[ids.to(emb.device)].detach().float()
+
+
+def prompt_nll(lm: LM, prompt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``ids[1:]`` when the model reads ``prompt`` (``[P, d]``)
+    as its input: the log-perplexity of the prompt's tokens, differentiable in ``prompt``."""
+    if prompt.shape[0] < 2:
+        return prompt.new_zeros(())
+    dtype = lm.model.get_input_embeddings().weight.dtype
+    out = lm.model(inputs_embeds=prompt[None].to(dtype), use_cache=False).logits[0, :-1]
+    return F.cross_entropy(out.float(), ids[1:].to(out.device))
+
+
+def readability(lm: LM, prompt: torch.Tensor, task: LabelTask, rows: Sequence[LabelRow]
+                ) -> dict[str, Any]:
+    """What a reader of ``prompt`` sees and whether it does the prompt's work: its nearest
+    tokens and their perplexity, and accuracy with the prompt and with those tokens instead."""
+    ids, hard = project(lm, prompt)
+    with torch.no_grad():
+        nll = float(prompt_nll(lm, hard, ids))
+    return {"tokens": [lm.decode(int(i)) for i in ids], "text": lm.decode(ids.tolist()),
+            "perplexity": float(torch.tensor(nll).exp()),
+            "accuracy": accuracy(lm, prompt, task, rows),
+            "projected_accuracy": accuracy(lm, hard, task, rows)}
+
+
+def fluency_loss(lm: LM, task: LabelTask, weight: float
+                 ) -> Callable[[torch.Tensor, Sequence[LabelRow]], torch.Tensor]:
+    """A soft prompt's loss with Patel et al.'s term: the label cross-entropy plus ``weight``
+    × the log-perplexity of the prompt's nearest tokens, read with the prompt as input."""
+    ids = label_ids(lm, task.labels)
+    index = {label: i for i, label in enumerate(task.labels)}
+
+    def loss(p: torch.Tensor, rows: Sequence[LabelRow]) -> torch.Tensor:
+        logits = label_logits(lm, p, [task.template.format(r.text) for r in rows], ids)
+        want = torch.tensor([index[r.label] for r in rows], device=logits.device)
+        task_loss = F.cross_entropy(logits, want)
+        if weight == 0:
+            return task_loss
+        near = project(lm, p.detach())[0]
+        return task_loss + weight * prompt_nll(lm, p, near)
+
+    return loss
+
+
+@dataclass
+class PEZConfig:
+    tokens: int = 10
+    steps: int = 150
+    lr: float = 0.1
+    weight_decay: float = 0.1
+    batch_size: int = 16
+    eval_every: int = 25
+    fluency: float = 0.0
+    seed: int = 0
+
+    def check(self) -> None:
+        TuneConfig(tokens=self.tokens, steps=self.steps, lr=self.lr,
+                   batch_size=self.batch_size, eval_every=self.eval_every).check()
+        if self.fluency < 0:
+            raise InputError(f"the fluency weight must be at least 0, got {self.fluency}")
+
+
+def pez(lm: LM, task: LabelTask, config: PEZConfig | None = None, *,
+        on_step: Callable[[dict[str, Any]], None] | None = None) -> SoftPrompt:
+    """A hard prompt for ``task`` by PEZ (module docstring); the returned prompt's vectors are
+    real token embeddings, its tokens in ``meta["ids"]`` and ``meta["text"]``."""
+    config = config or PEZConfig()
+    config.check()
+    ids_labels = label_ids(lm, task.labels)
+    index = {label: i for i, label in enumerate(task.labels)}
+    soft = initial_prompt(lm, config.tokens, config.seed).requires_grad_(True)
+    opt = torch.optim.AdamW([soft], lr=config.lr, weight_decay=config.weight_decay)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    best: tuple[float, torch.Tensor, int] = (-1.0, project(lm, soft.detach())[0], 0)
+    history = []
+    with lm.frozen_weights():
+        for step in range(1, config.steps + 1):
+            if len(order) < config.batch_size:
+                fresh = list(range(len(task.train)))
+                rng.shuffle(fresh)
+                order += fresh
+            rows = [task.train[i] for i in order[:config.batch_size]]
+            del order[:config.batch_size]
+            ids, hard = project(lm, soft.detach())
+            hard.requires_grad_(True)
+            logits = label_logits(lm, hard, [task.template.format(r.text) for r in rows],
+                                  ids_labels)
+            want = torch.tensor([index[r.label] for r in rows], device=logits.device)
+            loss = F.cross_entropy(logits, want)
+            if config.fluency > 0:
+                loss = loss + config.fluency * prompt_nll(lm, hard, ids)
+            (grad,) = torch.autograd.grad(loss, hard)
+            opt.zero_grad()
+            soft.grad = grad.to(soft)  # the projection's gradient, applied to the soft prompt
+            opt.step()
+            if on_step:
+                on_step({"step": step, "loss": float(loss.detach())})
+            if step % config.eval_every == 0 or step == config.steps:
+                current = project(lm, soft.detach())[0]
+                emb = lm.model.get_input_embeddings().weight[current].detach().float()
+                val = accuracy(lm, emb, task, task.val)
+                history.append({"step": step, "loss": float(loss.detach()), "val_accuracy": val,
+                                "text": lm.decode(current.tolist())})
+                if on_step:
+                    on_step({"step": step, "val_accuracy": val})
+                if val > best[0]:
+                    best = (val, current, step)
+    ids = best[1]
+    emb = lm.model.get_input_embeddings().weight[ids].detach().float().cpu()
+    meta = {"task": task.name, "labels": task.labels, "template": task.template,
+            "method": "pez", "config": asdict(config), "val_accuracy": best[0],
+            "chosen_step": best[2], "history": history, "ids": ids.tolist(),
+            "text": lm.decode(ids.tolist())}
+    return SoftPrompt(emb, meta)
