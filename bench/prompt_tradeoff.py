@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import engramlab as eg
-from engramlab.figures import save_figure
+from engramlab.figures import figure
 from engramlab.prompt import TuneConfig, load_label_task, tune
 from engramlab.prompt.pez import PEZConfig, fluency_loss, pez, readability
 from results import save_run, saved_parts
@@ -30,9 +30,11 @@ DEFAULT_PARAREL = Path(__file__).resolve().parents[2] / "shared/data/pararel"
 
 
 def plot(runs: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    with figure(path, figsize=(6, 4)) as (_fig, ax):
+        draw(runs, ax)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def draw(runs: dict, ax) -> None:
     for method, marker in (("soft", "o"), ("pez", "s")):
         rows = sorted((r for r in runs.values() if r["method"] == method),
                       key=lambda r: r["weight"])
@@ -51,7 +53,6 @@ def plot(runs: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy against readability (labels: fluency weight)")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 def main() -> int:
