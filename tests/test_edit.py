@@ -502,18 +502,18 @@ def test_bootstrap_interval_has_the_binomial_width_and_is_seeded():
 
 def test_memit_spreads_the_residual_so_the_last_layer_reaches_its_target(isolated_cache,
                                                                          monkeypatch):
-    import engramlab.edit.memit as memit_module
+    import engramlab.edit.relation as relation_module  # where every editor gets its targets
 
     lm = make_tiny("llama")
     reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4"), _req("w8", "w43", "w1 {} w2")]
     seen = {}
-    original = memit_module.optimise_targets
+    original = relation_module.optimise_targets
 
     def keep(*args, **kwargs):
         seen["targets"] = original(*args, **kwargs)
         return seen["targets"]
 
-    monkeypatch.setattr(memit_module, "optimise_targets", keep)
+    monkeypatch.setattr(relation_module, "optimise_targets", keep)
     # no context templates and a negligible λ: every layer's share is written exactly
     editor = MEMIT(layers=[0, 1], key_stats=_stats(lm, [0, 1]), templates=[], **_steps(3),
                    mom2_weight=1e-6)
@@ -528,19 +528,19 @@ def test_memit_spreads_the_residual_so_the_last_layer_reaches_its_target(isolate
 
 def test_a_target_memo_reuses_targets_across_lambda_but_not_across_weights(isolated_cache,
                                                                            monkeypatch):
-    import engramlab.edit.memit as memit_module
+    import engramlab.edit.relation as relation_module  # where every editor gets its targets
     from engramlab.edit.targets import TargetMemo
 
     lm = make_tiny("llama")
     reqs = [_req(), _req("w7", "w42", "{} w2 w3 w4")]
     calls = []
-    original = memit_module.optimise_targets
+    original = relation_module.optimise_targets
 
     def count(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(memit_module, "optimise_targets", count)
+    monkeypatch.setattr(relation_module, "optimise_targets", count)
     memo = TargetMemo()
     stats = _stats(lm, [0, 1])
     deltas = []
