@@ -174,3 +174,47 @@ def test_pez_projection_and_prompt_perplexity():
     assert prompt.meta["val_accuracy"] == pytest.approx(accuracy(lm, prompt, task, task.val))
     seen = readability(lm, prompt.embeddings, task, task.val)
     assert seen["projected_accuracy"] == seen["accuracy"]  # projecting a hard prompt is a no-op
+
+
+def test_the_prompt_commands_run_end_to_end_on_a_model_folder(tmp_path, capsys):
+    from tests.conftest import tiny_text
+
+    model = make_tiny("llama").save(tmp_path / "tiny")
+    task_file = tmp_path / "task.jsonl"
+    task = _task()
+    rows = task.train + task.val + task.test
+    task_file.write_text("".join(json.dumps({"text": r.text, "label": r.label}) + "\n"
+                                 for r in rows))
+    corpus = tmp_path / "public.txt"
+    corpus.write_text("\n\n".join(" . ".join(tiny_text(8, seed=10 * d + i) for i in range(5))
+                                  for d in range(4)))  # 4 documents of 5 sentences
+
+    def run(*argv):
+        capsys.readouterr()
+        assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    common = ["--task", str(task_file)]
+    tuned = run("prompt", "tune", "--model", str(model), *common, "--tokens", "3", "--steps", "4",
+                "--eval-every", "2", "--out", str(tmp_path / "p"))
+    assert tuned["split"] == "val" and (tmp_path / "p" / "adapter_config.json").is_file()
+    scored = run("prompt", "eval", "--model", str(model), *common, "--prompt",
+                 str(tmp_path / "p"))
+    assert set(scored) == {"task", "split", "n", "accuracy", "zero_shot_accuracy"}
+    assert scored["split"] == "test" and scored["n"] == len(jsonl_task(task_file).test)
+    shown = run("prompt", "show", str(tmp_path / "p"), "--model", str(model), "-k", "2")
+    assert len(shown["positions"]) == 3 and len(shown["positions"][0]) == 2
+    student = run("prompt", "distil", "--model", str(model), "--keep", "2", "--steps", "2",
+                  "--batch-size", "2", "--seq-len", "8", "--corpus", str(corpus),
+                  "--out", str(tmp_path / "student"))
+    assert student["blocks"] == 2
+    private = run("prompt", "tune", "--model", str(tmp_path / "student"), *common, "--tokens",
+                  "3", "--steps", "3", "--eval-every", "3", "--dp-epsilon", "8",
+                  "--out", str(tmp_path / "ps"))
+    assert private["dp"]["epsilon"] == 8 and private["dp"]["noise_multiplier"] > 0
+    moved = run("prompt", "transfer", "--from", str(tmp_path / "student"), "--to", str(model),
+                "--prompt", str(tmp_path / "ps"), *common, "--public", str(corpus),
+                "--n-public", "8", "--steps", "2", "--eval-every", "2",
+                "--out", str(tmp_path / "moved"))
+    assert moved["public"] == 8
+    assert SoftPrompt.load(tmp_path / "moved", make_tiny("llama")).length == 3
