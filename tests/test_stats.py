@@ -141,3 +141,41 @@ def test_keyed_cache_entries_are_per_key_and_rejected_entries_are_rebuilt(isolat
     assert read_cached(a, load) == "good"
     a.write_text("bad")
     assert read_cached(a, load) is None and not a.exists()  # rejected: deleted, rebuilt
+
+
+def test_statistics_split_over_worker_processes_equal_one_process(tmp_path, isolated_cache):
+    from engramlab import load_model
+
+    lm = load_model(str(make_tiny("llama").save(tmp_path / "tiny")), device="cpu",
+                    progress=False)
+    corpus = TextCorpus([tiny_text(300, seed=s) for s in range(6)], name="tiny-text")
+    kw = dict(n_tokens=1200, batch_size=2, seq_len=32, use_cache=False, progress=False)
+    one = collect_key_stats(lm, [0, 2], corpus, **kw)
+    two = collect_key_stats(lm, [0, 2], corpus, workers=2, **kw)
+    for layer in (0, 2):
+        assert two[layer].count == one[layer].count == 1216  # 19 rows of 32: whole batches
+        assert float(one[layer].sum.abs().max()) > 0
+        assert torch.allclose(two[layer].sum, one[layer].sum, rtol=1e-10, atol=0)
+    # an edited model in the parent is not what the workers would load: refused
+    with torch.no_grad():
+        lm.layout.value_weight(0).add_(1.0)
+    with pytest.raises(CacheError, match="other weights"):
+        collect_key_stats(lm, [0], corpus, workers=2, **kw)
+
+
+def test_engram_stats_prints_its_figures_and_fills_the_cache(tmp_path, isolated_cache, capsys):
+    import json
+
+    from engramlab.cli import main
+
+    folder = make_tiny("llama").save(tmp_path / "tiny")
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join(tiny_text(200, seed=s) for s in range(4)))
+    argv = ["stats", "--model", str(folder), "--layers", "0", "1", "--tokens", "256",
+            "--seq-len", "32", "--corpus", str(corpus), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"layers", "tokens", "seconds", "tokens_per_s", "workers"}
+    assert out["layers"] == [0, 1] and out["tokens"] == 256 and out["workers"] == 1
+    assert len(list((isolated_cache / "stats").rglob("*.safetensors"))) == 2
+    assert main([*argv[:-1], "--layers", "7"]) == 2  # a layer the model lacks

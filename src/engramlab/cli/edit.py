@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
+    CORPUS_HELP,
     add_common,
     add_set,
     emit,
@@ -78,6 +79,20 @@ def register(sub: Any) -> None:
     add_set(s, "editing hyper-parameter overrides")
     s.add_argument("--out", default=None, help="folder for result.json")
     s.set_defaults(func=survive)
+
+    k = sub.add_parser("stats", help="collect (or read cached) key statistics C0 = E[k kT] "
+                                     "for ROME / MEMIT / AlphaEdit")
+    add_common(k)
+    k.add_argument("--layers", type=nonnegative_int, nargs="+", required=True)
+    k.add_argument("--tokens", type=positive_int, default=10_000)
+    k.add_argument("--corpus", default=None, help=CORPUS_HELP)
+    k.add_argument("--batch-size", type=positive_int, default=8)
+    k.add_argument("--seq-len", type=positive_int, default=256)
+    k.add_argument("--workers", type=positive_int, default=1,
+                   help="CPU processes sharing the corpus (shards merged exactly)")
+    k.add_argument("--no-cache", action="store_true",
+                   help="collect even when cached (to time it), and do not write the cache")
+    k.set_defaults(func=stats)
 
 
 def edit(args: argparse.Namespace) -> int:
@@ -195,4 +210,31 @@ def survive(args: argparse.Namespace) -> int:
         obj["out"] = args.out
         lines.append(f"saved to {args.out}")
     emit(args, obj, lines)
+    return 0
+
+
+def stats(args: argparse.Namespace) -> int:
+    import time
+
+    from ..data.corpus import check_corpus_spec, get_corpus
+    from ..models import load_model
+    from ..stats import collect_key_stats
+
+    check_corpus_spec(args.corpus)
+    lm = load_model(args.model, progress=not args.json,
+                    device="cpu" if args.workers > 1 else None)
+    layers = [lm.layout.check_layer(layer) for layer in args.layers]
+    corpus = get_corpus(lm, args.corpus, n_tokens=args.tokens, progress=not args.json)
+    start = time.perf_counter()
+    out = collect_key_stats(lm, layers, corpus, n_tokens=args.tokens, batch_size=args.batch_size,
+                            seq_len=args.seq_len, use_cache=not args.no_cache, progress=True,
+                            workers=args.workers)
+    seconds = time.perf_counter() - start
+    tokens = out[layers[0]].count
+    obj = {"layers": layers, "tokens": tokens, "seconds": seconds,
+           "tokens_per_s": tokens / seconds if seconds > 0 else None, "workers": args.workers}
+    emit(args, obj, [f"key statistics of {lm.label}, layers {layers}: {tokens} tokens in "
+                     f"{seconds:.1f} s ({obj['tokens_per_s'] or 0:.0f} tokens/s, "
+                     f"{args.workers} worker{'s' if args.workers > 1 else ''})"
+                     + ("" if args.no_cache else "; cached for the editors")])
     return 0
