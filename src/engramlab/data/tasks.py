@@ -16,6 +16,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 from .pararel import pararel_qa
@@ -51,21 +52,30 @@ def is_task(spec: str | Path) -> bool:
     return isinstance(record, dict) and "prompt" in record and "completion" in record
 
 
-def task_rows(path: str | Path) -> list[TaskRow]:
-    """The usable ``{"prompt", "completion"}`` records of a JSONL file (both non-empty)."""
+def jsonl_records(path: str | Path) -> list[tuple[int, Any]]:
+    """``(line number, parsed record)`` of each non-empty line of a UTF-8 JSONL file, with a
+    one-line error naming the file (and line) that cannot be read."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-    rows = []
+    out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            out.append((n, json.loads(line)))
         except json.JSONDecodeError:
             raise InputError(f"{path}:{n} is not a JSON record") from None
+    return out
+
+
+def task_rows(path: str | Path) -> list[TaskRow]:
+    """The usable ``{"prompt", "completion"}`` records of a JSONL file (both non-empty)."""
+    path = Path(path)
+    rows = []
+    for _, record in jsonl_records(path):
         if not isinstance(record, dict):
             continue
         prompt, completion = record.get("prompt"), record.get("completion")

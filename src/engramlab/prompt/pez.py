@@ -22,7 +22,6 @@ which is not offered.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,7 +32,15 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..models.lm import LM
 from .nearest import nearest_ids
-from .soft import SoftPrompt, TuneConfig, accuracy, initial_prompt, label_ids, label_logits
+from .soft import (
+    Keeper,
+    SoftPrompt,
+    TuneConfig,
+    accuracy,
+    batches,
+    initial_prompt,
+    label_loss,
+)
 from .tasks import LabelRow, LabelTask
 
 
@@ -71,17 +78,12 @@ def fluency_loss(lm: LM, task: LabelTask, weight: float
                  ) -> Callable[[torch.Tensor, Sequence[LabelRow]], torch.Tensor]:
     """A soft prompt's loss with Patel et al.'s term: the label cross-entropy plus ``weight``
     × the log-perplexity of the prompt's nearest tokens, read with the prompt as input."""
-    ids = label_ids(lm, task.labels)
-    index = {label: i for i, label in enumerate(task.labels)}
 
     def loss(p: torch.Tensor, rows: Sequence[LabelRow]) -> torch.Tensor:
-        logits = label_logits(lm, p, [task.template.format(r.text) for r in rows], ids)
-        want = torch.tensor([index[r.label] for r in rows], device=logits.device)
-        task_loss = F.cross_entropy(logits, want)
+        task_loss = label_loss(lm, task, p, rows)
         if weight == 0:
             return task_loss
-        near = project(lm, p.detach())[0]
-        return task_loss + weight * prompt_nll(lm, p, near)
+        return task_loss + weight * prompt_nll(lm, p, project(lm, p.detach())[0])
 
     return loss
 
@@ -110,50 +112,27 @@ def pez(lm: LM, task: LabelTask, config: PEZConfig | None = None, *,
     real token embeddings, its tokens in ``meta["ids"]`` and ``meta["text"]``."""
     config = config or PEZConfig()
     config.check()
-    ids_labels = label_ids(lm, task.labels)
-    index = {label: i for i, label in enumerate(task.labels)}
     soft = initial_prompt(lm, config.tokens, config.seed).requires_grad_(True)
     opt = torch.optim.AdamW([soft], lr=config.lr, weight_decay=config.weight_decay)
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    best: tuple[float, torch.Tensor, int] = (-1.0, project(lm, soft.detach())[0], 0)
-    history = []
+    keeper = Keeper(lm, task, config.steps, config.eval_every, on_step)
+    draw = batches(len(task.train), config.batch_size, config.seed)
     with lm.frozen_weights():
         for step in range(1, config.steps + 1):
-            if len(order) < config.batch_size:
-                fresh = list(range(len(task.train)))
-                rng.shuffle(fresh)
-                order += fresh
-            rows = [task.train[i] for i in order[:config.batch_size]]
-            del order[:config.batch_size]
+            rows = [task.train[i] for i in next(draw)]
             ids, hard = project(lm, soft.detach())
             hard.requires_grad_(True)
-            logits = label_logits(lm, hard, [task.template.format(r.text) for r in rows],
-                                  ids_labels)
-            want = torch.tensor([index[r.label] for r in rows], device=logits.device)
-            loss = F.cross_entropy(logits, want)
+            loss = label_loss(lm, task, hard, rows)
             if config.fluency > 0:
                 loss = loss + config.fluency * prompt_nll(lm, hard, ids)
             (grad,) = torch.autograd.grad(loss, hard)
             opt.zero_grad()
             soft.grad = grad.to(soft)  # the projection's gradient, applied to the soft prompt
             opt.step()
-            if on_step:
-                on_step({"step": step, "loss": float(loss.detach())})
-            if step % config.eval_every == 0 or step == config.steps:
-                current = project(lm, soft.detach())[0]
-                emb = lm.model.get_input_embeddings().weight[current].detach().float()
-                val = accuracy(lm, emb, task, task.val)
-                history.append({"step": step, "loss": float(loss.detach()), "val_accuracy": val,
-                                "text": lm.decode(current.tolist())})
-                if on_step:
-                    on_step({"step": step, "val_accuracy": val})
-                if val > best[0]:
-                    best = (val, current, step)
-    ids = best[1]
-    emb = lm.model.get_input_embeddings().weight[ids].detach().float().cpu()
+            ids, hard = project(lm, soft.detach())  # what the step leaves is what is scored
+            keeper.after(step, loss, hard, text=lm.decode(ids.tolist()))
+    emb = keeper.prompt.cpu()
+    ids = project(lm, emb)[0]
     meta = {"task": task.name, "labels": task.labels, "template": task.template,
-            "method": "pez", "config": asdict(config), "val_accuracy": best[0],
-            "chosen_step": best[2], "history": history, "ids": ids.tolist(),
+            "method": "pez", "config": asdict(config), **keeper.meta(), "ids": ids.tolist(),
             "text": lm.decode(ids.tolist())}
     return SoftPrompt(emb, meta)

@@ -27,7 +27,6 @@ per public text, since neither depends on the prompt being trained.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ from ..data.corpus import TextCorpus
 from ..errors import InputError
 from ..models.lm import LM
 from ..models.student import keep_layers
-from .soft import SoftPrompt, accuracy, initial_prompt, last_logits
+from .soft import Keeper, SoftPrompt, batches, initial_prompt, last_logits
 from .tasks import LabelTask
 
 
@@ -202,18 +201,11 @@ def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: 
     tokens = config.tokens or prompt.length
     target = initial_prompt(large, tokens, config.seed).requires_grad_(True)
     opt = torch.optim.Adam([target], lr=config.lr)
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    best = (-1.0, target.detach().clone(), 0)
-    history = []
+    keeper = Keeper(large, task, config.steps, config.eval_every, on_step)
+    draw = batches(len(texts), config.batch_size, config.seed)
     with large.frozen_weights():
         for step in range(1, config.steps + 1):
-            if len(order) < config.batch_size:
-                fresh = list(range(len(texts)))
-                rng.shuffle(fresh)
-                order += fresh
-            idx = order[:config.batch_size]
-            del order[:config.batch_size]
+            idx = next(draw)
             prompted = last_logits(large, target, [texts[i] for i in idx])
             loss = transfer_loss(small_prompted[idx].to(prompted), small_plain[idx].to(prompted),
                                  prompted, large_plain[idx].to(prompted), alpha=config.alpha,
@@ -221,20 +213,8 @@ def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise InputError(f"the transfer loss became {value} at step {step}; lower --lr")
-            if on_step:
-                on_step({"step": step, "loss": value})
-            if step % config.eval_every == 0 or step == config.steps:
-                val = accuracy(large, target.detach(), task, task.val)
-                history.append({"step": step, "loss": value, "val_accuracy": val})
-                if on_step:
-                    on_step({"step": step, "val_accuracy": val})
-                if val > best[0]:
-                    best = (val, target.detach().clone(), step)
+            keeper.after(step, loss, target.detach())
     meta = {**{k: v for k, v in prompt.meta.items() if k in ("task", "labels", "template")},
             "transferred_from": prompt.meta.get("model"), "transfer": asdict(config),
-            "val_accuracy": best[0], "chosen_step": best[2], "history": history,
-            "source_dp": prompt.meta.get("dp")}
-    return SoftPrompt(best[1].cpu(), meta)
+            **keeper.meta(), "source_dp": prompt.meta.get("dp")}
+    return SoftPrompt(keeper.prompt.cpu(), meta)

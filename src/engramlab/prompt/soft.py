@@ -26,7 +26,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,67 @@ class TuneConfig:
             raise InputError(f"--lr must be positive, got {self.lr}")
 
 
+def label_loss(lm: LM, task: LabelTask, prompt: torch.Tensor, rows: Sequence[LabelRow]
+               ) -> torch.Tensor:
+    """Cross-entropy of each row's label among the task's labels, averaged over ``rows``."""
+    index = {label: i for i, label in enumerate(task.labels)}
+    logits = label_logits(lm, prompt, [task.template.format(r.text) for r in rows],
+                          label_ids(lm, task.labels))
+    want = torch.tensor([index[r.label] for r in rows], device=logits.device)
+    return F.cross_entropy(logits, want)
+
+
+def batches(n: int, size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of ``size`` indices into ``n`` rows: seeded shuffles, one after another."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order += fresh
+        yield order[:size]
+        del order[:size]
+
+
+class Keeper:
+    """What every prompt-training loop does after its step: refuse a loss that is no longer
+    finite, report progress, score the prompt on the validation split every ``eval_every``
+    steps (and at the last) and keep the best one (the last one with ``keep_last``)."""
+
+    def __init__(self, lm: LM, task: LabelTask, steps: int, eval_every: int,
+                 on_step: Callable[[dict[str, Any]], None] | None = None, *,
+                 keep_last: bool = False) -> None:
+        self.lm, self.task, self.steps, self.eval_every = lm, task, steps, eval_every
+        self.on_step, self.keep_last = on_step, keep_last
+        self.best: tuple[float, torch.Tensor | None, int] = (-1.0, None, 0)
+        self.history: list[dict[str, Any]] = []
+
+    def after(self, step: int, loss: torch.Tensor, prompt: torch.Tensor,
+              **extra: Any) -> None:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise InputError(f"the loss became {value} at step {step}; lower --lr")
+        if self.on_step:
+            self.on_step({"step": step, "loss": value})
+        if step % self.eval_every == 0 or step == self.steps:
+            val = accuracy(self.lm, prompt, self.task, self.task.val)
+            self.history.append({"step": step, "loss": value, "val_accuracy": val, **extra})
+            if self.on_step:
+                self.on_step({"step": step, "val_accuracy": val})
+            if val > self.best[0] or self.keep_last:
+                self.best = (val, prompt.detach().clone(), step)
+
+    def meta(self) -> dict[str, Any]:
+        return {"val_accuracy": self.best[0], "chosen_step": self.best[2],
+                "history": self.history}
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        assert self.best[1] is not None, "no evaluation yet"
+        return self.best[1]
+
+
 def initial_prompt(lm: LM, tokens: int, seed: int) -> torch.Tensor:
     """The embeddings of ``tokens`` vocabulary tokens drawn at random (seeded)."""
     emb = lm.model.get_input_embeddings().weight
@@ -279,29 +340,17 @@ def tune(lm: LM, task: LabelTask, config: TuneConfig | None = None, *,
             raise ValueError("DP-SGD tuning uses the label loss; no loss_fn with dp")
         sigma, delta = dp.noise(len(task.train), config.batch_size, config.steps)
     noise = torch.Generator().manual_seed(config.seed + 1)
-    ids = label_ids(lm, task.labels)
-    index = {label: i for i, label in enumerate(task.labels)}
     prompt = initial_prompt(lm, config.tokens, config.seed).requires_grad_(True)
     opt = torch.optim.Adam([prompt], lr=config.lr)
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    best = (-1.0, prompt.detach().clone(), 0)
-    history = []
+    keeper = Keeper(lm, task, config.steps, config.eval_every, on_step, keep_last=dp is not None)
 
-    def default_loss(p: torch.Tensor, rows: Sequence[LabelRow]) -> torch.Tensor:
-        logits = label_logits(lm, p, [task.template.format(r.text) for r in rows], ids)
-        want = torch.tensor([index[r.label] for r in rows], device=logits.device)
-        return F.cross_entropy(logits, want)
+    def loss_of(p: torch.Tensor, rows: Sequence[LabelRow]) -> torch.Tensor:
+        return loss_fn(p, rows) if loss_fn is not None else label_loss(lm, task, p, rows)
 
-    loss_of = loss_fn or default_loss
+    draw = batches(len(task.train), config.batch_size, config.seed)
     with lm.frozen_weights():
         for step in range(1, config.steps + 1):
-            if len(order) < config.batch_size:
-                fresh = list(range(len(task.train)))
-                rng.shuffle(fresh)
-                order += fresh
-            rows = [task.train[i] for i in order[:config.batch_size]]
-            del order[:config.batch_size]
+            rows = [task.train[i] for i in next(draw)]
             opt.zero_grad()
             if dp is None:
                 loss = loss_of(prompt, rows)
@@ -309,24 +358,12 @@ def tune(lm: LM, task: LabelTask, config: TuneConfig | None = None, *,
             else:
                 loss = _private_gradient(prompt, rows, loss_of, dp.clip, sigma, noise)
             opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise InputError(f"the tuning loss became {value} at step {step}; lower --lr")
-            if on_step:
-                on_step({"step": step, "loss": value})
-            if step % config.eval_every == 0 or step == config.steps:
-                val = accuracy(lm, prompt.detach(), task, task.val)
-                history.append({"step": step, "loss": value, "val_accuracy": val})
-                if on_step:
-                    on_step({"step": step, "val_accuracy": val})
-                if val > best[0] or dp is not None:
-                    best = (val, prompt.detach().clone(), step)
+            keeper.after(step, loss, prompt.detach())
     meta = {"task": task.name, "labels": task.labels, "template": task.template,
-            "config": asdict(config), "val_accuracy": best[0], "chosen_step": best[2],
-            "history": history,
+            "config": asdict(config), **keeper.meta(),
             "dp": None if dp is None else {**asdict(dp), "delta": delta, "noise_multiplier": sigma,
                                            "accountant": "rdp (opacus)"}}
-    return SoftPrompt(best[1].cpu(), meta)
+    return SoftPrompt(keeper.prompt.cpu(), meta)
 
 
 def _private_gradient(prompt: torch.Tensor, rows: Sequence[LabelRow],

@@ -17,13 +17,13 @@ in tuning, and a JSONL file by text.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.pararel import pararel_patterns, pararel_triples
+from ..data.tasks import jsonl_records
 from ..errors import InputError
 
 BUILT_IN = ("fact-check", "relation")
@@ -146,18 +146,8 @@ def jsonl_task(path: str | Path, *, seed: int = 0,
                caps: tuple[int, int, int] = (2000, 200, 500)) -> LabelTask:
     """A JSONL file of ``{"text", "label"}`` records, split by text."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{n} is not a JSON record") from None
+    for n, record in jsonl_records(path):
         text = record.get("text") if isinstance(record, dict) else None
         label = record.get("label") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
