@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._io import atomic_dir
@@ -123,19 +124,27 @@ class LM:
         return getattr(self.layout.unembed, "bias", None) is None and \
             not getattr(self.config, "final_logit_softcapping", None)
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + unembedding (+ Gemma-2's logit soft-cap): the logit lens of any state."""
-        logits = self.layout.unembed(self.layout.final_norm(hidden))
+    def logits_from_hidden(self, hidden: torch.Tensor,
+                           tokens: Sequence[int] | None = None) -> torch.Tensor:
+        """Final norm + unembedding (+ Gemma-2's logit soft-cap): the logit lens of any state.
+        With ``tokens``, only those tokens' logits, in that order (only their rows are read)."""
+        normed = self.layout.final_norm(hidden)
+        if tokens is None:
+            logits = self.layout.unembed(normed)
+        else:
+            index = torch.tensor(list(tokens), device=normed.device)
+            bias = getattr(self.layout.unembed, "bias", None)
+            logits = F.linear(normed, self.layout.unembed.weight[index],
+                              None if bias is None else bias[index])
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    @torch.no_grad()
-    def next_token_logits(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """``[batch, vocab]`` logits after the last real token of each prompt (one forward of
-        the body; the unembedding only at those positions, not at every padded one)."""
-        enc = self.tokenize(prompts)
+    def last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """``[batch, d_model]``: the last block's output at each row's last real token of a
+        right-padded batch (``input_ids`` or ``inputs_embeds``), from one forward of the body;
+        differentiable in the inputs."""
         kept: dict[str, torch.Tensor] = {}
 
         def keep(_m: nn.Module, _a: Any, out: Any) -> None:
@@ -143,13 +152,19 @@ class LM:
 
         handle = self.layout.block(self.n_layers - 1).register_forward_hook(keep)
         try:
-            self.body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                      use_cache=False)
+            self.body(attention_mask=attention_mask, use_cache=False, **inputs)
         finally:
             handle.remove()
-        last = enc["attention_mask"].sum(1) - 1
-        rows = torch.arange(last.shape[0], device=last.device)
-        return self.logits_from_hidden(kept["h"][rows, last]).float()
+        last = attention_mask.sum(1) - 1
+        return kept["h"][torch.arange(last.shape[0], device=last.device), last]
+
+    @torch.no_grad()
+    def next_token_logits(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """``[batch, vocab]`` logits after the last real token of each prompt (one forward of
+        the body; the unembedding only at those positions, not at every padded one)."""
+        enc = self.tokenize(prompts)
+        hidden = self.last_hidden(enc["attention_mask"], input_ids=enc["input_ids"])
+        return self.logits_from_hidden(hidden).float()
 
     def top_tokens(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
         probs = self.next_token_logits(prompt)[0].softmax(-1)

@@ -122,8 +122,8 @@ class SoftPrompt:
 
 
 def _batch(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str]
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input embeddings ``[prompt; text]``, their mask and last real position.
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input embeddings ``[prompt; text]`` and their mask.
     ``prompt`` is ``[P, d]`` (shared) or ``[len(texts), P, d]`` (a copy per row, whose
     gradients are then the rows' own: DP-SGD's per-example gradients in one backward)."""
     emb = lm.model.get_input_embeddings()
@@ -142,8 +142,7 @@ def _batch(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str]
         rows.append(piece if own is None else torch.cat([own.to(dtype), piece]))
         mask[i, :p + len(row)] = 1
     x = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-    last = mask.sum(1) - 1
-    return x, mask, last
+    return x, mask
 
 
 def last_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
@@ -151,29 +150,8 @@ def last_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
     """The logits after each text's last token (with the soft prompt before it, when given):
     ``[len(texts), len(labels)]`` for the label tokens, or the whole vocabulary without
     ``labels``; differentiable in ``prompt``. Only the last positions are unembedded."""
-    x, mask, last = _batch(lm, prompt, texts)
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(_m: Any, _a: Any, out: Any) -> None:
-        kept["h"] = out[0] if isinstance(out, tuple) else out
-
-    handle = lm.layout.block(lm.n_layers - 1).register_forward_hook(keep)
-    try:
-        lm.body(inputs_embeds=x, attention_mask=mask, use_cache=False)
-    finally:
-        handle.remove()
-    h = kept["h"][torch.arange(len(texts), device=lm.device), last]
-    if labels is None:
-        return lm.logits_from_hidden(h).float()
-    index = torch.tensor(list(labels), device=lm.device)
-    logits = lm.layout.final_norm(h) @ lm.layout.unembed.weight[index].T
-    bias = getattr(lm.layout.unembed, "bias", None)
-    if bias is not None:
-        logits = logits + bias[index]
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
+    x, mask = _batch(lm, prompt, texts)
+    return lm.logits_from_hidden(lm.last_hidden(mask, inputs_embeds=x), labels).float()
 
 
 def label_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
