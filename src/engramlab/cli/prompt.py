@@ -165,9 +165,9 @@ def evaluate(args: argparse.Namespace) -> int:
     from ..prompt import SoftPrompt, accuracy, load_label_task
 
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
-    SoftPrompt.load(args.prompt)  # a bad folder is refused before the model loads
+    prompt = SoftPrompt.load(args.prompt)  # a bad folder is refused before the model loads
     lm = load_model(args.model, progress=not args.json)
-    prompt = SoftPrompt.load(args.prompt, lm)
+    prompt.check(lm)
     rows = task.split(args.split)
     acc = accuracy(lm, prompt, task, rows)
     zero = accuracy(lm, None, task, rows)
@@ -182,9 +182,9 @@ def show(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..prompt import SoftPrompt, nearest_tokens
 
-    SoftPrompt.load(args.prompt_dir)
+    prompt = SoftPrompt.load(args.prompt_dir)
     lm = load_model(args.model, progress=not args.json)
-    prompt = SoftPrompt.load(args.prompt_dir, lm)
+    prompt.check(lm)
     rows = nearest_tokens(lm, prompt.embeddings, k=args.k)
     lines = [f"{prompt.length}-token soft prompt for {prompt.meta.get('task', 'a task')} "
              f"(nearest tokens by cosine)"]
@@ -237,9 +237,9 @@ def transfer(args: argparse.Namespace) -> int:
 
     check_corpus_spec(args.public)
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
-    SoftPrompt.load(args.prompt)  # a bad folder is refused before the models load
+    prompt = SoftPrompt.load(args.prompt)  # a bad folder is refused before the models load
     small = load_model(args.source, progress=not args.json)
-    prompt = SoftPrompt.load(args.prompt, small)
+    prompt.check(small)
     large = load_model(args.target, progress=not args.json)
     public = public_texts(get_corpus(large, args.public, progress=not args.json),
                           args.n_public, seed=args.seed)

@@ -66,6 +66,7 @@ class SoftPrompt:
 
     embeddings: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None  # where it was loaded from
 
     @property
     def length(self) -> int:
@@ -111,14 +112,20 @@ class SoftPrompt:
         if config.get("peft_type") != "PROMPT_TUNING" or "prompt_embeddings" not in tensors:
             raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
                              "a soft prompt (PEFT prompt tuning)")
-        emb = tensors["prompt_embeddings"].float()
+        prompt = cls(tensors["prompt_embeddings"].float(), meta, folder)
         if lm is not None:
-            made = meta.get("signature")
-            if emb.shape[1] != lm.d_model or (made is not None and made != lm.signature()):
-                raise InputError(f"{folder} was made for another model "
-                                 f"({meta.get('model', 'width ' + str(emb.shape[1]))}); tune "
-                                 f"a prompt for {lm.label}, or transfer this one")
-        return cls(emb, meta)
+            prompt.check(lm)
+        return prompt
+
+    def check(self, lm: LM) -> None:
+        """Refuse a prompt that was made for another model than ``lm``."""
+        made = self.meta.get("signature")
+        if self.embeddings.shape[1] != lm.d_model or (made is not None
+                                                      and made != lm.signature()):
+            where = self.folder or "this soft prompt"
+            raise InputError(f"{where} was made for another model "
+                             f"({self.meta.get('model', 'width ' + str(self.embeddings.shape[1]))}"
+                             f"); tune a prompt for {lm.label}, or transfer this one")
 
 
 def _batch(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str]
