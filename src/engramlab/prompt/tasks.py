@@ -21,11 +21,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ..data.pararel import pararel_patterns, pararel_triples
 from ..data.tasks import jsonl_records
 from ..errors import InputError
 
+T = TypeVar("T")
 BUILT_IN = ("fact-check", "relation")
 # relation -> label word: relations whose names are distinct single words
 RELATIONS = {"P19": "birth", "P20": "death", "P36": "capital", "P37": "language",
@@ -61,15 +63,15 @@ class LabelTask:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def _split_by(rows: Sequence[LabelRow], keys: Sequence[str], seed: int, shares: tuple[float, float],
-              caps: tuple[int, int, int]) -> tuple[list[LabelRow], ...]:
+def _split_by(rows: Sequence[T], keys: Sequence[str], seed: int, shares: tuple[float, float],
+              caps: tuple[int, int, int]) -> tuple[list[T], ...]:
     """Rows into train / val / test by their keys (a key's rows stay together)."""
     distinct = sorted(set(keys))
     random.Random(f"{seed}/split").shuffle(distinct)
     n_val, n_test = (max(1, round(s * len(distinct))) for s in shares)
     part = {k: 2 for k in distinct[:n_test]}
     part.update({k: 1 for k in distinct[n_test:n_test + n_val]})
-    out: tuple[list[LabelRow], ...] = ([], [], [])
+    out: tuple[list[T], ...] = ([], [], [])
     order = list(range(len(rows)))
     random.Random(f"{seed}/order").shuffle(order)
     for i in order:
@@ -128,13 +130,12 @@ def relation_task(root: str | Path, *, seed: int = 0,
         rng.shuffle(shuffled)
         cut = max(1, len(shuffled) // 3)
         wording[rel] = (shuffled[cut:], shuffled[:cut])  # (tuning, held out)
-    placeholder = [LabelRow(str(i), "") for i in range(len(triples))]
-    parts = _split_by(placeholder, keys, seed, (0.1, 0.2), (len(triples),) * 3)
+    # every part whole: its wordings are drawn in order, then the part is cut to its cap
+    parts = _split_by(triples, keys, seed, (0.1, 0.2), (len(triples),) * 3)
     out = []
     for held, part in enumerate(parts):
         rows = []
-        for row in part:
-            rel, subject, obj = triples[int(row.text)]
+        for rel, subject, obj in part:
             pattern = rng.choice(wording[rel][min(held, 1)])
             rows.append(LabelRow(pattern.replace("[X]", subject).replace("[Y]", obj),
                                  RELATIONS[rel]))
