@@ -491,8 +491,8 @@ def _forward_backward(lm: LM, groups: list[Group], objective: _Objective, point:
     a single edit, the whole step's) is never needed."""
     objective.start_step()
     pending: torch.Tensor | None = None
+    anchor_point = None if objective.anchor is None else objective.anchor.point
     for k, g in enumerate(groups):
-        anchor_point = None if objective.anchor is None else objective.anchor.point
         hidden, anchor_hidden = run_group(lm, g, point, last, delta, record_init, anchor_point)
         part = objective.group_loss(lm, g, hidden, first=record_init is not None,
                                     anchor_hidden=anchor_hidden)
