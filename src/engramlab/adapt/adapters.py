@@ -11,6 +11,9 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..delta import ParamDelta, WeightDelta
 from ..errors import InputError
@@ -20,19 +23,26 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def load_adapter(folder: str | os.PathLike[str], lm: LM) -> WeightDelta:
-    """The change a saved LoRA adapter makes to ``lm``'s weights."""
+def read_adapter_folder(folder: str | os.PathLike[str], what: str = "PEFT adapter",
+                        hint: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A PEFT folder's config and tensors, or a one-line error naming the folder (``what`` it
+    should hold, ``hint`` on how one is made)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise InputError(f"{folder} is not a saved PEFT adapter (expected {CONFIG} and "
-                         f"{WEIGHTS})")
+        raise InputError(f"{folder} is not a saved {what} (expected {CONFIG} and "
+                         f"{WEIGHTS}{hint})")
     try:
-        config = json.loads((folder / CONFIG).read_text())
-        tensors = load_file(str(folder / WEIGHTS))
+        return json.loads((folder / CONFIG).read_text()), load_file(str(folder / WEIGHTS))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise InputError(f"{folder} holds an unreadable adapter ({e})") from None
+        raise InputError(f"{folder} holds an unreadable {what} ({e})") from None
+
+
+def load_adapter(folder: str | os.PathLike[str], lm: LM) -> WeightDelta:
+    """The change a saved LoRA adapter makes to ``lm``'s weights."""
+    folder = Path(folder)
+    config, tensors = read_adapter_folder(folder)
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
         raise InputError(f"{folder} is not a plain LoRA adapter (DoRA and other PEFT methods "
                          "are not B·A updates); apply it with peft instead")

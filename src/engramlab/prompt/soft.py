@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..models.lm import LM
 from .tasks import LabelRow, LabelTask
 
-CONFIG, WEIGHTS, META = "adapter_config.json", "adapter_model.safetensors", "engramlab.json"
+META = "engramlab.json"
 
 
 def label_ids(lm: LM, labels: Sequence[str]) -> list[int]:
@@ -78,6 +78,7 @@ class SoftPrompt:
         from safetensors.torch import save_file
 
         from .._io import atomic_dir
+        from ..adapt.adapters import WEIGHTS
 
         config = PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.length,
@@ -97,15 +98,12 @@ class SoftPrompt:
     @classmethod
     def load(cls, folder: str | os.PathLike[str], lm: LM | None = None) -> SoftPrompt:
         """A saved prompt-tuning adapter; with ``lm``, refused unless it was made for it."""
-        from safetensors.torch import load_file
+        from ..adapt.adapters import read_adapter_folder
 
         folder = Path(folder)
-        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-            raise InputError(f"{folder} is not a saved soft prompt (expected {CONFIG} and "
-                             f"{WEIGHTS}, as `engram prompt tune --out` writes)")
+        config, tensors = read_adapter_folder(folder, "soft prompt",
+                                              ", as `engram prompt tune --out` writes")
         try:
-            config = json.loads((folder / CONFIG).read_text())
-            tensors = load_file(str(folder / WEIGHTS))
             meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
             raise InputError(f"{folder} holds an unreadable soft prompt ({e})") from None
