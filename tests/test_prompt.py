@@ -138,6 +138,11 @@ def test_bad_tasks_and_prompts_get_one_line_errors(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("engram: error:") for line in err)
     with pytest.raises(InputError, match="--tokens must be at least 1"):
         TuneConfig(tokens=0).check()
+    # DP-SGD has no readability term: refused before any model loads
+    assert main(["prompt", "tune", "--task", str(no_label), "--dp-epsilon", "8",
+                 "--fluency", "1", "--out", str(tmp_path / "dp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dp-epsilon" in err[0] and not (tmp_path / "dp").exists()
 
 
 def test_a_tuned_prompt_beats_zero_shot_on_held_out_relation_sentences(smol, shared_data):

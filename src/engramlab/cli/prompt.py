@@ -125,8 +125,9 @@ def tune(args: argparse.Namespace) -> int:
         dp.check()
     if args.fluency < 0:
         raise EngramError(f"--fluency must be at least 0, got {args.fluency}")
-    if args.method == "pez" and dp is not None:
-        raise EngramError("--dp-epsilon applies to --method soft only")
+    if dp is not None and (args.method == "pez" or args.fluency > 0):
+        raise EngramError("--dp-epsilon tunes a soft prompt on the label loss alone; drop "
+                          "--method pez and --fluency, or drop --dp-epsilon")
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
     lm = load_model(args.model, progress=not args.json)
     bar, on_step = _progress(args, config.steps)
