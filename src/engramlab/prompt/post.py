@@ -27,15 +27,18 @@ per public text, since neither depends on the prompt being trained.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_dir
 from ..data.corpus import TextCorpus
 from ..errors import InputError
 from ..models.lm import LM
@@ -120,13 +123,8 @@ def distil(teacher: LM, corpus: TextCorpus, config: DistilConfig | None = None, 
     return student
 
 
-def save_student(student: LM, folder: Any, meta: dict[str, Any]) -> None:
+def save_student(student: LM, folder: str | Path, meta: dict[str, Any]) -> None:
     """A normal Hugging Face model folder (config, safetensors weights, tokenizer)."""
-    import json
-    from pathlib import Path
-
-    from .._io import atomic_dir
-
     with atomic_dir(Path(folder)) as tmp:
         student.model.save_pretrained(str(tmp))
         student.tokenizer.save_pretrained(str(tmp))
