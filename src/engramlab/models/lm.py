@@ -259,8 +259,10 @@ class LM:
         self._delta_counter += 1
 
     # saving -------------------------------------------------------------------------------
-    def save(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    def save(self, out: str | os.PathLike[str], *, overwrite: bool = False,
+             extra: dict[str, str] | None = None) -> Path:
         """Write a plain Hugging Face folder atomically; never over the folder it came from.
+        ``extra`` maps file names to text written into the same folder (a run's record).
 
         Models loaded from GGUF are rebuilt from config + state dict (tensors shared) because
         ``transformers`` refuses to save a model that still carries a GGUF quantization config.
@@ -282,4 +284,6 @@ class LM:
             model.save_pretrained(tmp, safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+            for name, text in (extra or {}).items():
+                (Path(tmp) / name).write_text(text)
         return out

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_dir
 from ..data.corpus import TextCorpus
 from ..errors import InputError
 from ..models.lm import LM
@@ -124,11 +123,10 @@ def distil(teacher: LM, corpus: TextCorpus, config: DistilConfig | None = None, 
 
 
 def save_student(student: LM, folder: str | Path, meta: dict[str, Any]) -> None:
-    """A normal Hugging Face model folder (config, safetensors weights, tokenizer)."""
-    with atomic_dir(Path(folder)) as tmp:
-        student.model.save_pretrained(str(tmp))
-        student.tokenizer.save_pretrained(str(tmp))
-        (tmp / "engramlab.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    """A normal Hugging Face model folder (config, safetensors weights, tokenizer) with
+    ``meta`` in ``engramlab.json``, replacing what ``folder`` held."""
+    student.save(folder, overwrite=True,
+                 extra={"engramlab.json": json.dumps(meta, indent=1, default=str) + "\n"})
 
 
 def public_texts(corpus: TextCorpus, n: int, *, seed: int = 0, max_words: int = 24) -> list[str]:
