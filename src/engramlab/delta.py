@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from ._io import atomic_dir
 from .errors import DeltaMismatchError
 from .models.lm import LM
+from .models.placement import offloaded_parameters
 
 FORMAT_VERSION = 1
 _WEIGHTS = "delta.safetensors"
@@ -101,6 +102,23 @@ class ParamDelta:
         return float((self.to_dense().double() * other.to_dense().double()).sum())
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _add_change(p: torch.Tensor, d: ParamDelta, sign: int = 1) -> None:
+    """``p += sign * change`` in place, on ``p``'s device. A half-precision weight gets the
+    change formed in float32 and the sum rounded once, so an edit loses no more than the
+    weight's own rounding."""
+    if p.dtype in _HALF:
+        change = d.u.to(p.device).float() @ d.v.to(p.device).float().T if d.is_low_rank \
+            else d.to_dense().to(device=p.device, dtype=torch.float32)  # type: ignore[union-attr]
+        p.copy_(p.float().add_(change, alpha=sign))
+    elif d.is_low_rank:
+        p.addmm_(d.u.to(p), d.v.to(p).T, alpha=sign)  # type: ignore[union-attr]
+    else:
+        p.add_(d.to_dense().to(p), alpha=sign)
+
+
 class WeightDelta:
     """Named parameter changes plus the metadata that says where they came from."""
 
@@ -167,18 +185,19 @@ class WeightDelta:
             raise DeltaMismatchError("this delta is already applied; revert it first")
         self.check(lm, force=force)
         params = dict(lm.model.named_parameters())
+        offloaded = offloaded_parameters(lm.model, list(self.entries))
+        if offloaded:
+            raise DeltaMismatchError(
+                f"{offloaded[0]} is offloaded by the device map (held as a meta tensor), so it "
+                "cannot be edited in place: load with a device_map that keeps the edited layers "
+                "on a GPU, or with device='cpu'")
         self._backup = {} if keep_backup else None
         with torch.no_grad():
             for name, d in self.entries.items():
                 p = params[name]
                 if self._backup is not None:
                     self._backup[name] = p.detach().clone()
-                if d.is_low_rank:
-                    u = d.u.to(device=p.device, dtype=p.dtype)  # type: ignore[union-attr]
-                    v = d.v.to(device=p.device, dtype=p.dtype)  # type: ignore[union-attr]
-                    p.addmm_(u, v.T)
-                else:
-                    p.add_(d.to_dense().to(device=p.device, dtype=p.dtype))
+                _add_change(p, d)
         self._applied_to = id(lm.model)
         lm.invalidate_fingerprint()
         return self
@@ -191,10 +210,8 @@ class WeightDelta:
                 p = params[name]
                 if self._backup is not None and self._applied_to == id(lm.model):
                     p.copy_(self._backup[name])
-                elif d.is_low_rank:
-                    p.addmm_(d.u.to(p), d.v.to(p).T, alpha=-1)  # type: ignore[union-attr]
                 else:
-                    p.sub_(d.to_dense().to(p))
+                    _add_change(p, d, sign=-1)
         self._backup = None
         self._applied_to = None
         lm.invalidate_fingerprint()

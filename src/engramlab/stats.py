@@ -173,13 +173,15 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
     from tqdm.auto import tqdm
 
     d = lm.d_mlp
-    sums = {layer: torch.zeros(d, d, dtype=torch.float64, device=lm.device) for layer in layers}
+    # each sum lives on its layer's device (a dispatched model spreads them)
+    sums = {layer: torch.zeros(d, d, dtype=torch.float64, device=lm.layout.device_of(layer))
+            for layer in layers}
     count = 0
     trace = Trace(lm)
     for layer in layers:
 
         def accumulate(t: torch.Tensor, layer: int = layer) -> torch.Tensor:
-            sums[layer].add_(_gram(t.reshape(-1, t.shape[-1])))
+            sums[layer].add_(_gram(t.reshape(-1, t.shape[-1])).to(sums[layer].device))
             return t
 
         trace.edit(f"mlp_key.{layer}", accumulate)
@@ -193,7 +195,7 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
                                                 seq_len=seq_len)):
             if b % of != index:
                 continue
-            run_model(lm, rows.to(lm.device), stop_after=deepest)
+            run_model(lm, _to_device(rows, lm.device), stop_after=deepest)
             count += rows.numel()
             bar.update(rows.numel())
             if report is not None:
@@ -272,6 +274,15 @@ def _gram(k: torch.Tensor) -> torch.Tensor:
             pass
     k = k.float()
     return k.T @ k
+
+
+def _to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token rows to the model's device. To a GPU through page-locked memory, without waiting:
+    a copy from pageable memory would wait for every queued kernel, and the tokeniser would no
+    longer work on the next batch while the GPU runs this one."""
+    if device.type != "cuda":
+        return rows.to(device)
+    return rows.pin_memory().to(device, non_blocking=True)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,8 @@ class Trace:
         self._captures: dict[str, bool] = {}
         self._handles: list[Any] = []
         self.cache: dict[str, torch.Tensor] = {}
+        # captures are handed back on the inputs' device, wherever a dispatched block ran
+        self._home = lm.device
 
     # declaring -------------------------------------------------------------------------
     def capture(self, *points: str, detach: bool = True) -> Trace:
@@ -122,7 +124,7 @@ class Trace:
 
         def fn(t: torch.Tensor) -> torch.Tensor:
             mask = position_mask(positions, t.shape[0], t.shape[1], t.device)
-            v = value.to(t.dtype)
+            v = value.to(device=t.device, dtype=t.dtype)
             v = v.view(1, 1, -1) if v.dim() == 1 else v.view(v.shape[0], 1, -1)
             return t + mask.unsqueeze(-1).to(t.dtype) * v
 
@@ -133,7 +135,7 @@ class Trace:
 
         def fn(t: torch.Tensor) -> torch.Tensor:
             mask = position_mask(positions, t.shape[0], t.shape[1], t.device)
-            v = value.to(t.dtype)
+            v = value.to(device=t.device, dtype=t.dtype)
             if v.dim() == 1:
                 v = v.view(1, 1, -1)
             elif v.dim() == 2:
@@ -152,7 +154,8 @@ class Trace:
         for fn in self._edits.get(point, ()):
             t = fn(t)
         if point in self._captures:
-            self.cache[point] = t.detach() if self._captures[point] else t
+            kept = t.detach() if self._captures[point] else t
+            self.cache[point] = kept.to(self._home)
         return t
 
     def _module_and_style(self, point: str) -> tuple[nn.Module, str]:

@@ -70,7 +70,9 @@ class ROME(Editor):
         per_template = at_subject(lm, requests, [point], templates, hp.subject_pos,
                                   reduce=False)[point]  # [n, T, d_mlp]
         keys = per_template.mean(1)
-        cov_k = solve_cov(factor, keys.T) if factor is not None else keys.T.double()
+        # C⁻¹k on the keys' device, wherever C₀'s factor is kept
+        cov_k = solve_cov(factor, keys.T).to(keys.device) if factor is not None \
+            else keys.T.double()
         row_scale = None
         if hp.consistent_targets:
             kl_reqs = [EditRequest(prompt=KL_PROMPT, subject=r.subject, target_new="x",

@@ -515,8 +515,9 @@ def run_group(lm: LM, g: Group, point: str, last: str, delta: torch.Tensor,
     def add_delta(t: torch.Tensor) -> torch.Tensor:
         if record_init is not None:
             for r, local, pos in g.plain:
-                record_init[r] = t[local, pos].detach().float()
-        return t + g.lookup.to(t.dtype) * (delta[g.owner] * g.scale).unsqueeze(1).to(t.dtype)
+                record_init[r] = t[local, pos].detach().float().to(record_init.device)
+        shift = (delta[g.owner] * g.scale).unsqueeze(1)
+        return t + (g.lookup * shift).to(device=t.device, dtype=t.dtype)
 
     # δ enters at its point's block: the blocks before it are the same on every step
     reads = (last,) if anchor_point is None else (last, anchor_point)

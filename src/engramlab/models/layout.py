@@ -211,6 +211,16 @@ class Layout:
     def block(self, layer: int) -> nn.Module:
         return self.blocks[self.check_layer(layer)]
 
+    def device_of(self, layer: int) -> torch.device:
+        """Where block ``layer`` computes: accelerate's execution device when the model is
+        dispatched (an offloaded block's weights are ``meta``), else its weights' device."""
+        block = self.block(layer)
+        hook = getattr(block, "_hf_hook", None)
+        where = getattr(hook, "execution_device", None)
+        if where is not None:
+            return torch.device(where)
+        return next(block.parameters()).device
+
     def attn(self, layer: int) -> nn.Module:
         return _get(self.block(layer), self.spec.attn)
 

@@ -132,14 +132,15 @@ class LM:
         if tokens is None:
             logits = self.layout.unembed(normed)
         else:
-            index = torch.tensor(list(tokens), device=normed.device)
+            weight = self.layout.unembed.weight
+            index = torch.tensor(list(tokens), device=weight.device)
             bias = getattr(self.layout.unembed, "bias", None)
-            logits = F.linear(normed, self.layout.unembed.weight[index],
+            logits = F.linear(normed.to(weight.device), weight[index],
                               None if bias is None else bias[index])
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits.to(hidden.device)
 
     def last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """``[batch, d_model]``: the last block's output at each row's last real token of a
@@ -156,7 +157,8 @@ class LM:
         finally:
             handle.remove()
         last = attention_mask.sum(1) - 1
-        return kept["h"][torch.arange(last.shape[0], device=last.device), last]
+        h = kept["h"].to(last.device)
+        return h[torch.arange(last.shape[0], device=last.device), last]
 
     @torch.no_grad()
     def next_token_logits(self, prompts: str | Sequence[str]) -> torch.Tensor:

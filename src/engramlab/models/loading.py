@@ -16,6 +16,7 @@ from ..errors import EngramError, ModelLoadError, ModelNotFoundError
 from .gguf import load_gguf
 from .layout import Layout
 from .lm import LM
+from .placement import DeviceMap, check_device_map, dispatch
 from .registry import DEFAULT_MODEL, REGISTRY, registry_entry
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,15 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def _load_hf(source: str, dtype: torch.dtype, *, local_only: bool):
+def _load_hf(source: str, dtype: torch.dtype, *, local_only: bool,
+             device_map: DeviceMap | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # with peft installed, transformers also looks for an adapter config, and that lookup does
     # not inherit local_files_only: offline it would retry the network for ~20 s
-    extra = {"adapter_kwargs": {"local_files_only": True}} if local_only else {}
+    extra: dict = {"adapter_kwargs": {"local_files_only": True}} if local_only else {}
+    if device_map is not None:  # weights go straight to their devices, never all on the host
+        extra["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only,
                                                  **extra)
     try:
@@ -85,9 +89,9 @@ def _load_hf(source: str, dtype: torch.dtype, *, local_only: bool):
     return model, tokenizer
 
 
-def _load_hub(hub_id: str, dtype: torch.dtype, asked: str):
+def _load_hub(hub_id: str, dtype: torch.dtype, asked: str, device_map: DeviceMap | None):
     try:  # the local Hugging Face cache first: works offline, no network round trip
-        return _load_hf(hub_id, dtype, local_only=True)
+        return _load_hf(hub_id, dtype, local_only=True, device_map=device_map)
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
@@ -97,7 +101,7 @@ def _load_hub(hub_id: str, dtype: torch.dtype, asked: str):
             f"(huggingface-cli download {hub_id} --local-dir DIR) and pass the folder instead: "
             "load_model('DIR') / --model DIR"
         )
-    return _load_hf(hub_id, dtype, local_only=False)
+    return _load_hf(hub_id, dtype, local_only=False, device_map=device_map)
 
 
 def _prepare_tokenizer(tokenizer) -> None:
@@ -113,6 +117,7 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    device_map: DeviceMap | None = None,
     progress: bool = True,
 ) -> LM:
     """Load a causal LM as an :class:`LM`.
@@ -120,15 +125,26 @@ def load_model(
     ``spec`` is a registry name (``engram models`` lists them; ``smollm2-135m`` is embedded), a
     local Hugging Face folder, a ``.gguf`` file (dequantized once, then cached as safetensors), or
     a hub id (local HF cache first; fails at once with a clear message when offline).
-    ``dtype`` defaults to float32 (edits are solved in high precision); ``device`` to CUDA when
-    available.
+    ``dtype`` defaults to float32; in bfloat16 or float16 the weights and forward passes are
+    half precision while statistics, edit solves and lens fits still accumulate and solve in
+    float32/float64. ``device`` defaults to CUDA when available. ``device_map`` ("auto",
+    "balanced", "sequential" or a ``{module: device}`` dict, as accelerate takes them) spreads
+    the blocks over the devices present instead; it excludes ``device``.
     """
     torch_dtype = _resolve_dtype(dtype)
+    if device_map is not None:
+        if device is not None:
+            raise ValueError("pass device or device_map, not both: a device map places every "
+                             "module itself")
+        check_device_map(device_map)
     target = _resolve_device(device)
     with _hf_progress(progress):
-        model, tokenizer, folder, source = _load_any(spec, torch_dtype, progress)
+        model, tokenizer, folder, source = _load_any(spec, torch_dtype, progress, device_map)
     _prepare_tokenizer(tokenizer)
-    model = model.to(target)
+    if device_map is None:
+        model = model.to(target)
+    elif not hasattr(model, "hf_device_map"):  # GGUF: built on the host, then dispatched
+        model = dispatch(model, device_map, torch_dtype)
     model.eval()
     model.requires_grad_(False)
     return LM(model=model, tokenizer=tokenizer, layout=Layout(model), name=str(spec),
@@ -152,7 +168,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def _load_folder(path: Path, torch_dtype: torch.dtype):
+def _load_folder(path: Path, torch_dtype: torch.dtype, device_map: DeviceMap | None):
     """A local Hugging Face folder; missing or unreadable weights become one clear error."""
     if not any((path / name).is_file() for name in WEIGHT_FILES) and \
             not any(path.glob("*.safetensors")):
@@ -160,7 +176,7 @@ def _load_folder(path: Path, torch_dtype: torch.dtype):
                              f"({' / '.join(WEIGHT_FILES[::2])}); copy them there or point at "
                              "a complete folder")
     try:
-        return _load_hf(str(path), torch_dtype, local_only=True)
+        return _load_hf(str(path), torch_dtype, local_only=True, device_map=device_map)
     except EngramError:
         raise
     except Exception as exc:  # transformers / safetensors / torch raise many kinds
@@ -169,7 +185,8 @@ def _load_folder(path: Path, torch_dtype: torch.dtype):
                              "may be truncated or corrupt: copy or save them again") from None
 
 
-def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype, progress: bool):
+def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype, progress: bool,
+              device_map: DeviceMap | None = None):
     asked = str(spec)
     folder: Path | None = None
     entry = registry_entry(asked)
@@ -180,7 +197,7 @@ def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype, progress: 
                                              announce=progress)
         source = str(entry.embedded_path())
     elif entry is not None and entry.hub_id:
-        model, tokenizer = _load_hub(entry.hub_id, torch_dtype, asked)
+        model, tokenizer = _load_hub(entry.hub_id, torch_dtype, asked, device_map)
         source = entry.hub_id
     elif path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -198,12 +215,12 @@ def _load_any(spec: str | os.PathLike[str], torch_dtype: torch.dtype, progress: 
                 f"{len(ggufs)} .gguf files; point at a model folder or at one .gguf file"
             )
         else:
-            model, tokenizer = _load_folder(path, torch_dtype)
+            model, tokenizer = _load_folder(path, torch_dtype, device_map)
             folder, source = path, str(path)
     elif asked.startswith((".", "/", "~")) or asked.count("/") > 1:
         raise ModelNotFoundError(f"model folder {asked!r} does not exist")
     elif asked.count("/") == 1:
-        model, tokenizer = _load_hub(asked, torch_dtype, asked)
+        model, tokenizer = _load_hub(asked, torch_dtype, asked, device_map)
         source = asked
     else:
         raise ModelNotFoundError(
