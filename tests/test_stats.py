@@ -179,3 +179,40 @@ def test_engram_stats_prints_its_figures_and_fills_the_cache(tmp_path, isolated_
     assert out["layers"] == [0, 1] and out["tokens"] == 256 and out["workers"] == 1
     assert len(list((isolated_cache / "stats").rglob("*.safetensors"))) == 2
     assert main([*argv[:-1], "--layers", "7"]) == 2  # a layer the model lacks
+
+
+def test_engram_stats_in_bfloat16_accumulates_close_to_float32(tmp_path, isolated_cache,
+                                                                capsys):
+    from engramlab.cli import main
+    from engramlab.models.loading import load_model
+
+    folder = make_tiny("llama").save(tmp_path / "tiny")
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join(tiny_text(200, seed=s) for s in range(4)))
+    common = ["--layers", "1", "--tokens", "256", "--seq-len", "32", "--corpus", str(corpus),
+              "--json"]
+    assert main(["stats", "--model", str(folder), "--dtype", "bfloat16", *common]) == 0
+    assert main(["stats", "--model", str(folder), *common]) == 0
+    capsys.readouterr()
+    read = {}
+    for dtype in ("bfloat16", "float32"):
+        lm = load_model(folder, dtype=dtype, device="cpu", progress=False)
+        read[dtype] = collect_key_stats(lm, [1], TextCorpus.from_path(corpus), n_tokens=256,
+                                        seq_len=32, progress=False)[1]  # from the cache
+        assert read[dtype].sum.dtype == torch.float64
+    half, full = read["bfloat16"].moment(), read["float32"].moment()
+    apart = float((half - full).norm() / full.norm())
+    assert 0 < apart < 0.05  # bf16 keys (8-bit mantissa), summed in float64
+
+
+def test_engram_stats_refuses_workers_with_a_device_map(tmp_path, capsys):
+    from engramlab.cli import main
+    from engramlab.cli.common import DEVICE_MAPS
+    from engramlab.models.placement import AUTO_MAPS
+
+    assert DEVICE_MAPS == AUTO_MAPS
+    argv = ["stats", "--model", str(tmp_path / "none"), "--layers", "0", "--workers", "2",
+            "--device-map", "auto"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--workers" in err and "--device-map" in err

@@ -122,12 +122,15 @@ def collect_key_stats(
     use_cache: bool = True,
     progress: bool = True,
     workers: int = 1,
+    ray: str | None = None,
 ) -> dict[int, KeyStats]:
     """Second moments of the MLP keys at ``layers`` over ``n_tokens`` tokens of ``corpus``.
 
     ``corpus`` is a :class:`TextCorpus` or a name for :func:`~engramlab.data.corpus.get_corpus`
     (``None``: the default Wikipedia text). Cached layers are read back; the others are
-    collected together in a single pass (split over ``workers`` processes when above 1).
+    collected together in a single pass, split over ``workers`` processes when above 1: local
+    CPU processes, or Ray tasks when ``ray`` is given (``"local"`` starts a local cluster,
+    ``"auto"`` or ``"HOST:PORT"`` joins one; a task takes a GPU where the cluster has them).
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -146,7 +149,11 @@ def collect_key_stats(
                 out[layer] = found
     todo = [layer for layer in layers if layer not in out]
     if todo:
-        if workers > 1:
+        if ray is not None:
+            fresh = _accumulate_on_ray(lm, todo, corpus, n_tokens=n_tokens,
+                                       batch_size=batch_size, seq_len=seq_len, workers=workers,
+                                       address=ray, progress=progress)
+        elif workers > 1:
             fresh = _accumulate_in_workers(lm, todo, corpus, n_tokens=n_tokens,
                                            batch_size=batch_size, seq_len=seq_len,
                                            workers=workers, progress=progress)
@@ -207,12 +214,13 @@ def _accumulate(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
 
 def _shard_worker(spec: str, fingerprint: str, layers: list[int], documents: list[str],
                   name: str, n_tokens: int, batch_size: int, seq_len: int,
-                  shard: tuple[int, int], threads: int, report: Any) -> dict[int, KeyStats]:
+                  shard: tuple[int, int], threads: int, report: Any,
+                  device: str = "cpu", dtype: str | None = None) -> dict[int, KeyStats]:
     """One worker process: load the model, check it is the parent's, sum its shard."""
     from .models import load_model
 
     torch.set_num_threads(threads)
-    lm = load_model(spec, device="cpu", progress=False)
+    lm = load_model(spec, device=device, dtype=dtype, progress=False)
     if lm.fingerprint() != fingerprint:
         raise CacheError(f"worker {shard[0]} loaded {spec} with other weights than the parent "
                          "process holds (an edit applied?); collect with workers=1")
@@ -257,6 +265,53 @@ def _accumulate_in_workers(lm: LM, layers: list[int], corpus: TextCorpus, *, n_t
         shards = [f.result() for f in futures]
     bar.close()
     return {layer: functools.reduce(KeyStats.merge, (shard[layer] for shard in shards))
+            for layer in layers}
+
+
+def _accumulate_on_ray(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
+                       batch_size: int, seq_len: int, workers: int, address: str,
+                       progress: bool) -> dict[int, KeyStats]:
+    """:func:`_accumulate` split over ``workers`` Ray tasks (one GPU each where the cluster has
+    GPUs, else a share of the CPUs); a task whose worker died is rerun by Ray, and only the
+    results that came back are merged, so no shard is lost or counted twice."""
+    from tqdm.auto import tqdm
+
+    from .scale.cluster import connected, drain
+
+    spec = str(lm.folder) if lm.folder is not None else lm.name
+    fingerprint = lm.fingerprint()
+    dtype = str(lm.dtype).removeprefix("torch.")
+    with connected(address) as ray:
+        from ray.util.queue import Empty, Queue
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        if gpus:
+            per, device, threads = {"num_gpus": 1}, "cuda", max(1, cpus // max(gpus, 1))
+        else:
+            threads = max(1, cpus // workers)
+            per, device = {"num_cpus": threads}, "cpu"
+        task = ray.remote(_shard_worker).options(max_retries=2, **per)
+        report = Queue()
+        documents = ray.put(list(corpus.documents))
+        refs = [task.remote(spec, fingerprint, layers, documents, corpus.name, n_tokens,
+                            batch_size, seq_len, (i, workers), threads, report, device, dtype)
+                for i in range(workers)]
+        bar = tqdm(total=n_tokens, desc=f"key statistics, {workers} Ray tasks", unit="tok",
+                   unit_scale=True, disable=not progress, mininterval=1.0)
+        shards: dict[Any, dict[int, KeyStats]] = {}
+
+        def moved() -> None:
+            while True:
+                try:
+                    bar.update(min(report.get_nowait(), max(0, bar.total - bar.n)))
+                except Empty:
+                    return
+
+        drain(refs, lambda ref, result: shards.__setitem__(ref, result), tick=moved)
+        bar.close()
+    ordered = [shards[ref] for ref in refs]
+    return {layer: functools.reduce(KeyStats.merge, (shard[layer] for shard in ordered))
             for layer in layers}
 
 

@@ -1,8 +1,8 @@
 """The ``engram`` command: parses arguments, calls the library, prints. Nothing else lives here.
 
 One module per command group (:mod:`.models`, :mod:`.edit`, :mod:`.erase`, :mod:`.lens`,
-:mod:`.inspect`, :mod:`.prompt`, :mod:`.serve`), each with ``register(sub)`` adding its
-commands; what they share is in :mod:`.common`.
+:mod:`.inspect`, :mod:`.prompt`, :mod:`.serve`, :mod:`.scale`), each with ``register(sub)``
+adding its commands; what they share is in :mod:`.common`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from .. import __version__
 from ..errors import EngramError
-from . import edit, erase, inspect, lens, models, prompt, serve
+from . import edit, erase, inspect, lens, models, prompt, scale, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"engramlab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (models, edit, lens, erase, inspect, prompt, serve):
+    for group in (models, edit, lens, erase, inspect, prompt, serve, scale):
         group.register(sub)
     return parser
 
@@ -64,11 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("engram: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 
 if __name__ == "__main__":

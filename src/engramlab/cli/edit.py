@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from .common import (
     CORPUS_HELP,
     add_common,
     add_set,
     emit,
+    load_for,
     nonnegative_int,
     parse_settings,
     positive_float,
@@ -88,8 +90,12 @@ def register(sub: Any) -> None:
     k.add_argument("--corpus", default=None, help=CORPUS_HELP)
     k.add_argument("--batch-size", type=positive_int, default=8)
     k.add_argument("--seq-len", type=positive_int, default=256)
-    k.add_argument("--workers", type=positive_int, default=1,
-                   help="CPU processes sharing the corpus (shards merged exactly)")
+    k.add_argument("--workers", type=positive_int, default=None,
+                   help="processes sharing the corpus, shards merged exactly (default 1; with "
+                        "--ray one per GPU of the cluster, else 2)")
+    k.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="shard over Ray tasks: a local cluster, or ADDRESS ('auto' or "
+                        "HOST:PORT) of a running one")
     k.add_argument("--no-cache", action="store_true",
                    help="collect even when cached (to time it), and do not write the cache")
     k.set_defaults(func=stats)
@@ -100,7 +106,6 @@ def edit(args: argparse.Namespace) -> int:
     from ..data.bundled import bundled_cases
     from ..edit import get_editor, run_protocol
     from ..edit.protocols import check_noise
-    from ..models import load_model
 
     cases = load_cases(args.facts) if args.facts else bundled_cases()
     if args.limit:
@@ -111,7 +116,7 @@ def edit(args: argparse.Namespace) -> int:
     # the editor checks names, types and the method's own settings: before the model loads
     editor = get_editor(args.method, preset=args.preset, progress=not args.json, **overrides)
     check_noise(editor, args.protocol, args.noise)
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     result = run_protocol(lm, editor, cases, protocol=args.protocol, batch_size=args.batch_size,
                           eval_every=args.eval_every, fluency_tokens=args.fluency_tokens,
                           progress=not args.json, noise=args.noise)
@@ -167,8 +172,6 @@ def survive(args: argparse.Namespace) -> int:
     from ..data.corpus import check_corpus_spec, get_corpus
     from ..data.tasks import is_task, load_task
     from ..edit import get_editor
-    from ..errors import InputError
-    from ..models import load_model
 
     cases = load_cases(args.facts) if args.facts else bundled_cases()
     edited, rest = cases[:args.limit], cases[args.limit:]
@@ -190,7 +193,7 @@ def survive(args: argparse.Namespace) -> int:
     else:
         downstream = task.test if task is not None else fact_rows(rest)
     editor = get_editor(args.edit_method, progress=False, **parse_settings(args.set))
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     data = task.train if task is not None else get_corpus(lm, args.data,
                                                           progress=not args.json)
     result = run_survival(lm, editor, edited, data, config, downstream=downstream,
@@ -214,27 +217,42 @@ def survive(args: argparse.Namespace) -> int:
 
 
 def stats(args: argparse.Namespace) -> int:
-    import time
-
-    from ..data.corpus import check_corpus_spec, get_corpus
-    from ..models import load_model
-    from ..stats import collect_key_stats
+    from ..data.corpus import check_corpus_spec
 
     check_corpus_spec(args.corpus)
-    lm = load_model(args.model, progress=not args.json,
-                    device="cpu" if args.workers > 1 else None)
+    if (args.ray is not None or (args.workers or 1) > 1) and args.device_map:
+        raise InputError("--workers / --ray shard the corpus over processes, each holding the "
+                         "whole model; --device-map spreads one model over GPUs: use one")
+    if args.ray is None:
+        return _stats(args, args.workers or 1)
+    from ..scale.cluster import connected
+
+    # connected once for the whole command (the collection joins it), so that the cluster's
+    # start is not counted in the tokens/s
+    with connected(args.ray) as ray:
+        return _stats(args, args.workers or int(ray.cluster_resources().get("GPU", 0)) or 2)
+
+
+def _stats(args: argparse.Namespace, workers: int) -> int:
+    import time
+
+    from ..data.corpus import get_corpus
+    from ..stats import collect_key_stats
+
+    lm = load_for(args, device="cpu" if workers > 1 or args.ray is not None else None)
     layers = [lm.layout.check_layer(layer) for layer in args.layers]
     corpus = get_corpus(lm, args.corpus, n_tokens=args.tokens, progress=not args.json)
     start = time.perf_counter()
     out = collect_key_stats(lm, layers, corpus, n_tokens=args.tokens, batch_size=args.batch_size,
                             seq_len=args.seq_len, use_cache=not args.no_cache, progress=True,
-                            workers=args.workers)
+                            workers=workers, ray=args.ray)
     seconds = time.perf_counter() - start
     tokens = out[layers[0]].count
     obj = {"layers": layers, "tokens": tokens, "seconds": seconds,
-           "tokens_per_s": tokens / seconds if seconds > 0 else None, "workers": args.workers}
+           "tokens_per_s": tokens / seconds if seconds > 0 else None, "workers": workers}
+    where = " on Ray" if args.ray is not None else ""
     emit(args, obj, [f"key statistics of {lm.label}, layers {layers}: {tokens} tokens in "
                      f"{seconds:.1f} s ({obj['tokens_per_s'] or 0:.0f} tokens/s, "
-                     f"{args.workers} worker{'s' if args.workers > 1 else ''})"
+                     f"{workers} worker{'s' if workers > 1 else ''}{where})"
                      + ("" if args.no_cache else "; cached for the editors")])
     return 0

@@ -10,6 +10,7 @@ from .common import (
     add_common,
     add_set,
     emit,
+    load_for,
     nonnegative_int,
     parse_settings,
     positive_int,
@@ -71,12 +72,11 @@ def register(sub: Any) -> None:
 
 def erase(args: argparse.Namespace) -> int:
     from ..erase.run import make_eraser, report_lines, run_erasure
-    from ..models import load_model
 
     concept = concept_of(args)
     settings = parse_settings(args.set)
     eraser = make_eraser(args.method, layers=args.layers, **settings)  # before the model loads
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     report = run_erasure(lm, concept, args.method, layers=args.layers, out=args.out,
                          relearn_steps=args.relearn_steps, eraser=eraser,
                          split_seed=None if args.no_split else args.split_seed)
@@ -101,10 +101,9 @@ def concepts_list(args: argparse.Namespace) -> int:
 def concepts_find(args: argparse.Namespace) -> int:
     from ..erase import find_concept_vectors
     from ..erase.concept_vectors import candidate_table
-    from ..models import load_model
 
     concept = concept_of(args)
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     found = find_concept_vectors(lm, concept, layers=args.layers,
                                  n_candidates=args.candidates, selection=args.selection,
                                  check=not args.no_check)[:args.top]

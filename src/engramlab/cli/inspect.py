@@ -15,6 +15,7 @@ from .common import (
     add_set,
     emit,
     finite_float,
+    load_for,
     nonnegative_float,
     nonnegative_int,
     parse_settings,
@@ -151,7 +152,6 @@ def trace(args: argparse.Namespace) -> int:
     from ..data.bundled import bundled_facts_path
     from ..errors import SettingsError
     from ..inspect import TraceConfig, plot_fact, plot_trace, trace_facts
-    from ..models import load_model
     from ..report import Report
 
     config = TraceConfig(samples=args.samples, noise=args.noise, window=args.window,
@@ -161,7 +161,7 @@ def trace(args: argparse.Namespace) -> int:
     facts = load_facts(source, limit=args.limit)
     if not facts:
         raise SettingsError(f"no facts in {source}; give a file with at least one fact")
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     report = trace_facts(lm, facts, config, known_only=not args.all, progress=not args.json)
     obj = report.to_json()
     rome = _rome_layers(lm)
@@ -209,7 +209,6 @@ def dissect(args: argparse.Namespace) -> int:
     from ..errors import EngramError
     from ..inspect import dissect as run_dissect
     from ..inspect import plot_dissection
-    from ..models import load_model
     from .erase import concept_of
 
     concept = concept_of(args)
@@ -228,7 +227,7 @@ def dissect(args: argparse.Namespace) -> int:
     eraser = None
     if args.method:
         eraser = make_eraser(args.method, layers=args.layers, **parse_settings(args.set))
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     delta = WeightDelta.load(folder, lm) if folder is not None else eraser.erase(lm, tuned)
     prompts = [p.prompt for p in [*held, *concept.paraphrases]]
     d = run_dissect(lm, delta, prompts, window=args.window, tokens=args.tokens,
@@ -248,7 +247,6 @@ def dissect(args: argparse.Namespace) -> int:
 def specialise(args: argparse.Namespace) -> int:
     from ..data import bundled_concepts, get_concept, load_concept
     from ..inspect import plot_specialisation, specialisation_lines, specialisation_table
-    from ..models import load_model
 
     if args.concept_file:
         concepts = [load_concept(args.concept_file)]
@@ -256,7 +254,7 @@ def specialise(args: argparse.Namespace) -> int:
         concepts = [get_concept(name) for name in args.concepts]
     else:
         concepts = bundled_concepts()
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     table = specialisation_table(lm, concepts, top_k=args.top_k, split_seed=args.split_seed,
                                  selection=args.selection, layers=args.layers,
                                  random_draws=args.random_draws)
@@ -281,7 +279,6 @@ def directions(args: argparse.Namespace) -> int:
         reasoning_tasks,
         recall_tasks,
     )
-    from ..models import load_model
 
     alphas = args.alphas or DEFAULT_ALPHAS[args.mode]
     config = DirectionsConfig(split_seed=args.split_seed, layer=args.layer, mode=args.mode,
@@ -294,7 +291,7 @@ def directions(args: argparse.Namespace) -> int:
         raise SettingsError(f"{args.facts or 'the bundled facts'} give(s) {len(recall)} recall "
                             "task(s) with answers; "
                             "give a fact file with at least 5 facts that have answers")
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     report = reasoning_directions(lm, reasoning, recall, config, progress=not args.json)
     obj: dict[str, Any] = {"model": lm.name, **report.to_json()}
     lines = report.lines()
@@ -309,7 +306,6 @@ def atlas(args: argparse.Namespace) -> int:
     from ..data.corpus import check_corpus_spec, get_corpus
     from ..errors import SettingsError
     from ..inspect import Atlas, AtlasConfig, build_atlas, plot_atlas
-    from ..models import load_model
 
     if args.load:
         book = Atlas.load(args.load)
@@ -321,7 +317,7 @@ def atlas(args: argparse.Namespace) -> int:
                              window=args.window, categories=args.categories)
         config.check()
         spec = check_corpus_spec(args.corpus)
-        lm = load_model(args.model, progress=not args.json)
+        lm = load_for(args)
         book = build_atlas(lm, get_corpus(lm, spec, progress=not args.json), config,
                            progress=not args.json)
         if args.out:

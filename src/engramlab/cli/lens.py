@@ -15,6 +15,7 @@ from .common import (
     add_lens_choice,
     emit,
     lenses_of,
+    load_for,
     positive_float,
     positive_int,
 )
@@ -102,10 +103,9 @@ def lens_train(args: argparse.Namespace) -> int:
 
     from ..lens import fit_lens
     from ..lens.states import lens_corpus
-    from ..models import load_model
     from ..report import Report
 
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     corpus = lens_corpus(lm, args.corpus, progress=not args.json)
     if corpus.eval_start is not None and args.tokens > corpus.eval_start:
         raise EngramError(f"--tokens {args.tokens} would train on the evaluation split of the "
@@ -131,9 +131,8 @@ def lens_train(args: argparse.Namespace) -> int:
 
 def lens_show(args: argparse.Namespace) -> int:
     from ..lens import layer_view, plot_view
-    from ..models import load_model
 
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     lenses = lenses_of(args, lm)
     lens = list(lenses.values())[-1]
     view = layer_view(lm, args.prompt, lens, k=args.k)
@@ -147,9 +146,8 @@ def lens_show(args: argparse.Namespace) -> int:
 def lens_eval(args: argparse.Namespace) -> int:
     from ..lens import corpus_batches, evaluate_lenses, plot_report
     from ..lens.states import lens_corpus
-    from ..models import load_model
 
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     lenses = lenses_of(args, lm)
     corpus = lens_corpus(lm, args.corpus, skip=args.skip, progress=not args.json)
     skip = corpus.eval_start
@@ -171,9 +169,8 @@ def early_exit(args: argparse.Namespace) -> int:
     from ..lens.early_exit import plot_curves
     from ..lens.exits import exit_lines, exit_report
     from ..lens.states import lens_corpus
-    from ..models import load_model
 
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     corpus = lens_corpus(lm, args.corpus, skip=args.skip, progress=not args.json)
     skip = corpus.eval_start
     if args.learned and skip < args.learned_tokens:
@@ -214,9 +211,8 @@ def depth(args: argparse.Namespace) -> int:
         plot_depth,
     )
     from ..lens.states import lens_corpus
-    from ..models import load_model
 
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     lens = list(lenses_of(args, lm).values())[-1]
     corpus = lens_corpus(lm, args.corpus, skip=args.skip, progress=not args.json)
     skip = corpus.eval_start or 0

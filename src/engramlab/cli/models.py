@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EngramError
-from .common import DEMO_PROMPT, add_common, emit
+from .common import DEMO_PROMPT, add_common, emit, load_for
 
 
 def register(sub: Any) -> None:
@@ -52,13 +52,12 @@ def models(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from ..models import load_model
 
     def say(line: str) -> None:  # text mode: each line as soon as it is known
         print(line, flush=True)
 
     t0 = time.perf_counter()
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     load_s = time.perf_counter() - t0
     top = lm.top_tokens(args.prompt, k=5)
     if not args.json:
@@ -83,10 +82,9 @@ def demo(args: argparse.Namespace) -> int:
 
 def apply(args: argparse.Namespace) -> int:
     from ..delta import WeightDelta
-    from ..models import load_model
 
     out = Path(args.out)
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     if lm.folder is not None and out.resolve() == Path(lm.folder).resolve():
         raise EngramError(f"--out {out} is the source model folder; refusing to overwrite it")
     if (Path(args.delta) / "adapter_config.json").is_file():  # a PEFT LoRA adapter folder

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EngramError
-from .common import CORPUS_HELP, add_common, emit, positive_float, positive_int
+from .common import CORPUS_HELP, add_common, emit, load_for, positive_float, positive_int
 
 TASK_HELP = ("'fact-check' or 'relation' (built from --pararel), or a JSONL file of "
              "{\"text\", \"label\"} records")
@@ -109,7 +109,6 @@ def _progress(args: argparse.Namespace, total: int) -> Any:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from ..models import load_model
     from ..prompt import DPConfig, TuneConfig, accuracy, load_label_task
     from ..prompt import tune as run_tune
 
@@ -129,7 +128,7 @@ def tune(args: argparse.Namespace) -> int:
         raise EngramError("--dp-epsilon tunes a soft prompt on the label loss alone; drop "
                           "--method pez and --fluency, or drop --dp-epsilon")
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     bar, on_step = _progress(args, config.steps)
     with bar:
         if args.method == "pez":
@@ -162,12 +161,11 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ..models import load_model
     from ..prompt import SoftPrompt, accuracy, load_label_task
 
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
     prompt = SoftPrompt.load(args.prompt)  # a bad folder is refused before the model loads
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     prompt.check(lm)
     rows = task.split(args.split)
     acc = accuracy(lm, prompt, task, rows)
@@ -180,11 +178,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    from ..models import load_model
     from ..prompt import SoftPrompt, nearest_tokens
 
     prompt = SoftPrompt.load(args.prompt_dir)
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     prompt.check(lm)
     rows = nearest_tokens(lm, prompt.embeddings, k=args.k)
     lines = [f"{prompt.length}-token soft prompt for {prompt.meta.get('task', 'a task')} "
@@ -198,14 +195,13 @@ def show(args: argparse.Namespace) -> int:
 
 def distil(args: argparse.Namespace) -> int:
     from ..data.corpus import check_corpus_spec, get_corpus
-    from ..models import load_model
     from ..prompt.post import DistilConfig, save_student
     from ..prompt.post import distil as run_distil
 
     check_corpus_spec(args.corpus)
     config = DistilConfig(keep=args.keep, steps=args.steps, lr=args.lr,
                           batch_size=args.batch_size, seq_len=args.seq_len)
-    lm = load_model(args.model, progress=not args.json)
+    lm = load_for(args)
     config.check(lm.n_layers)
     corpus = get_corpus(lm, args.corpus, progress=not args.json)
     from tqdm.auto import tqdm
