@@ -31,10 +31,10 @@ REQUEST = EditRequest(prompt="w1 {} w2 w3", subject="w5 w6", target_new="w40",
                       target_true="w41")
 
 
-def _psd(d: int, seed: int) -> torch.Tensor:
+def _psd(d: int, seed: int, rank: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
-    return a @ a.T / (3 * d) * 100
+    a = torch.randn(d, rank or 3 * d, generator=g, dtype=torch.float64)
+    return a @ a.T / a.shape[1] * 100
 
 
 def split(lm: LM) -> LM:
@@ -178,3 +178,27 @@ def test_load_model_places_a_folder_by_device_map(tmp_path):
         load_model(tmp_path, device="cpu", device_map="auto", progress=False)
     with pytest.raises(ValueError, match="unknown device_map"):
         load_model(tmp_path, device_map="everywhere", progress=False)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_multi_layer_editors_run_on_a_split_model(method, isolated_cache):
+    """MEMIT and AlphaEdit read keys and residuals at layers on both devices and write a
+    layer on each; their delta does to the split model what it does to the whole one."""
+    from engramlab.edit import get_editor
+
+    lm = make_tiny("llama")
+    parted = split(lm)
+    # rank d/2: AlphaEdit's null space of the preserved keys is then not empty
+    stats = {layer: KeyStats(layer, _psd(lm.d_mlp, layer, lm.d_mlp // 2), 100)
+             for layer in (0, 1)}
+    editor = get_editor(method, layers=[0, 1], key_stats=stats, templates=[],
+                        target={"steps": 6, "clamp": 1e3})
+    delta = editor.edit(parted, [REQUEST])
+    names = [lm.layout.value_param_name(layer) for layer in (0, 1)]
+    assert set(delta.entries) == set(names)
+    assert all(float(delta.entries[n].to_dense().norm()) > 0 for n in names)
+    ids = lm.tokenize("w1 w5 w6 w2")
+    with delta.applied(parted), torch.no_grad():
+        edited = parted.model(**ids).logits
+    with delta.applied(lm), torch.no_grad():
+        torch.testing.assert_close(edited, lm.model(**ids).logits, rtol=1e-5, atol=1e-5)
