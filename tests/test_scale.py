@@ -165,3 +165,34 @@ def test_engram_sweep_runs_engram_jobs_resumes_and_reports_failures(tmp_path, is
     spec.write_text("command: [stats]\ngrid: {layers: 3}\n")
     assert main(["sweep", str(spec), "--out", str(out)]) == 2
     assert "non-empty list" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_sweep_over_case_shards_gives_the_whole_runs_scores(tmp_path, isolated_cache,
+                                                               capsys):
+    folder = make_tiny("llama").save(tmp_path / "tiny")
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(
+        {"prompt": f"w1 {{}} w2 w{3 + i}", "subject": f"w{5 + i}", "target_new": f"w{40 + i}",
+         "target_true": f"w{60 + i}", "paraphrase_prompts": [f"w9 w{5 + i} w2"]})
+        for i in range(5)))
+    fixed = ["edit", "--model", str(folder), "--facts", str(facts), "--method", "rome",
+             "--set", "stats.tokens=1024", "stats.seq_len=32", "target.steps=3", "templates=[]"]
+    assert main([*fixed, "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    spec = tmp_path / "shards.json"
+    spec.write_text(json.dumps({"command": fixed, "grid": {"shard": ["0/2", "1/2"]}}))
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--json"]) == 0
+    capsys.readouterr()
+    parts = [r["result"] for r in _results(tmp_path / "out")]
+    assert [p["shard"] for p in parts] == [[0, 2], [1, 2]]
+    sizes = [p["n"] for p in parts]
+    assert sizes == [2, 3]
+    for key, value in whole["post"].items():
+        if isinstance(value, float):
+            merged = sum(p["post"][key] * n for p, n in zip(parts, sizes, strict=True)) / 5
+            assert merged == pytest.approx(value, abs=1e-6), key
+    with pytest.raises(SystemExit):
+        main([*fixed, "--shard", "2/2"])  # no such shard: argparse's own error, exit 2
+    capsys.readouterr()
+    assert main([*fixed, "--shard", "0/6"]) == 2  # five cases have no sixth part for each
+    assert "empty" in capsys.readouterr().err.strip().splitlines()[-1]

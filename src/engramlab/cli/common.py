@@ -36,6 +36,27 @@ def _number(kind: type, ok: Any, what: str) -> Any:
     return parse
 
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """An argparse type: ``I/N``, the I-th (from 0) of N near-equal contiguous parts."""
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text}: I/N needs N >= 1 and 0 <= I < N")
+    return i, n
+
+
+def shard_of(items: Sequence[Any], shard: tuple[int, int] | None) -> list[Any]:
+    """The ``shard = (I, N)``-th of N near-equal contiguous parts of ``items`` (all of them
+    without a shard); the parts of 0/N ... N-1/N together hold every item once."""
+    if shard is None:
+        return list(items)
+    i, n = shard
+    return list(items[i * len(items) // n:(i + 1) * len(items) // n])
+
+
 positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
 nonnegative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
 positive_float = _number(float, lambda v: v > 0, "a number above 0")

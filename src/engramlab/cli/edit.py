@@ -18,6 +18,8 @@ from .common import (
     parse_settings,
     positive_float,
     positive_int,
+    shard_of,
+    shard_spec,
 )
 
 
@@ -39,6 +41,9 @@ def register(sub: Any) -> None:
     p.add_argument("--preset", default=None, help="preset name (default: matched to the model)")
     add_set(p, "hyper-parameter overrides")
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N cases")
+    p.add_argument("--shard", type=shard_spec, default=None, metavar="I/N",
+                   help="edit only the I-th (from 0) of N contiguous parts of the cases (after "
+                        "--limit): one job of a sweep over case shards")
     p.add_argument("--fluency-tokens", type=nonnegative_int, default=0,
                    help="greedy tokens generated per prompt for the fluency metric (0: skip)")
     p.add_argument("--noise", action="store_true",
@@ -110,6 +115,10 @@ def edit(args: argparse.Namespace) -> int:
     cases = load_cases(args.facts) if args.facts else bundled_cases()
     if args.limit:
         cases = cases[:args.limit]
+    cases = shard_of(cases, args.shard)
+    if not cases:
+        raise InputError(f"shard {args.shard[0]}/{args.shard[1]} of {args.limit or 'the'} "
+                         "cases is empty; use fewer shards")
     overrides = parse_settings(args.set)
     if args.layers:
         overrides["layers"] = args.layers
@@ -121,6 +130,8 @@ def edit(args: argparse.Namespace) -> int:
                           eval_every=args.eval_every, fluency_tokens=args.fluency_tokens,
                           progress=not args.json, noise=args.noise)
     obj = result.to_json()
+    if args.shard is not None:
+        obj["shard"] = list(args.shard)
     lines = result.table()
     if args.out:
         _save_run(Path(args.out), result, obj, lines)
