@@ -202,3 +202,28 @@ def test_multi_layer_editors_run_on_a_split_model(method, isolated_cache):
         edited = parted.model(**ids).logits
     with delta.applied(lm), torch.no_grad():
         torch.testing.assert_close(edited, lm.model(**ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tuned_lens_fitted_on_bfloat16_weights_keeps_float32_parameters(tmp_path, capsys):
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    from engramlab.cli import main
+    from tests.conftest import tiny_text
+
+    src = make_tiny("llama").save(tmp_path / "src")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(tiny_text(150, seed=s) for s in range(6)))
+    args = ["--model", str(src), "--corpus", str(corpus), "--dtype", "bfloat16"]
+    assert main(["lens", "train", *args, "--kind", "tuned", "--tokens", "512",
+                 "--out", str(tmp_path / "lens"), "--json"]) == 0
+    capsys.readouterr()
+    weights = load_file(tmp_path / "lens" / "lens.safetensors")
+    assert weights and all(t.dtype == torch.float32 for t in weights.values())
+    assert any(float(t.abs().max()) > 0 for t in weights.values())  # it was fitted
+    assert main(["lens", "eval", *args, "--lens", str(tmp_path / "lens"), "--tokens", "256",
+                 "--skip", "512", "--json"]) == 0
+    kl = json.loads(capsys.readouterr().out)["lenses"]["tuned"]["kl"]
+    assert len(kl) == 3 and all(math.isfinite(v) for v in kl)  # read through bf16 blocks
