@@ -9,6 +9,8 @@ whose layers are placed at the same relative depth as GPT-2 XL's (ROME's layer 1
 
 from __future__ import annotations
 
+import copy
+import functools
 from importlib import resources
 from typing import Any
 
@@ -19,6 +21,14 @@ from ..models.lm import LM
 
 
 def _load(name: str) -> dict[str, Any]:
+    """A preset file's content; a copy, so a caller's changes never reach the parsed one."""
+    return copy.deepcopy(_parsed(name))
+
+
+@functools.cache
+def _parsed(name: str) -> dict[str, Any]:
+    """Parsed once per process: an editor resolves its preset on every edit, and parsing the
+    six files took ~27 ms of a ~0.9 s ROME edit."""
     text = resources.files(__package__).joinpath(f"{name}.yaml").read_text()
     return yaml.safe_load(text)
 
@@ -32,7 +42,7 @@ def match_preset(lm: LM) -> str:
     """Name of the preset whose ``match`` block fits ``lm`` (``default`` if none)."""
     facts = {"model_type": lm.layout.model_type, "n_layers": lm.n_layers, "d_model": lm.d_model}
     for name in preset_names():
-        match = _load(name).get("match")
+        match = _parsed(name).get("match")
         if match and all(facts.get(k) == v for k, v in match.items()):
             return name
     return "default"
