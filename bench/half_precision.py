@@ -14,6 +14,9 @@ One set of weights is held twice, as loaded (float32) and rounded to ``--half``:
   half-precision model with its own statistics, against the same made on the float32 model:
   the relative distance between the two deltas, and the probability of the new target after
   each edit in each model (first target token, the request's own prompt);
+* which part of that is the rounding of the weights and which the half-precision arithmetic:
+  the same edits on the rounded weights cast back to float32 (``rounded``: float32
+  arithmetic, half-precision weights), against float32's;
 * the floor those distances stand on: the same edits on a float32 copy whose weights carry
   one float32 rounding of noise (× (1 + 2⁻²⁴·N(0, 1))), which changes no result a user
   could see, against the float32 ones. The target optimisation (Adam) follows the signs of
@@ -151,7 +154,10 @@ def main() -> None:
             param.mul_(1 + 2.0**-24 * torch.randn(param.shape, generator=g, device=param.device))
     jitter = eg.LM(model=jittered, tokenizer=full.tokenizer, layout=Layout(jittered),
                    name=full.name)
-    pair = {"float32": full, "half": half, "jitter": jitter}
+    lifted = copy.deepcopy(rounded).to(torch.float32)
+    lifted_lm = eg.LM(model=lifted, tokenizer=full.tokenizer, layout=Layout(lifted),
+                      name=full.name)
+    pair = {"float32": full, "half": half, "rounded": lifted_lm, "jitter": jitter}
     memit_hp = MEMIT().hparams_for(full)
     layers = list(memit_hp.layers)
     rome_layers = list(ROME().hparams_for(full).layers)
@@ -164,7 +170,7 @@ def main() -> None:
     if not args.skip_throughput:
         out["throughput"] = {name: throughput(lm, layers, corpus, args.throughput_tokens,
                                               args.batch_size)
-                             for name, lm in pair.items() if name != "jitter"}
+                             for name, lm in pair.items() if name in ("float32", "half")}
         print(json.dumps({"throughput": out["throughput"]}), flush=True)
     stats_layers = sorted(set(layers) | set(rome_layers))
     stats = {name: collect_key_stats(lm, stats_layers, corpus, n_tokens=args.stats_tokens,
