@@ -65,6 +65,17 @@ def tiny_text(n: int = 6, seed: int = 0) -> str:
     return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=g))
 
 
+def tiny_facts_file(path: Path, n: int) -> Path:
+    """``n`` CounterFact-style cases in the tiny vocabulary (w-words), as a JSONL file."""
+    import json
+
+    path.write_text("\n".join(json.dumps(
+        {"prompt": f"w1 {{}} w2 w{3 + i}", "subject": f"w{5 + i}", "target_new": f"w{40 + i}",
+         "target_true": f"w{60 + i}", "paraphrase_prompts": [f"w9 w{5 + i} w2"]})
+        for i in range(n)))
+    return path
+
+
 def assert_halves(lm: LM, concept, delta) -> dict:
     """The papers' erasure result on one concept: its probes at most half as often answered,
     paraphrases fewer, controls under 10 points down, perplexity under 10 % up. Returns the

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from engramlab.adapt import FinetuneConfig, finetune, trainable_names
 from engramlab.data.corpus import TextCorpus
 from engramlab.errors import RequestError
-from tests.conftest import make_tiny, tiny_text
+from tests.conftest import make_tiny, tiny_facts_file, tiny_text
 
 
 def _corpus() -> TextCorpus:
@@ -165,11 +165,7 @@ def test_survive_command_prints_the_specified_json(tmp_path, capsys, isolated_ca
     from engramlab.cli import main
 
     folder = make_tiny("llama").save(tmp_path / "tiny")
-    facts = tmp_path / "facts.jsonl"
-    facts.write_text("\n".join(json.dumps(
-        {"prompt": f"w1 {{}} w2 w{3 + i}", "subject": f"w{5 + i}", "target_new": f"w{40 + i}",
-         "target_true": f"w{60 + i}", "paraphrase_prompts": [f"w9 w{5 + i} w2"]})
-        for i in range(4)))
+    facts = tiny_facts_file(tmp_path / "facts.jsonl", 4)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(tiny_text(400, seed=s) for s in range(3)))
     args = ["survive", "--model", str(folder), "--facts", str(facts), "--limit", "2",

@@ -17,7 +17,7 @@ from engramlab.data import TextCorpus
 from engramlab.errors import InputError
 from engramlab.scale import Sweep, options_argv, run_sweep
 from engramlab.stats import collect_key_stats
-from tests.conftest import make_tiny, tiny_text
+from tests.conftest import make_tiny, tiny_facts_file, tiny_text
 
 GRID = {"command": ["multiply"], "fixed": {"scale": 10}, "grid": {"a": [1, 2, 3], "b": [4, 5]}}
 
@@ -170,11 +170,7 @@ def test_engram_sweep_runs_engram_jobs_resumes_and_reports_failures(tmp_path, is
 def test_a_sweep_over_case_shards_gives_the_whole_runs_scores(tmp_path, isolated_cache,
                                                                capsys):
     folder = make_tiny("llama").save(tmp_path / "tiny")
-    facts = tmp_path / "facts.jsonl"
-    facts.write_text("\n".join(json.dumps(
-        {"prompt": f"w1 {{}} w2 w{3 + i}", "subject": f"w{5 + i}", "target_new": f"w{40 + i}",
-         "target_true": f"w{60 + i}", "paraphrase_prompts": [f"w9 w{5 + i} w2"]})
-        for i in range(5)))
+    facts = tiny_facts_file(tmp_path / "facts.jsonl", 5)
     fixed = ["edit", "--model", str(folder), "--facts", str(facts), "--method", "rome",
              "--set", "stats.tokens=1024", "stats.seq_len=32", "target.steps=3", "templates=[]"]
     assert main([*fixed, "--json"]) == 0
