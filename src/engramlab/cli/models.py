@@ -52,7 +52,6 @@ def models(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-
     def say(line: str) -> None:  # text mode: each line as soon as it is known
         print(line, flush=True)
 
