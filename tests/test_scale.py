@@ -192,3 +192,14 @@ def test_a_sweep_over_case_shards_gives_the_whole_runs_scores(tmp_path, isolated
     capsys.readouterr()
     assert main([*fixed, "--shard", "0/6"]) == 2  # five cases have no sixth part for each
     assert "empty" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_ray_asked_for_but_not_installed_is_one_line_with_the_install_command(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    spec = tmp_path / "sweep.json"
+    spec.write_text(json.dumps(GRID))
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--ray"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "engramlab[ray]" in last and "Traceback" not in last
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*lock"))

@@ -192,6 +192,10 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike[str], *, fn: JobFn = run_engr
 
     start = time.perf_counter()
     jobs = sweep.jobs()
+    if ray is not None:  # refused before anything is written
+        from .cluster import require_ray
+
+        require_ray()
     with output_lock(out) as folder:
         (folder / "jobs").mkdir(parents=True, exist_ok=True)
         _write_json(folder / "sweep.json", {**sweep.to_json(), "jobs": [
