@@ -1,7 +1,8 @@
 """Ray, when asked for: connecting to a cluster (or starting a local one) and polling tasks.
 
-Nothing else in engramlab imports Ray: without ``--ray`` the same work runs in this process
-or in local worker processes, so Ray is an optional extra (``pip install 'engramlab[ray]'``).
+Ray is imported only where ``--ray`` (``ray=``) asks for it (here, and the statistics'
+progress queue): without it the same work runs in this process or in local worker processes,
+so Ray is an optional extra (``pip install 'engramlab[ray]'``).
 """
 
 from __future__ import annotations
