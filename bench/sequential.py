@@ -8,7 +8,8 @@ throughout (:mod:`engramlab.edit.noise`): per batch, the past updates' response 
 relative to the change the edit asks for; at each evaluation, the earlier edits' drift from their
 targets. Nothing is tuned here: every method runs its preset. ``--skip`` leaves out the first
 generated cases, so a development split (``--n 200``) and a reported one (``--skip 200``) never
-share a case.
+share a case. ``--jobs J`` runs J parts at once, each in its own process (on a GPU the small
+model's kernels leave it mostly idle, so parts in parallel cost little more than one).
 
 The run is saved under ``docs/results/<--save>`` after each (method, batch size) part and
 resumes: parts already saved are kept (``--fresh`` drops them). Figures: ``sequential.png``
@@ -23,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -51,6 +55,9 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=list(SEQUENTIAL))
     ap.add_argument("--set", nargs="*", default=[], help="overrides k=v for every method")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="parts run at once, each in its own process with its own model copy "
+                         "(for a GPU, whose small kernels leave it idle between launches)")
     ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     ap.add_argument("--fresh", action="store_true", help="drop the parts already saved")
     ap.add_argument("--plot", default=None, help="AREA/RUN: draw a saved run's figures only")
@@ -71,8 +78,12 @@ def main() -> int:
     if any(b < 1 or args.eval_every % b for b in args.batch_sizes):
         print("sequential: error: every batch size must divide --eval-every", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print("sequential: error: --jobs must be at least 1", file=sys.stderr)
+        return 2
     area, run = args.save.split("/")
-    params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh", "plot")}
+    params = {k: v for k, v in vars(args).items()
+              if k not in ("save", "fresh", "plot", "jobs")}
     overrides = dict(kv.split("=", 1) for kv in args.set)
     for method in args.methods:  # bad settings fail before the model loads
         get_editor(method, **overrides)
@@ -85,34 +96,57 @@ def main() -> int:
     out = {"model": args.model, "n": len(cases), "device": str(lm.device),
            "gpu": torch.cuda.get_device_name() if lm.device.type == "cuda" else None,
            "threads": torch.get_num_threads(), "parts": parts}
-    for size in args.batch_sizes:
-        for method in args.methods:
-            key = f"{method}:b{size}"
-            if key in parts:
-                continue
-            print(f"{key}: {len(cases)} edits in batches of {size}", file=sys.stderr,
-                  flush=True)
-            editor = get_editor(method, progress=False, **overrides)
-            t0 = time.perf_counter()
-            result = run_protocol(
-                lm, editor, cases, protocol="sequential", batch_size=size,
-                eval_every=args.eval_every // size, noise=True, progress=True,
-                on_point=lambda p, k=key: print(json.dumps({k: p}), file=sys.stderr,
-                                                flush=True))
-            noise = result.noise or {}
-            parts[key] = {
-                "method": method, "batch_size": size, "pre": result.pre, "post": result.post,
-                "curve": result.curve, "seconds_per_edit": result.seconds_per_edit,
-                "wall_seconds": time.perf_counter() - t0,
-                "noise": {"layer": noise.get("layer"), "points": noise.get("points", []),
-                          "steps": [{k: v for k, v in s.items() if k != "per_request"}
-                                    for s in noise.get("steps", [])]},
-                "hparams": result.hparams}
+    todo = [(method, size) for size in args.batch_sizes for method in args.methods
+            if f"{method}:b{size}" not in parts]
+    if args.jobs == 1:
+        for method, size in todo:
+            key, parts[key] = run_part(lm, cases, method, size, args.eval_every, overrides)
             save(area, run, out, params)
+    else:
+        for method in args.methods:  # statistics and templates cached once, before the fork
+            get_editor(method, progress=False, **overrides).prepare(lm)
+        del lm
+        threads = max(1, (os.cpu_count() or 1) // min(args.jobs, len(todo) or 1))
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_part_in_process, args.model, args.device, threads, cases,
+                                   method, size, args.eval_every, overrides)
+                       for method, size in todo]
+            for future in as_completed(futures):
+                key, parts[key] = future.result()
+                save(area, run, out, params)
     save(area, run, out, params)
     print(json.dumps({k: {m: p["post"][m] for m in HEADLINE} for k, p in parts.items()},
                      indent=1))
     return 0
+
+
+def run_part(lm: eg.LM, cases: list, method: str, size: int, eval_every: int,
+             overrides: dict[str, str]) -> tuple[str, dict]:
+    """One (method, batch size) sequential run, as the result's part."""
+    key = f"{method}:b{size}"
+    print(f"{key}: {len(cases)} edits in batches of {size}", file=sys.stderr, flush=True)
+    editor = get_editor(method, progress=False, **overrides)
+    t0 = time.perf_counter()
+    result = run_protocol(
+        lm, editor, cases, protocol="sequential", batch_size=size,
+        eval_every=eval_every // size, noise=True, progress=True,
+        on_point=lambda p: print(json.dumps({key: p}), file=sys.stderr, flush=True))
+    noise = result.noise or {}
+    return key, {
+        "method": method, "batch_size": size, "pre": result.pre, "post": result.post,
+        "curve": result.curve, "seconds_per_edit": result.seconds_per_edit,
+        "wall_seconds": time.perf_counter() - t0,
+        "noise": {"layer": noise.get("layer"), "points": noise.get("points", []),
+                  "steps": [{k: v for k, v in s.items() if k != "per_request"}
+                            for s in noise.get("steps", [])]},
+        "hparams": result.hparams}
+
+
+def _part_in_process(model: str, device: str | None, threads: int, cases: list, method: str,
+                     size: int, eval_every: int, overrides: dict[str, str]) -> tuple[str, dict]:
+    torch.set_num_threads(threads)
+    lm = eg.load_model(model, progress=False, device=device)
+    return run_part(lm, cases, method, size, eval_every, overrides)
 
 
 def save(area: str, run: str, out: dict, params: dict) -> None:
