@@ -29,7 +29,6 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -107,12 +106,12 @@ def main() -> int:
             get_editor(method, progress=False, **overrides).prepare(lm)
         del lm
         threads = max(1, (os.cpu_count() or 1) // min(args.jobs, len(todo) or 1))
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_part_in_process, args.model, args.device, threads, cases,
-                                   method, size, args.eval_every, overrides)
-                       for method, size in todo]
-            for future in as_completed(futures):
-                key, parts[key] = future.result()
+        tasks = [(args.model, args.device, threads, cases, method, size, args.eval_every,
+                  overrides) for method, size in todo]
+        # a Pool, not an executor: leaving the block on Ctrl-C terminates the workers at once
+        with mp.get_context("spawn").Pool(min(args.jobs, len(tasks) or 1)) as pool:
+            for key, part in pool.imap_unordered(_part_in_process, tasks):
+                parts[key] = part
                 save(area, run, out, params)
     save(area, run, out, params)
     print(json.dumps({k: {m: p["post"][m] for m in HEADLINE} for k, p in parts.items()},
@@ -142,8 +141,8 @@ def run_part(lm: eg.LM, cases: list, method: str, size: int, eval_every: int,
         "hparams": result.hparams}
 
 
-def _part_in_process(model: str, device: str | None, threads: int, cases: list, method: str,
-                     size: int, eval_every: int, overrides: dict[str, str]) -> tuple[str, dict]:
+def _part_in_process(task: tuple) -> tuple[str, dict]:
+    model, device, threads, cases, method, size, eval_every, overrides = task
     torch.set_num_threads(threads)
     lm = eg.load_model(model, progress=False, device=device)
     return run_part(lm, cases, method, size, eval_every, overrides)
