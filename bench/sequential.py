@@ -8,12 +8,14 @@ throughout (:mod:`engramlab.edit.noise`): per batch, the past updates' response 
 relative to the change the edit asks for; at each evaluation, the earlier edits' drift from their
 targets. Nothing is tuned here: every method runs its preset. ``--skip`` leaves out the first
 generated cases, so a development split (``--n 200``) and a reported one (``--skip 200``) never
-share a case. ``--jobs J`` runs J parts at once, each in its own process (on a GPU the small
-model's kernels leave it mostly idle, so parts in parallel cost little more than one).
+share a case. ``--jobs J`` runs J parts at once, each in its own process with its own copy
+of the model (for machines with more cores, or a GPU, than one part keeps busy).
 
 The run is saved under ``docs/results/<--save>`` after each (method, batch size) part and
-resumes: parts already saved are kept (``--fresh`` drops them). Figures: ``sequential.png``
-(scores as edits accumulate) and ``noise.png`` (noise ratio per batch, drift at evaluations).
+resumes: parts already saved are kept (``--fresh`` drops them), and a part that was
+interrupted goes on from its checkpoint (``--checkpoints``, saved at every evaluation).
+Figures: ``sequential.png`` (scores as edits accumulate) and ``noise.png`` (noise ratio per
+batch, drift at evaluations).
 
     .venv/bin/python bench/sequential.py --data PARAREL_DIR --save edit/sequential_smollm2_cpu \
         [--n 1000] [--batch-sizes 1 10] [--eval-every 100] [--methods memit alphaedit deltaedit]
@@ -26,6 +28,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +61,9 @@ def main() -> int:
                     help="parts run at once, each in its own process with its own model copy "
                          "(for a GPU, whose small kernels leave it idle between launches)")
     ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
+    ap.add_argument("--checkpoints", default=None,
+                    help="folder of each part's checkpoint, from which an interrupted part "
+                         "resumes (default: under the cache, per run; 'none': no checkpoints)")
     ap.add_argument("--fresh", action="store_true", help="drop the parts already saved")
     ap.add_argument("--plot", default=None, help="AREA/RUN: draw a saved run's figures only")
     args = ap.parse_args()
@@ -82,7 +88,7 @@ def main() -> int:
         return 2
     area, run = args.save.split("/")
     params = {k: v for k, v in vars(args).items()
-              if k not in ("save", "fresh", "plot", "jobs")}
+              if k not in ("save", "fresh", "plot", "jobs", "checkpoints")}
     overrides = dict(kv.split("=", 1) for kv in args.set)
     for method in args.methods:  # bad settings fail before the model loads
         get_editor(method, **overrides)
@@ -97,9 +103,14 @@ def main() -> int:
            "threads": torch.get_num_threads(), "parts": parts}
     todo = [(method, size) for size in args.batch_sizes for method in args.methods
             if f"{method}:b{size}" not in parts]
+    checkpoints = None if args.checkpoints == "none" else Path(
+        args.checkpoints or eg.cache_root() / "checkpoints" / "sequential" / f"{area}-{run}")
+    if args.fresh and checkpoints is not None and checkpoints.exists():
+        shutil.rmtree(checkpoints)
     if args.jobs == 1:
         for method, size in todo:
-            key, parts[key] = run_part(lm, cases, method, size, args.eval_every, overrides)
+            key, parts[key] = run_part(lm, cases, method, size, args.eval_every, overrides,
+                                       checkpoints)
             save(area, run, out, params)
     else:
         for method in args.methods:  # statistics and templates cached once, before the fork
@@ -107,7 +118,7 @@ def main() -> int:
         del lm
         threads = max(1, (os.cpu_count() or 1) // min(args.jobs, len(todo) or 1))
         tasks = [(args.model, args.device, threads, cases, method, size, args.eval_every,
-                  overrides) for method, size in todo]
+                  overrides, checkpoints) for method, size in todo]
         # a Pool, not an executor: leaving the block on Ctrl-C terminates the workers at once
         with mp.get_context("spawn").Pool(min(args.jobs, len(tasks) or 1)) as pool:
             for key, part in pool.imap_unordered(_part_in_process, tasks):
@@ -120,8 +131,9 @@ def main() -> int:
 
 
 def run_part(lm: eg.LM, cases: list, method: str, size: int, eval_every: int,
-             overrides: dict[str, str]) -> tuple[str, dict]:
-    """One (method, batch size) sequential run, as the result's part."""
+             overrides: dict[str, str], checkpoints: Path | None) -> tuple[str, dict]:
+    """One (method, batch size) sequential run, as the result's part; it resumes from its
+    checkpoint under ``checkpoints`` when an earlier attempt was interrupted."""
     key = f"{method}:b{size}"
     print(f"{key}: {len(cases)} edits in batches of {size}", file=sys.stderr, flush=True)
     editor = get_editor(method, progress=False, **overrides)
@@ -129,7 +141,8 @@ def run_part(lm: eg.LM, cases: list, method: str, size: int, eval_every: int,
     result = run_protocol(
         lm, editor, cases, protocol="sequential", batch_size=size,
         eval_every=eval_every // size, noise=True, progress=True,
-        on_point=lambda p: print(json.dumps({key: p}), file=sys.stderr, flush=True))
+        on_point=lambda p: print(json.dumps({key: p}), file=sys.stderr, flush=True),
+        checkpoint=None if checkpoints is None else checkpoints / f"{method}-b{size}")
     noise = result.noise or {}
     return key, {
         "method": method, "batch_size": size, "pre": result.pre, "post": result.post,
@@ -142,10 +155,10 @@ def run_part(lm: eg.LM, cases: list, method: str, size: int, eval_every: int,
 
 
 def _part_in_process(task: tuple) -> tuple[str, dict]:
-    model, device, threads, cases, method, size, eval_every, overrides = task
+    model, device, threads, cases, method, size, eval_every, overrides, checkpoints = task
     torch.set_num_threads(threads)
     lm = eg.load_model(model, progress=False, device=device)
-    return run_part(lm, cases, method, size, eval_every, overrides)
+    return run_part(lm, cases, method, size, eval_every, overrides, checkpoints)
 
 
 def save(area: str, run: str, out: dict, params: dict) -> None:

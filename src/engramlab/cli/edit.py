@@ -49,6 +49,9 @@ def register(sub: Any) -> None:
     p.add_argument("--noise", action="store_true",
                    help="sequential memit/alphaedit/deltaedit: record the superimposed noise "
                         "per batch and the drift of earlier edits (JSON; noise.png with --out)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="sequential: save the run to DIR at every evaluation point (else every "
+                        "tenth of the batches); run the same command again to resume it")
     p.add_argument("--out", default=None, help="folder for deltas, per-case JSONL and report")
     p.set_defaults(func=edit)
 
@@ -125,10 +128,12 @@ def edit(args: argparse.Namespace) -> int:
     # the editor checks names, types and the method's own settings: before the model loads
     editor = get_editor(args.method, preset=args.preset, progress=not args.json, **overrides)
     check_noise(editor, args.protocol, args.noise)
+    if args.checkpoint and args.protocol != "sequential":
+        raise InputError("--checkpoint saves sequential runs: add --protocol sequential")
     lm = load_for(args)
     result = run_protocol(lm, editor, cases, protocol=args.protocol, batch_size=args.batch_size,
                           eval_every=args.eval_every, fluency_tokens=args.fluency_tokens,
-                          progress=not args.json, noise=args.noise)
+                          progress=not args.json, noise=args.noise, checkpoint=args.checkpoint)
     obj = result.to_json()
     if args.shard is not None:
         obj["shard"] = list(args.shard)

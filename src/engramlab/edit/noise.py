@@ -113,6 +113,32 @@ class NoiseRecorder:
         self.points.append(out)
         return out
 
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The history so far as tensors and JSON (see :mod:`.checkpoint`)."""
+        tensors = {f"batch.{i}.{k}": t.contiguous() for i, (_, u, v) in enumerate(self._batches)
+                   for k, t in (("u", u), ("v", v))}
+        if self._past is not None:
+            tensors["past"] = self._past.contiguous()
+        if self._targets:
+            tensors["targets"] = torch.stack(self._targets)
+        doc = {"steps": self.steps, "points": self.points,
+               "firsts": [first for first, _, _ in self._batches]}
+        return tensors, doc
+
+    def restore(self, tensors: dict[str, torch.Tensor], doc: dict[str, Any],
+                requests: Sequence[EditRequest]) -> None:
+        """Take up a checkpoint's history; ``requests`` are those edited before it."""
+        targets = tensors.get("targets")
+        if len(requests) != (0 if targets is None else len(targets)):
+            raise ValueError(f"noise checkpoint holds {0 if targets is None else len(targets)} "
+                             f"targets for {len(requests)} edited requests")
+        self.steps, self.points = list(doc["steps"]), list(doc["points"])
+        self._batches = [(first, tensors[f"batch.{i}.u"], tensors[f"batch.{i}.v"])
+                         for i, first in enumerate(doc["firsts"])]
+        self._past = tensors.get("past")
+        self._requests = list(requests)
+        self._targets = [] if targets is None else list(targets)
+
     def to_json(self) -> dict[str, Any]:
         """Per step, the mean noise and ratio (and every request's); per evaluation point, the
         drift and its split."""

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,16 +150,23 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
                  eval_every: int | None = None, fluency_tokens: int = 0,
                  progress: bool = False,
                  on_point: Callable[[dict[str, Any]], None] | None = None,
-                 pre: dict[str, Any] | None = None, noise: bool = False) -> RunResult:
+                 pre: dict[str, Any] | None = None, noise: bool = False,
+                 checkpoint: str | Path | None = None) -> RunResult:
     """Edit ``cases`` under ``protocol`` and score them; ``pre``, the unedited model's summary
     of these cases under this protocol (``RunResult.pre`` of an earlier run), skips scoring
     them again. ``noise`` (sequential, MEMIT-family editors) records the superimposed noise
-    and the drift of earlier edits (:mod:`.noise`) into ``RunResult.noise``."""
+    and the drift of earlier edits (:mod:`.noise`) into ``RunResult.noise``. ``checkpoint``
+    (sequential): a folder the run saves itself to at every evaluation point (else at every
+    tenth of the batches) and resumes from when it holds an earlier save of the same run
+    (:mod:`.checkpoint`)."""
     if protocol not in PROTOCOLS:
         raise RequestError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     if not cases:
         raise RequestError("no cases to edit")
     check_noise(editor, protocol, noise)
+    if checkpoint is not None and protocol != "sequential":
+        raise RequestError("only sequential runs are checkpointed: add --protocol sequential "
+                           "or drop --checkpoint")
     cases = fill_relation_answers(lm, _as_scored(cases, protocol, batch_size))
     if pre is None:
         pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress))
@@ -186,8 +194,15 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
             n_batches = -(-len(cases) // size)
             span = size * (eval_every or max(1, n_batches // 10))
             recorder = NoiseRecorder(lm, max(hp["layers"]), span, hp["subject_pos"])
+        saving = None
+        if checkpoint is not None:
+            from .checkpoint import run_identity
+
+            saving = (Path(checkpoint),
+                      run_identity(lm, editor.method, hp, cases, size, eval_every, noise))
         results, delta, curve, times = _sequential(
-            lm, editor, cases, size, eval_every, fluency_tokens, progress, on_point, recorder)
+            lm, editor, cases, size, eval_every, fluency_tokens, progress, on_point, recorder,
+            saving)
     post = summarize(results)
     return RunResult(editor.method, lm.name, protocol, len(cases), pre, post,
                      statistics.median(times), stats_seconds,
@@ -256,9 +271,12 @@ def _batches(lm: LM, editor: Editor, cases: list[EditCase], size: int, fluency_t
 
 def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
                 eval_every: int | None, fluency_tokens: int, progress: bool,
-                on_point: Callable[[dict[str, Any]], None] | None, recorder: Any = None
+                on_point: Callable[[dict[str, Any]], None] | None, recorder: Any = None,
+                saving: tuple[Path, dict[str, Any]] | None = None
                 ) -> tuple[list[CaseScores], WeightDelta | None, list[dict[str, Any]], list[float]]:
     from tqdm.auto import tqdm
+
+    from .checkpoint import load_checkpoint, save_checkpoint
 
     params = dict(lm.model.named_parameters())
     snapshot: dict[str, torch.Tensor] = {}  # one copy of each touched tensor, not one per step
@@ -267,10 +285,25 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
     times: list[float] = []
     curve: list[dict[str, Any]] = []
     batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
+    save_every = eval_every or max(1, len(batches) // 10)
+    first = 0
+    resumed = None if saving is None else load_checkpoint(*saving)
     bar = tqdm(total=len(cases), desc=f"{editor.method} sequential", unit="edit",
                disable=not progress)
     try:
-        for b, part in enumerate(batches, 1):
+        if resumed is not None:
+            first, total, state = resumed.batches_done, resumed.total, resumed.state
+            times, curve = resumed.times, resumed.curve
+            with torch.no_grad():  # the very weights the interrupted run had reached
+                for name, value in resumed.weights.items():
+                    snapshot[name] = params[name].detach().clone()
+                    params[name].copy_(value)
+            lm.invalidate_fingerprint()
+            if recorder is not None and resumed.recorder is not None:
+                recorder.restore(*resumed.recorder,
+                                 [c.request for p in batches[:first] for c in p])
+            bar.update(sum(len(p) for p in batches[:first]))
+        for b, part in enumerate(batches[first:], first + 1):
             requests = [c.request for c in part]
             if recorder is not None:
                 recorder.before(requests)
@@ -286,6 +319,7 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
             d.apply(lm, force=True, keep_backup=False)
             total = d if total is None else total + d
             bar.update(len(part))
+            point = None
             if eval_every and (b % eval_every == 0 or b == len(batches)):
                 done = [c for p in batches[:b] for c in p]
                 s = summarize(case_scores(lm, done))
@@ -295,8 +329,12 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
                     point |= {"mean_drift": drift["mean_drift"],
                               "mean_later_noise": drift["mean_later_noise"]}
                 curve.append(point)
-                if on_point is not None:
-                    on_point(point)
+            if saving is not None and (b % save_every == 0 or b == len(batches)):
+                save_checkpoint(*saving, batches_done=b,
+                                weights={name: params[name] for name in snapshot}, total=total,
+                                state=state, times=times, curve=curve, recorder=recorder)
+            if point is not None and on_point is not None:  # after the save: it may stop the run
+                on_point(point)
         if recorder is not None and not (recorder.points
                                          and recorder.points[-1]["edits"] == len(cases)):
             recorder.evaluate()
