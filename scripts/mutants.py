@@ -117,6 +117,11 @@ MUTANTS = (
            "targets[i, :len(seq)] = ids[i, :len(seq)]"),
     Mutant("resume_without_the_optimiser_state", "adapt/finetune.py",
            'opt.load_state_dict(state["opt"])', "pass"),
+    Mutant("sequential_resume_on_the_unedited_weights", "edit/protocols.py",
+           "                    params[name].copy_(value)\n", "                    pass\n"),
+    Mutant("sequential_resume_without_the_editor_state", "edit/protocols.py",
+           "resumed.batches_done, resumed.total, resumed.state",
+           "resumed.batches_done, resumed.total, None"),
 )
 
 
