@@ -40,7 +40,7 @@ from engramlab.data.concepts import Concept, bundled_concepts
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.features import FeatureEraser
 from engramlab.erase.run import make_eraser, run_erasure
-from results import mean_sd, run_folder, save_run, saved_parts
+from results import mean_sd, merged, run_folder, run_lock, save_run, saved_parts, share_spec
 
 METHODS = ("concept-vectors", "concept-vectors:vocab", "features", "ga", "npo", "rmu",
            "rmu:down")
@@ -181,6 +181,9 @@ def main() -> int:
     ap.add_argument("--table", default=None,
                     help="AREA/RUN: print a saved run's summary as a table and run nothing")
     ap.add_argument("--fresh", action="store_true", help="drop the parts already saved")
+    ap.add_argument("--share", type=share_spec, default=(0, 1), metavar="I/N",
+                    help="run the I-th (from 0) of N shares of the concepts, beside N-1 other "
+                         "processes on the same --save (each merges its parts under a lock)")
     ap.add_argument("--markdown", action="store_true", help="print the summary as a table")
     args = ap.parse_args()
     if args.table:
@@ -206,7 +209,8 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     concepts = concepts_of(args.concepts)
     area, run = args.save.split("/")
-    params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh", "markdown")}
+    params = {k: v for k, v in vars(args).items()
+              if k not in ("save", "fresh", "markdown", "share")}
 
     parts = saved_parts("erase", area, run, params, ("model", "relearn_steps"), "parts",
                         args.fresh)
@@ -225,8 +229,9 @@ def main() -> int:
         saes = fitter.fit_saes(lm, corpus, progress=True)
         result["timing"]["dictionary_seconds"] = time.perf_counter() - t
 
-    todo = [(c, m, s) for s in seeds for c in concepts for m in methods
-            if str(s) not in parts.get(c.name, {}).get(m, {})]
+    index, shares = args.share  # a share is whole concepts: their unedited figures are reused
+    todo = [(c, m, s) for s in seeds for k, c in enumerate(concepts) for m in methods
+            if k % shares == index and str(s) not in parts.get(c.name, {}).get(m, {})]
     print(f"erase: {len(todo)} runs to do ({len(concepts)} concepts × {len(methods)} methods × "
           f"{len(seeds)} seeds, {sum(len(b) for p in parts.values() for b in p.values())} "
           "saved)", file=sys.stderr, flush=True)
@@ -243,14 +248,20 @@ def main() -> int:
         except eg.EngramError as exc:  # a method that finds nothing is a result too
             report, line = {"error": str(exc)}, f"failed: {exc}"
         report["wall_seconds"] = time.perf_counter() - t
-        parts.setdefault(concept.name, {}).setdefault(method, {})[str(seed)] = report
-        result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
-        result["peak_rss_mb"] = peak_rss_mb()
-        save_run(area, run, result, params)
+        mine = {concept.name: {method: {str(seed): report}}}
+        with run_lock(area, run):  # other shares may have saved parts since
+            parts = merged(saved_parts("erase", area, run, params, (), "parts", False), mine)
+            result["parts"] = parts
+            result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
+            result["peak_rss_mb"] = peak_rss_mb()
+            save_run(area, run, result, params)
         print(f"[{i}/{len(todo)}] {concept.name} · {method} · seed {seed}: {line} "
               f"({report['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
-    result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
-    save_run(area, run, result, params)
+    with run_lock(area, run):
+        parts = merged(saved_parts("erase", area, run, params, (), "parts", False), parts)
+        result["parts"] = parts
+        result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
+        save_run(area, run, result, params)
     print(markdown(result["summary"]) if args.markdown else json.dumps(result["summary"],
                                                                        indent=1))
     return 0

@@ -2,12 +2,17 @@
 its parameters and its JSON (and any figures the benchmark draws there).
 
 Written into a temporary sibling folder and moved into place, so a run that fails or is
-interrupted leaves the previous result as it was. Also the mean-and-spread summary the benches
+interrupted leaves the previous result as it was. Several processes may share one run's parts
+(``--share I/N`` of the resumable benches): each merges its new parts into what is on disk
+under the run's lock. Also the mean-and-spread summary the benches
 share.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -15,7 +20,7 @@ import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +79,36 @@ def mean_sd(values: list[float]) -> dict[str, float | None]:
     deviation (None for fewer than two), the spread every bench summary reports."""
     return {"mean": sum(values) / len(values) if values else None,
             "sd": statistics.stdev(values) if len(values) > 1 else None}
+
+
+@contextlib.contextmanager
+def run_lock(area: str, run: str) -> Iterator[None]:
+    """Hold ``docs/results/<area>/.<run>.lock``: the processes that share a run's parts read,
+    merge and write them one at a time."""
+    folder = RESULTS / area
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{run}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def merged(on_disk: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """Nested parts: those on disk with ``mine`` added (a leaf of ``mine`` wins)."""
+    out = dict(on_disk)
+    for key, value in mine.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def share_spec(text: str) -> tuple[int, int]:
+    """``I/N`` (argparse type): this process's share of a run split over N processes."""
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise argparse.ArgumentTypeError(f"takes I/N with 0 <= I < N, got {text!r}")
+    return int(i), int(n)
