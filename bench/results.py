@@ -34,12 +34,17 @@ def run_folder(area: str, run: str) -> Path:
 
 def save_run(area: str, run: str, result: dict[str, Any], params: dict[str, Any],
              files: dict[str, Path] | None = None) -> Path:
-    """Write command.txt, params.json, result.json (and copies of ``files``) for one run."""
+    """Write command.txt, params.json, result.json (and copies of ``files``) for one run.
+    ``--share I/N`` is left out of command.txt: the shares together make what the command
+    without it makes."""
     target = run_folder(area, run)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run}.", dir=target.parent))
     try:
         argv = [Path(sys.executable).name, *sys.argv]
+        if "--share" in argv[:-1]:
+            at = argv.index("--share")
+            del argv[at:at + 2]
         argv[1] = os.path.relpath(Path(argv[1]).resolve(), RESULTS.parents[1])
         (tmp / "command.txt").write_text(" ".join(shlex.quote(a) for a in argv) + "\n")
         (tmp / "params.json").write_text(json.dumps(params, indent=1, default=str) + "\n")

@@ -42,6 +42,30 @@ def test_apply_then_revert_is_bit_identical_and_restores_fingerprint(tiny):
     assert tiny.fingerprint() == fp
 
 
+def test_an_exact_revert_keeps_the_fingerprint_known_but_not_after_other_changes():
+    lm = make_tiny("llama")
+    fp = lm.fingerprint()
+    delta, _, _ = _rank_one(lm)
+    with delta.applied(lm):
+        assert lm.known_fingerprint() is None  # the edited weights are not hashed yet
+    assert lm.known_fingerprint() == fp  # not hashed again: the weights are the same bits
+    # a weight changed while the delta was applied: the revert cannot vouch for the weights
+    other = lm.layout.value_weight(2)
+    with delta.applied(lm), torch.no_grad():
+        other[3, 7] += 1e-3
+    assert lm.known_fingerprint() is None
+    assert lm.fingerprint() != fp
+    # a second delta applied in between (and left applied) is not forgotten either
+    fp2 = lm.fingerprint()
+    second, _, _ = _rank_one(lm, layer=0, seed=1)
+    delta.apply(lm, force=True)
+    second.apply(lm, force=True)
+    delta.revert(lm)
+    assert lm.known_fingerprint() is None
+    second.revert(lm)
+    assert lm.known_fingerprint() is None and lm.fingerprint() == fp2
+
+
 def test_fingerprint_sees_a_single_small_weight_change():
     lm = make_tiny("llama")
     fp = lm.fingerprint()

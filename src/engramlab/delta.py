@@ -128,6 +128,7 @@ class WeightDelta:
         self.meta: dict[str, Any] = dict(meta or {})
         self._backup: dict[str, torch.Tensor] | None = None
         self._applied_to: int | None = None
+        self._restores: tuple[str | None, tuple | None] = (None, None)
 
     # construction ----------------------------------------------------------------------
     @classmethod
@@ -192,6 +193,7 @@ class WeightDelta:
                 "cannot be edited in place: load with a device_map that keeps the edited layers "
                 "on a GPU, or with device='cpu'")
         self._backup = {} if keep_backup else None
+        before = lm.known_fingerprint()
         with torch.no_grad():
             for name, d in self.entries.items():
                 p = params[name]
@@ -200,21 +202,29 @@ class WeightDelta:
                 _add_change(p, d)
         self._applied_to = id(lm.model)
         lm.invalidate_fingerprint()
+        # an exact revert with nothing changed in between restores the weights' fingerprint
+        self._restores = (before, lm.weights_version())
         return self
 
     def revert(self, lm: LM) -> WeightDelta:
         """Undo :meth:`apply`: exact from the backup, else by subtraction (rounding may differ)."""
         params = dict(lm.model.named_parameters())
+        exact = self._backup is not None and self._applied_to == id(lm.model)
+        before, version = self._restores
+        untouched = exact and before is not None and lm.weights_version() == version
         with torch.no_grad():
             for name, d in self.entries.items():
                 p = params[name]
-                if self._backup is not None and self._applied_to == id(lm.model):
-                    p.copy_(self._backup[name])
+                if exact:
+                    p.copy_(self._backup[name])  # type: ignore[index]
                 else:
                     _add_change(p, d, sign=-1)
         self._backup = None
         self._applied_to = None
+        self._restores = (None, None)
         lm.invalidate_fingerprint()
+        if untouched:  # the weights are bit for bit those before apply
+            lm.restore_fingerprint(before)  # type: ignore[arg-type]
         return self
 
     @contextlib.contextmanager

@@ -237,10 +237,11 @@ class LM:
         including optimiser steps and our deltas) plus a counter that deltas bump explicitly.
         Call :meth:`invalidate_fingerprint` after writing through ``param.data`` by hand.
         """
+        known = self.known_fingerprint()
+        if known is not None:
+            return known
+        key = self.weights_version()
         params = list(self.model.named_parameters())
-        key = (self._delta_counter, tuple((p.data_ptr(), p._version) for _, p in params))
-        if self._fp_cache is not None and self._fp_cache[0] == key:
-            return self._fp_cache[1]
         h = hashlib.sha256(self._config_json().encode())
         with torch.no_grad():
             for name, p in params:
@@ -259,6 +260,23 @@ class LM:
 
     def invalidate_fingerprint(self) -> None:
         self._delta_counter += 1
+
+    def weights_version(self) -> tuple:
+        """A cheap token that changes whenever a weight may have changed (the parameters'
+        storage and version counters, and the deltas' counter); equal tokens: same weights."""
+        return (self._delta_counter,
+                tuple((p.data_ptr(), p._version) for p in self.model.parameters()))
+
+    def known_fingerprint(self) -> str | None:
+        """The fingerprint of the current weights if it is already known (no hashing)."""
+        if self._fp_cache is not None and self._fp_cache[0] == self.weights_version():
+            return self._fp_cache[1]
+        return None
+
+    def restore_fingerprint(self, digest: str) -> None:
+        """Declare that the weights are, bit for bit, those whose fingerprint was ``digest``
+        (a delta reverted from its backup), so it is not hashed again."""
+        self._fp_cache = (self.weights_version(), digest)
 
     # saving -------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike[str], *, overwrite: bool = False,
