@@ -227,3 +227,39 @@ def test_a_tuned_lens_fitted_on_bfloat16_weights_keeps_float32_parameters(tmp_pa
                  "--skip", "512", "--json"]) == 0
     kl = json.loads(capsys.readouterr().out)["lenses"]["tuned"]["kl"]
     assert len(kl) == 3 and all(math.isfinite(v) for v in kl)  # read through bf16 blocks
+
+
+def test_deltaedit_runs_sequential_steps_on_a_split_model(isolated_cache):
+    """DeltaEdit keeps its past update on the host and reads new keys on the device of the
+    last edited layer; with a zero-width band the steps after the band's first spread are
+    projected, and each step's delta on the split model is the whole model's."""
+    from engramlab.edit import DeltaEdit
+
+    lm = make_tiny("llama")
+    parted = split(lm)
+    stats = {layer: KeyStats(layer, _psd(lm.d_mlp, layer, lm.d_mlp // 2), 100)
+             for layer in (0, 1)}
+
+    def steps(model: LM) -> tuple[list, object]:
+        editor = DeltaEdit(layers=[0, 1], key_stats=stats, templates=[],
+                           target={"steps": 6, "clamp": 1e3}, nullspace_threshold=1e-8,
+                           band={"width": 0.0, "warmup": 0, "floor": 0.0, "space": 0.5})
+        state, deltas = None, []
+        for subject, target in (("w5 w6", "w40"), ("w7", "w42"), ("w8", "w43"), ("w9", "w44"),
+                                ("w10 w11", "w45")):
+            request = EditRequest(prompt="w1 {} w2 w3", subject=subject, target_new=target,
+                                  target_true="w41")
+            delta, state = editor.step(model, [request], state)
+            delta.apply(model, force=True)
+            deltas.append(delta)
+        for delta in reversed(deltas):
+            delta.revert(model)
+        return deltas, state
+
+    split_deltas, split_state = steps(parted)
+    whole_deltas, whole_state = steps(lm)
+    assert split_state.band["projected"] == whole_state.band["projected"] >= 1
+    for a, b in zip(split_deltas, whole_deltas, strict=True):
+        for name, entry in b.entries.items():
+            torch.testing.assert_close(a.entries[name].to_dense().cpu(), entry.to_dense(),
+                                       rtol=1e-4, atol=1e-6)

@@ -49,7 +49,7 @@ def dominant_directions(past: torch.Tensor, noise: torch.Tensor, band: BandConfi
     """Orthonormal columns ``[d_model, m]``: the eigenvectors of ``past pastᵀ + noise noiseᵀ``
     with eigenvalue above ``band.floor``, the largest first, at most ``band.space``·d_model."""
     p = past.double()
-    n = noise.double()[:, None]
+    n = noise.double().to(p.device)[:, None]
     gram = p @ p.T + n @ n.T
     values, vectors = torch.linalg.eigh(gram)  # ascending
     keep = int((values > band.floor).sum())
@@ -124,7 +124,8 @@ class DeltaEdit(AlphaEdit):
         state = super()._after(lm, hp, requests, templates, state, factors)
         z_layer = max(hp.layers)
         u, v = factors[z_layer]
-        update = (u.double() @ v.double().T).float().cpu()
+        # the factors come from different devices when the model is split or on a GPU
+        update = (u.double().cpu() @ v.double().cpu().T).float()
         past = state.past.get(z_layer)
         return dataclasses.replace(
             state, past={**state.past, z_layer: update if past is None else past + update})
