@@ -34,9 +34,7 @@ from engramlab.edit import get_editor, run_protocol
 from engramlab.edit.targets import TargetMemo
 from engramlab.evaluate.bootstrap import case_intervals
 from engramlab.evaluate.counterfact import HEADLINE, METRICS, summarize
-from results import run_folder, save_run
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/counterfact/counterfact-val.json"
+from results import data_default, run_folder, save_run
 
 
 def known_flags(lm, cases, batch_size: int = 64) -> list[bool]:
@@ -117,7 +115,7 @@ def combine(parts: list[dict], flags: list[bool]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--data", **data_default("counterfact/counterfact-val.json"))
     parser.add_argument("--cases", choices=["all", "known"], default="all",
                         help="edit every case (reported on all and on the known ones), or "
                              "only the known ones")

@@ -28,10 +28,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import engramlab as eg
-from engramlab._io import cache_dir
 from engramlab.data.corpus import get_corpus
 from engramlab.prompt import DPConfig, SoftPrompt, TuneConfig, accuracy, load_label_task, tune
 from engramlab.prompt.post import (
@@ -42,9 +40,7 @@ from engramlab.prompt.post import (
     save_student,
     transfer,
 )
-from results import mean_sd, save_run, saved_parts
-
-DEFAULT_PARAREL = Path(__file__).resolve().parents[2] / "shared/data/pararel"
+from results import data_default, mean_sd, save_run, saved_parts
 
 
 def run_seed(args: argparse.Namespace, seed: int, large, small, public: list[str]) -> dict:
@@ -85,7 +81,7 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, public: list[str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pararel", default=str(DEFAULT_PARAREL))
+    parser.add_argument("--pararel", **data_default("pararel"))
     parser.add_argument("--task", default="relation")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--keep", type=int, default=6)
@@ -115,7 +111,8 @@ def main() -> int:
 
     # the student depends on the distillation settings only, not on the seed's task split
     config = DistilConfig(keep=args.keep, steps=args.distil_steps)
-    folder = cache_dir("students") / f"{large.label}-keep{args.keep}-steps{args.distil_steps}"
+    name = f"{large.label}-keep{args.keep}-steps{args.distil_steps}"
+    folder = eg.cache_root() / "students" / name
     if not (folder / "config.json").exists():
         start = time.perf_counter()
         student = distil(large, get_corpus(large, "wiki", progress=False), config,

@@ -24,9 +24,7 @@ import engramlab as eg
 from engramlab.figures import figure
 from engramlab.prompt import TuneConfig, load_label_task, tune
 from engramlab.prompt.pez import PEZConfig, fluency_loss, pez, readability
-from results import save_run, saved_parts
-
-DEFAULT_PARAREL = Path(__file__).resolve().parents[2] / "shared/data/pararel"
+from results import data_default, save_run, saved_parts
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -58,7 +56,7 @@ def draw(runs: dict, ax) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pararel", default=str(DEFAULT_PARAREL))
+    parser.add_argument("--pararel", **data_default("pararel"))
     parser.add_argument("--task", default="relation")
     parser.add_argument("--weights", nargs="+", type=float, default=[0, 0.1, 0.3, 1, 3])
     parser.add_argument("--methods", nargs="+", default=["soft", "pez"])

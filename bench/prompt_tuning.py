@@ -19,19 +19,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import engramlab as eg
 from engramlab.prompt import TuneConfig, accuracy, load_label_task, tune
-from results import mean_sd, save_run, saved_parts
-
-DEFAULT_PARAREL = Path(__file__).resolve().parents[2] / "shared/data/pararel"
+from results import data_default, mean_sd, save_run, saved_parts
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pararel", default=str(DEFAULT_PARAREL))
+    parser.add_argument("--pararel", **data_default("pararel"))
     parser.add_argument("--tasks", nargs="+", default=["fact-check", "relation"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tokens", type=int, default=20)

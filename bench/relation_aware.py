@@ -26,7 +26,6 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
 
 import engramlab as eg
 from engramlab.data.bundled import bundled_cases
@@ -34,9 +33,8 @@ from engramlab.data.pararel import pararel_cases
 from engramlab.edit import get_editor, run_protocol
 from engramlab.evaluate.bootstrap import bootstrap_interval, case_intervals
 from engramlab.evaluate.counterfact import METRICS, summarize
-from results import save_run, saved_parts
+from results import data_default, save_run, saved_parts
 
-DEFAULT_PARAREL = Path(__file__).resolve().parents[2] / "shared/data/pararel"
 SHOWN = ("efficacy", "paraphrase", "neighborhood", "relation_specificity")
 FIELDS = {k: METRICS[k] for k in SHOWN}
 
@@ -93,7 +91,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="rome")
-    parser.add_argument("--pararel", default=str(DEFAULT_PARAREL))
+    parser.add_argument("--pararel", **data_default("pararel"))
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--dev", type=int, default=60)
     parser.add_argument("--n", type=int, default=300)

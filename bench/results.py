@@ -117,3 +117,11 @@ def share_spec(text: str) -> tuple[int, int]:
     if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
         raise argparse.ArgumentTypeError(f"takes I/N with 0 <= I < N, got {text!r}")
     return int(i), int(n)
+
+
+def data_default(sub: str) -> dict[str, Any]:
+    """argparse keywords for a data set's path: ``$ENGRAMLAB_DATA/<sub>`` by default when that
+    variable names the folder that holds the data sets (``counterfact/``, ``pararel/``, ...),
+    else the flag is required."""
+    root = os.environ.get("ENGRAMLAB_DATA")
+    return {"default": str(Path(root) / sub)} if root else {"required": True}
