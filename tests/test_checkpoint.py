@@ -1,5 +1,6 @@
-"""Checkpointed sequential runs: an interrupted run resumed from its checkpoint is the run that
-was never interrupted, and a checkpoint of another run is refused."""
+"""Sequential runs: an interrupted run resumed from its checkpoint is the run that was never
+interrupted, a checkpoint of another run is refused, and the final scores are those of the
+edited model whether or not the run evaluated along the way."""
 
 from __future__ import annotations
 
@@ -127,3 +128,14 @@ def test_checkpoints_are_for_sequential_runs_and_empty_folders(tmp_path, capsys)
                      checkpoint=stray)
     with pytest.raises(RequestError, match="only sequential"):
         run_protocol(lm, _editor(MEMIT, lm), CASES, protocol="batch", checkpoint=stray)
+
+
+def test_the_last_evaluation_is_the_final_score(isolated_cache):
+    lm = make_tiny("llama")
+    quiet = run_protocol(lm, _editor(MEMIT, lm), CASES, protocol="sequential", batch_size=2)
+    curve = run_protocol(lm, _editor(MEMIT, lm), CASES, protocol="sequential", batch_size=2,
+                         eval_every=2)
+    assert [p["edits"] for p in curve.curve] == [4, 6]
+    assert curve.per_case == quiet.per_case and curve.post == quiet.post
+    # scored on the edited weights
+    assert curve.post["efficacy_magnitude"] > quiet.pre["efficacy_magnitude"]

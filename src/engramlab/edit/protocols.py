@@ -287,6 +287,7 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
     batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
     save_every = eval_every or max(1, len(batches) // 10)
     first = 0
+    last: list[CaseScores] | None = None
     resumed = None if saving is None else load_checkpoint(*saving)
     bar = tqdm(total=len(cases), desc=f"{editor.method} sequential", unit="edit",
                disable=not progress)
@@ -322,7 +323,10 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
             point = None
             if eval_every and (b % eval_every == 0 or b == len(batches)):
                 done = [c for p in batches[:b] for c in p]
-                s = summarize(case_scores(lm, done))
+                scored = case_scores(lm, done)
+                if b == len(batches):
+                    last = scored
+                s = summarize(scored)
                 point = {"edits": len(done), **{k: s[k] for k in HEADLINE}}
                 if recorder is not None:
                     drift = recorder.evaluate()
@@ -338,7 +342,9 @@ def _sequential(lm: LM, editor: Editor, cases: list[EditCase], batch_size: int,
         if recorder is not None and not (recorder.points
                                          and recorder.points[-1]["edits"] == len(cases)):
             recorder.evaluate()
-        results = case_scores(lm, cases, fluency_tokens=fluency_tokens)
+        # the last evaluation scored every case on the final weights already
+        results = last if last is not None and not fluency_tokens else \
+            case_scores(lm, cases, fluency_tokens=fluency_tokens)
     finally:
         bar.close()
         with torch.no_grad():
