@@ -139,3 +139,36 @@ def test_the_last_evaluation_is_the_final_score(isolated_cache):
     assert curve.per_case == quiet.per_case and curve.post == quiet.post
     # scored on the edited weights
     assert curve.post["efficacy_magnitude"] > quiet.pre["efficacy_magnitude"]
+
+
+def test_engram_edit_resumes_a_sequential_run_from_its_checkpoint(tmp_path, isolated_cache,
+                                                                  capsys):
+    import json
+
+    from engramlab.cli import main
+    from tests.conftest import tiny_facts_file
+
+    folder = make_tiny("llama").save(tmp_path / "tiny")
+    facts = tiny_facts_file(tmp_path / "facts.jsonl", 4)
+    argv = ["edit", "--model", str(folder), "--facts", str(facts), "--method", "memit",
+            "--protocol", "sequential", "--batch-size", "2", "--eval-every", "1",
+            "--layers", "0", "1", "--set", "stats.tokens=1024", "stats.seq_len=32",
+            "target.steps=3", "templates=[]", "--json"]
+    assert main(argv) == 0
+    whole = json.loads(capsys.readouterr().out)
+    check = ["--checkpoint", str(tmp_path / "ck")]
+    assert main([*argv, *check]) == 0
+    first = json.loads(capsys.readouterr().out)
+    progress = json.loads((tmp_path / "ck" / "progress.json").read_text())
+    assert progress["batches_done"] == 2
+    # a finished run's checkpoint resumes at its end: nothing is edited again
+    assert main([*argv, *check]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert first["post_all"] == whole["post_all"] == again["post_all"]
+    assert first["curve"] == again["curve"]
+    # the same checkpoint with other cases is another run: a one-line error, exit 2
+    other = tiny_facts_file(tmp_path / "other.jsonl", 6)
+    argv[argv.index(str(facts))] = str(other)
+    assert main([*argv, *check]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another run" in err[0] and "cases" in err[0]
