@@ -236,6 +236,20 @@ def main() -> int:
           f"{len(seeds)} seeds, {sum(len(b) for p in parts.values() for b in p.values())} "
           "saved)", file=sys.stderr, flush=True)
     unedited: dict = {}  # the unedited model's figures, measured once per concept and split
+
+    def publish(mine: dict) -> None:
+        """Save the run with ``mine`` merged into the parts on disk, which other shares may
+        have added to since."""
+        with run_lock(area, run):
+            parts = merged(saved_parts("erase", area, run, params, (), "parts", False), mine)
+            result["parts"] = parts
+            result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
+            result["peak_rss_mb"] = peak_rss_mb()
+            save_run(area, run, result, params)
+
+    if args.fresh:  # drop the saved parts now, or the first merge would bring them back
+        with run_lock(area, run):
+            save_run(area, run, result, params)
     for i, (concept, method, seed) in enumerate(todo, 1):
         t = time.perf_counter()
         try:
@@ -248,20 +262,10 @@ def main() -> int:
         except eg.EngramError as exc:  # a method that finds nothing is a result too
             report, line = {"error": str(exc)}, f"failed: {exc}"
         report["wall_seconds"] = time.perf_counter() - t
-        mine = {concept.name: {method: {str(seed): report}}}
-        with run_lock(area, run):  # other shares may have saved parts since
-            parts = merged(saved_parts("erase", area, run, params, (), "parts", False), mine)
-            result["parts"] = parts
-            result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
-            result["peak_rss_mb"] = peak_rss_mb()
-            save_run(area, run, result, params)
+        publish({concept.name: {method: {str(seed): report}}})
         print(f"[{i}/{len(todo)}] {concept.name} · {method} · seed {seed}: {line} "
               f"({report['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
-    with run_lock(area, run):
-        parts = merged(saved_parts("erase", area, run, params, (), "parts", False), parts)
-        result["parts"] = parts
-        result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
-        save_run(area, run, result, params)
+    publish({})
     print(markdown(result["summary"]) if args.markdown else json.dumps(result["summary"],
                                                                        indent=1))
     return 0

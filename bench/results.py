@@ -4,8 +4,7 @@ its parameters and its JSON (and any figures the benchmark draws there).
 Written into a temporary sibling folder and moved into place, so a run that fails or is
 interrupted leaves the previous result as it was. Several processes may share one run's parts
 (``--share I/N`` of the resumable benches): each merges its new parts into what is on disk
-under the run's lock. Also the mean-and-spread summary the benches
-share.
+under the run's lock. Also the mean-and-spread summary the benches share.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def main() -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--jobs", type=int, default=1,
                     help="parts run at once, each in its own process with its own model copy "
-                         "(for a GPU, whose small kernels leave it idle between launches)")
+                         "(for more cores than one part keeps busy)")
     ap.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     ap.add_argument("--checkpoints", default=None,
                     help="folder of each part's checkpoint, from which an interrupted part "
