@@ -122,6 +122,12 @@ MUTANTS = (
     Mutant("sequential_resume_without_the_editor_state", "edit/protocols.py",
            "resumed.batches_done, resumed.total, resumed.state",
            "resumed.batches_done, resumed.total, None"),
+    Mutant("prefix_text_at_position_zero", "models/kv.py",
+           "pos = width + torch.arange(t, device=attention_mask.device)[None].expand(b, t)",
+           "pos = torch.arange(t, device=attention_mask.device)[None].expand(b, t)"),
+    Mutant("prefix_keys_and_values_swapped", "prompt/prefix.py",
+           "return [(x[2 * i], x[2 * i + 1]) for i in range(lm.n_layers)]",
+           "return [(x[2 * i + 1], x[2 * i]) for i in range(lm.n_layers)]"),
 )
 
 

@@ -20,7 +20,7 @@ from engramlab.prompt.post import (
     transfer,
     transfer_loss,
 )
-from engramlab.prompt.soft import _private_gradient
+from engramlab.prompt.soft import private_gradient
 from tests.conftest import make_tiny, tiny_text
 from tests.test_prompt import _task
 
@@ -102,11 +102,11 @@ def test_dp_sgd_clips_every_examples_own_gradient():
     own_t = torch.stack(own)
     # a bound above every norm clips nothing: the mean gradient
     big = float(own_t.flatten(1).norm(dim=1).max()) * 2
-    _private_gradient(prompt, rows, loss_of, big, None, torch.Generator())
+    private_gradient(prompt, rows, loss_of, big, None, torch.Generator())
     assert torch.allclose(prompt.grad, own_t.mean(0), atol=1e-6)
     # a small bound scales each example's gradient to it
     small = float(own_t.flatten(1).norm(dim=1).min()) / 2
-    _private_gradient(prompt, rows, loss_of, small, None, torch.Generator())
+    private_gradient(prompt, rows, loss_of, small, None, torch.Generator())
     scaled = own_t * (small / own_t.flatten(1).norm(dim=1))[:, None, None]
     assert torch.allclose(prompt.grad, scaled.mean(0), atol=1e-6)
     # more privacy costs more noise; none is refused

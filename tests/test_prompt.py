@@ -223,3 +223,133 @@ def test_the_prompt_commands_run_end_to_end_on_a_model_folder(tmp_path, capsys):
                 "--out", str(tmp_path / "moved"))
     assert moved["public"] == 8
     assert SoftPrompt.load(tmp_path / "moved", make_tiny("llama")).length == 3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gpt_neox"])
+def test_a_prefix_of_real_tokens_reads_as_those_tokens_before_the_text(family):
+    from engramlab.prompt.prefix import initial_prefix, prefix_logits
+
+    lm = make_tiny(family)
+    states = initial_prefix(lm, 3, seed=4)
+    drawn = torch.randint(lm.model.get_input_embeddings().weight.shape[0], (3,),
+                          generator=torch.Generator().manual_seed(4)).tolist()
+    texts = ["w5 w6 w7", "w8 w9", "w10 w11 w12 w13"]
+    ids = label_ids(lm, ["w40", "w41", "w42"])
+    with torch.no_grad():
+        ours = prefix_logits(lm, states, texts, ids)
+        whole = torch.stack([lm.model(input_ids=torch.tensor(
+            [drawn + lm.tokenizer(t)["input_ids"]])).logits[0, -1, ids] for t in texts])
+        plain = label_logits(lm, None, texts, ids)
+    # the keys and values the drawn tokens leave, at their positions: the text comes after them
+    assert torch.allclose(ours, whole, atol=1e-5)
+    assert not torch.allclose(ours, plain, atol=1e-3)
+    assert torch.equal(prefix_logits(lm, states[:0], texts, ids), label_logits(lm, None, texts,
+                                                                               ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_saved_prefix_is_a_peft_adapter_that_peft_reads_to_the_same_logits(tmp_path, family):
+    from peft import PeftModel
+
+    from engramlab.prompt import Prefix, load_prompt
+    from engramlab.prompt.prefix import prefix_logits
+
+    lm = make_tiny(family)
+    heads = lm.model.config.num_key_value_heads if family == "llama" else 4
+    width = 2 * lm.n_layers * heads * (lm.d_model // 4)
+    prefix = Prefix(torch.randn(5, width), {"task": "toy"})
+    prefix.save(tmp_path / "p", lm)
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 5
+    back = load_prompt(tmp_path / "p", lm)
+    assert isinstance(back, Prefix) and torch.equal(back.states, prefix.states)
+    texts = ["w5 w6 w7", "w8 w9"]
+    ids = label_ids(lm, ["w40", "w41"])
+    with torch.no_grad():
+        ours = prefix_logits(lm, back.states, texts, ids)
+        peft_model = PeftModel.from_pretrained(make_tiny(family).model, tmp_path / "p")
+        for i, text in enumerate(texts):
+            x = lm.tokenizer(text, return_tensors="pt")
+            assert torch.allclose(peft_model(**x).logits[0, -1, ids], ours[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("reparam", [0, 16])
+def test_prefix_tuning_lowers_the_loss_and_leaves_the_weights_as_they_were(reparam):
+    from engramlab.models.kv import kv_geometry
+    from engramlab.prompt import PrefixConfig, tune_prefix
+    from engramlab.prompt.prefix import Reparam, initial_prefix, prefix_logits
+
+    lm = make_tiny("llama")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    task = _task()
+    ids = label_ids(lm, task.labels)
+    config = PrefixConfig(tokens=3, steps=30, lr=0.05 if not reparam else 0.01, batch_size=8,
+                          eval_every=5, seed=0, reparam=reparam)
+    prefix = tune_prefix(lm, task, config)
+
+    def loss(states):
+        with torch.no_grad():
+            logits = prefix_logits(lm, states, [task.template.format(r.text) for r in task.train],
+                                   ids)
+        want = torch.tensor([task.labels.index(r.label) for r in task.train])
+        return float(F.cross_entropy(logits, want))
+
+    if reparam:  # where the MLP starts
+        heads, dim = kv_geometry(lm)
+        with torch.no_grad():
+            start = Reparam(3, heads * dim, reparam, 2 * lm.n_layers * heads * dim, 0)()
+    else:
+        start = initial_prefix(lm, 3, 0)
+    assert loss(prefix.states) < 0.95 * loss(start)
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+    best = max(h["val_accuracy"] for h in prefix.meta["history"])
+    assert prefix.meta["val_accuracy"] == best
+    assert accuracy(lm, prefix, task, task.val) == pytest.approx(best)
+
+
+def test_the_prefix_commands_run_end_to_end_and_refuse_what_a_prefix_cannot_do(tmp_path,
+                                                                                 capsys):
+    from engramlab.prompt import Prefix
+
+    model = make_tiny("llama").save(tmp_path / "tiny")
+    task_file = tmp_path / "task.jsonl"
+    task = _task()
+    task_file.write_text("".join(json.dumps({"text": r.text, "label": r.label}) + "\n"
+                                 for r in task.train + task.val + task.test))
+    common = ["--model", str(model), "--task", str(task_file)]
+
+    def run(*argv):
+        capsys.readouterr()
+        assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    tuned = run("prompt", "tune", *common, "--method", "prefix", "--tokens", "2", "--steps", "4",
+                "--eval-every", "2", "--out", str(tmp_path / "p"))
+    assert tuned["method"] == "prefix" and tuned["tokens"] == 2
+    assert isinstance(Prefix.load(tmp_path / "p"), Prefix)
+    scored = run("prompt", "eval", *common, "--prompt", str(tmp_path / "p"))
+    assert scored["split"] == "test" and 0 <= scored["accuracy"] <= 1
+    private = run("prompt", "tune", *common, "--method", "prefix", "--tokens", "2", "--steps",
+                  "2", "--eval-every", "2", "--dp-epsilon", "8", "--out", str(tmp_path / "dp"))
+    assert private["dp"]["noise_multiplier"] > 0
+    refused = [
+        ["prompt", "show", str(tmp_path / "p"), "--model", str(model)],
+        ["prompt", "tune", *common, "--reparam", "8", "--out", str(tmp_path / "x1")],
+        ["prompt", "tune", *common, "--method", "prefix", "--fluency", "1",
+         "--out", str(tmp_path / "x2")],
+        ["prompt", "tune", *common, "--method", "prefix", "--reparam", "8", "--dp-epsilon", "8",
+         "--out", str(tmp_path / "x3")],
+        ["prompt", "transfer", "--from", str(model), "--to", str(model), "--task",
+         str(task_file), "--prompt", str(tmp_path / "p"), "--out", str(tmp_path / "x4")],
+    ]
+    for argv in refused:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("engram: error:"), err
+    assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))
+    # a prefix made for another model
+    other = make_tiny("gpt2")
+    Prefix(torch.randn(2, 2 * other.n_layers * other.d_model)).save(tmp_path / "gpt2", other)
+    with pytest.raises(InputError, match="made for another model"):
+        Prefix.load(tmp_path / "gpt2", make_tiny("llama"))

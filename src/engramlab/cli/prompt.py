@@ -1,4 +1,5 @@
-"""``engram prompt tune | eval | show``: soft prompts for a labelled task."""
+"""``engram prompt tune | eval | show | distil | transfer``: soft prompts and prefixes for a
+labelled task."""
 
 from __future__ import annotations
 
@@ -18,18 +19,25 @@ def register(sub: Any) -> None:
     prompt = sub.add_parser("prompt", help="soft prompts: tune one for a labelled task, score "
                                            "it, read its nearest tokens").add_subparsers(
         dest="prompt_cmd", required=True)
-    p = prompt.add_parser("tune", help="tune a soft prompt on a task's train split")
+    p = prompt.add_parser("tune", help="tune a soft prompt (or a prefix) on a task's train "
+                                       "split")
     add_common(p)
     _task_args(p)
-    p.add_argument("--tokens", type=positive_int, default=20, help="soft prompt length")
+    p.add_argument("--tokens", type=positive_int, default=20,
+                   help="soft prompt length (a prefix: positions per block)")
     p.add_argument("--steps", type=positive_int, default=150, help="Adam steps")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="Adam's rate (default 0.003; PEZ: AdamW's, default the paper's 0.1)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--eval-every", type=positive_int, default=25,
                    help="steps between validation scores (the best is kept)")
-    p.add_argument("--method", choices=["soft", "pez"], default="soft",
-                   help="soft: continuous vectors; pez: a hard prompt of real tokens (PEZ)")
+    p.add_argument("--method", choices=["soft", "pez", "prefix"], default="soft",
+                   help="soft: continuous vectors before the input; pez: a hard prompt of real "
+                        "tokens (PEZ); prefix: keys and values before the input in every "
+                        "block (prefix tuning)")
+    p.add_argument("--reparam", type=int, default=0,
+                   help="prefix only: train it through an MLP of this hidden width (Li & "
+                        "Liang's reparameterisation; 0: the prefix itself)")
     p.add_argument("--fluency", type=float, default=0.0,
                    help="weight of the prompt's own perplexity (readability) in the loss")
     p.add_argument("--dp-epsilon", type=float, default=None,
@@ -109,13 +117,20 @@ def _progress(args: argparse.Namespace, total: int) -> Any:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from ..prompt import DPConfig, TuneConfig, accuracy, load_label_task
+    from ..prompt import DPConfig, PrefixConfig, TuneConfig, accuracy, load_label_task, tune_prefix
     from ..prompt import tune as run_tune
 
-    lr = args.lr or (0.1 if args.method == "pez" else TuneConfig.lr)
-    config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=lr,
-                        batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed)
+    lr = args.lr or {"pez": 0.1, "prefix": PrefixConfig.lr}.get(args.method, TuneConfig.lr)
+    if args.reparam and args.method != "prefix":
+        raise EngramError("--reparam trains a prefix; add --method prefix or drop --reparam")
+    settings = dict(tokens=args.tokens, steps=args.steps, lr=lr, batch_size=args.batch_size,
+                    eval_every=args.eval_every, seed=args.seed)
+    config = PrefixConfig(**settings, reparam=args.reparam) if args.method == "prefix" \
+        else TuneConfig(**settings)
     config.check()
+    if args.method == "prefix" and args.fluency:
+        raise EngramError("--fluency is the perplexity of a soft prompt's tokens, and a prefix "
+                          "has none; drop --fluency or use --method soft")
     dp = None
     if args.dp_epsilon is not None or args.dp_delta is not None:
         if args.dp_epsilon is None:
@@ -124,9 +139,10 @@ def tune(args: argparse.Namespace) -> int:
         dp.check()
     if args.fluency < 0:
         raise EngramError(f"--fluency must be at least 0, got {args.fluency}")
-    if dp is not None and (args.method == "pez" or args.fluency > 0):
-        raise EngramError("--dp-epsilon tunes a soft prompt on the label loss alone; drop "
-                          "--method pez and --fluency, or drop --dp-epsilon")
+    if dp is not None and (args.method == "pez" or args.fluency > 0 or args.reparam):
+        raise EngramError("--dp-epsilon tunes a soft prompt or a plain prefix on the label loss "
+                          "alone; drop --method pez, --fluency and --reparam, or drop "
+                          "--dp-epsilon")
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
     lm = load_for(args)
     bar, on_step = _progress(args, config.steps)
@@ -138,6 +154,9 @@ def tune(args: argparse.Namespace) -> int:
                 tokens=args.tokens, steps=args.steps, lr=lr, batch_size=args.batch_size,
                 eval_every=args.eval_every, fluency=args.fluency, seed=args.seed),
                 on_step=on_step)
+        elif args.method == "prefix":
+            assert isinstance(config, PrefixConfig)
+            prompt = tune_prefix(lm, task, config, dp=dp, on_step=on_step)
         else:
             from ..prompt.pez import fluency_loss
 
@@ -150,10 +169,12 @@ def tune(args: argparse.Namespace) -> int:
     prompt.save(Path(args.out), lm)
     obj = {"task": task.name, "split": "val", "n": len(task.val), "accuracy": val,
            "zero_shot_accuracy": zero, "chosen_step": prompt.meta["chosen_step"],
-           "tokens": prompt.length, "sizes": task.sizes(), "dp": prompt.meta["dp"],
+           "method": args.method, "tokens": prompt.length, "sizes": task.sizes(),
+           "dp": prompt.meta["dp"],
            "out": args.out}
+    what = "prefix" if args.method == "prefix" else "prompt"
     emit(args, obj, [f"{task.name}: validation accuracy {zero:.3f} zero-shot → {val:.3f} with a "
-                     f"{prompt.length}-token prompt (step {prompt.meta['chosen_step']} of "
+                     f"{prompt.length}-token {what} (step {prompt.meta['chosen_step']} of "
                      f"{config.steps}); saved to {args.out}",
                      f"score the test split with: engram prompt eval --task {args.task} "
                      f"--prompt {args.out}"])
@@ -161,10 +182,10 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ..prompt import SoftPrompt, accuracy, load_label_task
+    from ..prompt import accuracy, load_label_task, load_prompt
 
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
-    prompt = SoftPrompt.load(args.prompt)  # a bad folder is refused before the model loads
+    prompt = load_prompt(args.prompt)  # a bad folder is refused before the model loads
     lm = load_for(args)
     prompt.check(lm)
     rows = task.split(args.split)
@@ -178,9 +199,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    from ..prompt import SoftPrompt, nearest_tokens
+    from ..prompt import Prefix, SoftPrompt, load_prompt, nearest_tokens
 
-    prompt = SoftPrompt.load(args.prompt_dir)
+    prompt = load_prompt(args.prompt_dir)
+    if isinstance(prompt, Prefix):
+        raise EngramError(f"{args.prompt_dir} is a prefix: keys and values inside every block, "
+                          "not vectors in the token space, so it has no nearest tokens; `show` "
+                          "reads soft prompts")
+    assert isinstance(prompt, SoftPrompt)
     lm = load_for(args)
     prompt.check(lm)
     rows = nearest_tokens(lm, prompt.embeddings, k=args.k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -70,3 +71,62 @@ def map_cache(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         tensors = getattr(cache, name, None)
         if tensors is not None:
             tensors[:] = [fn(t) for t in tensors]
+
+
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every block's (keys, values), each ``[batch, kv_heads, tokens, head_dim]``."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # transformers < 4.56
+
+
+def cache_from(lm: LM, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A cache holding these (keys, values) per block, as if their tokens had been run; the
+    tensors are kept as they are (gradients flow back into them through a later pass)."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=lm.config)  # per-layer kinds (sliding windows) from config
+    except TypeError:  # transformers < 4.56
+        return DynamicCache.from_legacy_cache(tuple(layers))
+    width = layers[0][0].shape[-2]
+    where = {"cache_position": torch.arange(width, device=layers[0][0].device)}
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i, cache_kwargs=where)
+    return cache
+
+
+_GEOMETRY: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = \
+    weakref.WeakKeyDictionary()
+
+
+def kv_geometry(lm: LM) -> tuple[int, int]:
+    """(key/value heads, head width) of the cache every block keeps, read off a one-token pass
+    (what attention really stores, whatever the config calls it); once per model."""
+    if lm.model not in _GEOMETRY:
+        _GEOMETRY[lm.model] = _measure_geometry(lm)
+    return _GEOMETRY[lm.model]
+
+
+def _measure_geometry(lm: LM) -> tuple[int, int]:
+    ids = torch.zeros(1, 1, dtype=torch.long, device=lm.device)
+    with torch.no_grad():
+        cache = prefill(lm, ids, torch.ones_like(ids), torch.zeros_like(ids))
+    shapes = {(int(k.shape[1]), int(k.shape[-1])) for k, _ in cache_layers(cache)}
+    if len(shapes) != 1:
+        raise ValueError(f"{lm.label}'s blocks keep caches of different shapes {sorted(shapes)}")
+    return shapes.pop()
+
+
+def last_hidden_after(lm: LM, cache: Any, attention_mask: torch.Tensor,
+                      **inputs: torch.Tensor) -> torch.Tensor:
+    """:meth:`LM.last_hidden` of a right-padded batch read after the tokens in ``cache``: they
+    are attended to by every row and take the first positions, so the batch's tokens start at
+    the cache's length (as if the cached tokens had come first)."""
+    width = cache.get_seq_length()
+    b, t = attention_mask.shape
+    body_mask = torch.cat([attention_mask.new_ones(b, width), attention_mask], 1)
+    pos = width + torch.arange(t, device=attention_mask.device)[None].expand(b, t)
+    return lm.last_hidden(attention_mask, body_mask=body_mask, position_ids=pos, use_cache=True,
+                          **{_cache_argument(type(lm.body)): cache}, **inputs)

@@ -142,10 +142,13 @@ class LM:
             logits = torch.tanh(logits / cap) * cap
         return logits.to(hidden.device)
 
-    def last_hidden(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    def last_hidden(self, attention_mask: torch.Tensor, *, body_mask: torch.Tensor | None = None,
+                    **inputs: Any) -> torch.Tensor:
         """``[batch, d_model]``: the last block's output at each row's last real token of a
         right-padded batch (``input_ids`` or ``inputs_embeds``), from one forward of the body;
-        differentiable in the inputs."""
+        differentiable in the inputs. ``body_mask`` is the mask the body sees when it differs
+        from the new tokens' (a key/value cache in front of them: see ``kv.last_hidden_after``);
+        other ``inputs`` go to the body as they are."""
         kept: dict[str, torch.Tensor] = {}
 
         def keep(_m: nn.Module, _a: Any, out: Any) -> None:
@@ -153,7 +156,8 @@ class LM:
 
         handle = self.layout.block(self.n_layers - 1).register_forward_hook(keep)
         try:
-            self.body(attention_mask=attention_mask, use_cache=False, **inputs)
+            self.body(attention_mask=attention_mask if body_mask is None else body_mask,
+                      **{"use_cache": False, **inputs})
         finally:
             handle.remove()
         last = attention_mask.sum(1) - 1

@@ -40,6 +40,10 @@ from .tasks import LabelRow, LabelTask
 
 META = "engramlab.json"
 
+# (model, what is trained or None, texts, label tokens) -> [len(texts), len(labels)] logits,
+# differentiable in what is trained: how a kind of prompt is read
+Reader = Callable[[LM, "torch.Tensor | None", Sequence[str], Sequence[int]], torch.Tensor]
+
 
 def label_ids(lm: LM, labels: Sequence[str]) -> list[int]:
     """Each label's token: the first token of ``" " + label``; labels that share it, or that
@@ -71,6 +75,16 @@ class SoftPrompt:
     @property
     def length(self) -> int:
         return int(self.embeddings.shape[0])
+
+    @property
+    def values(self) -> torch.Tensor:
+        """What is trained, as :data:`Reader` takes it."""
+        return self.embeddings
+
+    @staticmethod
+    def read(lm: LM, values: torch.Tensor | None, texts: Sequence[str],
+             labels: Sequence[int]) -> torch.Tensor:
+        return label_logits(lm, values, texts, labels)
 
     def save(self, folder: str | os.PathLike[str], lm: LM) -> Path:
         """The PEFT adapter folder (written whole or not at all)."""
@@ -166,18 +180,24 @@ def label_logits(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str],
 
 
 @torch.no_grad()
-def accuracy(lm: LM, prompt: SoftPrompt | torch.Tensor | None, task: LabelTask,
-             rows: Sequence[LabelRow], *, batch_size: int = 32) -> float:
-    """Share of ``rows`` whose label is ranked first among the task's labels."""
+def accuracy(lm: LM, prompt: Any, task: LabelTask, rows: Sequence[LabelRow], *,
+             batch_size: int = 32, read: Reader | None = None) -> float:
+    """Share of ``rows`` whose label is ranked first among the task's labels. ``prompt``: a
+    saved kind (:class:`SoftPrompt`, :class:`~.prefix.Prefix`: read its own way), None (no
+    prompt), or a tensor read by ``read`` (default: as a soft prompt)."""
     if not rows:
         raise InputError("no rows to score")
     ids = label_ids(lm, task.labels)
     index = {label: i for i, label in enumerate(task.labels)}
-    emb = prompt.embeddings.to(lm.device) if isinstance(prompt, SoftPrompt) else prompt
+    if prompt is not None and not isinstance(prompt, torch.Tensor):
+        values, read = prompt.values.to(lm.device), prompt.read
+    else:
+        values = prompt
+    read = read or label_logits
     right = 0
     for s in range(0, len(rows), batch_size):
         part = rows[s:s + batch_size]
-        logits = label_logits(lm, emb, [task.template.format(r.text) for r in part], ids)
+        logits = read(lm, values, [task.template.format(r.text) for r in part], ids)
         want = torch.tensor([index[r.label] for r in part], device=logits.device)
         right += int((logits.argmax(-1) == want).sum())
     return right / len(rows)
@@ -234,12 +254,13 @@ class TuneConfig:
             raise InputError(f"--lr must be positive, got {self.lr}")
 
 
-def label_loss(lm: LM, task: LabelTask, prompt: torch.Tensor, rows: Sequence[LabelRow]
-               ) -> torch.Tensor:
-    """Cross-entropy of each row's label among the task's labels, averaged over ``rows``."""
+def label_loss(lm: LM, task: LabelTask, prompt: torch.Tensor, rows: Sequence[LabelRow], *,
+               read: Reader | None = None) -> torch.Tensor:
+    """Cross-entropy of each row's label among the task's labels, averaged over ``rows``
+    (``prompt`` read by ``read``, default as a soft prompt)."""
     index = {label: i for i, label in enumerate(task.labels)}
-    logits = label_logits(lm, prompt, [task.template.format(r.text) for r in rows],
-                          label_ids(lm, task.labels))
+    logits = (read or label_logits)(lm, prompt, [task.template.format(r.text) for r in rows],
+                                    label_ids(lm, task.labels))
     want = torch.tensor([index[r.label] for r in rows], device=logits.device)
     return F.cross_entropy(logits, want)
 
@@ -264,9 +285,9 @@ class Keeper:
 
     def __init__(self, lm: LM, task: LabelTask, steps: int, eval_every: int,
                  on_step: Callable[[dict[str, Any]], None] | None = None, *,
-                 keep_last: bool = False) -> None:
+                 keep_last: bool = False, read: Reader | None = None) -> None:
         self.lm, self.task, self.steps, self.eval_every = lm, task, steps, eval_every
-        self.on_step, self.keep_last = on_step, keep_last
+        self.on_step, self.keep_last, self.read = on_step, keep_last, read
         self.best: tuple[float, torch.Tensor | None, int] = (-1.0, None, 0)
         self.history: list[dict[str, Any]] = []
 
@@ -278,7 +299,7 @@ class Keeper:
         if self.on_step:
             self.on_step({"step": step, "loss": value})
         if step % self.eval_every == 0 or step == self.steps:
-            val = accuracy(self.lm, prompt, self.task, self.task.val)
+            val = accuracy(self.lm, prompt, self.task, self.task.val, read=self.read)
             self.history.append({"step": step, "loss": value, "val_accuracy": val, **extra})
             if self.on_step:
                 self.on_step({"step": step, "val_accuracy": val})
@@ -339,7 +360,7 @@ def tune(lm: LM, task: LabelTask, config: TuneConfig | None = None, *,
                 loss = loss_of(prompt, rows)
                 loss.backward()
             else:
-                loss = _private_gradient(prompt, rows, loss_of, dp.clip, sigma, noise)
+                loss = private_gradient(prompt, rows, loss_of, dp.clip, sigma, noise)
             opt.step()
             keeper.after(step, loss, prompt.detach())
     meta = {"task": task.name, "labels": task.labels, "template": task.template,
@@ -349,9 +370,9 @@ def tune(lm: LM, task: LabelTask, config: TuneConfig | None = None, *,
     return SoftPrompt(keeper.prompt.cpu(), meta)
 
 
-def _private_gradient(prompt: torch.Tensor, rows: Sequence[LabelRow],
-                      loss_of: Callable[[torch.Tensor, Sequence[LabelRow]], torch.Tensor],
-                      clip: float, sigma: float | None, noise: torch.Generator) -> torch.Tensor:
+def private_gradient(prompt: torch.Tensor, rows: Sequence[LabelRow],
+                     loss_of: Callable[[torch.Tensor, Sequence[LabelRow]], torch.Tensor],
+                     clip: float, sigma: float | None, noise: torch.Generator) -> torch.Tensor:
     """Set ``prompt.grad`` to the DP-SGD gradient of the batch and return its mean loss. Each
     row reads its own copy of the prompt, so one backward of the summed loss gives every row's
     gradient exactly (rows never interact)."""
