@@ -1,13 +1,15 @@
-"""Soft prompt tuning on the built-in tasks: test accuracy against zero-shot, over seeds.
+"""Soft prompt (or prefix) tuning on the built-in tasks: test accuracy against zero-shot, over
+seeds.
 
-Each seed draws the task's split (by subject; for ``relation`` also by wording) and the
-prompt's initial tokens; the prompt kept is the step with the best validation accuracy, and
-the test split is scored once, with and without it. Reported per task: the mean and sample
-standard deviation over seeds of zero-shot and tuned test accuracy and of the gain, and the
-time per tuning.
+``--method prefix`` tunes a prefix (keys and values in every block, Li & Liang 2021) in place
+of the soft prompt. Each seed draws the task's split (by subject; for ``relation`` also by
+wording) and the prompt's initial tokens; the prompt kept is the step with the best
+validation accuracy, and the test split is scored once, with and without it. Reported per
+task: the mean and sample standard deviation over seeds of zero-shot and tuned test accuracy
+and of the gain, and the time per tuning.
 
     .venv/bin/python bench/prompt_tuning.py [--tasks fact-check relation] [--seeds 0 1 2]
-        [--steps 150] [--lr 0.003] [--save AREA/RUN]
+        [--steps 150] [--lr 0.003] [--method soft|prefix] [--reparam H] [--save AREA/RUN]
 
 Prints one JSON object; with ``--save`` also writes it (after every task and seed, so a
 stopped run goes on from there) to ``docs/results/AREA/RUN/``.
@@ -21,7 +23,7 @@ import sys
 import time
 
 import engramlab as eg
-from engramlab.prompt import TuneConfig, accuracy, load_label_task, tune
+from engramlab.prompt import PrefixConfig, TuneConfig, accuracy, load_label_task, tune, tune_prefix
 from results import data_default, mean_sd, save_run, saved_parts
 
 
@@ -35,6 +37,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--method", choices=["soft", "prefix"], default="soft")
+    parser.add_argument("--reparam", type=int, default=0,
+                        help="prefix: the hidden width of its MLP reparameterisation (0: none)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     parser.add_argument("--fresh", action="store_true")
@@ -63,7 +68,11 @@ def main() -> int:
                                 batch_size=args.batch_size, eval_every=args.eval_every,
                                 seed=seed)
             start = time.perf_counter()
-            prompt = tune(lm, task, config)
+            if args.method == "prefix":
+                prompt = tune_prefix(lm, task, PrefixConfig(**vars(config),
+                                                            reparam=args.reparam))
+            else:
+                prompt = tune(lm, task, config)
             seconds = time.perf_counter() - start
             cells[key] = {"task": name, "seed": seed, "sizes": task.sizes(),
                           "zero_shot": accuracy(lm, None, task, task.test),
