@@ -25,7 +25,6 @@ generation); the paper's GPT-2 / BART are replaced by any causal LM here.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,6 @@ from ..errors import InputError
 from ..models.kv import cache_from, cache_layers, kv_geometry, last_hidden_after, prefill
 from ..models.lm import LM
 from .soft import (
-    META,
     DPConfig,
     Keeper,
     SoftPrompt,
@@ -48,6 +46,8 @@ from .soft import (
     label_logits,
     label_loss,
     private_gradient,
+    read_prompt_folder,
+    write_prompt_folder,
 )
 from .tasks import LabelTask
 
@@ -113,29 +113,18 @@ class Prefix:
     def save(self, folder: str | os.PathLike[str], lm: LM) -> Path:
         """The PEFT adapter folder (written whole or not at all)."""
         from peft import PrefixTuningConfig, TaskType
-        from safetensors.torch import save_file
-
-        from .._io import atomic_dir
-        from ..adapt.adapters import WEIGHTS
 
         heads, dim = kv_geometry(lm)
         config = PrefixTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.length,
             token_dim=heads * dim, num_layers=lm.n_layers, num_attention_heads=heads,
             prefix_projection=False, base_model_name_or_path=lm.label)
-        with atomic_dir(Path(folder)) as tmp:
-            config.save_pretrained(str(tmp))
-            save_file({"prompt_embeddings": self.states.detach().float().cpu().contiguous()},
-                      str(tmp / WEIGHTS))
-            meta = {**self.meta, "model": lm.label, "signature": lm.signature(),
-                    "tokens": self.length}
-            (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
-        return Path(folder)
+        return write_prompt_folder(folder, lm, config, self.states, self.meta)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], lm: LM | None = None) -> Prefix:
         """A saved prefix-tuning adapter; with ``lm``, refused unless it was made for it."""
-        config, tensors, meta = _read(Path(folder))
+        config, tensors, meta = read_prompt_folder(Path(folder))
         if config.get("peft_type") != "PREFIX_TUNING" or "prompt_embeddings" not in tensors:
             raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
                              "a prefix (PEFT prefix tuning)")
@@ -156,21 +145,9 @@ class Prefix:
                              f"; tune a prefix for {lm.label}")
 
 
-def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    from ..adapt.adapters import read_adapter_folder
-
-    config, tensors = read_adapter_folder(folder, "soft prompt or prefix",
-                                          ", as `engram prompt tune --out` writes")
-    try:
-        meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise InputError(f"{folder} holds an unreadable prompt ({e})") from None
-    return config, tensors, meta
-
-
 def load_prompt(folder: str | os.PathLike[str], lm: LM | None = None) -> SoftPrompt | Prefix:
     """A saved soft prompt or prefix, whichever the folder holds."""
-    config, _, _ = _read(Path(folder))
+    config, _, _ = read_prompt_folder(Path(folder))
     if config.get("peft_type") == "PREFIX_TUNING":
         return Prefix.load(folder, lm)
     return SoftPrompt.load(folder, lm)

@@ -89,10 +89,6 @@ class SoftPrompt:
     def save(self, folder: str | os.PathLike[str], lm: LM) -> Path:
         """The PEFT adapter folder (written whole or not at all)."""
         from peft import PromptTuningConfig, TaskType
-        from safetensors.torch import save_file
-
-        from .._io import atomic_dir
-        from ..adapt.adapters import WEIGHTS
 
         config = PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.length,
@@ -100,27 +96,13 @@ class SoftPrompt:
             num_attention_heads=int(getattr(lm.config, "num_attention_heads", 0)
                                     or getattr(lm.config, "n_head", 0)) or None,
             base_model_name_or_path=lm.label)
-        with atomic_dir(Path(folder)) as tmp:
-            config.save_pretrained(str(tmp))
-            save_file({"prompt_embeddings": self.embeddings.detach().float().cpu().contiguous()},
-                      str(tmp / WEIGHTS))
-            meta = {**self.meta, "model": lm.label, "signature": lm.signature(),
-                    "tokens": self.length}
-            (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
-        return Path(folder)
+        return write_prompt_folder(folder, lm, config, self.embeddings, self.meta)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], lm: LM | None = None) -> SoftPrompt:
         """A saved prompt-tuning adapter; with ``lm``, refused unless it was made for it."""
-        from ..adapt.adapters import read_adapter_folder
-
         folder = Path(folder)
-        config, tensors = read_adapter_folder(folder, "soft prompt",
-                                              ", as `engram prompt tune --out` writes")
-        try:
-            meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise InputError(f"{folder} holds an unreadable soft prompt ({e})") from None
+        config, tensors, meta = read_prompt_folder(folder)
         if config.get("peft_type") != "PROMPT_TUNING" or "prompt_embeddings" not in tensors:
             raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
                              "a soft prompt (PEFT prompt tuning)")
@@ -138,6 +120,40 @@ class SoftPrompt:
             raise InputError(f"{where} was made for another model "
                              f"({self.meta.get('model', 'width ' + str(self.embeddings.shape[1]))}"
                              f"); tune a prompt for {lm.label}, or transfer this one")
+
+
+def write_prompt_folder(folder: str | os.PathLike[str], lm: LM, config: Any,
+                        values: torch.Tensor, meta: dict[str, Any]) -> Path:
+    """A PEFT prompt-learning adapter folder (``config``, ``values`` as ``prompt_embeddings``)
+    with ``engramlab.json`` (``meta``, the model and its signature), whole or not at all."""
+    from safetensors.torch import save_file
+
+    from .._io import atomic_dir
+    from ..adapt.adapters import WEIGHTS
+
+    with atomic_dir(Path(folder)) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file({"prompt_embeddings": values.detach().float().cpu().contiguous()},
+                  str(tmp / WEIGHTS))
+        meta = {**meta, "model": lm.label, "signature": lm.signature(),
+                "tokens": int(values.shape[0])}
+        (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    return Path(folder)
+
+
+def read_prompt_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                              dict[str, Any]]:
+    """A saved prompt folder's PEFT config, tensors and ``engramlab.json``, or a one-line
+    error naming the folder."""
+    from ..adapt.adapters import read_adapter_folder
+
+    config, tensors = read_adapter_folder(folder, "soft prompt or prefix",
+                                          ", as `engram prompt tune --out` writes")
+    try:
+        meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise InputError(f"{folder} holds an unreadable prompt ({e})") from None
+    return config, tensors, meta
 
 
 def _batch(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str]
