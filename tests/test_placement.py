@@ -263,3 +263,22 @@ def test_deltaedit_runs_sequential_steps_on_a_split_model(isolated_cache):
         for name, entry in b.entries.items():
             torch.testing.assert_close(a.entries[name].to_dense().cpu(), entry.to_dense(),
                                        rtol=1e-4, atol=1e-6)
+
+
+def test_a_prefix_is_read_and_trained_on_a_split_model_as_on_the_whole_one():
+    from engramlab.prompt import label_ids
+    from engramlab.prompt.prefix import initial_prefix, prefix_logits
+
+    lm = make_tiny("llama")
+    parted = split(lm)
+    states = initial_prefix(lm, 3, seed=1)
+    assert torch.allclose(initial_prefix(parted, 3, seed=1), states, atol=1e-5)
+    texts, ids = ["w5 w6 w7", "w8 w9"], label_ids(lm, ["w40", "w41"])
+    grads = []
+    for model in (lm, parted):
+        s = states.clone().requires_grad_(True)
+        logits = prefix_logits(model, s, texts, ids)
+        logits.sum().backward()
+        grads.append((logits.detach().cpu(), s.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)

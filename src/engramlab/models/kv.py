@@ -86,13 +86,15 @@ def cache_from(lm: LM, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     tensors are kept as they are (gradients flow back into them through a later pass)."""
     from transformers import DynamicCache
 
+    # a model split over devices reads each block's cache where that block computes
+    placed = [(k.to(lm.layout.device_of(i)), v.to(lm.layout.device_of(i)))
+              for i, (k, v) in enumerate(layers)]
     try:
         cache = DynamicCache(config=lm.config)  # per-layer kinds (sliding windows) from config
     except TypeError:  # transformers < 4.56
-        return DynamicCache.from_legacy_cache(tuple(layers))
-    width = layers[0][0].shape[-2]
-    where = {"cache_position": torch.arange(width, device=layers[0][0].device)}
-    for i, (k, v) in enumerate(layers):
+        return DynamicCache.from_legacy_cache(tuple(placed))
+    for i, (k, v) in enumerate(placed):
+        where = {"cache_position": torch.arange(k.shape[-2], device=k.device)}
         cache.update(k, v, i, cache_kwargs=where)
     return cache
 
