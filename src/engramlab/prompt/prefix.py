@@ -77,15 +77,10 @@ def prefix_logits(lm: LM, states: torch.Tensor | None, texts: Sequence[str],
     zero positions), the model's own."""
     if states is None or states.shape[-2] == 0:
         return label_logits(lm, None, texts, labels)
-    ids = [lm.tokenizer(t)["input_ids"] for t in texts]
-    width = max(len(x) for x in ids)
-    pad = lm.tokenizer.pad_token_id or 0
-    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=lm.device)
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids],
-                        device=lm.device)
+    enc = lm.tokenize(texts)
     dtype = lm.model.get_input_embeddings().weight.dtype
     cache = cache_from(lm, split_blocks(lm, states.to(lm.device, dtype), len(texts)))
-    hidden = last_hidden_after(lm, cache, mask, input_ids=input_ids)
+    hidden = last_hidden_after(lm, cache, enc["attention_mask"], input_ids=enc["input_ids"])
     return lm.logits_from_hidden(hidden, labels).float()
 
 
@@ -124,11 +119,16 @@ class Prefix:
     @classmethod
     def load(cls, folder: str | os.PathLike[str], lm: LM | None = None) -> Prefix:
         """A saved prefix-tuning adapter; with ``lm``, refused unless it was made for it."""
-        config, tensors, meta = read_prompt_folder(Path(folder))
+        return cls.from_folder(Path(folder), *read_prompt_folder(Path(folder)), lm)
+
+    @classmethod
+    def from_folder(cls, folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    meta: dict[str, Any], lm: LM | None = None) -> Prefix:
+        """:meth:`load` of a folder already read (:func:`~.soft.read_prompt_folder`)."""
         if config.get("peft_type") != "PREFIX_TUNING" or "prompt_embeddings" not in tensors:
             raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
                              "a prefix (PEFT prefix tuning)")
-        prefix = cls(tensors["prompt_embeddings"].float(), meta, Path(folder))
+        prefix = cls(tensors["prompt_embeddings"].float(), meta, folder)
         if lm is not None:
             prefix.check(lm)
         return prefix
@@ -147,10 +147,9 @@ class Prefix:
 
 def load_prompt(folder: str | os.PathLike[str], lm: LM | None = None) -> SoftPrompt | Prefix:
     """A saved soft prompt or prefix, whichever the folder holds."""
-    config, _, _ = read_prompt_folder(Path(folder))
-    if config.get("peft_type") == "PREFIX_TUNING":
-        return Prefix.load(folder, lm)
-    return SoftPrompt.load(folder, lm)
+    read = read_prompt_folder(Path(folder))
+    kind = Prefix if read[0].get("peft_type") == "PREFIX_TUNING" else SoftPrompt
+    return kind.from_folder(Path(folder), *read, lm)
 
 
 @torch.no_grad()

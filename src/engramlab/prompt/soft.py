@@ -101,8 +101,12 @@ class SoftPrompt:
     @classmethod
     def load(cls, folder: str | os.PathLike[str], lm: LM | None = None) -> SoftPrompt:
         """A saved prompt-tuning adapter; with ``lm``, refused unless it was made for it."""
-        folder = Path(folder)
-        config, tensors, meta = read_prompt_folder(folder)
+        return cls.from_folder(Path(folder), *read_prompt_folder(Path(folder)), lm)
+
+    @classmethod
+    def from_folder(cls, folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    meta: dict[str, Any], lm: LM | None = None) -> SoftPrompt:
+        """:meth:`load` of a folder already read (:func:`read_prompt_folder`)."""
         if config.get("peft_type") != "PROMPT_TUNING" or "prompt_embeddings" not in tensors:
             raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
                              "a soft prompt (PEFT prompt tuning)")
