@@ -6,7 +6,9 @@ probes and reports the other half (and the paraphrases, which no tuner sees). Th
 spread over the split seeds (``summary``: mean, sd over seeds of the per-seed mean, and the
 range over concepts), and per concept the mean and sd over seeds (``per_concept``). Means are
 over the concepts on which every method of the run finished for that seed, so no method is
-averaged over easier concepts than another.
+averaged over easier concepts than another. Beside it, ``recovery.png`` (per method, every
+held-out figure with its spread over seeds) and ``concepts.png`` (held-out probes and
+paraphrases per concept and method).
 
 Methods: ``concept-vectors`` (its tuner picks among the activation, answer and distinct
 rankings), ``concept-vectors:vocab`` (Hong et al.'s own selection: vocabulary projection of the
@@ -21,6 +23,7 @@ methods on 2 CPU cores; the SAEs of ``features`` take about 25 minutes once per 
     .venv/bin/python bench/erase.py --concepts all --seeds 0,1,2 --save erase/smollm2_cpu
         [--methods concept-vectors,ga] [--markdown]
     .venv/bin/python bench/erase.py --table erase/smollm2_cpu   # a saved run's table, no model
+    .venv/bin/python bench/erase.py --plot erase/smollm2_cpu    # redraw its figures, no model
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,6 +155,61 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# what stays of the concept and what comes back, per method (every one held out)
+RECOVERY = {"post_target": "held-out probes", "post_paraphrase": "paraphrases",
+            "adversarial": "adversarial framings", "relearn_paragraph": "relearned on paragraph",
+            "heldout_after_relearn": "other half after relearning half",
+            "coefficient_patch": "unedited coefficients patched in"}
+
+
+def plot(saved: dict, folder: Path) -> list[Path]:
+    """``recovery.png``: per method, each held-out figure's mean over split seeds (bars: ± sd
+    over the seeds); ``concepts.png``: held-out probes and paraphrases per concept and method
+    (mean over seeds). Returns the files written."""
+    import numpy as np
+
+    from engramlab.figures import figure
+
+    summary, per_concept = summarise(saved["parts"], saved["methods"], saved["seeds"])
+    methods = list(summary)
+    model = saved.get("model", "")
+    with figure(folder / "recovery.png", figsize=(11, 4.2)) as (_, ax):
+        width = 0.8 / len(RECOVERY)
+        x = np.arange(len(methods))
+        for k, (key, label) in enumerate(RECOVERY.items()):
+            means = [summary[m][key]["mean"] for m in methods]
+            sds = [summary[m][key]["seed_sd"] or 0.0 for m in methods]
+            ax.bar(x + (k - (len(RECOVERY) - 1) / 2) * width,
+                   [np.nan if v is None else v for v in means], width, yerr=sds, capsize=2,
+                   label=label)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(x, methods, rotation=15)
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("accuracy on the concept (unedited: 1.0)")
+        ax.set_title(f"{model}: what stays after erasure and what comes back "
+                     f"(mean over concepts, ± sd over {len(saved['seeds'])} split seeds)",
+                     fontsize=10)
+        ax.legend(fontsize=7, ncol=3, loc="upper left")
+    concepts = list(per_concept)
+    with figure(folder / "concepts.png", ncols=2,
+                figsize=(12, 1.2 + 0.42 * len(concepts))) as (_, axes):
+        for ax, key, label in zip(axes, ("post_target", "post_paraphrase"),
+                                  ("held-out probes", "paraphrases"), strict=True):
+            grid = np.full((len(concepts), len(methods)), np.nan)
+            for i, c in enumerate(concepts):
+                for j, m in enumerate(methods):
+                    v = per_concept[c].get(m, {}).get(key, {}).get("mean")
+                    grid[i, j] = np.nan if v is None else v
+            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for (i, j), v in np.ndenumerate(grid):  # blank: the method found no setting
+                ax.text(j, i, "none" if np.isnan(v) else f"{v:.2f}", ha="center",
+                        va="center", fontsize=7, color="white" if v < 0.5 else "black")
+            ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+            ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
+            ax.set_title(f"{label} after erasure (mean over split seeds)", fontsize=10)
+    return [folder / "recovery.png", folder / "concepts.png"]
+
+
 def eraser_for(method: str, saes: dict | None):
     name, _, variant = method.partition(":")
     if name == "concept-vectors":
@@ -185,7 +244,18 @@ def main() -> int:
                     help="run the I-th (from 0) of N shares of the concepts, beside N-1 other "
                          "processes on the same --save (each merges its parts under a lock)")
     ap.add_argument("--markdown", action="store_true", help="print the summary as a table")
+    ap.add_argument("--plot", default=None,
+                    help="AREA/RUN: draw a saved run's figures into its folder and run nothing")
     args = ap.parse_args()
+    if args.plot:
+        folder = run_folder(*args.plot.partition("/")[::2])
+        if not (folder / "result.json").is_file():
+            print(f"erase: error: no saved run at {folder}; --plot takes AREA/RUN",
+                  file=sys.stderr)
+            return 2
+        for path in plot(json.loads((folder / "result.json").read_text()), folder):
+            print(path, file=sys.stderr)
+        return 0
     if args.table:
         path = run_folder(*args.table.partition("/")[::2]) / "result.json"
         if not path.is_file():
@@ -245,7 +315,9 @@ def main() -> int:
             result["parts"] = parts
             result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
             result["peak_rss_mb"] = peak_rss_mb()
-            save_run(area, run, result, params)
+            with tempfile.TemporaryDirectory() as tmp:
+                files = {p.name: p for p in plot(result, Path(tmp))}
+                save_run(area, run, result, params, files=files)
 
     if args.fresh:  # drop the saved parts now, or the first merge would bring them back
         with run_lock(area, run):
