@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from ..models.lm import LM
 from .soft import (
     DPConfig,
     Keeper,
+    LearnedPrompt,
     SoftPrompt,
     TuneConfig,
     batches,
@@ -47,7 +48,6 @@ from .soft import (
     label_loss,
     private_gradient,
     read_prompt_folder,
-    write_prompt_folder,
 )
 from .tasks import LabelTask
 
@@ -85,64 +85,38 @@ def prefix_logits(lm: LM, states: torch.Tensor | None, texts: Sequence[str],
 
 
 @dataclass
-class Prefix:
+class Prefix(LearnedPrompt):
     """``states``: ``[P, 2 · blocks · kv_heads · head_dim]`` in PEFT's layout."""
 
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    noun: ClassVar[str] = "a prefix (PEFT prefix tuning)"
+    remedy: ClassVar[str] = "tune a prefix for {model}"
     states: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None
-
-    @property
-    def length(self) -> int:
-        return int(self.states.shape[0])
 
     @property
     def values(self) -> torch.Tensor:
         return self.states
 
     @staticmethod
+    def width(lm: LM) -> int:
+        heads, dim = kv_geometry(lm)
+        return 2 * lm.n_layers * heads * dim
+
+    @staticmethod
     def read(lm: LM, values: torch.Tensor | None, texts: Sequence[str],
              labels: Sequence[int]) -> torch.Tensor:
         return prefix_logits(lm, values, texts, labels)
 
-    def save(self, folder: str | os.PathLike[str], lm: LM) -> Path:
-        """The PEFT adapter folder (written whole or not at all)."""
+    def peft_config(self, lm: LM) -> Any:
         from peft import PrefixTuningConfig, TaskType
 
         heads, dim = kv_geometry(lm)
-        config = PrefixTuningConfig(
+        return PrefixTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.length,
             token_dim=heads * dim, num_layers=lm.n_layers, num_attention_heads=heads,
             prefix_projection=False, base_model_name_or_path=lm.label)
-        return write_prompt_folder(folder, lm, config, self.states, self.meta)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str], lm: LM | None = None) -> Prefix:
-        """A saved prefix-tuning adapter; with ``lm``, refused unless it was made for it."""
-        return cls.from_folder(Path(folder), *read_prompt_folder(Path(folder)), lm)
-
-    @classmethod
-    def from_folder(cls, folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                    meta: dict[str, Any], lm: LM | None = None) -> Prefix:
-        """:meth:`load` of a folder already read (:func:`~.soft.read_prompt_folder`)."""
-        if config.get("peft_type") != "PREFIX_TUNING" or "prompt_embeddings" not in tensors:
-            raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
-                             "a prefix (PEFT prefix tuning)")
-        prefix = cls(tensors["prompt_embeddings"].float(), meta, folder)
-        if lm is not None:
-            prefix.check(lm)
-        return prefix
-
-    def check(self, lm: LM) -> None:
-        """Refuse a prefix that was made for another model than ``lm``."""
-        heads, dim = kv_geometry(lm)
-        made = self.meta.get("signature")
-        if self.states.shape[1] != 2 * lm.n_layers * heads * dim or (
-                made is not None and made != lm.signature()):
-            where = self.folder or "this prefix"
-            raise InputError(f"{where} was made for another model "
-                             f"({self.meta.get('model', 'width ' + str(self.states.shape[1]))})"
-                             f"; tune a prefix for {lm.label}")
 
 
 def load_prompt(folder: str | os.PathLike[str], lm: LM | None = None) -> SoftPrompt | Prefix:

@@ -29,7 +29,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -64,66 +64,103 @@ def label_ids(lm: LM, labels: Sequence[str]) -> list[int]:
     return ids
 
 
+Kind = TypeVar("Kind", bound="LearnedPrompt")
+
+
+class LearnedPrompt:
+    """What a soft prompt and a prefix share: P trained rows (:attr:`values`) put before every
+    input, kept in a PEFT adapter folder of their ``peft_type``, and refused by a model they
+    were not made for. A kind says how wide its rows are for a model (:meth:`width`), how PEFT
+    describes it (:meth:`peft_config`) and how the model reads it (:meth:`read`)."""
+
+    peft_type: ClassVar[str]
+    noun: ClassVar[str]  # what the kind is called in messages
+    remedy: ClassVar[str]  # what to do instead, with {model}
+    meta: dict[str, Any]
+    folder: Path | None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """What is trained, ``[P, width]``, as :data:`Reader` takes it."""
+        raise NotImplementedError
+
+    @property
+    def length(self) -> int:
+        return int(self.values.shape[0])
+
+    @staticmethod
+    def width(lm: LM) -> int:
+        raise NotImplementedError
+
+    def peft_config(self, lm: LM) -> Any:
+        raise NotImplementedError
+
+    def save(self, folder: str | os.PathLike[str], lm: LM) -> Path:
+        """The PEFT adapter folder (written whole or not at all)."""
+        return write_prompt_folder(folder, lm, self.peft_config(lm), self.values, self.meta)
+
+    @classmethod
+    def load(cls: type[Kind], folder: str | os.PathLike[str], lm: LM | None = None) -> Kind:
+        """A saved adapter of this kind; with ``lm``, refused unless it was made for it."""
+        return cls.from_folder(Path(folder), *read_prompt_folder(Path(folder)), lm)
+
+    @classmethod
+    def from_folder(cls: type[Kind], folder: Path, config: dict[str, Any],
+                    tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    lm: LM | None = None) -> Kind:
+        """:meth:`load` of a folder already read (:func:`read_prompt_folder`)."""
+        if config.get("peft_type") != cls.peft_type or "prompt_embeddings" not in tensors:
+            raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
+                             f"{cls.noun}")
+        made = cls(tensors["prompt_embeddings"].float(), meta, folder)  # type: ignore[call-arg]
+        if lm is not None:
+            made.check(lm)
+        return made
+
+    def check(self, lm: LM) -> None:
+        """Refuse rows made for another model than ``lm``."""
+        made = self.meta.get("signature")
+        width = int(self.values.shape[1])
+        if width != self.width(lm) or (made is not None and made != lm.signature()):
+            where = self.folder or f"this {self.noun.split(' (')[0].removeprefix('a ')}"
+            raise InputError(f"{where} was made for another model "
+                             f"({self.meta.get('model', f'width {width}')}); "
+                             + self.remedy.format(model=lm.label))
+
+
 @dataclass
-class SoftPrompt:
+class SoftPrompt(LearnedPrompt):
     """``embeddings``: ``[P, d_model]``, the vectors put before every input."""
 
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    noun: ClassVar[str] = "a soft prompt (PEFT prompt tuning)"
+    remedy: ClassVar[str] = "tune a prompt for {model}, or transfer this one"
     embeddings: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None  # where it was loaded from
 
     @property
-    def length(self) -> int:
-        return int(self.embeddings.shape[0])
-
-    @property
     def values(self) -> torch.Tensor:
-        """What is trained, as :data:`Reader` takes it."""
         return self.embeddings
+
+    @staticmethod
+    def width(lm: LM) -> int:
+        return lm.d_model
 
     @staticmethod
     def read(lm: LM, values: torch.Tensor | None, texts: Sequence[str],
              labels: Sequence[int]) -> torch.Tensor:
         return label_logits(lm, values, texts, labels)
 
-    def save(self, folder: str | os.PathLike[str], lm: LM) -> Path:
-        """The PEFT adapter folder (written whole or not at all)."""
+    def peft_config(self, lm: LM) -> Any:
         from peft import PromptTuningConfig, TaskType
 
-        config = PromptTuningConfig(
+        return PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.length,
             token_dim=lm.d_model, num_layers=lm.n_layers,
             num_attention_heads=int(getattr(lm.config, "num_attention_heads", 0)
                                     or getattr(lm.config, "n_head", 0)) or None,
             base_model_name_or_path=lm.label)
-        return write_prompt_folder(folder, lm, config, self.embeddings, self.meta)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str], lm: LM | None = None) -> SoftPrompt:
-        """A saved prompt-tuning adapter; with ``lm``, refused unless it was made for it."""
-        return cls.from_folder(Path(folder), *read_prompt_folder(Path(folder)), lm)
-
-    @classmethod
-    def from_folder(cls, folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                    meta: dict[str, Any], lm: LM | None = None) -> SoftPrompt:
-        """:meth:`load` of a folder already read (:func:`read_prompt_folder`)."""
-        if config.get("peft_type") != "PROMPT_TUNING" or "prompt_embeddings" not in tensors:
-            raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
-                             "a soft prompt (PEFT prompt tuning)")
-        prompt = cls(tensors["prompt_embeddings"].float(), meta, folder)
-        if lm is not None:
-            prompt.check(lm)
-        return prompt
-
-    def check(self, lm: LM) -> None:
-        """Refuse a prompt that was made for another model than ``lm``."""
-        made = self.meta.get("signature")
-        if self.embeddings.shape[1] != lm.d_model or (made is not None
-                                                      and made != lm.signature()):
-            where = self.folder or "this soft prompt"
-            raise InputError(f"{where} was made for another model "
-                             f"({self.meta.get('model', 'width ' + str(self.embeddings.shape[1]))}"
-                             f"); tune a prompt for {lm.label}, or transfer this one")
 
 
 def write_prompt_folder(folder: str | os.PathLike[str], lm: LM, config: Any,
