@@ -47,8 +47,9 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, public: list[str
     """Every figure of one seed (a seed is run whole: its prompts are not kept between runs)."""
     task = load_label_task(args.task, pararel=args.pararel, seed=seed)
     tune_config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=args.lr, seed=seed)
-    transfer_config = TransferConfig(steps=args.steps, lr=args.lr, seed=seed,
-                                     public=len(public))
+    transfer_config = TransferConfig(steps=args.transfer_steps or args.steps,
+                                     lr=args.transfer_lr or args.lr, seed=seed,
+                                     public=len(public), init=args.init)
     cell: dict = {"zero_shot": {"test": accuracy(large, None, task, task.test)}}
     prompts: dict[str, SoftPrompt] = {}
     plan = [
@@ -64,9 +65,10 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, public: list[str
     for name, model, make in plan:
         start = time.perf_counter()
         prompts[name] = make()
+        meta = prompts[name].meta
         cell[name] = {"test": accuracy(model, prompts[name], task, task.test),
-                      "val": prompts[name].meta.get("val_accuracy"),
-                      "seconds": time.perf_counter() - start}
+                      "val": meta.get("val_accuracy"), "chosen_step": meta.get("chosen_step"),
+                      "history": meta.get("history"), "seconds": time.perf_counter() - start}
         print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
     cell["small_as_is"] = {"test": accuracy(large, prompts["small"], task, task.test)}
     zero, direct = cell["zero_shot"]["test"], cell["direct"]["test"]
@@ -89,6 +91,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--transfer-steps", type=int, default=None,
+                        help="the transfer's steps (default: --steps)")
+    parser.add_argument("--transfer-lr", type=float, default=None,
+                        help="the transfer's rate (default: --lr)")
+    parser.add_argument("--init", choices=["random", "source"], default="random",
+                        help="the transfer starts from random tokens or the small prompt")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--public", type=int, default=512)
     parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")

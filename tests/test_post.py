@@ -151,3 +151,33 @@ def test_the_transfer_loss_is_zero_between_a_model_and_itself_and_training_lower
                                                    unk_token="[UNK]", pad_token="[PAD]")
         other_vocab.tokenizer.add_tokens(["brand-new"])
         transfer(lm, other_vocab, source, task, public, config)
+
+
+def test_a_transfer_can_start_from_the_small_prompt_and_keeps_a_private_prompts_last_step():
+    lm = make_tiny("llama")
+    with torch.no_grad():
+        lm.layout.unembed.weight.mul_(20)
+    task = _task()
+    source = SoftPrompt(torch.randn(4, lm.d_model) * 0.05, {"task": "toy"})
+    public = [" ".join(f"w{(5 * i + j) % 40 + 5}" for j in range(4)) for i in range(16)]
+
+    def first_loss(init: str) -> float:
+        seen: list[float] = []
+        config = TransferConfig(steps=1, lr=0.01, batch_size=8, eval_every=1, init=init)
+        transfer(lm, lm, source, task, public, config,
+                 on_step=lambda e: seen.append(e["loss"]) if "loss" in e else None)
+        return seen[0]
+
+    # between a model and itself the small prompt is where the transfer loss is zero
+    assert first_loss("source") < 1e-4
+    assert first_loss("random") > 1e-2
+    with pytest.raises(InputError, match="'random' or 'source'"):
+        transfer(lm, lm, source, task, public, TransferConfig(init="copy"))
+
+    private = SoftPrompt(source.embeddings, {"task": "toy", "dp": {"epsilon": 8.0}})
+    config = TransferConfig(steps=6, lr=0.05, batch_size=8, eval_every=1)
+    moved = transfer(lm, lm, private, task, public, config)
+    assert moved.meta["chosen_step"] == 6
+    assert moved.meta["selection"] == "last step (DP source)"
+    assert transfer(lm, lm, source, task, public, config).meta["selection"] == (
+        "best validation accuracy")

@@ -76,6 +76,8 @@ def register(sub: Any) -> None:
     p.add_argument("--lr", type=positive_float, default=0.003)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--eval-every", type=positive_int, default=25)
+    p.add_argument("--init", choices=["random", "source"], default="random",
+                   help="start from random tokens' embeddings or from the small prompt")
     p.add_argument("--out", required=True, help="PEFT adapter folder to write")
     p.set_defaults(func=transfer)
 
@@ -267,7 +269,8 @@ def transfer(args: argparse.Namespace) -> int:
     public = public_texts(get_corpus(large, args.public, progress=not args.json),
                           args.n_public, seed=args.seed)
     config = TransferConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                            eval_every=args.eval_every, public=len(public), seed=args.seed)
+                            eval_every=args.eval_every, public=len(public), seed=args.seed,
+                            init=args.init)
     bar, on_step = _progress(args, config.steps)
     with bar:
         moved = run_transfer(small, large, prompt, task, public, config, on_step=on_step)

@@ -15,7 +15,14 @@ Prompt Transfer for LLMs", ICML 2025; reference code sprintml/POST).
        + (1 − α) · T² · KL(softmax(z_s,prompt/T) ‖ softmax(z_l,prompt/T))
 
    the first term matches the *shift* the prompt causes, the second the prompted outputs (the
-   reference's ``mix_transfer``, α = 0.5, T = 2). No private example is used.
+   reference's ``mix_transfer``, α = 0.5, T = 2). No private example is used. The prompt
+   starts from random tokens' embeddings, or (``init="source"``, the reference's
+   ``--init_with_source``) from the small prompt itself, which a distilled student's shared
+   embedding space makes meaningful.
+
+The transfer keeps the prompt of its best validation accuracy, except when the small prompt
+was tuned with DP-SGD: then the last one, as :func:`~.soft.tune` does, since choosing by a score
+on private data would spend privacy that the stated ε does not count.
 
 Deviations from the reference code: the student keeps evenly spaced blocks of the teacher
 (first and last included) rather than a fixed slice; distillation runs for a fixed number of
@@ -171,6 +178,11 @@ class TransferConfig:
     public: int = 512  # public texts
     seed: int = 0
     tokens: int | None = None  # default: the small prompt's length
+    init: str = "random"  # or "source": start from the small prompt
+
+    def check(self) -> None:
+        if self.init not in ("random", "source"):
+            raise InputError(f"the transfer starts from 'random' or 'source', not {self.init!r}")
 
 
 @torch.no_grad()
@@ -186,6 +198,7 @@ def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: 
     """A prompt for ``large`` that moves it on ``public`` texts (in the task's template) as
     ``prompt`` moves ``small``; the step with the best validation accuracy is kept."""
     config = config or TransferConfig()
+    config.check()
     if small.tokenizer.get_vocab() != large.tokenizer.get_vocab():
         raise InputError("the small and the large model have different vocabularies; POST "
                          "transfers between a model and one distilled from it")
@@ -194,10 +207,18 @@ def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: 
     small_prompted = _outputs(small, small_emb, texts)
     small_plain = _outputs(small, None, texts)
     large_plain = _outputs(large, None, texts)
-    tokens = config.tokens or prompt.length
-    target = initial_prompt(large, tokens, config.seed).requires_grad_(True)
+    if config.init == "source":
+        if prompt.embeddings.shape[1] != large.d_model or (
+                config.tokens not in (None, prompt.length)):
+            raise InputError("a transfer can start from the small prompt only when the two "
+                             "models have the same width and the prompt keeps its length")
+        start = prompt.embeddings.float().clone()
+    else:
+        start = initial_prompt(large, config.tokens or prompt.length, config.seed)
+    target = start.to(large.device).requires_grad_(True)
     opt = torch.optim.Adam([target], lr=config.lr)
-    keeper = Keeper(large, task, config.steps, config.eval_every, on_step)
+    private = prompt.meta.get("dp") is not None
+    keeper = Keeper(large, task, config.steps, config.eval_every, on_step, keep_last=private)
     draw = batches(len(texts), config.batch_size, config.seed)
     with large.frozen_weights():
         for step in range(1, config.steps + 1):
@@ -212,5 +233,6 @@ def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: 
             keeper.after(step, loss, target.detach())
     meta = {**{k: v for k, v in prompt.meta.items() if k in ("task", "labels", "template")},
             "transferred_from": prompt.meta.get("model"), "transfer": asdict(config),
-            **keeper.meta(), "source_dp": prompt.meta.get("dp")}
+            **keeper.meta(), "source_dp": prompt.meta.get("dp"),
+            "selection": "last step (DP source)" if private else "best validation accuracy"}
     return SoftPrompt(keeper.prompt.cpu(), meta)
