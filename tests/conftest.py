@@ -13,6 +13,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from engramlab.models import LM, Layout
 
+# Under pytest-xdist (`-n N`) the workers share the cores: one intra-op thread each keeps N
+# processes from running N × cores threads (tiny models gain nothing from more).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                              // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 VOCAB = 100
 WORDS = ["[UNK]", "[PAD]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 3)]
 
