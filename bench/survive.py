@@ -112,7 +112,7 @@ def main() -> int:
                                              exclude_subjects={c.request.subject
                                                                for c in cases}, seed=seed))}
         cases, task = drawn[seed]
-        editor = get_editor(editor_name, progress=False, **overrides)
+        editor = get_editor(editor_name, progress=True, **overrides)
         if (seed, editor_name) not in edits:
             edits.clear()  # one edit in memory at a time: the cells run seed- and editor-major
             t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def main() -> int:
                                 lr=args.adapter_lr if mode in ADAPTERS else args.lr)
         t0 = time.perf_counter()
         result = survive(lm, editor, cases, wiki if data == "wiki" else task.train, config,
-                         downstream=task.test, edit=edit, progress=False)
+                         downstream=task.test, edit=edit, progress=True)
         cells[_key(seed, editor_name, data, mode)] = {
             "seed": seed, "editor": editor_name, "data": data, "mode": mode,
             **result.to_json(), "finetune_loss": [result.finetune_losses[0],
