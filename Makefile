@@ -45,7 +45,7 @@ browser:
 	fi
 
 test: lint browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
