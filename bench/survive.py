@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 import engramlab as eg
-from engramlab.adapt import MODES, FinetuneConfig, survive
+from engramlab.adapt import MODES, FinetuneConfig, score_edited, survive
 from engramlab.data import pararel_cases
 from engramlab.data.corpus import get_corpus
 from engramlab.data.tasks import load_task
@@ -116,15 +116,17 @@ def main() -> int:
         if (seed, editor_name) not in edits:
             edits.clear()  # one edit in memory at a time: the cells run seed- and editor-major
             t0 = time.perf_counter()
-            edits[(seed, editor_name)] = (editor.edit(lm, [c.request for c in cases]),
-                                          time.perf_counter() - t0)
-        edit, edit_seconds = edits[(seed, editor_name)]
+            made = editor.edit(lm, [c.request for c in cases])
+            edits[(seed, editor_name)] = (made, time.perf_counter() - t0,
+                                          score_edited(lm, made, cases, task.test))
+        edit, edit_seconds, edited_scores = edits[(seed, editor_name)]
         config = FinetuneConfig(mode=mode, steps=args.steps, batch_size=args.batch_size,
                                 seq_len=args.seq_len, rank=args.rank, seed=seed,
                                 lr=args.adapter_lr if mode in ADAPTERS else args.lr)
         t0 = time.perf_counter()
         result = survive(lm, editor, cases, wiki if data == "wiki" else task.train, config,
-                         downstream=task.test, edit=edit, progress=True)
+                         downstream=task.test, edit=edit, edited_scores=edited_scores,
+                         progress=True)
         cells[_key(seed, editor_name, data, mode)] = {
             "seed": seed, "editor": editor_name, "data": data, "mode": mode,
             **result.to_json(), "finetune_loss": [result.finetune_losses[0],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -378,6 +380,15 @@ def test_survival_is_one_without_a_change_and_zero_when_the_finetune_reverts_the
     undone = survive(lm, editor, cases, _corpus(), FinetuneConfig(), edit=edit)
     assert undone.edit["efficacy"] > 0 and undone.survival["efficacy"] == 0.0
     assert undone.overlap[0]["column_space"] == pytest.approx(1.0)
+    # the edited model's scores, measured once for several fine-tunes, are the ones it uses
+    scored = module.score_edited(lm, edit, cases)
+    again = survive(lm, editor, cases, _corpus(), FinetuneConfig(), edit=edit,
+                    edited_scores=scored)
+    assert again.edit == undone.edit and again.survival == undone.survival
+    nothing_worked = module.EditedScores([dataclasses.replace(c, efficacy=[False] * len(
+        c.efficacy)) for c in scored.cases], None)
+    assert survive(lm, editor, cases, _corpus(), FinetuneConfig(), edit=edit,
+                   edited_scores=nothing_worked).survival["efficacy"] is None
 
 
 def test_a_short_lora_run_lowers_the_margin_of_an_edit_on_the_embedded_model(smol):

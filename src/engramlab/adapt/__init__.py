@@ -13,8 +13,16 @@ from .finetune import (
     trainable_names,
     training_rows,
 )
-from .survive import SurvivalResult, downstream_accuracy, fact_rows, overlap, survive
+from .survive import (
+    EditedScores,
+    SurvivalResult,
+    downstream_accuracy,
+    fact_rows,
+    overlap,
+    score_edited,
+    survive,
+)
 
-__all__ = ["MODES", "PRECISIONS", "FinetuneConfig", "FinetuneResult", "SurvivalResult",
-           "downstream_accuracy", "fact_rows", "finetune", "load_adapter", "overlap", "survive",
-           "trainable_names", "training_rows"]
+__all__ = ["MODES", "PRECISIONS", "EditedScores", "FinetuneConfig", "FinetuneResult",
+           "SurvivalResult", "downstream_accuracy", "fact_rows", "finetune", "load_adapter",
+           "overlap", "score_edited", "survive", "trainable_names", "training_rows"]

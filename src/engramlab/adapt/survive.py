@@ -112,20 +112,39 @@ def overlap(edit: WeightDelta, update: WeightDelta) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass
+class EditedScores:
+    """The edited model's scores before any fine-tune: its cases' and the downstream task's."""
+
+    cases: list[CaseScores]
+    downstream: float | None
+
+
+def score_edited(lm: LM, edit: WeightDelta, cases: Sequence[EditCase],
+                 downstream: Sequence[TaskRow] = ()) -> EditedScores:
+    """Score ``cases`` and ``downstream`` with ``edit`` applied (the model is left as it was):
+    what every fine-tune of one edit is compared with, measured once."""
+    with edit.applied(lm):
+        return EditedScores(case_scores(lm, cases), downstream_accuracy(lm, downstream))
+
+
 def survive(lm: LM, editor: Editor, cases: Sequence[EditCase],
             data: TextCorpus | Sequence[TaskRow], config: FinetuneConfig | None = None, *,
             downstream: Sequence[TaskRow] = (), checkpoint: str | Path | None = None,
-            edit: WeightDelta | None = None, progress: bool = False) -> SurvivalResult:
+            edit: WeightDelta | None = None, edited_scores: EditedScores | None = None,
+            progress: bool = False) -> SurvivalResult:
     """Edit ``cases`` (one batch), fine-tune the edited model on ``data`` (text or task rows),
     score again. ``downstream``: task rows about facts that are not edited, scored before and
-    after the fine-tune. ``edit``: ``editor``'s edit of ``cases``, already made (several
-    fine-tunes of one edit need it once). The model is left as it was."""
+    after the fine-tune. ``edit``: ``editor``'s edit of ``cases``, already made, and
+    ``edited_scores`` its :func:`score_edited` (several fine-tunes of one edit need both
+    once). The model is left as it was."""
     config = config or FinetuneConfig()
     if edit is None:
         edit = editor.edit(lm, [c.request for c in cases])
+    if edited_scores is None:
+        edited_scores = score_edited(lm, edit, cases, downstream)
+    edited, before = edited_scores.cases, edited_scores.downstream
     with edit.applied(lm):
-        edited = case_scores(lm, cases)
-        before = downstream_accuracy(lm, downstream)
         tuned = finetune(lm, data, config, edited=edit, checkpoint=checkpoint,
                          progress=progress)
         with tuned.delta.applied(lm):
