@@ -93,6 +93,33 @@ def test_gguf_is_dequantized_once_then_loaded_from_cache(tiny_gguf, isolated_cac
     assert ids.tolist() == [[3, 4, 5]]
 
 
+def test_processes_loading_one_gguf_at_once_dequantize_it_once(tiny_gguf, isolated_cache,
+                                                                monkeypatch):
+    import threading
+
+    import engramlab.models.gguf as module
+
+    path, _ = tiny_gguf
+    built, real = [], module._write_cache
+
+    def slow_write(*args, **kwargs):  # a build long enough for the other loader to arrive
+        built.append(threading.get_ident())
+        threading.Event().wait(0.3)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_write_cache", slow_write)
+    folders: list = []
+    loaders = [threading.Thread(target=lambda: folders.append(
+        module.load_gguf(path, dtype=torch.float32)[2])) for _ in range(2)]
+    for t in loaders:
+        t.start()
+    for t in loaders:
+        t.join()
+    # the second waited for the first's build and loaded it, instead of building it again
+    assert len(built) == 1 and len(folders) == 2 and folders[0] == folders[1]
+    assert (folders[0] / "model.safetensors").is_file()
+
+
 def test_gguf_model_saves_as_a_plain_folder(tiny_gguf, isolated_cache, tmp_path):
     lm = load_model(str(tiny_gguf[0]), progress=False, device="cpu")
     out = lm.save(tmp_path / "plain")

@@ -4,7 +4,8 @@ Edited models, deltas and caches must never be left half-written: a crash, a ful
 Ctrl-C leaves either the old content or the new one. Everything is written into a temporary
 sibling and moved into place with ``os.replace`` (atomic on POSIX within one file system); what
 lands gets the permissions any new file would (the temporary ones are private while written).
-Two runs writing the same output at once are told apart by a lock file beside it.
+Two runs writing the same output at once are told apart by a lock file beside it; two processes
+that need the same cache entry take turns building it (:func:`build_lock`).
 """
 
 from __future__ import annotations
@@ -154,6 +155,27 @@ def read_text(path: str | os.PathLike[str], what: str = "file") -> str:
                          f"{exc.reason}); save it as UTF-8") from None
     except IsADirectoryError:
         raise InputError(f"{what} {path} is a folder; give a file") from None
+
+
+@contextlib.contextmanager
+def build_lock(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``.<name>.build.lock`` beside ``target`` exclusively, waiting for any other holder:
+    a process that finds a cache entry missing builds it under this lock, and one that needed
+    it at the same time waits and then finds it made, instead of building it again and
+    replacing it under the first one's feet. (Where ``fcntl`` is missing, no lock is taken.)"""
+    try:
+        import fcntl
+    except ImportError:  # Windows: builds may repeat, each still atomic
+        yield
+        return
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.build.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_dir, atomic_file, cache_dir, file_sha256
+from .._io import atomic_dir, atomic_file, build_lock, cache_dir, file_sha256
 from ..errors import CacheError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,14 @@ def _check_header(path: Path) -> None:
 def load_gguf(path: Path, *, dtype: torch.dtype, announce: bool = False):
     """Return ``(model, tokenizer, folder)``, dequantizing only when no valid cache exists;
     ``announce`` says on stderr what the one-time work is and how long it takes."""
+    folder = cache_folder_for(path)
+    with build_lock(folder):
+        return _load_or_build(path, folder, dtype=dtype, announce=announce)
+
+
+def _load_or_build(path: Path, folder: Path, *, dtype: torch.dtype, announce: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-    folder = cache_folder_for(path)
     if folder.exists():
         try:
             _verify(folder)
