@@ -128,6 +128,12 @@ MUTANTS = (
     Mutant("prefix_keys_and_values_swapped", "prompt/prefix.py",
            "return [(x[2 * i], x[2 * i + 1]) for i in range(lm.n_layers)]",
            "return [(x[2 * i + 1], x[2 * i]) for i in range(lm.n_layers)]"),
+    Mutant("private_transfer_picks_its_best_step", "prompt/post.py",
+           "on_step, keep_last=private)", "on_step, keep_last=False)"),
+    Mutant("survival_rescores_instead_of_the_given_scores", "adapt/survive.py",
+           "    if edited_scores is None:\n", "    if True:\n"),
+    Mutant("gguf_cache_built_without_the_lock", "models/gguf.py",
+           "    with build_lock(folder):\n", "    if True:\n"),
 )
 
 
