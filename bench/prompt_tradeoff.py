@@ -8,7 +8,7 @@ is chosen on the validation split; the weights are a sweep, not a choice, so eve
 reported, on the test split. Also a PNG: accuracy against perplexity, one line per method.
 
     .venv/bin/python bench/prompt_tradeoff.py [--task relation] [--weights 0 0.1 0.3 1 3]
-        [--seed 0] [--save AREA/RUN]
+        [--seed 0] [--soft-lr R] [--save AREA/RUN]
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--soft-lr", type=float, default=None,
+                        help="the soft prompt's Adam rate (default: prompt tuning's 0.003, at "
+                             "which the prompt stays beside its random start)")
     parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
@@ -89,8 +92,9 @@ def main() -> int:
                 prompt = pez(lm, task, PEZConfig(tokens=args.tokens, steps=args.steps,
                                                  fluency=weight, seed=args.seed))
             else:
+                rate = {} if args.soft_lr is None else {"lr": args.soft_lr}
                 prompt = tune(lm, task, TuneConfig(tokens=args.tokens, steps=args.steps,
-                                                   seed=args.seed),
+                                                   seed=args.seed, **rate),
                               loss_fn=fluency_loss(lm, task, weight))
             runs[key] = {"method": method, "weight": weight,
                          **readability(lm, prompt.embeddings.to(lm.device), task, task.test),
