@@ -132,6 +132,8 @@ MUTANTS = (
            "on_step, keep_last=private)", "on_step, keep_last=False)"),
     Mutant("survival_rescores_instead_of_the_given_scores", "adapt/survive.py",
            "    if edited_scores is None:\n", "    if True:\n"),
+    Mutant("statistics_collected_without_the_lock", "stats.py",
+           "with build_lock(lock) if use_cache else nullcontext():", "with nullcontext():"),
     Mutant("gguf_cache_built_without_the_lock", "models/gguf.py",
            "    with build_lock(folder):\n", "    if True:\n"),
 )

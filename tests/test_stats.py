@@ -163,6 +163,35 @@ def test_statistics_split_over_worker_processes_equal_one_process(tmp_path, isol
         collect_key_stats(lm, [0], corpus, workers=2, **kw)
 
 
+def test_processes_asking_for_the_same_statistics_at_once_collect_them_once(
+        isolated_cache, monkeypatch):
+    import threading
+
+    import engramlab.stats as module
+
+    lm = make_tiny("llama")
+    corpus = TextCorpus([tiny_text(200, seed=s) for s in range(3)], name="tiny-text")
+    passes, real = [], module._accumulate
+
+    def slow(*args, **kwargs):  # long enough for the other caller to arrive
+        passes.append(threading.get_ident())
+        threading.Event().wait(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_accumulate", slow)
+    got: list = []
+    callers = [threading.Thread(target=lambda: got.append(collect_key_stats(
+        lm, [0, 1], corpus, n_tokens=256, batch_size=2, seq_len=32, progress=False)))
+        for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    # the second waited for the first pass and read its statistics back from the cache
+    assert len(passes) == 1 and len(got) == 2
+    assert torch.equal(got[0][1].sum, got[1][1].sum) and got[0][1].count == got[1][1].count
+
+
 def test_engram_stats_prints_its_figures_and_fills_the_cache(tmp_path, isolated_cache, capsys):
     import json
 

@@ -34,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._io import atomic_file, keyed_path, read_cached
+from ._io import atomic_file, build_lock, keyed_path, read_cached
 from .data.corpus import TextCorpus, get_corpus
 from .errors import CacheError
 from .models.lm import LM
@@ -142,33 +143,51 @@ def collect_key_stats(
             "seq_len": seq_len, "format": FORMAT_VERSION}
     keys = {layer: {**base, "layer": layer} for layer in layers}
     out: dict[int, KeyStats] = {}
-    if use_cache:
+
+    def read_back() -> list[int]:
+        """Fill ``out`` from the cache; the layers still missing."""
         for layer in layers:
-            found = read_cached(_cache_path(keys[layer]),
-                                lambda p, k=keys[layer]: KeyStats.load(p, expect=k))
-            if found is not None:
-                out[layer] = found
-    todo = [layer for layer in layers if layer not in out]
-    if todo:
-        if ray is not None:
-            fresh = _accumulate_on_ray(lm, todo, corpus, n_tokens=n_tokens,
-                                       batch_size=batch_size, seq_len=seq_len, workers=workers,
-                                       address=ray, progress=progress)
-        elif workers > 1:
-            fresh = _accumulate_in_workers(lm, todo, corpus, n_tokens=n_tokens,
-                                           batch_size=batch_size, seq_len=seq_len,
-                                           workers=workers, progress=progress)
-        else:
-            fresh = _accumulate(lm, todo, corpus, n_tokens=n_tokens, batch_size=batch_size,
-                                seq_len=seq_len, progress=progress)
-        if any(stats.count == 0 for stats in fresh.values()):
-            raise ValueError(f"corpus {corpus.name} yielded no tokens")
-        for layer, stats in fresh.items():
-            stats.key = keys[layer]
-            if use_cache:
-                stats.save(_cache_path(keys[layer]))
-            out[layer] = stats
+            if use_cache and layer not in out:
+                found = read_cached(_cache_path(keys[layer]),
+                                    lambda p, k=keys[layer]: KeyStats.load(p, expect=k))
+                if found is not None:
+                    out[layer] = found
+        return [layer for layer in layers if layer not in out]
+
+    if todo := read_back():
+        # a process asking for the same layers at the same time waits, then reads them back
+        lock = keyed_path("stats", "keys", {**base, "layers": todo}, "")
+        with build_lock(lock) if use_cache else nullcontext():
+            if todo := read_back():
+                _collect(lm, todo, corpus, keys, out, n_tokens=n_tokens, batch_size=batch_size,
+                         seq_len=seq_len, workers=workers, ray=ray, use_cache=use_cache,
+                         progress=progress)
     return {layer: out[layer] for layer in layers}
+
+
+def _collect(lm: LM, todo: list[int], corpus: TextCorpus, keys: dict[int, dict[str, Any]],
+             out: dict[int, KeyStats], *, n_tokens: int, batch_size: int, seq_len: int,
+             workers: int, ray: str | None, use_cache: bool, progress: bool) -> None:
+    """Collect ``todo`` in one pass (in this process, worker processes or Ray tasks) into
+    ``out``, saving each layer to the cache with ``use_cache``."""
+    if ray is not None:
+        fresh = _accumulate_on_ray(lm, todo, corpus, n_tokens=n_tokens,
+                                   batch_size=batch_size, seq_len=seq_len, workers=workers,
+                                   address=ray, progress=progress)
+    elif workers > 1:
+        fresh = _accumulate_in_workers(lm, todo, corpus, n_tokens=n_tokens,
+                                       batch_size=batch_size, seq_len=seq_len,
+                                       workers=workers, progress=progress)
+    else:
+        fresh = _accumulate(lm, todo, corpus, n_tokens=n_tokens, batch_size=batch_size,
+                            seq_len=seq_len, progress=progress)
+    if any(stats.count == 0 for stats in fresh.values()):
+        raise ValueError(f"corpus {corpus.name} yielded no tokens")
+    for layer, stats in fresh.items():
+        stats.key = keys[layer]
+        if use_cache:
+            stats.save(_cache_path(keys[layer]))
+        out[layer] = stats
 
 
 @torch.no_grad()
