@@ -19,7 +19,7 @@ matrices) and ``rmu:down`` (down projections only, as the WMDP reference code).
 The run is saved after every part and resumes: parts already in the run folder are kept (a
 changed setting needs ``--fresh``). Long: all seven methods on one concept and seed take
 11-30 minutes of one CPU core (the fastest parts, and the median of parts that shared two cores
-with two or three other jobs), so three seeds of the eleven bundled concepts are a day of one
+with two or three other jobs), so three seeds of the eleven bundled concepts take 6-17 hours of one
 core; the SAEs of ``features`` take about 25 minutes once per model.
 
     .venv/bin/python bench/erase.py --concepts all --seeds 0,1,2 --save erase/smollm2_cpu
