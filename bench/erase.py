@@ -165,14 +165,15 @@ RECOVERY = {"post_target": "held-out probes", "post_paraphrase": "paraphrases",
 
 
 def plot(saved: dict, folder: Path) -> list[Path]:
-    """``recovery.png``: per method, each held-out figure's mean over split seeds (bars: ± sd
-    over the seeds); ``concepts.png``: held-out probes and paraphrases per concept and method
-    (mean over seeds). Returns the files written."""
+    """From a run's ``summary`` and ``per_concept``: ``recovery.png``, per method, each
+    held-out figure's mean over split seeds (bars: ± sd over the seeds); ``concepts.png``,
+    held-out probes and paraphrases per concept and method (mean over seeds). Returns the files
+    written."""
     import numpy as np
 
     from engramlab.figures import figure
 
-    summary, per_concept = summarise(saved["parts"], saved["methods"], saved["seeds"])
+    summary, per_concept = saved["summary"], saved["per_concept"]
     methods = list(summary)
     model = saved.get("model", "")
     with figure(folder / "recovery.png", figsize=(11, 4.2)) as (_, ax):

@@ -13,8 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from engramlab.models import LM, Layout
 
-# Under pytest-xdist (`-n N`) the workers share the cores: one intra-op thread each keeps N
-# processes from running N × cores threads (tiny models gain nothing from more).
+# Under pytest-xdist (`-n N`) the workers share the cores: cores ÷ N intra-op threads each keeps
+# N processes from running N × cores threads.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1)
                               // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))

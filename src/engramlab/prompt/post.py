@@ -196,25 +196,24 @@ def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: 
              config: TransferConfig | None = None, *,
              on_step: Callable[[dict[str, Any]], None] | None = None) -> SoftPrompt:
     """A prompt for ``large`` that moves it on ``public`` texts (in the task's template) as
-    ``prompt`` moves ``small``; the step with the best validation accuracy is kept."""
+    ``prompt`` moves ``small``; the step with the best validation accuracy is kept (the last,
+    for a prompt tuned with DP-SGD)."""
     config = config or TransferConfig()
     config.check()
     if small.tokenizer.get_vocab() != large.tokenizer.get_vocab():
         raise InputError("the small and the large model have different vocabularies; POST "
                          "transfers between a model and one distilled from it")
+    if config.init == "source" and (prompt.embeddings.shape[1] != large.d_model
+                                    or config.tokens not in (None, prompt.length)):
+        raise InputError("a transfer can start from the small prompt only when the two models "
+                         "have the same width and the prompt keeps its length")
     texts = [task.template.format(t) for t in public]
     small_emb = prompt.embeddings.to(small.device)
     small_prompted = _outputs(small, small_emb, texts)
     small_plain = _outputs(small, None, texts)
     large_plain = _outputs(large, None, texts)
-    if config.init == "source":
-        if prompt.embeddings.shape[1] != large.d_model or (
-                config.tokens not in (None, prompt.length)):
-            raise InputError("a transfer can start from the small prompt only when the two "
-                             "models have the same width and the prompt keeps its length")
-        start = prompt.embeddings.float().clone()
-    else:
-        start = initial_prompt(large, config.tokens or prompt.length, config.seed)
+    start = (prompt.embeddings.float().clone() if config.init == "source"
+             else initial_prompt(large, config.tokens or prompt.length, config.seed))
     target = start.to(large.device).requires_grad_(True)
     opt = torch.optim.Adam([target], lr=config.lr)
     private = prompt.meta.get("dp") is not None

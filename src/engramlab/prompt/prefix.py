@@ -89,7 +89,8 @@ class Prefix(LearnedPrompt):
     """``states``: ``[P, 2 · blocks · kv_heads · head_dim]`` in PEFT's layout."""
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
-    noun: ClassVar[str] = "a prefix (PEFT prefix tuning)"
+    kind: ClassVar[str] = "prefix"
+    peft_name: ClassVar[str] = "PEFT prefix tuning"
     remedy: ClassVar[str] = "tune a prefix for {model}"
     states: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)

@@ -74,7 +74,8 @@ class LearnedPrompt:
     describes it (:meth:`peft_config`) and how the model reads it (:meth:`read`)."""
 
     peft_type: ClassVar[str]
-    noun: ClassVar[str]  # what the kind is called in messages
+    kind: ClassVar[str]  # what it is called in messages
+    peft_name: ClassVar[str]  # PEFT's name for it
     remedy: ClassVar[str]  # what to do instead, with {model}
     meta: dict[str, Any]
     folder: Path | None
@@ -111,7 +112,7 @@ class LearnedPrompt:
         """:meth:`load` of a folder already read (:func:`read_prompt_folder`)."""
         if config.get("peft_type") != cls.peft_type or "prompt_embeddings" not in tensors:
             raise InputError(f"{folder} is a {config.get('peft_type', 'unknown')} adapter, not "
-                             f"{cls.noun}")
+                             f"a {cls.kind} ({cls.peft_name})")
         made = cls(tensors["prompt_embeddings"].float(), meta, folder)  # type: ignore[call-arg]
         if lm is not None:
             made.check(lm)
@@ -122,7 +123,7 @@ class LearnedPrompt:
         made = self.meta.get("signature")
         width = int(self.values.shape[1])
         if width != self.width(lm) or (made is not None and made != lm.signature()):
-            where = self.folder or f"this {self.noun.split(' (')[0].removeprefix('a ')}"
+            where = self.folder or f"this {self.kind}"
             raise InputError(f"{where} was made for another model "
                              f"({self.meta.get('model', f'width {width}')}); "
                              + self.remedy.format(model=lm.label))
@@ -133,7 +134,8 @@ class SoftPrompt(LearnedPrompt):
     """``embeddings``: ``[P, d_model]``, the vectors put before every input."""
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
-    noun: ClassVar[str] = "a soft prompt (PEFT prompt tuning)"
+    kind: ClassVar[str] = "soft prompt"
+    peft_name: ClassVar[str] = "PEFT prompt tuning"
     remedy: ClassVar[str] = "tune a prompt for {model}, or transfer this one"
     embeddings: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
@@ -261,9 +263,8 @@ def accuracy(lm: LM, prompt: Any, task: LabelTask, rows: Sequence[LabelRow], *,
 
 
 # RDP orders: Opacus's default grid to 63, then sparser up to 511, since large ε are tightest
-# at high orders. Every order past 63 would cost ~30x the time (each integer order is a sum of
-# that many terms, for every step of the search for σ) for the same σ to the last digit at
-# ε 1-64 (docs/prompt.md).
+# at high orders. Each integer order is a sum of that many terms at every step of the search
+# for σ, so every order to 511 makes the search 7-15x slower for the same σ (docs/prompt.md).
 RDP_ORDERS = ([1 + x / 10 for x in range(1, 100)] + list(range(11, 64))
               + [64, 72, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 511])
 
@@ -293,10 +294,9 @@ class DPConfig:
         from opacus.accountants.utils import get_noise_multiplier
 
         delta = self.delta if self.delta is not None else min(1e-5, 1.0 / n_rows)
-        alphas = RDP_ORDERS
         sigma = get_noise_multiplier(target_epsilon=self.epsilon, target_delta=delta,
                                      sample_rate=min(1.0, batch_size / n_rows), steps=steps,
-                                     accountant="rdp", alphas=alphas)
+                                     accountant="rdp", alphas=RDP_ORDERS)
         return float(sigma), delta
 
 
