@@ -67,6 +67,8 @@ FIGURES: dict[str, Callable[[dict], float | None]] = {
     "post_target_tuned": lambda r: r["post"].get("target_tuned_accuracy"),
     "pre_paraphrase": lambda r: r["pre"]["paraphrase_accuracy"],
     "post_paraphrase": lambda r: r["post"]["paraphrase_accuracy"],
+    # the share of concepts whose held-out probes the erasure at least halved
+    "halved": lambda r: float(r["post"]["target_accuracy"] <= r["pre"]["target_accuracy"] / 2),
     "control_drop": _drop("control_accuracy"),
     "unseen_control_drop": _drop("unseen_control_accuracy"),
     "near_control_drop": _drop("near_control_accuracy"),
@@ -84,6 +86,7 @@ FIGURES: dict[str, Callable[[dict], float | None]] = {
 
 # the columns of the markdown table, in order
 SHOWN = {"post_target": "held-out probes", "post_paraphrase": "paraphrases",
+         "halved": "share halved",
          "post_target_tuned": "tuned probes", "control_drop": "control drop",
          "near_control_drop": "near drop (unseen half)", "perplexity_rise": "ppl rise",
          "adversarial": "adversarial", "relearn_paragraph": "relearn",
@@ -291,9 +294,15 @@ def main() -> int:
         return 2
     result: dict = {"model": args.model, "params": params, "methods": methods, "seeds": seeds,
                     "parts": parts, "timing": {}}
-    lm = eg.load_model(args.model, progress=False)
+    index, shares = args.share  # a share is whole concepts: their unedited figures are reused
+    todo = [(c, m, s) for s in seeds for k, c in enumerate(concepts) for m in methods
+            if k % shares == index and str(s) not in parts.get(c.name, {}).get(m, {})]
+    print(f"erase: {len(todo)} runs to do ({len(concepts)} concepts × {len(methods)} methods × "
+          f"{len(seeds)} seeds, {sum(len(b) for p in parts.values() for b in p.values())} "
+          "saved)", file=sys.stderr, flush=True)
+    lm = eg.load_model(args.model, progress=False) if todo else None
     saes = None
-    if "features" in methods:
+    if todo and "features" in methods:
         # the SAEs are trained once per model (and cached): their time is reported apart
         t = time.perf_counter()
         fitter = FeatureEraser()
@@ -302,12 +311,6 @@ def main() -> int:
         saes = fitter.fit_saes(lm, corpus, progress=True)
         result["timing"]["dictionary_seconds"] = time.perf_counter() - t
 
-    index, shares = args.share  # a share is whole concepts: their unedited figures are reused
-    todo = [(c, m, s) for s in seeds for k, c in enumerate(concepts) for m in methods
-            if k % shares == index and str(s) not in parts.get(c.name, {}).get(m, {})]
-    print(f"erase: {len(todo)} runs to do ({len(concepts)} concepts × {len(methods)} methods × "
-          f"{len(seeds)} seeds, {sum(len(b) for p in parts.values() for b in p.values())} "
-          "saved)", file=sys.stderr, flush=True)
     unedited: dict = {}  # the unedited model's figures, measured once per concept and split
 
     def publish(mine: dict) -> None:
@@ -317,7 +320,15 @@ def main() -> int:
             parts = merged(saved_parts("erase", area, run, params, (), "parts", False), mine)
             result["parts"] = parts
             result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
-            result["peak_rss_mb"] = peak_rss_mb()
+            # each part carries its process's peak; the run's is the largest of them, so a
+            # process that only re-summarises does not report its own small one
+            peaks = [r["peak_rss_mb"] for per in parts.values() for by_seed in per.values()
+                     for r in by_seed.values() if "peak_rss_mb" in r]
+            result["peak_rss_mb"] = max(peaks, default=None)
+            on_disk = run_folder(area, run) / "result.json"
+            if on_disk.is_file():  # the SAEs' time, measured by whichever share fitted them
+                result["timing"] = {**json.loads(on_disk.read_text()).get("timing", {}),
+                                    **result["timing"]}
             with tempfile.TemporaryDirectory() as tmp:
                 files = {p.name: p for p in plot(result, Path(tmp))}
                 save_run(area, run, result, params, files=files)
@@ -337,6 +348,7 @@ def main() -> int:
         except eg.EngramError as exc:  # a method that finds nothing is a result too
             report, line = {"error": str(exc)}, f"failed: {exc}"
         report["wall_seconds"] = time.perf_counter() - t
+        report["peak_rss_mb"] = peak_rss_mb()
         publish({concept.name: {method: {str(seed): report}}})
         print(f"[{i}/{len(todo)}] {concept.name} · {method} · seed {seed}: {line} "
               f"({report['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
