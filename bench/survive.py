@@ -189,6 +189,18 @@ def summarise(cells: dict) -> tuple[dict, dict]:
             cell = summary.get(f"{editor}/{data}/{mode}")
             return None if cell is None else cell[key]["mean"]
 
+        def by_seed(editor, mode, data=data) -> dict[int, float]:
+            return {c["seed"]: c["survival"]["efficacy"] for c in cells.values()
+                    if (c["editor"], c["data"], c["mode"]) == (editor, data, mode)}
+
+        def paired(a: tuple[str, str], b: tuple[str, str]) -> dict:
+            """Per seed, survival of ``b`` minus survival of ``a`` (same seed, same cases):
+            mean ± sd over seeds and how many seeds have it positive."""
+            sa, sb = by_seed(*a), by_seed(*b)
+            diffs = [sb[s] - sa[s] for s in sorted(sa.keys() & sb.keys())]
+            return {**mean_sd(diffs), "seeds": len(diffs),
+                    "seeds_positive": sum(d > 0 for d in diffs)}
+
         editors = sorted({e for e, d, _ in groups if d == data})
         f: dict = {}
         survivals = {f"{e}/{m}": mean(e, m) for e, d, m in groups if d == data}
@@ -200,8 +212,15 @@ def summarise(cells: dict) -> tuple[dict, dict]:
                      if mean("alphaedit", m) is not None and mean("memit", m) is not None}
             # over the modes: one mode where neither decays (both 0.99) must not decide it
             gap = (sum(b - a for a, b in pairs.values()) / len(pairs)) if pairs else None
+            # the same gap per seed (averaged over the modes), for its spread over seeds
+            seeds = sorted(set.intersection(*(set(by_seed(e, m)) for m in pairs
+                                              for e in ("memit", "alphaedit")))) if pairs else []
+            per_seed = [sum(by_seed("memit", m)[s] - by_seed("alphaedit", m)[s] for m in pairs)
+                        / len(pairs) for s in seeds]
             f["alphaedit_decays_more_than_memit"] = {
                 "answer": gap is not None and gap > 0, "mean_gap": gap,
+                "gap_over_seeds": {**mean_sd(per_seed), "seeds": len(per_seed),
+                                   "seeds_positive": sum(g > 0 for g in per_seed)},
                 "modes_lower": sum(a < b for a, b in pairs.values()), "modes": len(pairs),
                 "alphaedit_vs_memit": pairs}
         for editor in editors:
@@ -211,10 +230,12 @@ def summarise(cells: dict) -> tuple[dict, dict]:
                         mean(editor, "edited", "downstream_after"))
                 f[f"{editor}: edited_layers_only_removes_more"] = {
                     "answer": edited < full, "survival_edited": edited, "survival_full": full,
-                    "downstream_after_full": cost[0], "downstream_after_edited": cost[1]}
+                    "downstream_after_full": cost[0], "downstream_after_edited": cost[1],
+                    "full_minus_edited": paired((editor, "edited"), (editor, "full"))}
             if full is not None and non is not None:
                 f[f"{editor}: non_edited_layers_impair_more"] = {
-                    "answer": non < full, "survival_non_edited": non, "survival_full": full}
+                    "answer": non < full, "survival_non_edited": non, "survival_full": full,
+                    "full_minus_non_edited": paired((editor, "non-edited"), (editor, "full"))}
         findings[data] = f
     return summary, findings
 
