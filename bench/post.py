@@ -31,7 +31,15 @@ import time
 
 import engramlab as eg
 from engramlab.data.corpus import get_corpus
-from engramlab.prompt import DPConfig, SoftPrompt, TuneConfig, accuracy, load_label_task, tune
+from engramlab.prompt import (
+    DPConfig,
+    SoftPrompt,
+    TuneConfig,
+    accuracy,
+    load_label_task,
+    step_progress,
+    tune,
+)
 from engramlab.prompt.post import (
     DistilConfig,
     TransferConfig,
@@ -53,18 +61,21 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, public: list[str
     cell: dict = {"zero_shot": {"test": accuracy(large, None, task, task.test)}}
     prompts: dict[str, SoftPrompt] = {}
     plan = [
-        ("direct", large, lambda: tune(large, task, tune_config)),
-        ("small", small, lambda: tune(small, task, tune_config)),
-        ("small_dp", small, lambda: tune(small, task, tune_config,
-                                         dp=DPConfig(epsilon=args.epsilon))),
-        ("transferred", large, lambda: transfer(small, large, prompts["small"], task, public,
-                                                transfer_config)),
-        ("transferred_dp", large, lambda: transfer(small, large, prompts["small_dp"], task,
-                                                   public, transfer_config)),
+        ("direct", large, lambda f: tune(large, task, tune_config, on_step=f)),
+        ("small", small, lambda f: tune(small, task, tune_config, on_step=f)),
+        ("small_dp", small, lambda f: tune(small, task, tune_config,
+                                           dp=DPConfig(epsilon=args.epsilon), on_step=f)),
+        ("transferred", large, lambda f: transfer(small, large, prompts["small"], task, public,
+                                                  transfer_config, on_step=f)),
+        ("transferred_dp", large, lambda f: transfer(small, large, prompts["small_dp"], task,
+                                                     public, transfer_config, on_step=f)),
     ]
     for name, model, make in plan:
         start = time.perf_counter()
-        prompts[name] = make()
+        steps = transfer_config.steps if name.startswith("transferred") else tune_config.steps
+        bar, on_step = step_progress(steps, desc=f"seed {seed} · {name}")
+        with bar:
+            prompts[name] = make(on_step)
         meta = prompts[name].meta
         cell[name] = {"test": accuracy(model, prompts[name], task, task.test),
                       "val": meta.get("val_accuracy"), "chosen_step": meta.get("chosen_step"),

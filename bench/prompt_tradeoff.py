@@ -22,7 +22,7 @@ from pathlib import Path
 
 import engramlab as eg
 from engramlab.figures import figure
-from engramlab.prompt import TuneConfig, load_label_task, tune
+from engramlab.prompt import TuneConfig, load_label_task, step_progress, tune
 from engramlab.prompt.pez import PEZConfig, fluency_loss, pez, readability
 from results import data_default, save_run, saved_parts
 
@@ -88,14 +88,17 @@ def main() -> int:
             if key in runs:
                 continue
             start = time.perf_counter()
-            if method == "pez":
-                prompt = pez(lm, task, PEZConfig(tokens=args.tokens, steps=args.steps,
-                                                 fluency=weight, seed=args.seed))
-            else:
-                rate = {} if args.soft_lr is None else {"lr": args.soft_lr}
-                prompt = tune(lm, task, TuneConfig(tokens=args.tokens, steps=args.steps,
-                                                   seed=args.seed, **rate),
-                              loss_fn=fluency_loss(lm, task, weight))
+            bar, on_step = step_progress(args.steps, desc=key)
+            with bar:
+                if method == "pez":
+                    prompt = pez(lm, task, PEZConfig(tokens=args.tokens, steps=args.steps,
+                                                     fluency=weight, seed=args.seed),
+                                 on_step=on_step)
+                else:
+                    rate = {} if args.soft_lr is None else {"lr": args.soft_lr}
+                    prompt = tune(lm, task, TuneConfig(tokens=args.tokens, steps=args.steps,
+                                                       seed=args.seed, **rate),
+                                  loss_fn=fluency_loss(lm, task, weight), on_step=on_step)
             runs[key] = {"method": method, "weight": weight,
                          **readability(lm, prompt.embeddings.to(lm.device), task, task.test),
                          "val": prompt.meta["val_accuracy"],

@@ -23,7 +23,15 @@ import sys
 import time
 
 import engramlab as eg
-from engramlab.prompt import PrefixConfig, TuneConfig, accuracy, load_label_task, tune, tune_prefix
+from engramlab.prompt import (
+    PrefixConfig,
+    TuneConfig,
+    accuracy,
+    load_label_task,
+    step_progress,
+    tune,
+    tune_prefix,
+)
 from results import data_default, mean_sd, save_run, saved_parts
 
 
@@ -68,11 +76,14 @@ def main() -> int:
                                 batch_size=args.batch_size, eval_every=args.eval_every,
                                 seed=seed)
             start = time.perf_counter()
-            if args.method == "prefix":
-                prompt = tune_prefix(lm, task, PrefixConfig(**vars(config),
-                                                            reparam=args.reparam))
-            else:
-                prompt = tune(lm, task, config)
+            bar, on_step = step_progress(config.steps, desc=key)
+            with bar:
+                if args.method == "prefix":
+                    prompt = tune_prefix(lm, task, PrefixConfig(**vars(config),
+                                                                reparam=args.reparam),
+                                         on_step=on_step)
+                else:
+                    prompt = tune(lm, task, config, on_step=on_step)
             seconds = time.perf_counter() - start
             cells[key] = {"task": name, "seed": seed, "sizes": task.sizes(),
                           "zero_shot": accuracy(lm, None, task, task.test),

@@ -102,24 +102,16 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the task's split (and the tuning's)")
 
 
-def _progress(args: argparse.Namespace, total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="prompt tuning", unit="step", file=sys.stderr)
-
-    def on_step(info: dict[str, Any]) -> None:
-        if "loss" in info:
-            bar.update(1)
-            bar.set_postfix(loss=f"{info['loss']:.3f}")
-        else:
-            bar.write(f"step {info['step']}: validation accuracy {info['val_accuracy']:.3f}",
-                      file=sys.stderr)
-
-    return bar, on_step
-
-
 def tune(args: argparse.Namespace) -> int:
-    from ..prompt import DPConfig, PrefixConfig, TuneConfig, accuracy, load_label_task, tune_prefix
+    from ..prompt import (
+        DPConfig,
+        PrefixConfig,
+        TuneConfig,
+        accuracy,
+        load_label_task,
+        step_progress,
+        tune_prefix,
+    )
     from ..prompt import tune as run_tune
 
     lr = args.lr or {"pez": 0.1, "prefix": PrefixConfig.lr}.get(args.method, TuneConfig.lr)
@@ -147,7 +139,7 @@ def tune(args: argparse.Namespace) -> int:
                           "--dp-epsilon")
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
     lm = load_for(args)
-    bar, on_step = _progress(args, config.steps)
+    bar, on_step = step_progress(config.steps)
     with bar:
         if args.method == "pez":
             from ..prompt.pez import PEZConfig, pez
@@ -256,7 +248,7 @@ def distil(args: argparse.Namespace) -> int:
 def transfer(args: argparse.Namespace) -> int:
     from ..data.corpus import check_corpus_spec, get_corpus
     from ..models import load_model
-    from ..prompt import SoftPrompt, accuracy, load_label_task
+    from ..prompt import SoftPrompt, accuracy, load_label_task, step_progress
     from ..prompt.post import TransferConfig, public_texts
     from ..prompt.post import transfer as run_transfer
 
@@ -271,7 +263,7 @@ def transfer(args: argparse.Namespace) -> int:
     config = TransferConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                             eval_every=args.eval_every, public=len(public), seed=args.seed,
                             init=args.init)
-    bar, on_step = _progress(args, config.steps)
+    bar, on_step = step_progress(config.steps, desc="prompt transfer")
     with bar:
         moved = run_transfer(small, large, prompt, task, public, config, on_step=on_step)
     moved.save(Path(args.out), large)
