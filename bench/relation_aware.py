@@ -31,7 +31,7 @@ import engramlab as eg
 from engramlab.data.bundled import bundled_cases
 from engramlab.data.pararel import pararel_cases
 from engramlab.edit import get_editor, run_protocol
-from engramlab.evaluate.bootstrap import bootstrap_interval, case_intervals
+from engramlab.evaluate.bootstrap import case_intervals, paired_intervals
 from engramlab.evaluate.counterfact import METRICS, summarize
 from results import data_default, save_run, saved_parts
 
@@ -73,18 +73,6 @@ def choose(runs: dict[str, dict], settings: list[dict[str, str]], tolerance: flo
     return {"rule": f"highest relation specificity with efficacy and paraphrase within "
                     f"{tolerance} of one-stage", "setting": pick[2],
             "met_the_rule": bool(eligible), "eligible": [x[2] for x in eligible]}
-
-
-def paired(a: list[dict], b: list[dict]) -> dict:
-    """Mean of b − a per metric over the cases both scored, with a bootstrap interval."""
-    out = {}
-    for name, key in FIELDS.items():
-        diffs = [y[key] - x[key] for x, y in zip(a, b, strict=True)
-                 if x.get(key) is not None and y.get(key) is not None]
-        ci = bootstrap_interval(diffs)
-        out[name] = {"mean": sum(diffs) / len(diffs) if diffs else None,
-                     "ci95": None if ci is None else list(ci)}
-    return out
 
 
 def main() -> int:
@@ -162,7 +150,8 @@ def main() -> int:
         one, two = runs[label(split, {})], runs[label(split, chosen)]
         out["reported"][split] = {"one_stage": {k: one[k] for k in ("n", "mean", "ci95")},
                                   "two_stage": {k: two[k] for k in ("n", "mean", "ci95")},
-                                  "difference": paired(one["per_case"], two["per_case"])}
+                                  "difference": paired_intervals(one["per_case"],
+                                                                 two["per_case"], FIELDS)}
     if args.save:
         save_run(*args.save.split("/"), out, params)
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1, default=str))

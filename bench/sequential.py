@@ -14,8 +14,12 @@ of the model (for machines with more cores, or a GPU, than one part keeps busy).
 The run is saved under ``docs/results/<--save>`` after each (method, batch size) part and
 resumes: parts already saved are kept (``--fresh`` drops them), and a part that was
 interrupted goes on from its checkpoint (``--checkpoints``, saved at every evaluation).
-Figures: ``sequential.png`` (scores as edits accumulate) and ``noise.png`` (noise ratio per
-batch, drift at evaluations).
+Each part keeps its per-case scores after the last edit (with 95 % bootstrap intervals), and
+``comparisons`` holds, per batch size, each pair of methods' per-case differences with their
+intervals (the cases are the same, so the difference is paired). ``--redo PART`` runs a saved
+part again; one whose checkpoint holds its last batch is only scored again. Figures:
+``sequential.png`` (scores as edits accumulate) and ``noise.png`` (noise ratio per batch,
+drift at evaluations).
 
     .venv/bin/python bench/sequential.py --data PARAREL_DIR --save edit/sequential_smollm2_cpu \
         [--n 1000] [--batch-sizes 1 10] [--eval-every 100] [--methods memit alphaedit deltaedit]
@@ -39,7 +43,8 @@ import torch
 import engramlab as eg
 from engramlab.data import pararel_cases
 from engramlab.edit import get_editor, run_protocol
-from engramlab.evaluate.counterfact import HEADLINE
+from engramlab.evaluate.bootstrap import case_intervals, paired_intervals
+from engramlab.evaluate.counterfact import HEADLINE, METRICS
 from results import run_folder, save_run, saved_parts
 
 SEQUENTIAL = ("memit", "alphaedit", "deltaedit")
@@ -65,6 +70,9 @@ def main() -> int:
                     help="folder of each part's checkpoint, from which an interrupted part "
                          "resumes (default: under the cache, per run; 'none': no checkpoints)")
     ap.add_argument("--fresh", action="store_true", help="drop the parts already saved")
+    ap.add_argument("--redo", nargs="+", default=[], metavar="PART",
+                    help="saved parts to run again (e.g. alphaedit:b10); a part whose "
+                         "checkpoint holds its last batch is only scored again")
     ap.add_argument("--plot", default=None, help="AREA/RUN: draw a saved run's figures only")
     args = ap.parse_args()
     if args.plot:
@@ -88,7 +96,7 @@ def main() -> int:
         return 2
     area, run = args.save.split("/")
     params = {k: v for k, v in vars(args).items()
-              if k not in ("save", "fresh", "plot", "jobs", "checkpoints")}
+              if k not in ("save", "fresh", "redo", "plot", "jobs", "checkpoints")}
     overrides = dict(kv.split("=", 1) for kv in args.set)
     for method in args.methods:  # bad settings fail before the model loads
         get_editor(method, **overrides)
@@ -96,6 +104,14 @@ def main() -> int:
                         ("model", "n", "skip", "eval_every", "set"), "parts", args.fresh)
     if parts is None:
         return 2
+    planned = {f"{m}:b{b}" for m in args.methods for b in args.batch_sizes}
+    unknown = [k for k in args.redo if k not in parts or k not in planned]
+    if unknown:  # a dropped part this command would not run again would be lost
+        print(f"sequential: error: --redo takes saved parts that --methods and --batch-sizes "
+              f"also name, not {unknown}; saved: {sorted(parts)}", file=sys.stderr)
+        return 2
+    for key in args.redo:
+        del parts[key]
     lm = eg.load_model(args.model, progress=False, device=args.device)
     cases = pararel_cases(args.data, args.skip + args.n, seed=0)[args.skip:]
     out = {"model": args.model, "n": len(cases), "device": str(lm.device),
@@ -144,8 +160,12 @@ def run_part(lm: eg.LM, cases: list, method: str, size: int, eval_every: int,
         on_point=lambda p: print(json.dumps({key: p}), file=sys.stderr, flush=True),
         checkpoint=None if checkpoints is None else checkpoints / f"{method}-b{size}")
     noise = result.noise or {}
+    fields = {k: METRICS[k] for k in HEADLINE}
     return key, {
         "method": method, "batch_size": size, "pre": result.pre, "post": result.post,
+        "post_ci95": case_intervals(result.per_case, fields),
+        # per case, in the run's case order: what paired comparisons between methods read
+        "per_case": [{k: r.get(f) for k, f in fields.items()} for r in result.per_case],
         "curve": result.curve, "seconds_per_edit": result.seconds_per_edit,
         "wall_seconds": time.perf_counter() - t0,
         "noise": {"layer": noise.get("layer"), "points": noise.get("points", []),
@@ -161,8 +181,26 @@ def _part_in_process(task: tuple) -> tuple[str, dict]:
     return run_part(lm, cases, method, size, eval_every, overrides, checkpoints)
 
 
+# (b, a): b − a per case, for every batch size at which both ran
+COMPARED = (("alphaedit", "memit"), ("deltaedit", "alphaedit"), ("deltaedit", "memit"))
+
+
+def comparisons(parts: dict) -> dict:
+    """After the last edit, each pair of methods at one batch size scored on the same cases:
+    the per-case difference of every headline score with its 95 % bootstrap interval."""
+    out = {}
+    for b, a in COMPARED:
+        for key_b in [k for k in parts if k.startswith(f"{b}:")]:
+            key_a = f"{a}:{key_b.partition(':')[2]}"
+            if parts.get(key_a, {}).get("per_case") and parts[key_b].get("per_case"):
+                out[f"{key_b} − {key_a}"] = paired_intervals(
+                    parts[key_a]["per_case"], parts[key_b]["per_case"], {k: k for k in HEADLINE})
+    return out
+
+
 def save(area: str, run: str, out: dict, params: dict) -> None:
     """The run's JSON with both figures beside it."""
+    out["comparisons"] = comparisons(out["parts"])
     with tempfile.TemporaryDirectory() as tmp:
         figures = {"sequential.png": Path(tmp) / "s.png", "noise.png": Path(tmp) / "n.png"}
         plot_scores(out, figures["sequential.png"])

@@ -608,3 +608,26 @@ def test_batch_protocol_in_batches_scores_each_case_under_its_own_batch(isolated
     assert whole.per_case != result.per_case  # one batch of four is another edit
     report = whole.report_markdown()
     assert f"| efficacy | {whole.pre['efficacy']} | {whole.post['efficacy']} |" in report
+
+
+def test_paired_intervals_cancel_the_spread_both_methods_share():
+    """Two methods scored on the same cases: when b is a plus a constant, the paired interval
+    collapses onto that constant, however much the cases themselves vary; an unpaired
+    interval of the same means would be as wide as the cases' spread. Cases either method left
+    out are left out, and unequal case lists are refused."""
+    from engramlab.evaluate.bootstrap import bootstrap_interval, paired_intervals
+
+    gen = torch.Generator().manual_seed(0)
+    a = [{"e": float(v)} for v in torch.rand(200, generator=gen)]
+    b = [{"e": r["e"] + 0.25} for r in a]
+    out = paired_intervals(a, b, {"efficacy": "e"})["efficacy"]
+    assert out["mean"] == pytest.approx(0.25) and out["n"] == 200
+    assert out["ci95"] == pytest.approx([0.25, 0.25])
+    lo, hi = bootstrap_interval([r["e"] for r in b])
+    assert hi - lo > 0.05  # what the cases' spread alone would give
+    flipped = paired_intervals(b, a, {"efficacy": "e"})["efficacy"]
+    assert flipped["mean"] == pytest.approx(-0.25)  # b − a, not |a − b|
+    a[0]["e"] = None
+    assert paired_intervals(a, b, {"efficacy": "e"})["efficacy"]["n"] == 199
+    with pytest.raises(ValueError, match="same cases"):
+        paired_intervals(a, b[:-1], {"efficacy": "e"})

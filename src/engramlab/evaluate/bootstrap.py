@@ -36,3 +36,22 @@ def case_intervals(rows: Sequence[Mapping[str, Any]], fields: Mapping[str, str],
                                 seed=seed)
         out[name] = None if ci is None else [ci[0], ci[1]]
     return out
+
+
+def paired_intervals(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
+                     fields: Mapping[str, str], *, level: float = 0.95, seed: int = 0
+                     ) -> dict[str, dict[str, Any]]:
+    """``{name: {"mean", "ci95", "n"}}``: the mean of ``b − a`` per case for each
+    ``name -> field``, with its bootstrap interval. ``a`` and ``b`` score the same cases in the
+    same order (two methods, or two settings, on one case list), so the case-to-case spread
+    that both share cancels; a case either leaves out is left out of the difference."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same cases: {len(a)} rows against {len(b)}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, key in fields.items():
+        diffs = [float(y[key]) - float(x[key]) for x, y in zip(a, b, strict=True)
+                 if x.get(key) is not None and y.get(key) is not None]
+        ci = bootstrap_interval(diffs, level=level, seed=seed)
+        out[name] = {"mean": sum(diffs) / len(diffs) if diffs else None,
+                     "ci95": None if ci is None else [ci[0], ci[1]], "n": len(diffs)}
+    return out
