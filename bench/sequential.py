@@ -45,7 +45,7 @@ from engramlab.data import pararel_cases
 from engramlab.edit import get_editor, run_protocol
 from engramlab.evaluate.bootstrap import case_intervals, paired_intervals
 from engramlab.evaluate.counterfact import HEADLINE, METRICS
-from results import run_folder, save_run, saved_parts
+from results import run_folder, run_lock, save_run, saved_parts
 
 SEQUENTIAL = ("memit", "alphaedit", "deltaedit")
 
@@ -123,11 +123,15 @@ def main() -> int:
         args.checkpoints or eg.cache_root() / "checkpoints" / "sequential" / f"{area}-{run}")
     if args.fresh and checkpoints is not None and checkpoints.exists():
         shutil.rmtree(checkpoints)
+    mine: dict = {}  # the parts this process makes; a save merges them into the run on disk
+    if args.fresh or args.redo:  # drop them on disk now, or the first merge brings them back
+        with run_lock(area, run):
+            save_run(area, run, out, params)
     if args.jobs == 1:
         for method, size in todo:
-            key, parts[key] = run_part(lm, cases, method, size, args.eval_every, overrides,
+            key, mine[key] = run_part(lm, cases, method, size, args.eval_every, overrides,
                                        checkpoints)
-            save(area, run, out, params)
+            save(area, run, out, params, mine)
     else:
         for method in args.methods:  # statistics and templates cached once, before the fork
             get_editor(method, progress=False, **overrides).prepare(lm)
@@ -139,7 +143,7 @@ def main() -> int:
         with mp.get_context("spawn").Pool(min(args.jobs, len(tasks) or 1)) as pool:
             for key, part in pool.imap_unordered(_part_in_process, tasks):
                 parts[key] = part
-                save(area, run, out, params)
+                save(area, run, out, params, mine)
     save(area, run, out, params)
     print(json.dumps({k: {m: p["post"][m] for m in HEADLINE} for k, p in parts.items()},
                      indent=1))
@@ -198,9 +202,19 @@ def comparisons(parts: dict) -> dict:
     return out
 
 
-def save(area: str, run: str, out: dict, params: dict) -> None:
-    """The run's JSON with both figures beside it."""
-    out["comparisons"] = comparisons(out["parts"])
+def save(area: str, run: str, out: dict, params: dict, mine: dict) -> None:
+    """The run's JSON with both figures beside it: the parts on disk, which another process
+    on the same run may have added to since this one started, with ``mine`` (whole parts)
+    put in."""
+    with run_lock(area, run):
+        on_disk = run_folder(area, run) / "result.json"
+        saved = json.loads(on_disk.read_text())["parts"] if on_disk.is_file() else {}
+        out["parts"] = {**saved, **mine}
+        out["comparisons"] = comparisons(out["parts"])
+        _write(area, run, out, params)
+
+
+def _write(area: str, run: str, out: dict, params: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         figures = {"sequential.png": Path(tmp) / "s.png", "noise.png": Path(tmp) / "n.png"}
         plot_scores(out, figures["sequential.png"])
