@@ -32,10 +32,11 @@ def run_folder(area: str, run: str) -> Path:
 
 
 def save_run(area: str, run: str, result: dict[str, Any], params: dict[str, Any],
-             files: dict[str, Path] | None = None) -> Path:
+             files: dict[str, Path] | None = None, command: str | None = None) -> Path:
     """Write command.txt, params.json, result.json (and copies of ``files``) for one run.
     ``--share I/N`` is left out of command.txt: the shares together make what the command
-    without it makes."""
+    without it makes. ``command`` (a saved run's own, when only its summaries are redrawn)
+    replaces this process's."""
     target = run_folder(area, run)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run}.", dir=target.parent))
@@ -45,7 +46,8 @@ def save_run(area: str, run: str, result: dict[str, Any], params: dict[str, Any]
             at = argv.index("--share")
             del argv[at:at + 2]
         argv[1] = os.path.relpath(Path(argv[1]).resolve(), RESULTS.parents[1])
-        (tmp / "command.txt").write_text(" ".join(shlex.quote(a) for a in argv) + "\n")
+        (tmp / "command.txt").write_text(
+            command or " ".join(shlex.quote(a) for a in argv) + "\n")
         (tmp / "params.json").write_text(json.dumps(params, indent=1, default=str) + "\n")
         (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         for name, path in (files or {}).items():

@@ -23,7 +23,7 @@ drift at evaluations).
 
     .venv/bin/python bench/sequential.py --data PARAREL_DIR --save edit/sequential_smollm2_cpu \
         [--n 1000] [--batch-sizes 1 10] [--eval-every 100] [--methods memit alphaedit deltaedit]
-    .venv/bin/python bench/sequential.py --plot edit/sequential_smollm2_cpu   # figures only
+    .venv/bin/python bench/sequential.py --plot edit/sequential_smollm2_cpu   # no model
 """
 
 from __future__ import annotations
@@ -73,13 +73,20 @@ def main() -> int:
     ap.add_argument("--redo", nargs="+", default=[], metavar="PART",
                     help="saved parts to run again (e.g. alphaedit:b10); a part whose "
                          "checkpoint holds its last batch is only scored again")
-    ap.add_argument("--plot", default=None, help="AREA/RUN: draw a saved run's figures only")
+    ap.add_argument("--plot", default=None,
+                    help="AREA/RUN: redraw a saved run's figures and summaries, no model")
     args = ap.parse_args()
-    if args.plot:
-        folder = run_folder(*args.plot.partition("/")[::2])
-        saved = json.loads((folder / "result.json").read_text())
-        plot_scores(saved, folder / "sequential.png")
-        plot_noise(saved, folder / "noise.png")
+    if args.plot:  # the figures and the summaries, from the saved parts; no model
+        area, _, run = args.plot.partition("/")
+        folder = run_folder(area, run)
+        if not (folder / "result.json").is_file():
+            print(f"sequential: error: no saved run at {folder}; --plot takes AREA/RUN",
+                  file=sys.stderr)
+            return 2
+        with run_lock(area, run):
+            saved = json.loads((folder / "result.json").read_text())
+            params = json.loads((folder / "params.json").read_text())
+            _write(area, run, saved, params, command=(folder / "command.txt").read_text())
         return 0
     wrong = [m for m in args.methods if m not in SEQUENTIAL]
     if wrong or not args.save or args.save.count("/") != 1 or not args.data:
@@ -189,6 +196,26 @@ def _part_in_process(task: tuple) -> tuple[str, dict]:
 COMPARED = (("alphaedit", "memit"), ("deltaedit", "alphaedit"), ("deltaedit", "memit"))
 
 
+def headline(parts: dict, first: int = 5) -> dict:
+    """Per part, what the README quotes: the scores after the last edit, the noise ratio
+    averaged over the first and the last ``first`` batches that have one, the earlier edits'
+    drift and its linear part at the last evaluation, and the requests DeltaEdit projected."""
+    out = {}
+    for key, part in parts.items():
+        steps = [s for s in part["noise"]["steps"] if "mean_ratio" in s]
+        last = part["curve"][-1] if part["curve"] else {}
+        ratio = [s["mean_ratio"] for s in steps]
+        out[key] = {"edits": last.get("edits"), **{k: last.get(k) for k in HEADLINE},
+                    "noise_ratio_first": sum(ratio[:first]) / len(ratio[:first]) if ratio
+                    else None,
+                    "noise_ratio_last": sum(ratio[-first:]) / len(ratio[-first:]) if ratio
+                    else None,
+                    "drift": last.get("mean_drift"), "later_noise": last.get("mean_later_noise"),
+                    "projected": part["noise"]["steps"][-1].get("projected")
+                    if part["noise"]["steps"] else None}
+    return out
+
+
 def comparisons(parts: dict) -> dict:
     """After the last edit, each pair of methods at one batch size scored on the same cases:
     the per-case difference of every headline score with its 95 % bootstrap interval."""
@@ -210,16 +237,17 @@ def save(area: str, run: str, out: dict, params: dict, mine: dict) -> None:
         on_disk = run_folder(area, run) / "result.json"
         saved = json.loads(on_disk.read_text())["parts"] if on_disk.is_file() else {}
         out["parts"] = {**saved, **mine}
-        out["comparisons"] = comparisons(out["parts"])
         _write(area, run, out, params)
 
 
-def _write(area: str, run: str, out: dict, params: dict) -> None:
+def _write(area: str, run: str, out: dict, params: dict, command: str | None = None) -> None:
+    out["headline"] = headline(out["parts"])
+    out["comparisons"] = comparisons(out["parts"])
     with tempfile.TemporaryDirectory() as tmp:
         figures = {"sequential.png": Path(tmp) / "s.png", "noise.png": Path(tmp) / "n.png"}
         plot_scores(out, figures["sequential.png"])
         plot_noise(out, figures["noise.png"])
-        save_run(area, run, out, params, files=figures)
+        save_run(area, run, out, params, files=figures, command=command)
 
 
 def _style(key: str) -> dict:
