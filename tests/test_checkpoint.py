@@ -172,3 +172,27 @@ def test_engram_edit_resumes_a_sequential_run_from_its_checkpoint(tmp_path, isol
     assert main([*argv, *check]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another run" in err[0] and "cases" in err[0]
+
+
+def test_a_finished_run_resumed_from_its_checkpoint_is_only_scored_again(tmp_path,
+                                                                        isolated_cache):
+    """What ``bench/sequential.py --redo`` relies on: the checkpoint of a run that finished
+    holds its last batch, so running it again edits nothing and reports the same scores,
+    curve and noise on the same final weights, and leaves the model unedited."""
+    lm = make_tiny("llama")
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    folder = tmp_path / "ck"
+    whole = run_protocol(lm, _editor(MEMIT, lm), CASES, protocol="sequential", batch_size=2,
+                         eval_every=1, noise=True, checkpoint=folder)
+    again = _editor(MEMIT, lm)
+
+    def no_step(*_args, **_kwargs):
+        raise AssertionError("a finished run was edited again")
+
+    again.step = no_step  # type: ignore[method-assign]
+    rescored = run_protocol(lm, again, CASES, protocol="sequential", batch_size=2,
+                            eval_every=1, noise=True, checkpoint=folder)
+    assert rescored.per_case == whole.per_case
+    assert rescored.post == whole.post
+    assert rescored.curve == whole.curve and rescored.noise == whole.noise
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
