@@ -119,6 +119,11 @@ def main() -> int:
         return 2
     for key in args.redo:
         del parts[key]
+    command = None
+    if args.redo:  # parts of the saved run made again: its command and parameters stay
+        folder = run_folder(area, run)
+        command = (folder / "command.txt").read_text()
+        params = json.loads((folder / "params.json").read_text())
     lm = eg.load_model(args.model, progress=False, device=args.device)
     cases = pararel_cases(args.data, args.skip + args.n, seed=0)[args.skip:]
     out = {"model": args.model, "n": len(cases), "device": str(lm.device),
@@ -133,12 +138,12 @@ def main() -> int:
     mine: dict = {}  # the parts this process makes; a save merges them into the run on disk
     if args.fresh or args.redo:  # drop them on disk now, or the first merge brings them back
         with run_lock(area, run):
-            save_run(area, run, out, params)
+            save_run(area, run, out, params, command=command)
     if args.jobs == 1:
         for method, size in todo:
             key, mine[key] = run_part(lm, cases, method, size, args.eval_every, overrides,
                                        checkpoints)
-            save(area, run, out, params, mine)
+            save(area, run, out, params, mine, command)
     else:
         for method in args.methods:  # statistics and templates cached once, before the fork
             get_editor(method, progress=False, **overrides).prepare(lm)
@@ -150,7 +155,7 @@ def main() -> int:
         with mp.get_context("spawn").Pool(min(args.jobs, len(tasks) or 1)) as pool:
             for key, part in pool.imap_unordered(_part_in_process, tasks):
                 parts[key] = part
-                save(area, run, out, params, mine)
+                save(area, run, out, params, mine, command)
     save(area, run, out, params)
     print(json.dumps({k: {m: p["post"][m] for m in HEADLINE} for k, p in parts.items()},
                      indent=1))
@@ -229,7 +234,8 @@ def comparisons(parts: dict) -> dict:
     return out
 
 
-def save(area: str, run: str, out: dict, params: dict, mine: dict) -> None:
+def save(area: str, run: str, out: dict, params: dict, mine: dict,
+         command: str | None = None) -> None:
     """The run's JSON with both figures beside it: the parts on disk, which another process
     on the same run may have added to since this one started, with ``mine`` (whole parts)
     put in."""
@@ -237,7 +243,7 @@ def save(area: str, run: str, out: dict, params: dict, mine: dict) -> None:
         on_disk = run_folder(area, run) / "result.json"
         saved = json.loads(on_disk.read_text())["parts"] if on_disk.is_file() else {}
         out["parts"] = {**saved, **mine}
-        _write(area, run, out, params)
+        _write(area, run, out, params, command)
 
 
 def _write(area: str, run: str, out: dict, params: dict, command: str | None = None) -> None:
