@@ -154,10 +154,10 @@ def main() -> int:
         # a Pool, not an executor: leaving the block on Ctrl-C terminates the workers at once
         with mp.get_context("spawn").Pool(min(args.jobs, len(tasks) or 1)) as pool:
             for key, part in pool.imap_unordered(_part_in_process, tasks):
-                parts[key] = part
+                mine[key] = part
                 save(area, run, out, params, mine, command)
-    save(area, run, out, params)
-    print(json.dumps({k: {m: p["post"][m] for m in HEADLINE} for k, p in parts.items()},
+    save(area, run, out, params, mine, command)
+    print(json.dumps({k: {m: p["post"][m] for m in HEADLINE} for k, p in out["parts"].items()},
                      indent=1))
     return 0
 
