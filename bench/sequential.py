@@ -33,6 +33,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -117,7 +118,7 @@ def main() -> int:
         print(f"sequential: error: --redo takes saved parts that --methods and --batch-sizes "
               f"also name, not {unknown}; saved: {sorted(parts)}", file=sys.stderr)
         return 2
-    for key in args.redo:
+    for key in args.redo:  # out of this process's view, so that they run again
         del parts[key]
     command = None
     if args.redo:  # parts of the saved run made again: its command and parameters stay
@@ -135,10 +136,12 @@ def main() -> int:
         args.checkpoints or eg.cache_root() / "checkpoints" / "sequential" / f"{area}-{run}")
     if args.fresh and checkpoints is not None and checkpoints.exists():
         shutil.rmtree(checkpoints)
-    mine: dict = {}  # the parts this process makes; a save merges them into the run on disk
-    if args.fresh or args.redo:  # drop them on disk now, or the first merge brings them back
+    # the parts this process makes; a save merges them into the run on disk, where a part
+    # being redone stays as it was until its new version replaces it
+    mine: dict = {}
+    if args.fresh:  # drop the saved parts on disk now, or the first merge brings them back
         with run_lock(area, run):
-            save_run(area, run, out, params, command=command)
+            save_run(area, run, out, params)
     if args.jobs == 1:
         for method, size in todo:
             key, mine[key] = run_part(lm, cases, method, size, args.eval_every, overrides,
@@ -207,14 +210,11 @@ def headline(parts: dict, first: int = 5) -> dict:
     drift and its linear part at the last evaluation, and the requests DeltaEdit projected."""
     out = {}
     for key, part in parts.items():
-        steps = [s for s in part["noise"]["steps"] if "mean_ratio" in s]
+        ratio = [s["mean_ratio"] for s in part["noise"]["steps"] if "mean_ratio" in s]
         last = part["curve"][-1] if part["curve"] else {}
-        ratio = [s["mean_ratio"] for s in steps]
         out[key] = {"edits": last.get("edits"), **{k: last.get(k) for k in HEADLINE},
-                    "noise_ratio_first": sum(ratio[:first]) / len(ratio[:first]) if ratio
-                    else None,
-                    "noise_ratio_last": sum(ratio[-first:]) / len(ratio[-first:]) if ratio
-                    else None,
+                    "noise_ratio_first": statistics.fmean(ratio[:first]) if ratio else None,
+                    "noise_ratio_last": statistics.fmean(ratio[-first:]) if ratio else None,
                     "drift": last.get("mean_drift"), "later_noise": last.get("mean_later_noise"),
                     "projected": part["noise"]["steps"][-1].get("projected")
                     if part["noise"]["steps"] else None}
