@@ -317,7 +317,9 @@ def main() -> int:
         """Save the run with ``mine`` merged into the parts on disk, which other shares may
         have added to since."""
         with run_lock(area, run):
-            parts = merged(saved_parts("erase", area, run, params, (), "parts", False), mine)
+            path = run_folder(area, run) / "result.json"
+            on_disk = json.loads(path.read_text()) if path.is_file() else {}
+            parts = merged(on_disk.get("parts", {}), mine)
             result["parts"] = parts
             result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
             # each part carries its process's peak; the run's is the largest of them, so a
@@ -325,10 +327,8 @@ def main() -> int:
             peaks = [r["peak_rss_mb"] for per in parts.values() for by_seed in per.values()
                      for r in by_seed.values() if "peak_rss_mb" in r]
             result["peak_rss_mb"] = max(peaks, default=None)
-            on_disk = run_folder(area, run) / "result.json"
-            if on_disk.is_file():  # the SAEs' time, measured by whichever share fitted them
-                result["timing"] = {**json.loads(on_disk.read_text()).get("timing", {}),
-                                    **result["timing"]}
+            # the SAEs' time, measured by whichever share fitted them
+            result["timing"] = {**on_disk.get("timing", {}), **result["timing"]}
             with tempfile.TemporaryDirectory() as tmp:
                 files = {p.name: p for p in plot(result, Path(tmp))}
                 save_run(area, run, result, params, files=files)
