@@ -60,19 +60,21 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, public: list[str
                                      public=len(public), init=args.init)
     cell: dict = {"zero_shot": {"test": accuracy(large, None, task, task.test)}}
     prompts: dict[str, SoftPrompt] = {}
-    plan = [
-        ("direct", large, lambda f: tune(large, task, tune_config, on_step=f)),
-        ("small", small, lambda f: tune(small, task, tune_config, on_step=f)),
-        ("small_dp", small, lambda f: tune(small, task, tune_config,
-                                           dp=DPConfig(epsilon=args.epsilon), on_step=f)),
-        ("transferred", large, lambda f: transfer(small, large, prompts["small"], task, public,
-                                                  transfer_config, on_step=f)),
-        ("transferred_dp", large, lambda f: transfer(small, large, prompts["small_dp"], task,
-                                                     public, transfer_config, on_step=f)),
+    tuned, moved = tune_config.steps, transfer_config.steps
+    plan = [  # (name, the model it prompts, its steps, how it is made)
+        ("direct", large, tuned, lambda f: tune(large, task, tune_config, on_step=f)),
+        ("small", small, tuned, lambda f: tune(small, task, tune_config, on_step=f)),
+        ("small_dp", small, tuned, lambda f: tune(small, task, tune_config,
+                                                  dp=DPConfig(epsilon=args.epsilon),
+                                                  on_step=f)),
+        ("transferred", large, moved, lambda f: transfer(small, large, prompts["small"], task,
+                                                         public, transfer_config, on_step=f)),
+        ("transferred_dp", large, moved, lambda f: transfer(small, large, prompts["small_dp"],
+                                                            task, public, transfer_config,
+                                                            on_step=f)),
     ]
-    for name, model, make in plan:
+    for name, model, steps, make in plan:
         start = time.perf_counter()
-        steps = transfer_config.steps if name.startswith("transferred") else tune_config.steps
         bar, on_step = step_progress(steps, desc=f"seed {seed} · {name}")
         with bar:
             prompts[name] = make(on_step)

@@ -168,6 +168,11 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def over_seeds(diffs: list[float]) -> dict:
+    """A per-seed difference's mean ± sd over seeds, and on how many seeds it is positive."""
+    return {**mean_sd(diffs), "seeds": len(diffs), "seeds_positive": sum(d > 0 for d in diffs)}
+
+
 def summarise(cells: dict) -> tuple[dict, dict]:
     """Mean ± sd over seeds per (editor, data, mode), and the four findings per data set."""
     groups: dict = {}
@@ -194,12 +199,9 @@ def summarise(cells: dict) -> tuple[dict, dict]:
                     if (c["editor"], c["data"], c["mode"]) == (editor, data, mode)}
 
         def paired(a: tuple[str, str], b: tuple[str, str]) -> dict:
-            """Per seed, survival of ``b`` minus survival of ``a`` (same seed, same cases):
-            mean ± sd over seeds and how many seeds have it positive."""
+            """Per seed, survival of ``b`` minus survival of ``a`` (same seed, same cases)."""
             sa, sb = by_seed(*a), by_seed(*b)
-            diffs = [sb[s] - sa[s] for s in sorted(sa.keys() & sb.keys())]
-            return {**mean_sd(diffs), "seeds": len(diffs),
-                    "seeds_positive": sum(d > 0 for d in diffs)}
+            return over_seeds([sb[s] - sa[s] for s in sorted(sa.keys() & sb.keys())])
 
         editors = sorted({e for e, d, _ in groups if d == data})
         f: dict = {}
@@ -213,14 +215,12 @@ def summarise(cells: dict) -> tuple[dict, dict]:
             # over the modes: one mode where neither decays (both 0.99) must not decide it
             gap = (sum(b - a for a, b in pairs.values()) / len(pairs)) if pairs else None
             # the same gap per seed (averaged over the modes), for its spread over seeds
-            seeds = sorted(set.intersection(*(set(by_seed(e, m)) for m in pairs
-                                              for e in ("memit", "alphaedit")))) if pairs else []
-            per_seed = [sum(by_seed("memit", m)[s] - by_seed("alphaedit", m)[s] for m in pairs)
-                        / len(pairs) for s in seeds]
+            both = [(by_seed("memit", m), by_seed("alphaedit", m)) for m in pairs]
+            seeds = sorted(set.intersection(*(set(x) & set(y) for x, y in both))) if both else []
             f["alphaedit_decays_more_than_memit"] = {
                 "answer": gap is not None and gap > 0, "mean_gap": gap,
-                "gap_over_seeds": {**mean_sd(per_seed), "seeds": len(per_seed),
-                                   "seeds_positive": sum(g > 0 for g in per_seed)},
+                "gap_over_seeds": over_seeds([sum(x[s] - y[s] for x, y in both) / len(both)
+                                              for s in seeds]),
                 "modes_lower": sum(a < b for a, b in pairs.values()), "modes": len(pairs),
                 "alphaedit_vs_memit": pairs}
         for editor in editors:
