@@ -5,16 +5,19 @@ For each weight and method: test accuracy with the prompt, test accuracy with it
 tokens in its place (faithfulness: what a reader sees does what the prompt does), and the
 perplexity of those tokens under the model (scrutability's proxy). The kept step of each run
 is chosen on the validation split; the weights are a sweep, not a choice, so every figure is
-reported, on the test split. Also a PNG: accuracy against perplexity, one line per method.
+reported, on the test split of each seed's split of the task, and summarised as a mean ± sd
+over seeds. ``--fluency-roles`` says how the perplexity reaches the prompt
+(``engramlab.prompt.pez``). Also a PNG: accuracy against perplexity, one line per method.
 
     .venv/bin/python bench/prompt_tradeoff.py [--task relation] [--weights 0 0.1 0.3 1 3]
-        [--seed 0] [--soft-lr R] [--save AREA/RUN]
+        [--seeds 0 1 2] [--fluency-roles both|context] [--soft-lr R] [--save AREA/RUN]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -24,7 +27,7 @@ import engramlab as eg
 from engramlab.figures import figure
 from engramlab.prompt import TuneConfig, load_label_task, step_progress, tune
 from engramlab.prompt.pez import PEZConfig, fluency_loss, pez, readability
-from results import data_default, save_run, saved_parts
+from results import data_default, mean_sd, save_run, saved_parts
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -32,23 +35,42 @@ def plot(runs: dict, path: Path) -> None:
         draw(runs, ax)
 
 
+SHOWN = ("accuracy", "projected_accuracy", "perplexity", "log10_perplexity")
+
+
+def summary(runs: dict) -> dict:
+    """Per method and weight, each shown figure's mean ± sd over the seeds run so far."""
+    cells: dict = {}
+    for r in runs.values():
+        cells.setdefault(f"{r['method']} {r['weight']:g}", []).append(r)
+    return {key: {"method": rows[0]["method"], "weight": rows[0]["weight"],
+                  "seeds": sorted(r["seed"] for r in rows),
+                  **{m: mean_sd([r[m] for r in rows]) for m in SHOWN}}
+            for key, rows in cells.items()}
+
+
 def draw(runs: dict, ax) -> None:
+    cells = summary(runs)
     for method, marker in (("soft", "o"), ("pez", "s")):
-        rows = sorted((r for r in runs.values() if r["method"] == method),
-                      key=lambda r: r["weight"])
+        rows = sorted((c for c in cells.values() if c["method"] == method),
+                      key=lambda c: c["weight"])
         if not rows:
             continue
-        ax.plot([r["perplexity"] for r in rows], [r["accuracy"] for r in rows], marker=marker,
-                label=f"{method}: prompt")
+        x = [10 ** c["log10_perplexity"]["mean"] for c in rows]
+        ax.errorbar(x, [c["accuracy"]["mean"] for c in rows], marker=marker,
+                    yerr=[c["accuracy"]["sd"] or 0 for c in rows], capsize=2,
+                    label=f"{method}: prompt")
         if method == "soft":
-            ax.plot([r["perplexity"] for r in rows], [r["projected_accuracy"] for r in rows],
-                    marker=marker, linestyle="--", label="soft: its nearest tokens")
-        for r in rows:
-            ax.annotate(f"{r['weight']:g}", (r["perplexity"], r["accuracy"]), fontsize=7,
+            ax.errorbar(x, [c["projected_accuracy"]["mean"] for c in rows], marker=marker,
+                        yerr=[c["projected_accuracy"]["sd"] or 0 for c in rows], capsize=2,
+                        linestyle="--", label="soft: its nearest tokens")
+        for c, xi in zip(rows, x, strict=True):
+            ax.annotate(f"{c['weight']:g}", (xi, c["accuracy"]["mean"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("perplexity of the prompt's tokens (lower: more readable)")
-    ax.set_ylabel("test accuracy")
+    ax.set_xlabel("perplexity of the prompt's tokens, geometric mean over seeds "
+                  "(lower: more readable)")
+    ax.set_ylabel("test accuracy (± sd over seeds)")
     ax.set_title("accuracy against readability (labels: fluency weight)")
     ax.legend(fontsize=8)
 
@@ -62,7 +84,9 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["soft", "pez"])
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="task splits and prompt initialisations, one run each")
+    parser.add_argument("--fluency-roles", choices=("both", "context"), default="both")
     parser.add_argument("--soft-lr", type=float, default=None,
                         help="the soft prompt's Adam rate (default: prompt tuning's 0.003, at "
                              "which the prompt stays beside its random start)")
@@ -72,51 +96,59 @@ def main() -> int:
     params = {k: v for k, v in vars(args).items() if k not in ("save", "fresh")}
     runs: dict = {}
     if args.save:
-        same = [k for k in params if k not in ("weights", "methods")]
+        same = [k for k in params if k not in ("weights", "methods", "seeds")]
         saved = saved_parts("prompt_tradeoff", *args.save.split("/"), params, same, "runs",
                             args.fresh)
         if saved is None:
             return 2
         runs = saved
     lm = eg.load_model(args.model, progress=False)
-    task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
-    out = {"model": args.model, "task": args.task, "split": "test", "n": len(task.test),
-           "runs": runs}
-    for method in args.methods:
-        for weight in args.weights:
-            key = f"{method} {weight:g}"
-            if key in runs:
-                continue
-            start = time.perf_counter()
-            bar, on_step = step_progress(args.steps, desc=key)
-            with bar:
-                if method == "pez":
-                    prompt = pez(lm, task, PEZConfig(tokens=args.tokens, steps=args.steps,
-                                                     fluency=weight, seed=args.seed),
-                                 on_step=on_step)
-                else:
-                    rate = {} if args.soft_lr is None else {"lr": args.soft_lr}
-                    prompt = tune(lm, task, TuneConfig(tokens=args.tokens, steps=args.steps,
-                                                       seed=args.seed, **rate),
-                                  loss_fn=fluency_loss(lm, task, weight), on_step=on_step)
-            runs[key] = {"method": method, "weight": weight,
-                         **readability(lm, prompt.embeddings.to(lm.device), task, task.test),
-                         "val": prompt.meta["val_accuracy"],
-                         "seconds": time.perf_counter() - start}
-            print(json.dumps({"done": key, **{k: runs[key][k] for k in
-                                              ("accuracy", "projected_accuracy", "perplexity",
-                                               "text")}}), file=sys.stderr, flush=True)
-            if args.save:
-                save_run(*args.save.split("/"), out, params)
+    out = {"model": args.model, "task": args.task, "split": "test", "runs": runs}
+    for seed in args.seeds:
+        task = load_label_task(args.task, pararel=args.pararel, seed=seed)
+        for method in args.methods:
+            for weight in args.weights:
+                key = f"{method} {weight:g} seed {seed}"
+                if key in runs:
+                    continue
+                runs[key] = cell(lm, task, method, weight, seed, args, desc=key)
+                print(json.dumps({"done": key, **{k: runs[key][k] for k in
+                                                  ("accuracy", "projected_accuracy",
+                                                   "perplexity", "text")}}),
+                      file=sys.stderr, flush=True)
+                out["summary"] = summary(runs)
+                if args.save:
+                    save_run(*args.save.split("/"), out, params)
+    out["summary"] = summary(runs)
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "tradeoff.png"
         plot(runs, png)
         if args.save:
             save_run(*args.save.split("/"), out, params, files={"tradeoff.png": png})
-    print(json.dumps({k: v for k, v in out.items() if k != "runs"} | {
-        "runs": {k: {m: v[m] for m in ("accuracy", "projected_accuracy", "perplexity", "text")}
-                 for k, v in runs.items()}}, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
     return 0
+
+
+def cell(lm: eg.LM, task, method: str, weight: float, seed: int, args: argparse.Namespace,
+         desc: str) -> dict:
+    """One method at one weight on one seed's split: its readability on the test split."""
+    start = time.perf_counter()
+    bar, on_step = step_progress(args.steps, desc=desc)
+    with bar:
+        if method == "pez":
+            prompt = pez(lm, task, PEZConfig(tokens=args.tokens, steps=args.steps,
+                                             fluency=weight, fluency_roles=args.fluency_roles,
+                                             seed=seed), on_step=on_step)
+        else:
+            rate = {} if args.soft_lr is None else {"lr": args.soft_lr}
+            prompt = tune(lm, task, TuneConfig(tokens=args.tokens, steps=args.steps, seed=seed,
+                                               **rate),
+                          loss_fn=fluency_loss(lm, task, weight, args.fluency_roles),
+                          on_step=on_step)
+    seen = readability(lm, prompt.embeddings.to(lm.device), task, task.test)
+    return {"method": method, "weight": weight, "seed": seed, "n": len(task.test), **seen,
+            "log10_perplexity": math.log10(seen["perplexity"]),
+            "val": prompt.meta["val_accuracy"], "seconds": time.perf_counter() - start}
 
 
 if __name__ == "__main__":

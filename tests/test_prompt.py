@@ -181,6 +181,36 @@ def test_pez_projection_and_prompt_perplexity():
     assert seen["projected_accuracy"] == seen["accuracy"]  # projecting a hard prompt is a no-op
 
 
+def test_the_fluency_term_reaches_each_token_also_as_the_one_predicted():
+    from engramlab.prompt.pez import project, prompt_nll
+
+    lm = make_tiny("llama")
+    torch.manual_seed(0)
+    ids, hard = project(lm, torch.randn(4, lm.d_model))
+    p = hard.clone().requires_grad_(True)
+    tau = 0.05
+    both = prompt_nll(lm, p, ids, temperature=tau)
+    context_only = prompt_nll(lm, p, ids)
+    # the straight-through target leaves the term's value alone
+    assert float(both.detach()) == pytest.approx(float(context_only.detach()), rel=1e-6)
+    (g_both,) = torch.autograd.grad(both, p)
+    q = p.detach().clone().requires_grad_(True)
+    (g_ctx,) = torch.autograd.grad(prompt_nll(lm, q, ids), q)
+    # the last position is nobody's context: only its role as a predicted token moves it
+    assert float(g_ctx[-1].abs().max()) == 0
+    assert float(g_both[-1].norm()) > 0
+    # and the step it gets raises the expected log-likelihood of the token it now stands for
+    emb = F.normalize(lm.model.get_input_embeddings().weight.detach().float(), dim=-1)
+    with torch.no_grad():
+        logq = lm.model(inputs_embeds=hard[None]).logits[0, -2].log_softmax(-1)
+
+    def expected(last: torch.Tensor) -> float:
+        return float(((F.normalize(last, dim=-1) @ emb.T / tau).softmax(-1) * logq).sum())
+
+    step = 1e-2 * g_both[-1] / g_both[-1].norm()
+    assert expected(hard[-1] - step) > expected(hard[-1]) > expected(hard[-1] + step)
+
+
 def test_the_prompt_commands_run_end_to_end_on_a_model_folder(tmp_path, capsys):
     from tests.conftest import tiny_text
 

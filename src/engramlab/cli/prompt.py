@@ -40,6 +40,9 @@ def register(sub: Any) -> None:
                         "Liang's reparameterisation; 0: the prefix itself)")
     p.add_argument("--fluency", type=float, default=0.0,
                    help="weight of the prompt's own perplexity (readability) in the loss")
+    p.add_argument("--fluency-roles", choices=("both", "context"), default="both",
+                   help="how the perplexity reaches each position: as context and as the token "
+                        "predicted (both), or as context only")
     p.add_argument("--dp-epsilon", type=float, default=None,
                    help="tune with DP-SGD to this (ε, δ) budget (the last prompt is kept)")
     p.add_argument("--dp-delta", type=float, default=None,
@@ -146,7 +149,8 @@ def tune(args: argparse.Namespace) -> int:
 
             prompt = pez(lm, task, PEZConfig(
                 tokens=args.tokens, steps=args.steps, lr=lr, batch_size=args.batch_size,
-                eval_every=args.eval_every, fluency=args.fluency, seed=args.seed),
+                eval_every=args.eval_every, fluency=args.fluency,
+                fluency_roles=args.fluency_roles, seed=args.seed),
                 on_step=on_step)
         elif args.method == "prefix":
             assert isinstance(config, PrefixConfig)
@@ -155,7 +159,7 @@ def tune(args: argparse.Namespace) -> int:
             from ..prompt.pez import fluency_loss
 
             prompt = run_tune(lm, task, config, dp=dp, on_step=on_step,
-                              loss_fn=fluency_loss(lm, task, args.fluency)
+                              loss_fn=fluency_loss(lm, task, args.fluency, args.fluency_roles)
                               if args.fluency > 0 else None)
     val = prompt.meta["val_accuracy"]
     zero = accuracy(lm, None, task, task.val)

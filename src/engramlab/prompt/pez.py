@@ -14,10 +14,21 @@ nearest tokens, read with the prompt itself as input (``prompt_nll``): for PEZ t
 tokens, for a soft prompt the tokens a reader would see. Its weight ``fluency`` sets the trade
 between task accuracy and readability.
 
+Each position plays two roles in that likelihood: context for the tokens after it, and the token
+predicted from those before it. The nearest token is a discrete choice, so a plain
+cross-entropy against it reaches a position only in its first role: the term would move the
+prompt to make its current tokens likelier but never towards likelier tokens. With
+``fluency_roles="both"`` (the default) the one-hot target of each predicted position is
+replaced, in the gradient only, by a softmax over the cosines of that position's vector to the
+vocabulary at temperature ``fluency_temperature`` (a straight-through target: the loss's value
+is unchanged), so the term also pulls each position towards the tokens the model expects there.
+``"context"`` keeps the first role only.
+
 Deviations: PEZ's reference optimises CLIP image-text similarity with AdamW (lr 0.1, weight
 decay 0.1), here the label cross-entropy of a task (the same optimiser settings); the best
 validation step is kept, as for soft prompts; Patel et al. tune GPT-2 with RLPrompt as well,
-which is not offered.
+which is not offered. The straight-through target of the second role is ours; neither paper
+says how the perplexity's gradient reaches a projected prompt.
 """
 
 from __future__ import annotations
@@ -51,14 +62,29 @@ def project(lm: LM, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, emb[ids.to(emb.device)].detach().float()
 
 
-def prompt_nll(lm: LM, prompt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+FLUENCY_ROLES = ("both", "context")
+
+
+def prompt_nll(lm: LM, prompt: torch.Tensor, ids: torch.Tensor, *,
+               temperature: float | None = None) -> torch.Tensor:
     """Mean negative log-likelihood of ``ids[1:]`` when the model reads ``prompt`` (``[P, d]``)
-    as its input: the log-perplexity of the prompt's tokens, differentiable in ``prompt``."""
+    as its input: the log-perplexity of the prompt's tokens, differentiable in ``prompt``.
+
+    With a ``temperature``, the gradient also reaches each predicted position through its
+    target (module docstring): the one-hot of ``ids[i]`` becomes, in the gradient only,
+    ``softmax(cos(prompt[i], vocabulary) / temperature)``."""
     if prompt.shape[0] < 2:
         return prompt.new_zeros(())
-    dtype = lm.model.get_input_embeddings().weight.dtype
-    out = lm.model(inputs_embeds=prompt[None].to(dtype), use_cache=False).logits[0, :-1]
-    return F.cross_entropy(out.float(), ids[1:].to(out.device))
+    emb = lm.model.get_input_embeddings().weight
+    out = lm.model(inputs_embeds=prompt[None].to(emb.dtype), use_cache=False).logits[0, :-1]
+    logp = out.float().log_softmax(-1)
+    target = F.one_hot(ids[1:].to(out.device), logp.shape[-1]).float()
+    if temperature is not None:
+        cos = F.normalize(prompt[1:].float().to(out.device), dim=-1) \
+            @ F.normalize(emb.detach().float(), dim=-1).T
+        soft = (cos / temperature).softmax(-1)
+        target = target + soft - soft.detach()
+    return -(target * logp).sum(-1).mean()
 
 
 def readability(lm: LM, prompt: torch.Tensor, task: LabelTask, rows: Sequence[LabelRow]
@@ -74,18 +100,30 @@ def readability(lm: LM, prompt: torch.Tensor, task: LabelTask, rows: Sequence[La
             "projected_accuracy": accuracy(lm, hard, task, rows)}
 
 
-def fluency_loss(lm: LM, task: LabelTask, weight: float
+def fluency_loss(lm: LM, task: LabelTask, weight: float, roles: str = "both",
+                 temperature: float = 0.05
                  ) -> Callable[[torch.Tensor, Sequence[LabelRow]], torch.Tensor]:
     """A soft prompt's loss with Patel et al.'s term: the label cross-entropy plus ``weight``
-    × the log-perplexity of the prompt's nearest tokens, read with the prompt as input."""
+    × the log-perplexity of the prompt's nearest tokens, read with the prompt as input (and,
+    with ``roles="both"``, as the tokens predicted: :func:`prompt_nll`)."""
+    check_roles(roles, temperature)
+    tau = temperature if roles == "both" else None
 
     def loss(p: torch.Tensor, rows: Sequence[LabelRow]) -> torch.Tensor:
         task_loss = label_loss(lm, task, p, rows)
         if weight == 0:
             return task_loss
-        return task_loss + weight * prompt_nll(lm, p, project(lm, p.detach())[0])
+        ids = project(lm, p.detach())[0]
+        return task_loss + weight * prompt_nll(lm, p, ids, temperature=tau)
 
     return loss
+
+
+def check_roles(roles: str, temperature: float) -> None:
+    if roles not in FLUENCY_ROLES:
+        raise InputError(f"fluency roles {roles!r}; use one of {', '.join(FLUENCY_ROLES)}")
+    if not temperature > 0:
+        raise InputError(f"the fluency temperature must be above 0, got {temperature}")
 
 
 @dataclass
@@ -97,6 +135,8 @@ class PEZConfig:
     batch_size: int = 16
     eval_every: int = 25
     fluency: float = 0.0
+    fluency_roles: str = "both"  # "context": the term reaches a position only as context
+    fluency_temperature: float = 0.05  # of the cosine softmax that stands for the target
     seed: int = 0
 
     def check(self) -> None:
@@ -104,6 +144,7 @@ class PEZConfig:
                    batch_size=self.batch_size, eval_every=self.eval_every).check()
         if self.fluency < 0:
             raise InputError(f"the fluency weight must be at least 0, got {self.fluency}")
+        check_roles(self.fluency_roles, self.fluency_temperature)
 
 
 def pez(lm: LM, task: LabelTask, config: PEZConfig | None = None, *,
@@ -123,7 +164,8 @@ def pez(lm: LM, task: LabelTask, config: PEZConfig | None = None, *,
             hard.requires_grad_(True)
             loss = label_loss(lm, task, hard, rows)
             if config.fluency > 0:
-                loss = loss + config.fluency * prompt_nll(lm, hard, ids)
+                tau = config.fluency_temperature if config.fluency_roles == "both" else None
+                loss = loss + config.fluency * prompt_nll(lm, hard, ids, temperature=tau)
             (grad,) = torch.autograd.grad(loss, hard)
             opt.zero_grad()
             soft.grad = grad.to(soft)  # the projection's gradient, applied to the soft prompt
