@@ -48,6 +48,7 @@ from engramlab.prompt.post import (
     save_student,
     transfer,
 )
+from engramlab.prompt.tasks import public_facts
 from results import data_default, mean_sd, save_run, saved_parts
 
 
@@ -112,6 +113,9 @@ def main() -> int:
                         help="the transfer starts from random tokens or the small prompt")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--public", type=int, default=512)
+    parser.add_argument("--public-set", choices=["wiki", "facts"], default="wiki",
+                        help="the transfer's public texts: wiki sentences, or T-REx facts "
+                             "outside the task (engramlab.prompt.tasks.public_facts)")
     parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
@@ -145,9 +149,12 @@ def main() -> int:
     small = eg.load_model(str(folder), progress=False)
     out["student"] = {"blocks": small.n_layers,
                       **json.loads((folder / "engramlab.json").read_text())}
-    public = public_texts(get_corpus(large, "wiki", progress=False), args.public)
+    wiki = public_texts(get_corpus(large, "wiki", progress=False), args.public)
     for seed in args.seeds:
         if str(seed) not in parts:
+            public = wiki if args.public_set == "wiki" else public_facts(
+                args.pararel, load_label_task(args.task, pararel=args.pararel, seed=seed),
+                args.public, seed=seed)
             parts[str(seed)] = run_seed(args, seed, large, small, public)
             save()
     names = ["zero_shot", "direct", "small", "small_dp", "small_as_is", "transferred",

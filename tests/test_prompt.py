@@ -143,6 +143,12 @@ def test_bad_tasks_and_prompts_get_one_line_errors(tmp_path, capsys):
                  "--fluency", "1", "--out", str(tmp_path / "dp")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--dp-epsilon" in err[0] and not (tmp_path / "dp").exists()
+    # public facts need the ParaRel folder they are drawn from, asked before anything loads
+    assert main(["prompt", "transfer", "--task", str(one), "--from", "nowhere", "--prompt",
+                 str(tmp_path / "gpt2_prompt"), "--public", "facts", "--out",
+                 str(tmp_path / "moved")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pararel" in err[0] and not (tmp_path / "moved").exists()
 
 
 def test_a_tuned_prompt_beats_zero_shot_on_held_out_relation_sentences(smol, shared_data):
@@ -383,3 +389,30 @@ def test_the_prefix_commands_run_end_to_end_and_refuse_what_a_prefix_cannot_do(t
     Prefix(torch.randn(2, 2 * other.n_layers * other.d_model)).save(tmp_path / "gpt2", other)
     with pytest.raises(InputError, match="made for another model"):
         Prefix.load(tmp_path / "gpt2", make_tiny("llama"))
+
+
+def test_public_facts_leave_out_the_tasks_subjects_and_for_the_relation_task_its_relations(
+        tmp_path):
+    from engramlab.prompt.tasks import LabelRow, LabelTask, public_facts
+
+    (tmp_path / "patterns").mkdir()
+    (tmp_path / "trex").mkdir()
+    triples = {"P19": ("[X] was born in [Y].", [("Ann", "Rome"), ("Eve", "Oslo")]),
+               "P1": ("[X] works for [Y].", [("Ann", "Acme"), ("Bob", "Initech")]),
+               "P2": ("[X] speaks [Y].", [("Cy", "Welsh"), ("Ann", "Dutch")])}
+    for rel, (pattern, pairs) in triples.items():
+        (tmp_path / "patterns" / f"{rel}.jsonl").write_text(json.dumps({"pattern": pattern}))
+        (tmp_path / "trex" / f"{rel}.jsonl").write_text("\n".join(
+            json.dumps({"sub_label": s, "obj_label": o}) for s, o in pairs))
+    rows = [LabelRow("Ann was born in Rome.", "birth")]
+    relation = LabelTask("relation", ["birth", "death"], rows, rows, rows)
+    assert sorted(public_facts(tmp_path, relation, 10)) == ["Bob works for Initech.",
+                                                            "Cy speaks Welsh."]
+    # any other task keeps every relation; its rows' subjects stay out all the same
+    other = LabelTask("mine", ["a", "b"], rows, rows, rows)
+    assert sorted(public_facts(tmp_path, other, 10)) == [
+        "Bob works for Initech.", "Cy speaks Welsh.", "Eve was born in Oslo."]
+    assert len(public_facts(tmp_path, other, 2)) == 2
+    every = [LabelRow(f"{s} x", "a") for s in ("Ann", "Bob", "Cy", "Eve")]
+    with pytest.raises(InputError, match="no fact outside"):
+        public_facts(tmp_path, LabelTask("mine", ["a", "b"], every, every, every), 10)

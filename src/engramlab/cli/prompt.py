@@ -73,7 +73,8 @@ def register(sub: Any) -> None:
     p.add_argument("--to", dest="target", default="smollm2-135m", help="the large model")
     p.add_argument("--prompt", required=True, help="the small model's soft prompt folder")
     p.add_argument("--public", default=None,
-                   help="public text (default: the bundled wiki text): " + CORPUS_HELP)
+                   help="public text (default: the bundled wiki text): 'facts' (sentences of "
+                        "T-REx facts outside the task, from --pararel) or " + CORPUS_HELP)
     p.add_argument("--n-public", type=positive_int, default=512, help="public texts used")
     p.add_argument("--steps", type=positive_int, default=150)
     p.add_argument("--lr", type=positive_float, default=0.003)
@@ -255,15 +256,23 @@ def transfer(args: argparse.Namespace) -> int:
     from ..prompt import SoftPrompt, accuracy, load_label_task, step_progress
     from ..prompt.post import TransferConfig, public_texts
     from ..prompt.post import transfer as run_transfer
+    from ..prompt.tasks import public_facts
 
-    check_corpus_spec(args.public)
+    facts = args.public == "facts"
+    if facts and args.pararel is None:
+        raise EngramError("--public facts are built from a ParaRel folder; pass --pararel DIR")
+    if not facts:
+        check_corpus_spec(args.public)
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
+    if facts:  # before the models load: a folder with no usable fact is refused here
+        public = public_facts(args.pararel, task, args.n_public, seed=args.seed)
     prompt = SoftPrompt.load(args.prompt)  # a bad folder is refused before the models load
     small = load_model(args.source, progress=not args.json)
     prompt.check(small)
     large = load_model(args.target, progress=not args.json)
-    public = public_texts(get_corpus(large, args.public, progress=not args.json),
-                          args.n_public, seed=args.seed)
+    if not facts:
+        public = public_texts(get_corpus(large, args.public, progress=not args.json),
+                              args.n_public, seed=args.seed)
     config = TransferConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                             eval_every=args.eval_every, public=len(public), seed=args.seed,
                             init=args.init)

@@ -143,6 +143,28 @@ def relation_task(root: str | Path, *, seed: int = 0,
     return LabelTask("relation", list(RELATIONS.values()), *out, template="{}\nRelation:")
 
 
+def public_facts(root: str | Path, task: LabelTask, n: int, *, seed: int = 0) -> list[str]:
+    """``n`` sentences stating T-REx facts, the public set a prompt for ``task`` is transferred
+    on (POST's task-related public data, as IMDB is for SST-2 in the paper): each a ParaRel
+    paraphrase filled with a true triple, from relations that are not among the relation
+    task's labels (for that task) and subjects that occur in none of ``task``'s rows."""
+    seen = "\n".join(r.text for r in (*task.train, *task.val, *task.test))
+    rng = random.Random(f"{seed}/public-facts")
+    out = []
+    for rel, patterns in sorted(pararel_patterns(root).items()):
+        if task.name == "relation" and rel in RELATIONS:
+            continue
+        for subject, obj in pararel_triples(root, rel):
+            if subject not in seen:
+                pattern = rng.choice(patterns)
+                out.append(pattern.replace("[X]", subject).replace("[Y]", obj))
+    if not out:
+        raise InputError(f"{root} holds no fact outside the {task.name} task's rows; give the "
+                         "transfer other public text")
+    rng.shuffle(out)
+    return out[:n]
+
+
 def jsonl_task(path: str | Path, *, seed: int = 0,
                caps: tuple[int, int, int] = (2000, 200, 500)) -> LabelTask:
     """A JSONL file of ``{"text", "label"}`` records, split by text."""
