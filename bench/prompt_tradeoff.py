@@ -6,7 +6,8 @@ tokens in its place (faithfulness: what a reader sees does what the prompt does)
 perplexity of those tokens under the model (scrutability's proxy). The kept step of each run
 is chosen on the validation split; the weights are a sweep, not a choice, so every figure is
 reported, on the test split of each seed's split of the task, and summarised as a mean ± sd
-over seeds. ``--fluency-roles`` says how the perplexity reaches the prompt
+over seeds, beside each seed's zero-shot accuracy (no prompt). ``--fluency-roles`` says how
+the perplexity reaches the prompt
 (``engramlab.prompt.pez``). Also a PNG: accuracy against perplexity, one line per method.
 
     .venv/bin/python bench/prompt_tradeoff.py [--task relation] [--weights 0 0.1 0.3 1 3]
@@ -25,9 +26,9 @@ from pathlib import Path
 
 import engramlab as eg
 from engramlab.figures import figure
-from engramlab.prompt import TuneConfig, load_label_task, step_progress, tune
+from engramlab.prompt import TuneConfig, accuracy, load_label_task, step_progress, tune
 from engramlab.prompt.pez import PEZConfig, fluency_loss, pez, readability
-from results import data_default, mean_sd, save_run, saved_parts
+from results import data_default, mean_sd, run_folder, save_run, saved_parts
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -103,9 +104,14 @@ def main() -> int:
             return 2
         runs = saved
     lm = eg.load_model(args.model, progress=False)
-    out = {"model": args.model, "task": args.task, "split": "test", "runs": runs}
+    zero_shot = dict(json.loads((run_folder(*args.save.split("/")) / "result.json")
+                                .read_text()).get("zero_shot", {})) if args.save and runs else {}
+    out = {"model": args.model, "task": args.task, "split": "test", "zero_shot": zero_shot,
+           "runs": runs}
     for seed in args.seeds:
         task = load_label_task(args.task, pararel=args.pararel, seed=seed)
+        if str(seed) not in zero_shot:  # the no-prompt baseline of this seed's test split
+            zero_shot[str(seed)] = accuracy(lm, None, task, task.test)
         for method in args.methods:
             for weight in args.weights:
                 key = f"{method} {weight:g} seed {seed}"
