@@ -7,8 +7,8 @@ perplexity of those tokens under the model (scrutability's proxy). The kept step
 is chosen on the validation split; the weights are a sweep, not a choice, so every figure is
 reported, on the test split of each seed's split of the task, and summarised as a mean ± sd
 over seeds, beside each seed's zero-shot accuracy (no prompt). ``--fluency-roles`` says how
-the perplexity reaches the prompt
-(``engramlab.prompt.pez``). Also a PNG: accuracy against perplexity, one line per method.
+the perplexity reaches the prompt (``engramlab.prompt.pez``). Also a PNG: accuracy against
+perplexity, one line per method.
 
     .venv/bin/python bench/prompt_tradeoff.py [--task relation] [--weights 0 0.1 0.3 1 3]
         [--seeds 0 1 2] [--fluency-roles both|context] [--soft-lr R] [--save AREA/RUN]
