@@ -31,9 +31,13 @@ from engramlab.prompt.pez import PEZConfig, fluency_loss, pez, readability
 from results import data_default, mean_sd, run_folder, save_run, saved_parts
 
 
-def plot(runs: dict, path: Path) -> None:
+def plot(runs: dict, zero_shot: dict, path: Path) -> None:
     with figure(path, figsize=(6, 4)) as (_fig, ax):
         draw(runs, ax)
+        if zero_shot:
+            ax.axhline(sum(zero_shot.values()) / len(zero_shot), color="grey", linestyle=":",
+                       label="no prompt (mean over seeds)")
+            ax.legend(fontsize=8)
 
 
 SHOWN = ("accuracy", "projected_accuracy", "perplexity", "log10_perplexity")
@@ -69,8 +73,7 @@ def draw(runs: dict, ax) -> None:
             ax.annotate(f"{c['weight']:g}", (xi, c["accuracy"]["mean"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("perplexity of the prompt's tokens, geometric mean over seeds "
-                  "(lower: more readable)")
+    ax.set_xlabel("prompt tokens' perplexity (geometric mean over seeds; lower reads better)")
     ax.set_ylabel("test accuracy (± sd over seeds)")
     ax.set_title("accuracy against readability (labels: fluency weight)")
     ax.legend(fontsize=8)
@@ -128,7 +131,7 @@ def main() -> int:
     out["summary"] = summary(runs)
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "tradeoff.png"
-        plot(runs, png)
+        plot(runs, zero_shot, png)
         if args.save:
             save_run(*args.save.split("/"), out, params, files={"tradeoff.png": png})
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
