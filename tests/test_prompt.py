@@ -215,6 +215,12 @@ def test_the_fluency_term_reaches_each_token_also_as_the_one_predicted():
 
     step = 1e-2 * g_both[-1] / g_both[-1].norm()
     assert expected(hard[-1] - step) > expected(hard[-1]) > expected(hard[-1] + step)
+    # settings the term cannot run with are refused with the fix named
+    from engramlab.prompt.pez import PEZConfig
+    with pytest.raises(InputError, match="use one of both, context"):
+        PEZConfig(fluency_roles="target").check()
+    with pytest.raises(InputError, match="temperature must be above 0"):
+        PEZConfig(fluency_temperature=0.0).check()
 
 
 def test_the_prompt_commands_run_end_to_end_on_a_model_folder(tmp_path, capsys):
