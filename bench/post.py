@@ -16,7 +16,8 @@ gain over zero-shot that each transfer recovers, and the seconds each step took.
 (the kept step of each tuning and transfer) read the validation split only.
 
     .venv/bin/python bench/post.py [--task relation] [--seeds 0] [--keep 6]
-        [--distil-steps 200] [--steps 150] [--epsilon 8] [--save AREA/RUN]
+        [--distil-steps 200] [--steps 150] [--epsilon 8] [--public-set wiki|facts]
+        [--save AREA/RUN]
 
 Resumable with ``--save``: every finished seed is saved, and the distilled student is kept in
 the engramlab cache under the settings that made it.
