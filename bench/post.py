@@ -53,9 +53,12 @@ from engramlab.prompt.tasks import public_facts
 from results import data_default, mean_sd, save_run, saved_parts
 
 
-def run_seed(args: argparse.Namespace, seed: int, large, small, public: list[str]) -> dict:
-    """Every figure of one seed (a seed is run whole: its prompts are not kept between runs)."""
+def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
+    """Every figure of one seed (a seed is run whole: its prompts are not kept between runs);
+    the transfers read ``wiki`` or the facts outside this seed's task (``--public-set``)."""
     task = load_label_task(args.task, pararel=args.pararel, seed=seed)
+    public = wiki if args.public_set == "wiki" else public_facts(args.pararel, task,
+                                                                 args.public, seed=seed)
     tune_config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=args.lr, seed=seed)
     transfer_config = TransferConfig(steps=args.transfer_steps or args.steps,
                                      lr=args.transfer_lr or args.lr, seed=seed,
@@ -153,10 +156,7 @@ def main() -> int:
     wiki = public_texts(get_corpus(large, "wiki", progress=False), args.public)
     for seed in args.seeds:
         if str(seed) not in parts:
-            public = wiki if args.public_set == "wiki" else public_facts(
-                args.pararel, load_label_task(args.task, pararel=args.pararel, seed=seed),
-                args.public, seed=seed)
-            parts[str(seed)] = run_seed(args, seed, large, small, public)
+            parts[str(seed)] = run_seed(args, seed, large, small, wiki)
             save()
     names = ["zero_shot", "direct", "small", "small_dp", "small_as_is", "transferred",
              "transferred_dp"]

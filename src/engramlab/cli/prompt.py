@@ -264,13 +264,13 @@ def transfer(args: argparse.Namespace) -> int:
     if not facts:
         check_corpus_spec(args.public)
     task = load_label_task(args.task, pararel=args.pararel, seed=args.seed)
-    if facts:  # before the models load: a folder with no usable fact is refused here
-        public = public_facts(args.pararel, task, args.n_public, seed=args.seed)
+    # facts before the models load: a folder with no usable fact is refused here
+    public = public_facts(args.pararel, task, args.n_public, seed=args.seed) if facts else None
     prompt = SoftPrompt.load(args.prompt)  # a bad folder is refused before the models load
     small = load_model(args.source, progress=not args.json)
     prompt.check(small)
     large = load_model(args.target, progress=not args.json)
-    if not facts:
+    if public is None:
         public = public_texts(get_corpus(large, args.public, progress=not args.json),
                               args.n_public, seed=args.seed)
     config = TransferConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,

@@ -106,8 +106,7 @@ def fluency_loss(lm: LM, task: LabelTask, weight: float, roles: str = "both",
     """A soft prompt's loss with Patel et al.'s term: the label cross-entropy plus ``weight``
     × the log-perplexity of the prompt's nearest tokens, read with the prompt as input (and,
     with ``roles="both"``, as the tokens predicted: :func:`prompt_nll`)."""
-    check_roles(roles, temperature)
-    tau = temperature if roles == "both" else None
+    tau = target_temperature(roles, temperature)
 
     def loss(p: torch.Tensor, rows: Sequence[LabelRow]) -> torch.Tensor:
         task_loss = label_loss(lm, task, p, rows)
@@ -119,11 +118,14 @@ def fluency_loss(lm: LM, task: LabelTask, weight: float, roles: str = "both",
     return loss
 
 
-def check_roles(roles: str, temperature: float) -> None:
+def target_temperature(roles: str, temperature: float) -> float | None:
+    """What :func:`prompt_nll` takes for these settings: ``temperature`` when the term reaches
+    a position in both roles, None in its context role alone; bad settings are refused."""
     if roles not in FLUENCY_ROLES:
         raise InputError(f"fluency roles {roles!r}; use one of {', '.join(FLUENCY_ROLES)}")
     if not temperature > 0:
         raise InputError(f"the fluency temperature must be above 0, got {temperature}")
+    return temperature if roles == "both" else None
 
 
 @dataclass
@@ -144,7 +146,7 @@ class PEZConfig:
                    batch_size=self.batch_size, eval_every=self.eval_every).check()
         if self.fluency < 0:
             raise InputError(f"the fluency weight must be at least 0, got {self.fluency}")
-        check_roles(self.fluency_roles, self.fluency_temperature)
+        target_temperature(self.fluency_roles, self.fluency_temperature)
 
 
 def pez(lm: LM, task: LabelTask, config: PEZConfig | None = None, *,
@@ -153,6 +155,7 @@ def pez(lm: LM, task: LabelTask, config: PEZConfig | None = None, *,
     real token embeddings, its tokens in ``meta["ids"]`` and ``meta["text"]``."""
     config = config or PEZConfig()
     config.check()
+    tau = target_temperature(config.fluency_roles, config.fluency_temperature)
     soft = initial_prompt(lm, config.tokens, config.seed).requires_grad_(True)
     opt = torch.optim.AdamW([soft], lr=config.lr, weight_decay=config.weight_decay)
     keeper = Keeper(lm, task, config.steps, config.eval_every, on_step)
@@ -164,7 +167,6 @@ def pez(lm: LM, task: LabelTask, config: PEZConfig | None = None, *,
             hard.requires_grad_(True)
             loss = label_loss(lm, task, hard, rows)
             if config.fluency > 0:
-                tau = config.fluency_temperature if config.fluency_roles == "both" else None
                 loss = loss + config.fluency * prompt_nll(lm, hard, ids, temperature=tau)
             (grad,) = torch.autograd.grad(loss, hard)
             opt.zero_grad()
