@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from matplotlib.ticker import LogLocator
+
 import engramlab as eg
 from engramlab.figures import figure
 from engramlab.prompt import TuneConfig, accuracy, load_label_task, step_progress, tune
@@ -73,6 +75,8 @@ def draw(runs: dict, ax) -> None:
             ax.annotate(f"{c['weight']:g}", (xi, c["accuracy"]["mean"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
+    # fewer minor ticks, so that labels within one decade do not run into each other
+    ax.xaxis.set_minor_locator(LogLocator(subs=(1.5, 2, 3, 5, 7)))
     ax.set_xlabel("prompt tokens' perplexity (geometric mean over seeds; lower reads better)")
     ax.set_ylabel("test accuracy (± sd over seeds)")
     ax.set_title("accuracy against readability (labels: fluency weight)")
