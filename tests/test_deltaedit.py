@@ -162,6 +162,11 @@ def test_deltaedit_settings_are_its_own():
     assert dataclasses.replace(llama_d.target, weight_decay=llama_a.target.weight_decay) == \
         llama_a.target
     assert llama_d.stats == llama_a.stats and llama_d.band.width == 1.5
+    # and a group it leaves alone comes whole from AlphaEdit's section (SmolLM2's relation)
+    from engramlab.edit.relation import RelationConfig
+
+    smol_d, smol_a = (load_preset(lm, m, "smollm2-135m") for m in ("deltaedit", "alphaedit"))
+    assert smol_a.relation != RelationConfig() and smol_d.relation == smol_a.relation
 
 
 # superimposed noise --------------------------------------------------------------------------
