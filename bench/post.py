@@ -50,7 +50,7 @@ from engramlab.prompt.post import (
     transfer,
 )
 from engramlab.prompt.tasks import public_facts
-from results import data_default, mean_sd, save_run, saved_parts
+from results import data_default, mean_sd, merged, run_folder, run_lock, save_run, saved_parts
 
 
 def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
@@ -135,7 +135,19 @@ def main() -> int:
     out = {"model": args.model, "task": args.task, "parts": parts, "summary": {}}
 
     def save() -> None:
-        if args.save:
+        """Save with this process's seeds merged into those on disk: processes running other
+        seeds of the same run may have saved since this one started."""
+        if not args.save:
+            return
+        area, run = args.save.split("/")
+        with run_lock(area, run):
+            path = run_folder(area, run) / "result.json"
+            on_disk = json.loads(path.read_text()) if path.is_file() else {}
+            parts.update(merged(on_disk.get("parts", {}), parts))
+            save_run(area, run, out, params)
+
+    if args.fresh and args.save:  # drop the saved seeds now, or the first merge brings them back
+        with run_lock(*args.save.split("/")):
             save_run(*args.save.split("/"), out, params)
 
     # the student depends on the distillation settings only, not on the seed's task split
