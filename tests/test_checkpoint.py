@@ -4,6 +4,8 @@ edited model whether or not the run evaluated along the way."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -196,3 +198,19 @@ def test_a_finished_run_resumed_from_its_checkpoint_is_only_scored_again(tmp_pat
     assert rescored.post == whole.post
     assert rescored.curve == whole.curve and rescored.noise == whole.noise
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+
+
+def test_a_runs_identity_holds_the_relation_settings_only_when_its_targets_read_them():
+    from engramlab.edit.checkpoint import run_identity
+
+    lm = make_tiny("llama")
+    hp = dataclasses.asdict(_editor(MEMIT, lm).hparams_for(lm))
+    moved = {**hp, "relation": {**hp["relation"], "offset": hp["relation"]["offset"] + 3}}
+
+    def ident(h: dict) -> dict:
+        return run_identity(lm, "memit", h, CASES, 2, 1, False)
+
+    assert hp["targets"] == "one_stage" and ident(moved) == ident(hp)
+    two = {**hp, "targets": "two_stage"}
+    assert ident({**moved, "targets": "two_stage"})["hparams"] != ident(two)["hparams"]
+    assert ident(two)["hparams"] != ident(hp)["hparams"]

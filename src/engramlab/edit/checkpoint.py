@@ -43,9 +43,13 @@ def _digest(obj: Any) -> str:
 
 def run_identity(lm: LM, method: str, hparams: dict[str, Any], cases: Sequence[EditCase],
                  batch_size: int, eval_every: int | None, noise: bool) -> dict[str, Any]:
-    """What two runs must share for one to continue the other (call on the unedited model)."""
+    """What two runs must share for one to continue the other (call on the unedited model).
+    The settings enter as those the run reads: TOP's ``relation`` group only with two-stage
+    targets, so that a preset gaining it leaves one-stage runs resumable."""
+    read = {k: v for k, v in hparams.items()
+            if k != "relation" or hparams.get("targets") == "two_stage"}
     return {"method": method, "model": lm.name, "model_fingerprint": lm.fingerprint(),
-            "hparams": _digest(hparams), "cases": _digest([dataclasses.asdict(c) for c in cases]),
+            "hparams": _digest(read), "cases": _digest([dataclasses.asdict(c) for c in cases]),
             "n": len(cases), "batch_size": batch_size, "eval_every": eval_every,
             "noise": noise}
 
