@@ -46,7 +46,17 @@ from engramlab.data.concepts import Concept, bundled_concepts
 from engramlab.erase.concept_vectors import ConceptVectors
 from engramlab.erase.features import FeatureEraser
 from engramlab.erase.run import make_eraser, run_erasure
-from results import mean_sd, merged, run_folder, run_lock, save_run, saved_parts, share_spec
+from results import (
+    drop_saved,
+    mean_sd,
+    merged,
+    run_folder,
+    run_lock,
+    save_run,
+    saved_parts,
+    saved_result,
+    share_spec,
+)
 
 METHODS = ("concept-vectors", "concept-vectors:vocab", "features", "ga", "npo", "rmu",
            "rmu:down")
@@ -317,8 +327,7 @@ def main() -> int:
         """Save the run with ``mine`` merged into the parts on disk, which other shares may
         have added to since."""
         with run_lock(area, run):
-            path = run_folder(area, run) / "result.json"
-            on_disk = json.loads(path.read_text()) if path.is_file() else {}
+            on_disk = saved_result(area, run)
             parts = merged(on_disk.get("parts", {}), mine)
             result["parts"] = parts
             result["summary"], result["per_concept"] = summarise(parts, methods, seeds)
@@ -333,9 +342,8 @@ def main() -> int:
                 files = {p.name: p for p in plot(result, Path(tmp))}
                 save_run(area, run, result, params, files=files)
 
-    if args.fresh:  # drop the saved parts now, or the first merge would bring them back
-        with run_lock(area, run):
-            save_run(area, run, result, params)
+    if args.fresh:
+        drop_saved(area, run, result, params)
     for i, (concept, method, seed) in enumerate(todo, 1):
         t = time.perf_counter()
         try:

@@ -50,7 +50,16 @@ from engramlab.prompt.post import (
     transfer,
 )
 from engramlab.prompt.tasks import public_facts
-from results import data_default, mean_sd, merged, run_folder, run_lock, save_run, saved_parts
+from results import (
+    data_default,
+    drop_saved,
+    mean_sd,
+    merged,
+    run_lock,
+    save_run,
+    saved_parts,
+    saved_result,
+)
 
 
 def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
@@ -141,14 +150,11 @@ def main() -> int:
             return
         area, run = args.save.split("/")
         with run_lock(area, run):
-            path = run_folder(area, run) / "result.json"
-            on_disk = json.loads(path.read_text()) if path.is_file() else {}
-            parts.update(merged(on_disk.get("parts", {}), parts))
+            parts.update(merged(saved_result(area, run).get("parts", {}), parts))
             save_run(area, run, out, params)
 
-    if args.fresh and args.save:  # drop the saved seeds now, or the first merge brings them back
-        with run_lock(*args.save.split("/")):
-            save_run(*args.save.split("/"), out, params)
+    if args.fresh and args.save:
+        drop_saved(*args.save.split("/"), out, params)
 
     # the student depends on the distillation settings only, not on the seed's task split
     config = DistilConfig(keep=args.keep, steps=args.distil_steps)

@@ -30,7 +30,7 @@ import engramlab as eg
 from engramlab.figures import figure
 from engramlab.prompt import TuneConfig, accuracy, load_label_task, step_progress, tune
 from engramlab.prompt.pez import PEZConfig, fluency_loss, pez, readability
-from results import data_default, mean_sd, run_folder, save_run, saved_parts
+from results import data_default, mean_sd, save_run, saved_parts, saved_result
 
 
 def plot(runs: dict, zero_shot: dict, path: Path) -> None:
@@ -111,8 +111,8 @@ def main() -> int:
             return 2
         runs = saved
     lm = eg.load_model(args.model, progress=False)
-    zero_shot = dict(json.loads((run_folder(*args.save.split("/")) / "result.json")
-                                .read_text()).get("zero_shot", {})) if args.save and runs else {}
+    # each seed's no-prompt accuracy, saved beside the runs it belongs to
+    zero_shot = saved_result(*args.save.split("/")).get("zero_shot", {}) if runs else {}
     out = {"model": args.model, "task": args.task, "split": "test", "zero_shot": zero_shot,
            "runs": runs}
     for seed in args.seeds:

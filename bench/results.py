@@ -101,6 +101,20 @@ def run_lock(area: str, run: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def saved_result(area: str, run: str) -> dict[str, Any]:
+    """The run's result.json as it is on disk now ({} when there is none); read it under
+    :func:`run_lock` where another process may be writing the run."""
+    path = run_folder(area, run) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def drop_saved(area: str, run: str, result: dict[str, Any], params: dict[str, Any]) -> None:
+    """``--fresh`` for a run whose saves merge into the parts on disk: replace the saved run
+    by ``result`` now, or the first merge would bring the old parts back."""
+    with run_lock(area, run):
+        save_run(area, run, result, params)
+
+
 def merged(on_disk: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
     """Nested parts: those on disk with ``mine`` added (a leaf of ``mine`` wins)."""
     out = dict(on_disk)

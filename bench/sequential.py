@@ -46,7 +46,7 @@ from engramlab.data import pararel_cases
 from engramlab.edit import get_editor, run_protocol
 from engramlab.evaluate.bootstrap import case_intervals, paired_intervals
 from engramlab.evaluate.counterfact import HEADLINE, METRICS
-from results import run_folder, run_lock, save_run, saved_parts
+from results import drop_saved, run_folder, run_lock, save_run, saved_parts, saved_result
 
 SEQUENTIAL = ("memit", "alphaedit", "deltaedit")
 
@@ -139,9 +139,8 @@ def main() -> int:
     # the parts this process makes; a save merges them into the run on disk, where a part
     # being redone stays as it was until its new version replaces it
     mine: dict = {}
-    if args.fresh:  # drop the saved parts on disk now, or the first merge brings them back
-        with run_lock(area, run):
-            save_run(area, run, out, params)
+    if args.fresh:
+        drop_saved(area, run, out, params)
     if args.jobs == 1:
         for method, size in todo:
             key, mine[key] = run_part(lm, cases, method, size, args.eval_every, overrides,
@@ -240,9 +239,7 @@ def save(area: str, run: str, out: dict, params: dict, mine: dict,
     on the same run may have added to since this one started, with ``mine`` (whole parts)
     put in."""
     with run_lock(area, run):
-        on_disk = run_folder(area, run) / "result.json"
-        saved = json.loads(on_disk.read_text())["parts"] if on_disk.is_file() else {}
-        out["parts"] = {**saved, **mine}
+        out["parts"] = {**saved_result(area, run).get("parts", {}), **mine}
         _write(area, run, out, params, command)
 
 
