@@ -4,14 +4,12 @@ edited model whether or not the run evaluated along the way."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from engramlab import EditRequest
 from engramlab.data.records import EditCase
-from engramlab.edit import MEMIT, DeltaEdit, run_protocol
+from engramlab.edit import MEMIT, DeltaEdit, EditHParams, run_protocol
 from engramlab.errors import RequestError
 from engramlab.stats import KeyStats
 from tests.conftest import make_tiny
@@ -204,13 +202,13 @@ def test_a_runs_identity_holds_the_relation_settings_only_when_its_targets_read_
     from engramlab.edit.checkpoint import run_identity
 
     lm = make_tiny("llama")
-    hp = dataclasses.asdict(_editor(MEMIT, lm).hparams_for(lm))
-    moved = {**hp, "relation": {**hp["relation"], "offset": hp["relation"]["offset"] + 3}}
+    hp = _editor(MEMIT, lm).hparams_for(lm)
+    moved = hp.replace(**{"relation.offset": hp.relation.offset + 3})
 
-    def ident(h: dict) -> dict:
+    def ident(h: EditHParams) -> dict:
         return run_identity(lm, "memit", h, CASES, 2, 1, False)
 
-    assert hp["targets"] == "one_stage" and ident(moved) == ident(hp)
-    two = {**hp, "targets": "two_stage"}
-    assert ident({**moved, "targets": "two_stage"})["hparams"] != ident(two)["hparams"]
+    assert hp.targets == "one_stage" and ident(moved) == ident(hp)
+    two = hp.replace(targets="two_stage")
+    assert ident(moved.replace(targets="two_stage"))["hparams"] != ident(two)["hparams"]
     assert ident(two)["hparams"] != ident(hp)["hparams"]

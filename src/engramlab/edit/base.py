@@ -146,6 +146,15 @@ class EditHParams:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def read_settings(self) -> dict[str, Any]:
+        """The settings an edit with these hyper-parameters reads: all of them but TOP's
+        ``relation`` group, which only two-stage targets read. Two configurations that agree
+        here make the same edits."""
+        out = self.to_dict()
+        if self.targets != "two_stage":
+            del out["relation"]
+        return out
+
 
 def _replaced(obj: Any, changes: dict[str, Any], prefix: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(obj)}

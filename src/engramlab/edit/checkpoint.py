@@ -31,6 +31,7 @@ from ..data.records import EditCase
 from ..delta import WeightDelta
 from ..errors import CacheError, RequestError
 from ..models.lm import LM
+from .base import EditHParams
 from .solve import EditState
 
 FORMAT_VERSION = 1
@@ -41,15 +42,14 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_identity(lm: LM, method: str, hparams: dict[str, Any], cases: Sequence[EditCase],
+def run_identity(lm: LM, method: str, hparams: EditHParams, cases: Sequence[EditCase],
                  batch_size: int, eval_every: int | None, noise: bool) -> dict[str, Any]:
     """What two runs must share for one to continue the other (call on the unedited model).
-    The settings enter as those the run reads: TOP's ``relation`` group only with two-stage
-    targets, so that a preset gaining it leaves one-stage runs resumable."""
-    read = {k: v for k, v in hparams.items()
-            if k != "relation" or hparams.get("targets") == "two_stage"}
+    The settings enter as those the run reads (:meth:`EditHParams.read_settings`), so that a
+    preset gaining a setting its runs do not read leaves them resumable."""
     return {"method": method, "model": lm.name, "model_fingerprint": lm.fingerprint(),
-            "hparams": _digest(read), "cases": _digest([dataclasses.asdict(c) for c in cases]),
+            "hparams": _digest(hparams.read_settings()),
+            "cases": _digest([dataclasses.asdict(c) for c in cases]),
             "n": len(cases), "batch_size": batch_size, "eval_every": eval_every,
             "noise": noise}
 

@@ -78,7 +78,9 @@ class NoiseRecorder:
             else:  # a dense update, as its own factors
                 dense = layout.dense_to_storage(self.layer, entry.to_dense().float())
                 u, v = dense, torch.eye(dense.shape[1])
-            u, v = u.cpu(), v.cpu()
+            # contiguous as a checkpoint stores them: a resumed run's products then take the
+            # same kernels, and so the same rounding, as an uninterrupted one's
+            u, v = u.cpu().contiguous(), v.cpu().contiguous()
             self._batches.append((first, u, v))
             update = u @ v.T
             self._past = update if self._past is None else self._past + update

@@ -171,7 +171,8 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
     if pre is None:
         pre = summarize(case_scores(lm, cases, fluency_tokens=fluency_tokens, progress=progress))
     editor.prepare(lm)
-    hp = editor.hparams_for(lm).to_dict()
+    hparams = editor.hparams_for(lm)
+    hp = hparams.to_dict()
     stats_seconds = editor.stats_seconds
     curve: list[dict[str, Any]] = []
     deltas: list[WeightDelta] = []
@@ -199,7 +200,7 @@ def run_protocol(lm: LM, editor: Editor, cases: Sequence[EditCase], *,
             from .checkpoint import run_identity
 
             saving = (Path(checkpoint),
-                      run_identity(lm, editor.method, hp, cases, size, eval_every, noise))
+                      run_identity(lm, editor.method, hparams, cases, size, eval_every, noise))
         results, delta, curve, times = _sequential(
             lm, editor, cases, size, eval_every, fluency_tokens, progress, on_point, recorder,
             saving)
