@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import engramlab as eg
+import entry
 from engramlab.data.corpus import get_corpus
 from engramlab.inspect import AtlasConfig, build_atlas, plot_atlas
 from results import save_run
@@ -52,4 +53,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry.run(main)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import engramlab as eg
+import entry
 from engramlab.batching import target_ids
 from engramlab.data import load_cases
 from engramlab.edit import get_editor, run_protocol
@@ -231,4 +232,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import engramlab as eg
+import entry
 from engramlab.data import load_facts
 from engramlab.data.bundled import bundled_facts_path
 from engramlab.inspect import (
@@ -87,4 +88,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry.run(main)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import engramlab as eg
+import entry
 from engramlab.data import get_concept
 from engramlab.erase.run import make_eraser
 from engramlab.inspect import dissect, plot_dissection
@@ -85,4 +86,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry.run(main)

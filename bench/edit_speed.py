@@ -45,6 +45,7 @@ import torch
 import transformers  # noqa: F401  (library code belongs to the runtime baseline, not the edit)
 
 import engramlab as eg
+import entry
 from engramlab.data import get_corpus
 from engramlab.data.bundled import bundled_cases
 from engramlab.edit import MEMIT, ROME
@@ -240,4 +241,4 @@ def stats_speed(lm: eg.LM, memit: MEMIT, n_tokens: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry.run(main)

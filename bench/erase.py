@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import engramlab as eg
+import entry
 from engramlab.data import get_concept, load_concept
 from engramlab.data.concepts import Concept, bundled_concepts
 from engramlab.erase.concept_vectors import ConceptVectors
@@ -367,4 +368,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import engramlab as eg
+import entry
 from results import save_run
 
 COMMANDS = {
@@ -97,4 +98,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

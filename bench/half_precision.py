@@ -38,6 +38,7 @@ import time
 import torch
 
 import engramlab as eg
+import entry
 from edit_speed import random_gpt2_xl
 from engramlab.data import get_corpus
 from engramlab.data.bundled import bundled_cases
@@ -191,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry.run(main)

@@ -15,6 +15,7 @@ import json
 import time
 
 import engramlab as eg
+import entry
 from engramlab.data import load_cases
 from engramlab.data.bundled import bundled_cases
 from engramlab.edit import ROME
@@ -77,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry.run(main)

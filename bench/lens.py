@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import engramlab as eg
+import entry
 from engramlab.lens import (
     LogitLens,
     corpus_batches,
@@ -197,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry.run(main)

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 
+import entry
+
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -56,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry.run(main)

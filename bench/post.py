@@ -31,6 +31,7 @@ import sys
 import time
 
 import engramlab as eg
+import entry
 from engramlab.data.corpus import get_corpus
 from engramlab.prompt import (
     DPConfig,
@@ -194,4 +195,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

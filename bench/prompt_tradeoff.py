@@ -27,6 +27,7 @@ from pathlib import Path
 from matplotlib.ticker import LogLocator
 
 import engramlab as eg
+import entry
 from engramlab.figures import figure
 from engramlab.prompt import TuneConfig, accuracy, load_label_task, step_progress, tune
 from engramlab.prompt.pez import PEZConfig, fluency_loss, pez, readability
@@ -165,4 +166,4 @@ def cell(lm: eg.LM, task, method: str, weight: float, seed: int, args: argparse.
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

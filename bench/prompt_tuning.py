@@ -23,6 +23,7 @@ import sys
 import time
 
 import engramlab as eg
+import entry
 from engramlab.prompt import (
     PrefixConfig,
     TuneConfig,
@@ -111,4 +112,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

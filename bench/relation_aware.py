@@ -28,6 +28,7 @@ import sys
 import time
 
 import engramlab as eg
+import entry
 from engramlab.data.bundled import bundled_cases
 from engramlab.data.pararel import pararel_cases
 from engramlab.edit import get_editor, run_protocol
@@ -159,4 +160,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 import engramlab as eg
+import entry
 from engramlab.data import pararel_cases
 from engramlab.edit import get_editor, run_protocol
 from engramlab.evaluate.bootstrap import case_intervals, paired_intervals
@@ -154,7 +155,8 @@ def main() -> int:
         tasks = [(args.model, args.device, threads, cases, method, size, args.eval_every,
                   overrides, checkpoints) for method, size in todo]
         # a Pool, not an executor: leaving the block on Ctrl-C terminates the workers at once
-        with mp.get_context("spawn").Pool(min(args.jobs, len(tasks) or 1)) as pool:
+        with mp.get_context("spawn").Pool(min(args.jobs, len(tasks) or 1),
+                                          initializer=entry.quiet_worker) as pool:
             for key, part in pool.imap_unordered(_part_in_process, tasks):
                 mine[key] = part
                 save(area, run, out, params, mine, command)
@@ -302,4 +304,4 @@ def plot_noise(out: dict, png: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import engramlab as eg
+import entry
 from engramlab.data import bundled_concepts
 from engramlab.inspect import plot_specialisation, specialisation_table
 from results import save_run
@@ -62,4 +63,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry.run(main)

@@ -19,6 +19,7 @@ import time
 import torch
 
 import engramlab as eg
+import entry
 from engramlab.data import get_corpus
 from engramlab.scale.cluster import connected
 from engramlab.stats import collect_key_stats
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry.run(main)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import engramlab as eg
+import entry
 from engramlab.adapt import MODES, FinetuneConfig, score_edited, survive
 from engramlab.data import pararel_cases
 from engramlab.data.corpus import get_corpus
@@ -304,4 +305,4 @@ def plot(out: dict, png: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.run(main)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import engramlab as eg
+import entry
 from engramlab.data import load_facts
 from engramlab.data.bundled import bundled_facts_path
 from engramlab.edit import ROME
@@ -59,4 +60,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry.run(main)
