@@ -17,7 +17,11 @@ gain over zero-shot that each transfer recovers, and the seconds each step took.
 
     .venv/bin/python bench/post.py [--task relation] [--seeds 0] [--keep 6]
         [--distil-steps 200] [--steps 150] [--epsilon 8] [--public-set wiki|facts]
-        [--save AREA/RUN]
+        [--transfer-steps N] [--init random|source] [--dev] [--save AREA/RUN]
+
+``--dev`` compares settings (``--transfer-steps``, ``--transfer-lr``, ``--init``,
+``--public-set``) without a test row: per seed only the small prompt and its transfer, their
+validation accuracy at every evaluated step and at the kept one.
 
 Resumable with ``--save``: every finished seed is saved, and the distilled student is kept in
 the engramlab cache under the settings that made it.
@@ -108,6 +112,49 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
     return cell
 
 
+def dev_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
+    """A development cell: the small prompt and its transfer under this run's settings, scored
+    on the seed's validation split only (no test row is read), every ``eval_every`` steps."""
+    task = load_label_task(args.task, pararel=args.pararel, seed=seed)
+    public = wiki if args.public_set == "wiki" else public_facts(args.pararel, task,
+                                                                 args.public, seed=seed)
+    tune_config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=args.lr, seed=seed)
+    transfer_config = TransferConfig(steps=args.transfer_steps or args.steps,
+                                     lr=args.transfer_lr or args.lr, seed=seed,
+                                     public=len(public), init=args.init)
+    cell: dict = {}
+    prompts: dict[str, SoftPrompt] = {}
+    plan = [
+        ("small", tune_config.steps, lambda f: tune(small, task, tune_config, on_step=f)),
+        ("transferred", transfer_config.steps,
+         lambda f: transfer(small, large, prompts["small"], task, public, transfer_config,
+                            on_step=f)),
+    ]
+    for name, steps, make in plan:
+        start = time.perf_counter()
+        bar, on_step = step_progress(steps, desc=f"seed {seed} · {name} (validation)")
+        with bar:
+            prompts[name] = make(on_step)
+        meta = prompts[name].meta
+        cell[name] = {"val": meta.get("val_accuracy"), "chosen_step": meta.get("chosen_step"),
+                      "history": meta.get("history"), "seconds": time.perf_counter() - start}
+        print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
+    return cell
+
+
+def dev_summary(cells: list[dict]) -> dict:
+    """Validation accuracy over seeds: of the kept step, and at every evaluated step (so that
+    settings with different step counts are compared at equal steps too)."""
+    out: dict = {"split": "validation"}
+    for name in ("small", "transferred"):
+        steps = sorted({h["step"] for c in cells for h in c[name]["history"]})
+        out[name] = {"kept": mean_sd([c[name]["val"] for c in cells]),
+                     "by_step": {str(t): mean_sd([h["val_accuracy"] for c in cells
+                                                  for h in c[name]["history"]
+                                                  if h["step"] == t]) for t in steps}}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -130,6 +177,9 @@ def main() -> int:
     parser.add_argument("--public-set", choices=["wiki", "facts"], default="wiki",
                         help="the transfer's public texts: wiki sentences, or T-REx facts "
                              "outside the task (engramlab.prompt.tasks.public_facts)")
+    parser.add_argument("--dev", action="store_true",
+                        help="compare settings on validation: only the small prompt and its "
+                             "transfer, scored on each seed's validation split, no test row")
     parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
@@ -137,7 +187,8 @@ def main() -> int:
     parts: dict = {}
     if args.save:
         same = [k for k in params if k != "seeds"]
-        saved = saved_parts("post", *args.save.split("/"), params, same, "parts", args.fresh)
+        saved = saved_parts("post", *args.save.split("/"), params, same, "parts", args.fresh,
+                            {k: parser.get_default(k) for k in params})
         if saved is None:
             return 2
         parts = saved
@@ -175,8 +226,15 @@ def main() -> int:
     wiki = public_texts(get_corpus(large, "wiki", progress=False), args.public)
     for seed in args.seeds:
         if str(seed) not in parts:
-            parts[str(seed)] = run_seed(args, seed, large, small, wiki)
+            parts[str(seed)] = (dev_seed(args, seed, large, small, wiki) if args.dev
+                                else run_seed(args, seed, large, small, wiki))
             save()
+    if args.dev:
+        out["summary"] = {"seeds": args.seeds,
+                          **dev_summary([parts[str(s)] for s in args.seeds])}
+        save()
+        print(json.dumps(out["summary"], indent=1))
+        return 0
     names = ["zero_shot", "direct", "small", "small_dp", "small_as_is", "transferred",
              "transferred_dp"]
     cells = [parts[str(s)] for s in args.seeds]

@@ -63,15 +63,18 @@ def save_run(area: str, run: str, result: dict[str, Any], params: dict[str, Any]
 
 
 def saved_parts(bench: str, area: str, run: str, params: dict[str, Any], same: Sequence[str],
-                key: str, fresh: bool) -> dict[str, Any] | None:
+                key: str, fresh: bool, defaults: dict[str, Any] | None = None
+                ) -> dict[str, Any] | None:
     """What a resumable bench saved earlier under ``docs/results/<area>/<run>``: the result's
     ``key`` entry ({} when nothing is saved, or with ``fresh``). None, after a one-line error
     on stderr, when the saved run was made with other values of the ``same`` parameters (the
-    caller exits with status 2): parts of different settings must not mix."""
+    caller exits with status 2): parts of different settings must not mix. A parameter the
+    saved run does not record (the bench gained it later) counts as its value in ``defaults``,
+    the bench's default, which is what that run did."""
     folder = run_folder(area, run)
     if fresh or not (folder / "result.json").exists():
         return {}
-    made_with = json.loads((folder / "params.json").read_text())
+    made_with = {**(defaults or {}), **json.loads((folder / "params.json").read_text())}
     made = {k: made_with.get(k) for k in same}
     if made != {k: params[k] for k in same}:
         print(f"{bench}: error: {folder} was made with {made}; pass --fresh to start over",
