@@ -104,6 +104,24 @@ def test_norm_overlap_and_compose_match_dense_algebra():
     assert a.inner(dense_b) == pytest.approx(float((da * db).sum()), rel=1e-5)
 
 
+def test_a_long_sequence_of_composed_deltas_saves_with_every_part_in_order(tmp_path):
+    """A sequential run adds one delta per edit: 1,500 of them must still save and load, each
+    edit's metadata kept, in order, whichever way the sums were grouped."""
+    lm = make_tiny("llama")
+    one, _, _ = _rank_one(lm, scale=1e-3)
+    total = None
+    for i in range(1500):
+        step = WeightDelta(one.entries, {**one.meta, "step": i})
+        total = step if total is None else total + step
+    paired = (total + WeightDelta(one.entries, {**one.meta, "step": 1500})) + (
+        WeightDelta(one.entries, {**one.meta, "step": 1501})
+        + WeightDelta(one.entries, {**one.meta, "step": 1502}))
+    loaded = WeightDelta.load(paired.save(tmp_path / "long"), lm)
+    assert [p["step"] for p in loaded.meta["parts"]] == list(range(1503))
+    assert loaded.meta["method"] == "compose"
+    assert loaded.ranks()[next(iter(one.entries))] == 1503
+
+
 def test_save_load_round_trip_keeps_tensors_and_metadata(tmp_path):
     lm = make_tiny("gpt_neox")
     delta, _, _ = _rank_one(lm)

@@ -253,8 +253,13 @@ class WeightDelta:
             else:
                 entries[name] = ParamDelta(dense=a.to_dense() + d.to_dense().to(a.to_dense()))
         meta = {k: v for k, v in self.meta.items() if k.startswith("model")}
-        meta.update(method="compose", parts=[self.meta, other.meta])
+        # one flat list of the composed deltas' metadata, however many were added one by one:
+        # nesting would grow a level per edit and no longer save (JSON's recursion limit)
+        meta.update(method="compose", parts=self._parts() + other._parts())
         return WeightDelta(entries, meta)
+
+    def _parts(self) -> list[dict[str, Any]]:
+        return list(self.meta["parts"]) if self.meta.get("method") == "compose" else [self.meta]
 
     __add__ = compose
 
