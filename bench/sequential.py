@@ -133,6 +133,8 @@ def main() -> int:
            "threads": torch.get_num_threads(), "parts": parts}
     todo = [(method, size) for size in args.batch_sizes for method in args.methods
             if f"{method}:b{size}" not in parts]
+    # every part edits the same cases of the same model: the unedited scores are one
+    pre = next((part["pre"] for part in parts.values()), None)
     checkpoints = None if args.checkpoints == "none" else Path(
         args.checkpoints or eg.cache_root() / "checkpoints" / "sequential" / f"{area}-{run}")
     if args.fresh and checkpoints is not None and checkpoints.exists():
@@ -145,7 +147,7 @@ def main() -> int:
     if args.jobs == 1:
         for method, size in todo:
             key, mine[key] = run_part(lm, cases, method, size, args.eval_every, overrides,
-                                       checkpoints)
+                                       checkpoints, pre)
             save(area, run, out, params, mine, command)
     else:
         for method in args.methods:  # statistics and templates cached once, before the fork
@@ -153,7 +155,7 @@ def main() -> int:
         del lm
         threads = max(1, (os.cpu_count() or 1) // min(args.jobs, len(todo) or 1))
         tasks = [(args.model, args.device, threads, cases, method, size, args.eval_every,
-                  overrides, checkpoints) for method, size in todo]
+                  overrides, checkpoints, pre) for method, size in todo]
         # a Pool, not an executor: leaving the block on Ctrl-C terminates the workers at once
         with mp.get_context("spawn").Pool(min(args.jobs, len(tasks) or 1),
                                           initializer=entry.quiet_worker) as pool:
@@ -167,16 +169,18 @@ def main() -> int:
 
 
 def run_part(lm: eg.LM, cases: list, method: str, size: int, eval_every: int,
-             overrides: dict[str, str], checkpoints: Path | None) -> tuple[str, dict]:
+             overrides: dict[str, str], checkpoints: Path | None,
+             pre: dict | None = None) -> tuple[str, dict]:
     """One (method, batch size) sequential run, as the result's part; it resumes from its
-    checkpoint under ``checkpoints`` when an earlier attempt was interrupted."""
+    checkpoint under ``checkpoints`` when an earlier attempt was interrupted. ``pre``, the
+    unedited model's scores of these cases, is scored here when not given."""
     key = f"{method}:b{size}"
     print(f"{key}: {len(cases)} edits in batches of {size}", file=sys.stderr, flush=True)
     editor = get_editor(method, progress=False, **overrides)
     t0 = time.perf_counter()
     result = run_protocol(
         lm, editor, cases, protocol="sequential", batch_size=size,
-        eval_every=eval_every // size, noise=True, progress=True,
+        eval_every=eval_every // size, noise=True, progress=True, pre=pre,
         on_point=lambda p: print(json.dumps({key: p}), file=sys.stderr, flush=True),
         checkpoint=None if checkpoints is None else checkpoints / f"{method}-b{size}")
     noise = result.noise or {}
@@ -195,10 +199,10 @@ def run_part(lm: eg.LM, cases: list, method: str, size: int, eval_every: int,
 
 
 def _part_in_process(task: tuple) -> tuple[str, dict]:
-    model, device, threads, cases, method, size, eval_every, overrides, checkpoints = task
+    model, device, threads, cases, method, size, eval_every, overrides, checkpoints, pre = task
     torch.set_num_threads(threads)
     lm = eg.load_model(model, progress=False, device=device)
-    return run_part(lm, cases, method, size, eval_every, overrides, checkpoints)
+    return run_part(lm, cases, method, size, eval_every, overrides, checkpoints, pre)
 
 
 # (b, a): b − a per case, for every batch size at which both ran
