@@ -54,7 +54,7 @@ from engramlab.prompt.post import (
     save_student,
     transfer,
 )
-from engramlab.prompt.tasks import public_facts
+from engramlab.prompt.tasks import LabelTask, public_facts
 from results import (
     data_default,
     drop_saved,
@@ -67,9 +67,10 @@ from results import (
 )
 
 
-def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
-    """Every figure of one seed (a seed is run whole: its prompts are not kept between runs);
-    the transfers read ``wiki`` or the facts outside this seed's task (``--public-set``)."""
+def seed_setting(args: argparse.Namespace, seed: int, wiki: list[str]
+                 ) -> tuple[LabelTask, list[str], TuneConfig, TransferConfig]:
+    """One seed's task split, the transfers' public texts (``wiki`` or the facts outside the
+    task, ``--public-set``) and the tuning and transfer settings."""
     task = load_label_task(args.task, pararel=args.pararel, seed=seed)
     public = wiki if args.public_set == "wiki" else public_facts(args.pararel, task,
                                                                  args.public, seed=seed)
@@ -77,6 +78,13 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
     transfer_config = TransferConfig(steps=args.transfer_steps or args.steps,
                                      lr=args.transfer_lr or args.lr, seed=seed,
                                      public=len(public), init=args.init)
+    return task, list(public), tune_config, transfer_config
+
+
+def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
+    """Every figure of one seed (a seed is run whole: its prompts are not kept between runs);
+    the transfers read ``wiki`` or the facts outside this seed's task (``--public-set``)."""
+    task, public, tune_config, transfer_config = seed_setting(args, seed, wiki)
     cell: dict = {"zero_shot": {"test": accuracy(large, None, task, task.test)}}
     prompts: dict[str, SoftPrompt] = {}
     tuned, moved = tune_config.steps, transfer_config.steps
@@ -115,13 +123,7 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
 def dev_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
     """A development cell: the small prompt and its transfer under this run's settings, scored
     on the seed's validation split only (no test row is read), every ``eval_every`` steps."""
-    task = load_label_task(args.task, pararel=args.pararel, seed=seed)
-    public = wiki if args.public_set == "wiki" else public_facts(args.pararel, task,
-                                                                 args.public, seed=seed)
-    tune_config = TuneConfig(tokens=args.tokens, steps=args.steps, lr=args.lr, seed=seed)
-    transfer_config = TransferConfig(steps=args.transfer_steps or args.steps,
-                                     lr=args.transfer_lr or args.lr, seed=seed,
-                                     public=len(public), init=args.init)
+    task, public, tune_config, transfer_config = seed_setting(args, seed, wiki)
     cell: dict = {}
     prompts: dict[str, SoftPrompt] = {}
     plan = [

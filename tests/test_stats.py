@@ -40,7 +40,8 @@ def test_collection_stops_after_the_deepest_layer_it_needs(family, isolated_cach
     with torch.no_grad(), Trace(lm).capture("mlp_key.1") as tr:
         lm.model(input_ids=rows)  # the full model, for reference
     k = tr["mlp_key.1"].reshape(-1, lm.d_mlp).double()
-    assert torch.allclose(stats[1].moment(), k.T @ k / 64, atol=1e-10)
+    # float32 keys: the stopped and the full forward may round differently (1e-7 relative)
+    assert torch.allclose(stats[1].moment(), k.T @ k / 64, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
