@@ -83,9 +83,11 @@ def seed_setting(args: argparse.Namespace, seed: int, wiki: list[str]
 
 def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
     """Every figure of one seed (a seed is run whole: its prompts are not kept between runs);
-    the transfers read ``wiki`` or the facts outside this seed's task (``--public-set``)."""
+    the transfers read ``wiki`` or the facts outside this seed's task (``--public-set``).
+    With ``--dev`` only the small prompt and its transfer, and no test row is read."""
     task, public, tune_config, transfer_config = seed_setting(args, seed, wiki)
-    cell: dict = {"zero_shot": {"test": accuracy(large, None, task, task.test)}}
+    cell: dict = {} if args.dev else {
+        "zero_shot": {"test": accuracy(large, None, task, task.test)}}
     prompts: dict[str, SoftPrompt] = {}
     tuned, moved = tune_config.steps, transfer_config.steps
     plan = [  # (name, the model it prompts, its steps, how it is made)
@@ -100,16 +102,22 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
                                                             task, public, transfer_config,
                                                             on_step=f)),
     ]
+    if args.dev:
+        plan = [step for step in plan if step[0] in ("small", "transferred")]
     for name, model, steps, make in plan:
         start = time.perf_counter()
-        bar, on_step = step_progress(steps, desc=f"seed {seed} · {name}")
+        bar, on_step = step_progress(steps, desc=f"seed {seed} · {name}"
+                                     + (" (validation)" if args.dev else ""))
         with bar:
             prompts[name] = make(on_step)
         meta = prompts[name].meta
-        cell[name] = {"test": accuracy(model, prompts[name], task, task.test),
-                      "val": meta.get("val_accuracy"), "chosen_step": meta.get("chosen_step"),
-                      "history": meta.get("history"), "seconds": time.perf_counter() - start}
+        test = {} if args.dev else {"test": accuracy(model, prompts[name], task, task.test)}
+        cell[name] = {**test, "val": meta.get("val_accuracy"),
+                      "chosen_step": meta.get("chosen_step"), "history": meta.get("history"),
+                      "seconds": time.perf_counter() - start}
         print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
+    if args.dev:
+        return cell
     cell["small_as_is"] = {"test": accuracy(large, prompts["small"], task, task.test)}
     zero, direct = cell["zero_shot"]["test"], cell["direct"]["test"]
     gain = direct - zero
@@ -117,30 +125,6 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
         cell[name]["recovered"] = (cell[name]["test"] - zero) / gain if gain > 0 else None
     if "dp" in prompts["small_dp"].meta:
         cell["small_dp"]["dp"] = prompts["small_dp"].meta["dp"]
-    return cell
-
-
-def dev_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
-    """A development cell: the small prompt and its transfer under this run's settings, scored
-    on the seed's validation split only (no test row is read), every ``eval_every`` steps."""
-    task, public, tune_config, transfer_config = seed_setting(args, seed, wiki)
-    cell: dict = {}
-    prompts: dict[str, SoftPrompt] = {}
-    plan = [
-        ("small", tune_config.steps, lambda f: tune(small, task, tune_config, on_step=f)),
-        ("transferred", transfer_config.steps,
-         lambda f: transfer(small, large, prompts["small"], task, public, transfer_config,
-                            on_step=f)),
-    ]
-    for name, steps, make in plan:
-        start = time.perf_counter()
-        bar, on_step = step_progress(steps, desc=f"seed {seed} · {name} (validation)")
-        with bar:
-            prompts[name] = make(on_step)
-        meta = prompts[name].meta
-        cell[name] = {"val": meta.get("val_accuracy"), "chosen_step": meta.get("chosen_step"),
-                      "history": meta.get("history"), "seconds": time.perf_counter() - start}
-        print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
     return cell
 
 
@@ -228,8 +212,7 @@ def main() -> int:
     wiki = public_texts(get_corpus(large, "wiki", progress=False), args.public)
     for seed in args.seeds:
         if str(seed) not in parts:
-            parts[str(seed)] = (dev_seed(args, seed, large, small, wiki) if args.dev
-                                else run_seed(args, seed, large, small, wiki))
+            parts[str(seed)] = run_seed(args, seed, large, small, wiki)
             save()
     if args.dev:
         out["summary"] = {"seeds": args.seeds,
