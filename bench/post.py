@@ -17,11 +17,15 @@ gain over zero-shot that each transfer recovers, and the seconds each step took.
 
     .venv/bin/python bench/post.py [--task relation] [--seeds 0] [--keep 6]
         [--distil-steps 200] [--steps 150] [--epsilon 8] [--public-set wiki|facts]
-        [--transfer-steps N] [--init random|source] [--dev] [--save AREA/RUN]
+        [--transfer-steps N] [--init random|source] [--dev] [--objective]
+        [--save AREA/RUN]
 
 ``--dev`` compares settings (``--transfer-steps``, ``--transfer-lr``, ``--init``,
 ``--public-set``) without a test row: per seed only the small prompt and its transfer, their
-validation accuracy at every evaluated step and at the kept one.
+validation accuracy at every evaluated step and at the kept one. ``--objective`` adds the
+transfer loss, on the public texts, of the student's prompt as is, of the transferred prompt
+and of a prompt tuned on the large model directly: when the direct prompt's loss is the
+higher, a longer or better-started transfer cannot reach it, and the student is the limit.
 
 Resumable with ``--save``: every finished seed is saved, and the distilled student is kept in
 the engramlab cache under the settings that made it.
@@ -53,6 +57,7 @@ from engramlab.prompt.post import (
     public_texts,
     save_student,
     transfer,
+    transfer_objective,
 )
 from engramlab.prompt.tasks import LabelTask, public_facts
 from results import (
@@ -84,7 +89,8 @@ def seed_setting(args: argparse.Namespace, seed: int, wiki: list[str]
 def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
     """Every figure of one seed (a seed is run whole: its prompts are not kept between runs);
     the transfers read ``wiki`` or the facts outside this seed's task (``--public-set``).
-    With ``--dev`` only the small prompt and its transfer, and no test row is read."""
+    With ``--dev`` only the small prompt and its transfer (and the direct prompt, with
+    ``--objective``), and no test row is read."""
     task, public, tune_config, transfer_config = seed_setting(args, seed, wiki)
     cell: dict = {} if args.dev else {
         "zero_shot": {"test": accuracy(large, None, task, task.test)}}
@@ -103,7 +109,8 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
                                                             on_step=f)),
     ]
     if args.dev:
-        plan = [step for step in plan if step[0] in ("small", "transferred")]
+        kept = ("small", "transferred") + (("direct",) if args.objective else ())
+        plan = [step for step in plan if step[0] in kept]
     for name, model, steps, make in plan:
         start = time.perf_counter()
         bar, on_step = step_progress(steps, desc=f"seed {seed} · {name}"
@@ -116,9 +123,19 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
                       "chosen_step": meta.get("chosen_step"), "history": meta.get("history"),
                       "seconds": time.perf_counter() - start}
         print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
+    split = "val" if args.dev else "test"
+    if args.objective or not args.dev:
+        cell["small_as_is"] = {split: accuracy(large, prompts["small"], task, task.split(split))}
+    if args.objective:
+        cell["objective"] = {  # the transfer loss on the public texts; lower is preferred
+            name: transfer_objective(small, large, prompts["small"], prompts[source].embeddings,
+                                     task, public, transfer_config)
+            for name, source in (("small_as_is", "small"), ("transferred", "transferred"),
+                                 ("direct", "direct"))}
+        print(json.dumps({"seed": seed, "objective": cell["objective"]}), file=sys.stderr,
+              flush=True)
     if args.dev:
         return cell
-    cell["small_as_is"] = {"test": accuracy(large, prompts["small"], task, task.test)}
     zero, direct = cell["zero_shot"]["test"], cell["direct"]["test"]
     gain = direct - zero
     for name in ("small_as_is", "transferred", "transferred_dp"):
@@ -132,12 +149,18 @@ def dev_summary(cells: list[dict]) -> dict:
     """Validation accuracy over seeds: of the kept step, and at every evaluated step (so that
     settings with different step counts are compared at equal steps too)."""
     out: dict = {"split": "validation"}
-    for name in ("small", "transferred"):
+    for name in ("small", "transferred", "direct"):
+        if not all(name in c for c in cells):
+            continue
         steps = sorted({h["step"] for c in cells for h in c[name]["history"]})
         out[name] = {"kept": mean_sd([c[name]["val"] for c in cells]),
                      "by_step": {str(t): mean_sd([h["val_accuracy"] for c in cells
                                                   for h in c[name]["history"]
                                                   if h["step"] == t]) for t in steps}}
+    if all("objective" in c for c in cells):
+        out["small_as_is"] = mean_sd([c["small_as_is"]["val"] for c in cells])
+        out["objective"] = {name: mean_sd([c["objective"][name] for c in cells])
+                            for name in cells[0]["objective"]}
     return out
 
 
@@ -166,6 +189,11 @@ def main() -> int:
     parser.add_argument("--dev", action="store_true",
                         help="compare settings on validation: only the small prompt and its "
                              "transfer, scored on each seed's validation split, no test row")
+    parser.add_argument("--objective", action="store_true",
+                        help="also the transfer loss of the student's prompt as is, of the "
+                             "transferred prompt and of one tuned on the large model directly "
+                             "(tuned with --dev too): does the objective prefer the better "
+                             "prompt?")
     parser.add_argument("--save", default=None, help="AREA/RUN under docs/results/")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()

@@ -19,6 +19,7 @@ from engramlab.prompt.post import (
     spaced_layers,
     transfer,
     transfer_loss,
+    transfer_objective,
 )
 from engramlab.prompt.soft import private_gradient
 from tests.conftest import make_tiny, tiny_text
@@ -133,18 +134,23 @@ def test_the_transfer_loss_is_zero_between_a_model_and_itself_and_training_lower
     source = SoftPrompt(prompt * 0.05, {"task": "toy"})
     public = [" ".join(f"w{(7 * i + j) % 40 + 5}" for j in range(4)) for i in range(32)]
     config = TransferConfig(steps=30, lr=0.02, batch_size=8, eval_every=10)
-    texts = [task.template.format(t) for t in public]
 
     def loss_of(p):
-        with torch.no_grad():
-            return float(transfer_loss(last_logits(lm, source.embeddings, texts),
-                                       last_logits(lm, None, texts),
-                                       last_logits(lm, p, texts), last_logits(lm, None, texts)))
+        return transfer_objective(lm, lm, source, p, task, public, config)
 
     from engramlab.prompt.soft import initial_prompt
 
+    assert loss_of(source.embeddings) == pytest.approx(0, abs=1e-6)
     moved = transfer(lm, lm, source, task, public, config)
     assert loss_of(moved.embeddings) < 0.5 * loss_of(initial_prompt(lm, 4, 0))
+    # the objective is the transfer loss over every public text, read in the task's template
+    texts = [task.template.format(t) for t in public]
+    with torch.no_grad():
+        by_hand = transfer_loss(last_logits(lm, source.embeddings, texts),
+                                last_logits(lm, None, texts),
+                                last_logits(lm, moved.embeddings, texts),
+                                last_logits(lm, None, texts))
+    assert loss_of(moved.embeddings) == pytest.approx(float(by_hand), rel=1e-5)
     with pytest.raises(InputError, match="different vocabularies"):
         other_vocab = make_tiny("gpt2")
         other_vocab.tokenizer = type(lm.tokenizer)(tokenizer_object=lm.tokenizer._tokenizer,

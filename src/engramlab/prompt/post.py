@@ -192,6 +192,23 @@ def _outputs(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str], batch: i
                       for s in range(0, len(texts), batch)])
 
 
+@torch.no_grad()
+def transfer_objective(small: LM, large: LM, source: SoftPrompt, candidate: torch.Tensor,
+                       task: LabelTask, public: Sequence[str],
+                       config: TransferConfig | None = None) -> float:
+    """The transfer loss of ``candidate`` (a large-model prompt) against ``source`` on the
+    small model, over all of ``public`` in the task's template: what :func:`transfer`
+    minimises. Comparing it for the transferred prompt and for a prompt tuned directly on
+    the large model tells whether the objective itself prefers the better prompt."""
+    config = config or TransferConfig()
+    texts = [task.template.format(t) for t in public]
+    return float(transfer_loss(_outputs(small, source.embeddings.to(small.device), texts),
+                               _outputs(small, None, texts),
+                               _outputs(large, candidate.to(large.device), texts),
+                               _outputs(large, None, texts),
+                               alpha=config.alpha, temperature=config.temperature))
+
+
 def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: Sequence[str],
              config: TransferConfig | None = None, *,
              on_step: Callable[[dict[str, Any]], None] | None = None) -> SoftPrompt:
