@@ -266,12 +266,23 @@ def _style(key: str) -> dict:
             "label": f"{method}, batches of {size}"}
 
 
+def _in_order(parts: dict) -> list[tuple[str, dict]]:
+    """Parts in the figures' legend order: by method as SEQUENTIAL lists them, then batch size,
+    whatever order the runs saved them in."""
+    def rank(key: str) -> tuple[int, int]:
+        method, _, size = key.partition(":b")
+        return (SEQUENTIAL.index(method) if method in SEQUENTIAL else len(SEQUENTIAL),
+                int(size) if size.isdigit() else 0)
+
+    return sorted(parts.items(), key=lambda item: rank(item[0]))
+
+
 def plot_scores(out: dict, png: Path) -> None:
     from engramlab.figures import figure
 
     with figure(png, ncols=3, figsize=(13, 3.8)) as (fig, axes):
         for ax, metric in zip(axes, HEADLINE, strict=True):
-            for key, part in out["parts"].items():
+            for key, part in _in_order(out["parts"]):
                 curve = [{"edits": 0, metric: part["pre"][metric]}] + part["curve"]
                 ax.plot([p["edits"] for p in curve], [p[metric] for p in curve],
                         marker="o", ms=3, **_style(key))
@@ -286,7 +297,7 @@ def plot_noise(out: dict, png: Path) -> None:
     from engramlab.figures import figure
 
     with figure(png, ncols=2, figsize=(11, 3.8)) as (_fig, (left, right)):
-        for key, part in out["parts"].items():
+        for key, part in _in_order(out["parts"]):
             steps = [s for s in part["noise"]["steps"] if "mean_ratio" in s]
             if not steps:
                 continue
@@ -298,6 +309,8 @@ def plot_noise(out: dict, png: Path) -> None:
             points = part["noise"]["points"]
             right.plot([p["edits"] for p in points], [p["mean_drift"] for p in points],
                        marker="o", ms=3, **_style(key))
+        for ax in (left, right):  # MEMIT's noise and drift are 10-30 times the others'
+            ax.set_yscale("log")
         left.set_xlabel("edits so far")
         left.set_ylabel("‖ΔW_past k‖ / ‖z − h‖ (running mean)")
         left.set_title("superimposed noise at each new key")
