@@ -27,16 +27,22 @@ transfer loss, on the public texts, of the student's prompt as is, of the transf
 and of a prompt tuned on the large model directly: when the direct prompt's loss is the
 higher, a longer or better-started transfer cannot reach it, and the student is the limit.
 
-Resumable with ``--save``: every finished seed is saved, and the distilled student is kept in
-the engramlab cache under the settings that made it.
+Resumable with ``--save``: every finished seed is saved, a seed under way keeps each finished
+prompt in the engramlab cache until it is saved, and the distilled student is kept there under
+the settings that made it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import engramlab as eg
 import entry
@@ -86,11 +92,33 @@ def seed_setting(args: argparse.Namespace, seed: int, wiki: list[str]
     return task, list(public), tune_config, transfer_config
 
 
-def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str]) -> dict:
-    """Every figure of one seed (a seed is run whole: its prompts are not kept between runs);
-    the transfers read ``wiki`` or the facts outside this seed's task (``--public-set``).
-    With ``--dev`` only the small prompt and its transfer (and the direct prompt, with
-    ``--objective``), and no test row is read."""
+def write_json(path: Path, data: dict) -> None:
+    """``data`` at ``path``, whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def work_folder(args: argparse.Namespace, params: dict, student: Path) -> Path | None:
+    """Where a saved run keeps each finished prompt of a seed still under way, so that an
+    interrupted seed goes on from its last finished prompt: keyed by the run, its settings
+    (seeds aside) and the very student they were made with (a new distillation of the same
+    recipe starts afresh). None without ``--save``."""
+    if not args.save:
+        return None
+    key = json.dumps({k: v for k, v in params.items() if k != "seeds"}, sort_keys=True)
+    key += (student / "engramlab.json").read_text()
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return eg.cache_root() / "post" / args.save.replace("/", "-") / digest
+
+
+def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str],
+             work: Path | None = None) -> dict:
+    """Every figure of one seed; the transfers read ``wiki`` or the facts outside this seed's
+    task (``--public-set``). With ``--dev`` only the small prompt and its transfer (and the
+    direct prompt, with ``--objective``), and no test row is read. Each finished prompt and
+    its figures are kept under ``work`` until the seed is saved, and taken from there when
+    the seed is run again."""
     task, public, tune_config, transfer_config = seed_setting(args, seed, wiki)
     cell: dict = {} if args.dev else {
         "zero_shot": {"test": accuracy(large, None, task, task.test)}}
@@ -112,6 +140,12 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
         kept = ("small", "transferred") + (("direct",) if args.objective else ())
         plan = [step for step in plan if step[0] in kept]
     for name, model, steps, make in plan:
+        done = work / f"{name}.json" if work else None
+        if work and done and done.exists():
+            cell[name], prompts[name] = (json.loads(done.read_text()),
+                                         SoftPrompt.load(work / name, model))
+            print(f"seed {seed} · {name}: taken from {work}", file=sys.stderr, flush=True)
+            continue
         start = time.perf_counter()
         bar, on_step = step_progress(steps, desc=f"seed {seed} · {name}"
                                      + (" (validation)" if args.dev else ""))
@@ -123,6 +157,10 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str])
                       "chosen_step": meta.get("chosen_step"), "history": meta.get("history"),
                       "seconds": time.perf_counter() - start}
         print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
+        if work and done:
+            work.mkdir(parents=True, exist_ok=True)
+            prompts[name].save(work / name, model)
+            write_json(done, cell[name])
     split = "val" if args.dev else "test"
     if args.objective or not args.dev:
         cell["small_as_is"] = {split: accuracy(large, prompts["small"], task, task.split(split))}
@@ -238,10 +276,19 @@ def main() -> int:
     out["student"] = {"blocks": small.n_layers,
                       **json.loads((folder / "engramlab.json").read_text())}
     wiki = public_texts(get_corpus(large, "wiki", progress=False), args.public)
+    work = work_folder(args, params, folder)
+    if work and args.fresh:
+        shutil.rmtree(work.parent, ignore_errors=True)
     for seed in args.seeds:
         if str(seed) not in parts:
-            parts[str(seed)] = run_seed(args, seed, large, small, wiki)
+            mine = work / f"seed{seed}" if work else None
+            parts[str(seed)] = run_seed(args, seed, large, small, wiki, mine)
             save()
+            if mine:
+                shutil.rmtree(mine, ignore_errors=True)
+                for empty in (work, work.parent):  # leave no empty folders behind
+                    with contextlib.suppress(OSError):
+                        empty.rmdir()
     if args.dev:
         out["summary"] = {"seeds": args.seeds,
                           **dev_summary([parts[str(s)] for s in args.seeds])}
