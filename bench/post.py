@@ -25,7 +25,7 @@ gain over zero-shot that each transfer recovers, and the seconds each step took.
 validation accuracy at every evaluated step and at the kept one. ``--objective`` adds the
 transfer loss, on the public texts, of the student's prompt as is, of the transferred prompt
 and of a prompt tuned on the large model directly: when the direct prompt's loss is the
-higher, a longer or better-started transfer cannot reach it, and the student is the limit.
+higher, the transfer does not head for it however long it runs, and the student is the limit.
 
 Resumable with ``--save``: every finished seed is saved, a seed under way keeps each finished
 prompt in the engramlab cache until it is saved, and the distilled student is kept there under
