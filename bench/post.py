@@ -165,11 +165,11 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str],
     if args.objective or not args.dev:
         cell["small_as_is"] = {split: accuracy(large, prompts["small"], task, task.split(split))}
     if args.objective:
-        cell["objective"] = {  # the transfer loss on the public texts; lower is preferred
-            name: transfer_objective(small, large, prompts["small"], prompts[source].embeddings,
-                                     task, public, transfer_config)
-            for name, source in (("small_as_is", "small"), ("transferred", "transferred"),
-                                 ("direct", "direct"))}
+        cell["objective"] = transfer_objective(  # the transfer loss; lower is preferred
+            small, large, prompts["small"],
+            {name: prompts[source].embeddings for name, source in (
+                ("small_as_is", "small"), ("transferred", "transferred"), ("direct", "direct"))},
+            task, public, transfer_config)
         print(json.dumps({"seed": seed, "objective": cell["objective"]}), file=sys.stderr,
               flush=True)
     if args.dev:

@@ -136,7 +136,7 @@ def test_the_transfer_loss_is_zero_between_a_model_and_itself_and_training_lower
     config = TransferConfig(steps=30, lr=0.02, batch_size=8, eval_every=10)
 
     def loss_of(p):
-        return transfer_objective(lm, lm, source, p, task, public, config)
+        return transfer_objective(lm, lm, source, {"p": p}, task, public, config)["p"]
 
     from engramlab.prompt.soft import initial_prompt
 

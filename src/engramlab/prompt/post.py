@@ -193,20 +193,31 @@ def _outputs(lm: LM, prompt: torch.Tensor | None, texts: Sequence[str], batch: i
 
 
 @torch.no_grad()
-def transfer_objective(small: LM, large: LM, source: SoftPrompt, candidate: torch.Tensor,
-                       task: LabelTask, public: Sequence[str],
-                       config: TransferConfig | None = None) -> float:
-    """The transfer loss of ``candidate`` (a large-model prompt) against ``source`` on the
-    small model, over all of ``public`` in the task's template: what :func:`transfer`
+def _fixed_outputs(small: LM, large: LM, source: SoftPrompt, texts: Sequence[str]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the transfer loss compares against and does not train: the small model's outputs
+    with and without ``source``, and the large model's without a prompt."""
+    return (_outputs(small, source.embeddings.to(small.device), texts),
+            _outputs(small, None, texts), _outputs(large, None, texts))
+
+
+@torch.no_grad()
+def transfer_objective(small: LM, large: LM, source: SoftPrompt,
+                       candidates: dict[str, torch.Tensor], task: LabelTask,
+                       public: Sequence[str], config: TransferConfig | None = None
+                       ) -> dict[str, float]:
+    """The transfer loss of each of ``candidates`` (large-model prompts) against ``source``
+    on the small model, over all of ``public`` in the task's template: what :func:`transfer`
     minimises. Comparing it for the transferred prompt and for a prompt tuned directly on
     the large model tells whether the objective itself prefers the better prompt."""
     config = config or TransferConfig()
     texts = [task.template.format(t) for t in public]
-    return float(transfer_loss(_outputs(small, source.embeddings.to(small.device), texts),
-                               _outputs(small, None, texts),
-                               _outputs(large, candidate.to(large.device), texts),
-                               _outputs(large, None, texts),
-                               alpha=config.alpha, temperature=config.temperature))
+    small_prompted, small_plain, large_plain = _fixed_outputs(small, large, source, texts)
+    return {name: float(transfer_loss(small_prompted, small_plain,
+                                      _outputs(large, prompt.to(large.device), texts),
+                                      large_plain, alpha=config.alpha,
+                                      temperature=config.temperature))
+            for name, prompt in candidates.items()}
 
 
 def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: Sequence[str],
@@ -225,10 +236,7 @@ def transfer(small: LM, large: LM, prompt: SoftPrompt, task: LabelTask, public: 
         raise InputError("a transfer can start from the small prompt only when the two models "
                          "have the same width and the prompt keeps its length")
     texts = [task.template.format(t) for t in public]
-    small_emb = prompt.embeddings.to(small.device)
-    small_prompted = _outputs(small, small_emb, texts)
-    small_plain = _outputs(small, None, texts)
-    large_plain = _outputs(large, None, texts)
+    small_prompted, small_plain, large_plain = _fixed_outputs(small, large, prompt, texts)
     start = (prompt.embeddings.float().clone() if config.init == "source"
              else initial_prompt(large, config.tokens or prompt.length, config.seed))
     target = start.to(large.device).requires_grad_(True)
