@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -92,11 +91,13 @@ def seed_setting(args: argparse.Namespace, seed: int, wiki: list[str]
     return task, list(public), tune_config, transfer_config
 
 
-def write_json(path: Path, data: dict) -> None:
-    """``data`` at ``path``, whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+def figures(prompt: SoftPrompt) -> dict:
+    """A prompt's row of its seed: what its tuning or transfer recorded (validation accuracy,
+    the kept step, the history) and what :func:`run_seed` added under ``bench`` (the test
+    accuracy and the seconds it took), so that a prompt kept in the cache carries its row."""
+    meta = prompt.meta
+    return {**meta["bench"], "val": meta.get("val_accuracy"),
+            "chosen_step": meta.get("chosen_step"), "history": meta.get("history")}
 
 
 def work_folder(args: argparse.Namespace, params: dict, student: Path) -> Path | None:
@@ -140,27 +141,23 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str],
         kept = ("small", "transferred") + (("direct",) if args.objective else ())
         plan = [step for step in plan if step[0] in kept]
     for name, model, steps, make in plan:
-        done = work / f"{name}.json" if work else None
-        if work and done and done.exists():
-            cell[name], prompts[name] = (json.loads(done.read_text()),
-                                         SoftPrompt.load(work / name, model))
-            print(f"seed {seed} · {name}: taken from {work}", file=sys.stderr, flush=True)
+        kept = work / name if work else None
+        if kept and kept.is_dir():  # written whole or not at all
+            prompts[name] = SoftPrompt.load(kept, model)
+            cell[name] = figures(prompts[name])
+            print(f"seed {seed} · {name}: taken from {kept}", file=sys.stderr, flush=True)
             continue
         start = time.perf_counter()
         bar, on_step = step_progress(steps, desc=f"seed {seed} · {name}"
                                      + (" (validation)" if args.dev else ""))
         with bar:
             prompts[name] = make(on_step)
-        meta = prompts[name].meta
         test = {} if args.dev else {"test": accuracy(model, prompts[name], task, task.test)}
-        cell[name] = {**test, "val": meta.get("val_accuracy"),
-                      "chosen_step": meta.get("chosen_step"), "history": meta.get("history"),
-                      "seconds": time.perf_counter() - start}
+        prompts[name].meta["bench"] = {**test, "seconds": time.perf_counter() - start}
+        cell[name] = figures(prompts[name])
         print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
-        if work and done:
-            work.mkdir(parents=True, exist_ok=True)
-            prompts[name].save(work / name, model)
-            write_json(done, cell[name])
+        if kept:
+            prompts[name].save(kept, model)
     split = "val" if args.dev else "test"
     if args.objective or not args.dev:
         cell["small_as_is"] = {split: accuracy(large, prompts["small"], task, task.split(split))}
