@@ -141,11 +141,11 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str],
         kept = ("small", "transferred") + (("direct",) if args.objective else ())
         plan = [step for step in plan if step[0] in kept]
     for name, model, steps, make in plan:
-        kept = work / name if work else None
-        if kept and kept.is_dir():  # written whole or not at all
-            prompts[name] = SoftPrompt.load(kept, model)
+        stored = work / name if work else None
+        if stored and stored.is_dir():  # written whole or not at all
+            prompts[name] = SoftPrompt.load(stored, model)
             cell[name] = figures(prompts[name])
-            print(f"seed {seed} · {name}: taken from {kept}", file=sys.stderr, flush=True)
+            print(f"seed {seed} · {name}: taken from {stored}", file=sys.stderr, flush=True)
             continue
         start = time.perf_counter()
         bar, on_step = step_progress(steps, desc=f"seed {seed} · {name}"
@@ -156,8 +156,8 @@ def run_seed(args: argparse.Namespace, seed: int, large, small, wiki: list[str],
         prompts[name].meta["bench"] = {**test, "seconds": time.perf_counter() - start}
         cell[name] = figures(prompts[name])
         print(json.dumps({"seed": seed, name: cell[name]}), file=sys.stderr, flush=True)
-        if kept:
-            prompts[name].save(kept, model)
+        if stored:
+            prompts[name].save(stored, model)
     split = "val" if args.dev else "test"
     if args.objective or not args.dev:
         cell["small_as_is"] = {split: accuracy(large, prompts["small"], task, task.split(split))}

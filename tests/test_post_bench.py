@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from engramlab.prompt.post import transfer as real_transfer
 from tests.conftest import make_tiny
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -57,14 +58,13 @@ def test_a_seed_run_again_takes_its_finished_prompts_and_their_figures(bench_pos
                                                                                default=str))
     # one prompt lost: only it is made again, from the kept prompt it transfers
     shutil.rmtree(work / "transferred_dp")
-    sources: list[float] = []
-    real = importlib.import_module("engramlab.prompt.post").transfer
+    sources: list[Path | None] = []
 
     def transfer(small_lm, large_lm, source, *rest, **options):
-        sources.append(source.meta["bench"]["seconds"])  # which kept prompt it moves
-        return real(small_lm, large_lm, source, *rest, **options)
+        sources.append(source.folder)  # the kept prompt it moves, by where it was loaded from
+        return real_transfer(small_lm, large_lm, source, *rest, **options)
 
     monkeypatch.setattr(bench_post, "transfer", transfer)
     third = bench_post.run_seed(_args(task), 0, large, small, wiki, work)
-    assert sources == [first["small_dp"]["seconds"]]
+    assert sources == [work / "small_dp"]
     assert third["transferred_dp"]["test"] == pytest.approx(first["transferred_dp"]["test"])
